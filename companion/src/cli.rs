@@ -1,0 +1,308 @@
+//! Command-line interface: every flag can also come from the environment.
+//!
+//! Values that may hold secrets (database and Redis URLs, the control token)
+//! are hidden from `--help` output, and the argument structs that hold secrets
+//! or content have hand-written `Debug` impls that redact them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use uuid::Uuid;
+
+/// Companion of the ibex-directive Envoy filter.
+#[derive(Parser)]
+#[command(name = "ibex-companion", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Apply the embedded schema migrations (idempotent).
+    Migrate(MigrateArgs),
+    /// Serve the directive store HTTP API over a read-only Postgres pool.
+    Store(StoreArgs),
+    /// Make new text the agent's active directive, then publish its update.
+    SetDirective(SetDirectiveArgs),
+    /// Deactivate the agent's directive, then publish its update.
+    ClearDirective(ClearDirectiveArgs),
+    /// Publish a flush: every cache drops every directive.
+    Flush(FlushArgs),
+    /// Turn published updates into Redis deletes and Envoy invalidations.
+    Subscribe(SubscribeArgs),
+}
+
+/// Postgres connection.
+#[derive(Args, Clone)]
+pub struct DatabaseArgs {
+    /// Postgres connection URL, e.g. postgres://user:pass@127.0.0.1:5432/db.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+/// Redis connection.
+#[derive(Args, Clone)]
+pub struct RedisArgs {
+    /// Redis URL, e.g. redis://127.0.0.1:6379.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+}
+
+/// `migrate` arguments.
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// Postgres connection.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+}
+
+/// `store` arguments.
+#[derive(Args)]
+pub struct StoreArgs {
+    /// Address to listen on.
+    #[arg(long, env = "IBEX_STORE_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+    /// Postgres connection (the pool is forced read-only whatever the role).
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Maximum pooled Postgres connections.
+    #[arg(long, env = "IBEX_STORE_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: usize,
+    /// Longest wait for a pooled or new connection, in milliseconds.
+    #[arg(long, env = "IBEX_STORE_ACQUIRE_TIMEOUT_MS", default_value_t = 250)]
+    pub acquire_timeout_ms: u64,
+    /// Server-side statement_timeout of the pool, in milliseconds.
+    #[arg(long, env = "IBEX_STORE_STATEMENT_TIMEOUT_MS", default_value_t = 400)]
+    pub statement_timeout_ms: u64,
+    /// Deadline of a whole lookup (acquire + query) before answering 503, in
+    /// milliseconds. Keep it below the filter's store.timeout_ms (500).
+    #[arg(long, env = "IBEX_STORE_LOOKUP_TIMEOUT_MS", default_value_t = 450)]
+    pub lookup_timeout_ms: u64,
+    /// Run every lookup on its own query instead of sharing one query among
+    /// concurrent lookups of the same agent.
+    #[arg(long, env = "IBEX_STORE_NO_SINGLE_FLIGHT")]
+    pub no_single_flight: bool,
+}
+
+/// Where `set-directive` reads the text from.
+#[derive(Args)]
+#[command(group(ArgGroup::new("source").required(true).args(["content", "content_file", "content_stdin"])))]
+pub struct ContentSource {
+    /// The directive text itself (visible in the process list: prefer a file
+    /// or stdin for anything sensitive).
+    #[arg(long)]
+    pub content: Option<String>,
+    /// Read the directive text from this UTF-8 file, byte for byte.
+    #[arg(long)]
+    pub content_file: Option<PathBuf>,
+    /// Read the directive text from standard input, byte for byte.
+    #[arg(long)]
+    pub content_stdin: bool,
+}
+
+impl ContentSource {
+    /// Reads the text from whichever source was given. Errors name the source,
+    /// never the text.
+    pub fn read(&self) -> crate::Result<crate::DirectiveText> {
+        use std::io::Read;
+        let text = if let Some(text) = &self.content {
+            text.clone()
+        } else if let Some(path) = &self.content_file {
+            std::fs::read_to_string(path).map_err(|e| {
+                crate::Error::InvalidInput(format!("cannot read {}: {e}", path.display()))
+            })?
+        } else {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| crate::Error::InvalidInput(format!("cannot read stdin: {e}")))?;
+            text
+        };
+        Ok(crate::DirectiveText::new(text))
+    }
+}
+
+impl fmt::Debug for ContentSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContentSource")
+            .field("content", &self.content.as_ref().map(|_| "<redacted>"))
+            .field("content_file", &self.content_file)
+            .field("content_stdin", &self.content_stdin)
+            .finish()
+    }
+}
+
+/// `set-directive` arguments.
+#[derive(Args)]
+pub struct SetDirectiveArgs {
+    /// Agent whose directive is set (created when missing).
+    #[arg(long, env = "IBEX_AGENT_ID")]
+    pub agent_id: Uuid,
+    /// The new text.
+    #[command(flatten)]
+    pub source: ContentSource,
+    /// Org of the agent when it has to be created (default: the demo org
+    /// 00000000-0000-4000-8000-000000000001).
+    #[arg(long, env = "IBEX_ORG_ID")]
+    pub org_id: Option<Uuid>,
+    /// Do not publish the update to Redis.
+    #[arg(long)]
+    pub no_publish: bool,
+    /// Postgres connection.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Redis connection (for the publish).
+    #[command(flatten)]
+    pub redis: RedisArgs,
+}
+
+/// `clear-directive` arguments.
+#[derive(Args)]
+pub struct ClearDirectiveArgs {
+    /// Agent whose directive is deactivated.
+    #[arg(long, env = "IBEX_AGENT_ID")]
+    pub agent_id: Uuid,
+    /// Do not publish the update to Redis.
+    #[arg(long)]
+    pub no_publish: bool,
+    /// Postgres connection.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Redis connection (for the publish).
+    #[command(flatten)]
+    pub redis: RedisArgs,
+}
+
+/// `flush` arguments.
+#[derive(Args)]
+pub struct FlushArgs {
+    /// Redis connection.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+}
+
+/// `subscribe` arguments.
+#[derive(Args)]
+pub struct SubscribeArgs {
+    /// Redis connection (pub/sub and key deletes).
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// Base URLs of the Envoy control listeners, comma-separated.
+    #[arg(
+        long,
+        env = "IBEX_CONTROL_URLS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub control_urls: Vec<String>,
+    /// Bearer token the control listeners require.
+    #[arg(long, env = "IBEX_CONTROL_TOKEN", hide_env_values = true)]
+    pub control_token: Option<String>,
+    /// Address of the subscriber's /healthz, /readyz and /metrics server.
+    #[arg(long, env = "IBEX_SUBSCRIBE_LISTEN", default_value = "127.0.0.1:8082")]
+    pub listen: SocketAddr,
+    /// Prefix of the Redis directive keys (must match the filter's
+    /// redis.key_prefix).
+    #[arg(long, env = "IBEX_KEY_PREFIX", default_value = "directive:")]
+    pub key_prefix: String,
+    /// First retry delay per invalidation target, in milliseconds.
+    #[arg(long, env = "IBEX_SUBSCRIBE_RETRY_INITIAL_MS", default_value_t = 10)]
+    pub retry_initial_ms: u64,
+    /// Largest retry delay, in milliseconds.
+    #[arg(long, env = "IBEX_SUBSCRIBE_RETRY_MAX_MS", default_value_t = 1000)]
+    pub retry_max_ms: u64,
+    /// Give up on a target after this long, in milliseconds.
+    #[arg(
+        long,
+        env = "IBEX_SUBSCRIBE_RETRY_DEADLINE_MS",
+        default_value_t = 10000
+    )]
+    pub retry_deadline_ms: u64,
+    /// Timeout of one control POST, in milliseconds.
+    #[arg(
+        long,
+        env = "IBEX_SUBSCRIBE_REQUEST_TIMEOUT_MS",
+        default_value_t = 1000
+    )]
+    pub request_timeout_ms: u64,
+    /// Interval of the liveness PING on the subscription, in milliseconds.
+    #[arg(long, env = "IBEX_SUBSCRIBE_PING_INTERVAL_MS", default_value_t = 5000)]
+    pub ping_interval_ms: u64,
+}
+
+impl fmt::Debug for SubscribeArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscribeArgs")
+            .field("control_urls", &self.control_urls)
+            .field(
+                "control_token",
+                &self.control_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("listen", &self.listen)
+            .field("key_prefix", &self.key_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn content_sources_are_exclusive_and_required() {
+        let id = "6f1c2a3b-0000-4000-8000-000000000001";
+        let base = [
+            "ibex-companion",
+            "set-directive",
+            "--agent-id",
+            id,
+            "--database-url",
+            "postgres://x",
+        ];
+        assert!(Cli::try_parse_from(base).is_err());
+        let mut both = base.to_vec();
+        both.extend(["--content", "a", "--content-stdin"]);
+        assert!(Cli::try_parse_from(both).is_err());
+        let mut one = base.to_vec();
+        one.extend(["--content", "a"]);
+        let cli = Cli::try_parse_from(one).unwrap();
+        let Command::SetDirective(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert!(!format!("{:?}", args.source).contains("\"a\""));
+    }
+
+    #[test]
+    fn control_urls_split_on_commas() {
+        let cli = Cli::try_parse_from([
+            "ibex-companion",
+            "subscribe",
+            "--control-urls",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--control-token",
+            "tok",
+        ])
+        .unwrap();
+        let Command::Subscribe(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(args.control_urls.len(), 2);
+        assert!(!format!("{args:?}").contains("tok\""));
+    }
+}

@@ -1,0 +1,110 @@
+//! `ibex-companion` binary: parses the command line and runs one subcommand.
+//! All behaviour lives in the library so tests can drive it in-process.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use ibex_companion::admin::{self, AdminError};
+use ibex_companion::cli::{Cli, Command};
+use ibex_companion::{db, migrate, shutdown, store, subscribe, telemetry, Error};
+
+/// Exit code when Postgres was changed but the invalidation was not published.
+const EXIT_PUBLISH_FAILED: u8 = 3;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    match run(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(AdminError::Publish(e)) => {
+            tracing::error!(error = %e, "published nothing");
+            eprintln!(
+                "warning: the database change is committed, but the invalidation was not \
+                 published ({e}); caches serve the previous directive until their TTL expires. \
+                 Run `ibex-companion flush` once Redis is reachable."
+            );
+            ExitCode::from(EXIT_PUBLISH_FAILED)
+        }
+        Err(AdminError::Failed(e)) => {
+            tracing::error!(error = %e, "failed");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), AdminError> {
+    match command {
+        Command::Migrate(args) => {
+            let mut client = db::connect(&args.db.database_url, admin::ADMIN_TIMEOUT).await?;
+            let applied = migrate::run(&mut client).await?;
+            println!("applied {} migration(s)", applied.len());
+        }
+        Command::Store(args) => {
+            let settings = db::PoolSettings {
+                max_size: args.pool_size,
+                acquire_timeout: Duration::from_millis(args.acquire_timeout_ms),
+                statement_timeout: Duration::from_millis(args.statement_timeout_ms),
+            };
+            let pool = db::read_only_pool(&args.db.database_url, &settings)?;
+            let options = store::StoreOptions {
+                lookup_timeout: Duration::from_millis(args.lookup_timeout_ms),
+                single_flight: !args.no_single_flight,
+                ..Default::default()
+            };
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .map_err(Error::from)?;
+            let state = store::StoreState::new(pool, options);
+            store::run(listener, state, shutdown::signal())
+                .await
+                .map_err(Error::from)?;
+        }
+        Command::SetDirective(args) => {
+            let content = args.source.read()?;
+            let redis = (!args.no_publish).then_some(args.redis.redis_url.as_str());
+            let outcome = admin::set_directive(
+                &args.db.database_url,
+                redis,
+                args.agent_id,
+                args.org_id.unwrap_or(admin::DEMO_ORG_ID),
+                &content,
+            )
+            .await?;
+            println!("{}", outcome.version_id);
+        }
+        Command::ClearDirective(args) => {
+            let redis = (!args.no_publish).then_some(args.redis.redis_url.as_str());
+            let n = admin::clear_directive(&args.db.database_url, redis, args.agent_id).await?;
+            println!("{n}");
+        }
+        Command::Flush(args) => {
+            admin::publish(&args.redis.redis_url, ibex_companion::FLUSH_CHANNEL).await?;
+        }
+        Command::Subscribe(args) => {
+            let mut config = subscribe::SubscribeConfig::new(
+                args.redis.redis_url,
+                args.control_urls,
+                args.control_token,
+                args.key_prefix,
+            )?;
+            config.retry = subscribe::RetryPolicy {
+                initial: Duration::from_millis(args.retry_initial_ms.max(1)),
+                max: Duration::from_millis(args.retry_max_ms.max(1)),
+                deadline: Duration::from_millis(args.retry_deadline_ms),
+            };
+            config.request_timeout = Duration::from_millis(args.request_timeout_ms.max(1));
+            config.ping_interval = Duration::from_millis(args.ping_interval_ms.max(10));
+            let subscriber = subscribe::Subscriber::new(config)?;
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .map_err(Error::from)?;
+            subscribe::run(subscriber, Some(listener), shutdown::signal())
+                .await
+                .map_err(Error::from)?;
+        }
+    }
+    Ok(())
+}

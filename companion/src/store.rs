@@ -1,0 +1,376 @@
+//! The directive store: a small HTTP API that resolves an agent's active
+//! directive from Postgres (SPEC §4).
+//!
+//! It is what the filter calls on an L1 and L2 miss, so it must answer quickly
+//! or fail quickly: connection acquisition and queries are bounded, and any
+//! database trouble becomes a 503 rather than a hang. It must never write
+//! (its pool is read-only, see [`crate::db`]), never log or echo content other
+//! than in the 200 body, and never return database error text to a client.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use deadpool_postgres::{Object, Pool};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::error::json_error;
+use crate::metrics::{Counter, Exposition, Histogram, CONTENT_TYPE, LATENCY_BUCKETS};
+use crate::{DbFailure, DirectiveText, Error};
+
+/// SPEC §4's resolution query, verbatim. No row means "no directive".
+pub const RESOLVE_SQL: &str = "SELECT dv.content
+FROM ibex_core.directives d
+JOIN ibex_core.directive_versions dv ON dv.id = d.active_version_id
+WHERE d.agent_id = $1 AND d.is_active = true AND dv.id IS NOT NULL
+LIMIT 1";
+
+/// Behaviour knobs of the store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Deadline for one lookup: acquiring a connection plus running the query.
+    pub lookup_timeout: Duration,
+    /// Deadline for the `/readyz` probe query.
+    pub ready_timeout: Duration,
+    /// Whether concurrent lookups of one agent share a single query.
+    pub single_flight: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            lookup_timeout: Duration::from_millis(450),
+            ready_timeout: Duration::from_millis(500),
+            single_flight: true,
+        }
+    }
+}
+
+/// Counters of the store, exported on `/metrics`.
+#[derive(Debug)]
+pub struct StoreMetrics {
+    /// Lookups answered with content.
+    pub found: Counter,
+    /// Lookups answered with `content: null`.
+    pub none: Counter,
+    /// Lookups answered with 503.
+    pub error: Counter,
+    /// Requests rejected before lookup (bad agent id).
+    pub bad_requests: Counter,
+    /// Lookups that joined a query already running for the same agent.
+    pub coalesced: Counter,
+    /// Queries actually sent to Postgres.
+    pub db_queries: Counter,
+    /// End-to-end lookup latency, by request.
+    pub latency: Histogram,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        Self {
+            found: Counter::default(),
+            none: Counter::default(),
+            error: Counter::default(),
+            bad_requests: Counter::default(),
+            coalesced: Counter::default(),
+            db_queries: Counter::default(),
+            latency: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+}
+
+impl StoreMetrics {
+    /// Prometheus text of all store metrics.
+    pub fn render(&self) -> String {
+        let mut e = Exposition::new();
+        e.family(
+            "ibex_store_lookups_total",
+            "counter",
+            "Directive lookups that reached the store with a valid agent id, by result.",
+        )
+        .sample(
+            "ibex_store_lookups_total",
+            &[("result", "found")],
+            self.found.get(),
+        )
+        .sample(
+            "ibex_store_lookups_total",
+            &[("result", "none")],
+            self.none.get(),
+        )
+        .sample(
+            "ibex_store_lookups_total",
+            &[("result", "error")],
+            self.error.get(),
+        )
+        .counter(
+            "ibex_store_bad_requests_total",
+            "Lookups rejected because the agent id is not a UUID.",
+            &self.bad_requests,
+        )
+        .counter(
+            "ibex_store_coalesced_total",
+            "Lookups that shared a query already running for the same agent.",
+            &self.coalesced,
+        )
+        .counter(
+            "ibex_store_db_queries_total",
+            "Resolution queries sent to Postgres.",
+            &self.db_queries,
+        )
+        .histogram(
+            "ibex_store_lookup_seconds",
+            "Lookup latency as seen by the handler.",
+            &self.latency,
+        );
+        e.finish()
+    }
+}
+
+type LookupResult = Result<Option<DirectiveText>, DbFailure>;
+type Flight = watch::Receiver<Option<LookupResult>>;
+
+struct Inner {
+    pool: Pool,
+    options: StoreOptions,
+    metrics: StoreMetrics,
+    // Queries in progress, by agent; an entry lives exactly as long as its
+    // query, so a lookup that starts after a query ended always reads afresh.
+    flights: Mutex<HashMap<Uuid, Flight>>,
+}
+
+/// Shared state of the store; cheap to clone.
+#[derive(Clone)]
+pub struct StoreState {
+    inner: Arc<Inner>,
+}
+
+impl StoreState {
+    /// State over a pool built by [`crate::db::read_only_pool`].
+    pub fn new(pool: Pool, options: StoreOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                options,
+                metrics: StoreMetrics::default(),
+                flights: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The store's metrics.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.inner.metrics
+    }
+
+    /// The underlying pool (tests use it to prove it is read-only).
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// Resolves the active directive of `agent_id`, sharing an in-progress
+    /// query for the same agent when single flight is on.
+    pub async fn lookup(&self, agent_id: Uuid) -> LookupResult {
+        if !self.inner.options.single_flight {
+            return self.query(agent_id).await;
+        }
+        let mut rx = {
+            let mut flights = self
+                .inner
+                .flights
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match flights.get(&agent_id) {
+                Some(rx) => {
+                    self.inner.metrics.coalesced.inc();
+                    rx.clone()
+                }
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(agent_id, rx.clone());
+                    // The query runs in its own task so that a leader whose
+                    // client disconnects does not cancel it for the others.
+                    let state = self.clone();
+                    tokio::spawn(async move {
+                        let result = state.query(agent_id).await;
+                        state
+                            .inner
+                            .flights
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .remove(&agent_id);
+                        let _ = tx.send(Some(result));
+                    });
+                    rx
+                }
+            }
+        };
+        let shared = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone(),
+            Err(_) => None,
+        };
+        shared.unwrap_or_else(|| Err(DbFailure::Connection("lookup task ended early".into())))
+    }
+
+    /// One resolution query, bounded by the lookup deadline.
+    async fn query(&self, agent_id: Uuid) -> LookupResult {
+        let deadline = tokio::time::Instant::now() + self.inner.options.lookup_timeout;
+        let client = match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
+            Err(_) => return Err(DbFailure::PoolTimeout),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(c)) => c,
+        };
+        self.inner.metrics.db_queries.inc();
+        let run = async {
+            let stmt = client.prepare_cached(RESOLVE_SQL).await?;
+            client.query_opt(&stmt, &[&agent_id]).await
+        };
+        match tokio::time::timeout_at(deadline, run).await {
+            Err(_) => {
+                // The connection may still be busy with the abandoned query;
+                // keep it out of the pool.
+                drop(Object::take(client));
+                Err(DbFailure::QueryTimeout)
+            }
+            Ok(Err(e)) => {
+                if e.as_db_error().is_none() {
+                    drop(Object::take(client));
+                }
+                Err(e.into())
+            }
+            Ok(Ok(None)) => Ok(None),
+            Ok(Ok(Some(row))) => row
+                .try_get::<_, String>(0)
+                .map(|s| Some(DirectiveText::new(s)))
+                .map_err(DbFailure::from),
+        }
+    }
+
+    /// True when a trivial query succeeds within the readiness deadline.
+    pub async fn ready(&self) -> Result<(), DbFailure> {
+        let probe = async {
+            let client = self.inner.pool.get().await.map_err(DbFailure::from)?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map(|_| ())
+                .map_err(DbFailure::from)
+        };
+        tokio::time::timeout(self.inner.options.ready_timeout, probe)
+            .await
+            .unwrap_or(Err(DbFailure::QueryTimeout))
+    }
+}
+
+/// The 200 body of a lookup.
+#[derive(Serialize)]
+struct DirectiveBody {
+    agent_id: Uuid,
+    content: Option<DirectiveText>,
+}
+
+async fn get_directive(
+    State(state): State<StoreState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let agent_id = match path.ok().and_then(|Path(raw)| Uuid::try_parse(&raw).ok()) {
+        Some(id) => id,
+        None => {
+            state.metrics().bad_requests.inc();
+            tracing::debug!("lookup rejected: agent id is not a UUID");
+            return Error::InvalidAgentId.into_response();
+        }
+    };
+    let started = Instant::now();
+    let result = state.lookup(agent_id).await;
+    let elapsed = started.elapsed();
+    let m = state.metrics();
+    m.latency.observe(elapsed);
+    match result {
+        Ok(content) => {
+            let outcome = if content.is_some() {
+                m.found.inc();
+                "found"
+            } else {
+                m.none.inc();
+                "none"
+            };
+            tracing::debug!(agent_id = %agent_id, outcome, elapsed_us = elapsed.as_micros() as u64, "lookup");
+            Json(DirectiveBody { agent_id, content }).into_response()
+        }
+        Err(failure) => {
+            m.error.inc();
+            tracing::warn!(agent_id = %agent_id, error = %failure, elapsed_us = elapsed.as_micros() as u64, "lookup failed");
+            Error::Db(failure).into_response()
+        }
+    }
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, Json(serde_json::json!({"status": "ok"})))
+}
+
+async fn readyz(State(state): State<StoreState>) -> Response {
+    match state.ready().await {
+        Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))).into_response(),
+        Err(failure) => {
+            tracing::debug!(error = %failure, "readiness probe failed");
+            Error::Db(failure).into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<StoreState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        state.metrics().render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+        "no such endpoint",
+    )
+}
+
+/// The store's router.
+pub fn app(state: StoreState) -> Router {
+    Router::new()
+        .route("/v1/agents/{agent_id}/directive", get(get_directive))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Serves the store on `listener` until `shutdown` resolves, then stops
+/// accepting and waits for in-flight requests to finish.
+pub async fn run(
+    listener: TcpListener,
+    state: StoreState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "store listening");
+    }
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("store stopped");
+    Ok(())
+}
