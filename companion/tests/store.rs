@@ -1,0 +1,292 @@
+//! The store over a real PostgreSQL 15: answers, errors, outage and
+//! recovery, read-only pool, single flight.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use ibex_companion::db::{self, PoolSettings};
+use ibex_companion::store::{self, StoreOptions, StoreState};
+use ibex_companion::{admin, DirectiveText};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// A store served in-process on a free port; stopped (gracefully) on drop of
+/// the sender or via `stop`.
+struct Store {
+    base: String,
+    state: StoreState,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Store {
+    async fn start(url: &str, settings: PoolSettings, options: StoreOptions) -> Store {
+        let pool = db::read_only_pool(url, &settings).unwrap();
+        let state = StoreState::new(pool, options);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(store::run(listener, state.clone(), async move {
+            let _ = rx.await;
+        }));
+        Store {
+            base,
+            state,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn default(url: &str) -> Store {
+        Self::start(url, PoolSettings::default(), StoreOptions::default()).await
+    }
+
+    fn directive_url(&self, agent: impl std::fmt::Display) -> String {
+        format!("{}/v1/agents/{agent}/directive", self.base)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("store did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn set(url: &str, agent: Uuid, text: &str) {
+    admin::write_directive(url, agent, admin::DEMO_ORG_ID, &DirectiveText::new(text))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_content_null_and_json_errors() {
+    let pg = Pg::start();
+    migrate(&pg.url()).await;
+    let agent = Uuid::new_v4();
+    let text = "Be brief.\n\"Quoted\" and ünïcödé \u{1F980} \\ back\tslash";
+    set(&pg.url(), agent, text).await;
+    let store = Store::default(&pg.url()).await;
+
+    let (status, body) = http_json(&store.directive_url(agent)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["agent_id"], agent.to_string());
+    assert_eq!(body["content"], text);
+
+    let unknown = Uuid::new_v4();
+    let (status, body) = http_json(&store.directive_url(unknown)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        serde_json::json!({"agent_id": unknown.to_string(), "content": null})
+    );
+
+    let (status, body) = http_json(&store.directive_url("not-a-uuid")).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "invalid_agent_id");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(body["error"]["message"].is_string());
+
+    // Upper-case input is accepted and answered in canonical form.
+    let (status, body) = http_json(&store.directive_url(agent.to_string().to_uppercase())).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["agent_id"], agent.to_string());
+
+    let (status, body) = http_json(&format!("{}/nope", store.base)).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "not_found");
+
+    assert_eq!(http_get(&format!("{}/healthz", store.base)).await.0, 200);
+    assert_eq!(http_get(&format!("{}/readyz", store.base)).await.0, 200);
+
+    let found = r#"ibex_store_lookups_total{result="found"}"#;
+    let none = r#"ibex_store_lookups_total{result="none"}"#;
+    let error = r#"ibex_store_lookups_total{result="error"}"#;
+    assert_eq!(read_metric(&store.base, found).await, 2);
+    assert_eq!(read_metric(&store.base, none).await, 1);
+    assert_eq!(read_metric(&store.base, error).await, 0);
+    assert_eq!(
+        read_metric(&store.base, "ibex_store_bad_requests_total").await,
+        1
+    );
+    assert_eq!(
+        read_metric(&store.base, "ibex_store_lookup_seconds_count").await,
+        3
+    );
+
+    store.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_503_while_postgres_is_down_and_recovers_without_restart() {
+    let pg = Pg::start();
+    migrate(&pg.url()).await;
+    let agent = Uuid::new_v4();
+    set(&pg.url(), agent, "stay the course").await;
+    let store = Store::default(&pg.url()).await;
+    assert_eq!(http_json(&store.directive_url(agent)).await.0, 200);
+
+    pg.stop();
+    // Both the pooled connection that just died and fresh connects must fail
+    // fast; try a few times to go through each path.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, body) = http_get(&store.directive_url(agent)).await;
+        assert_eq!(status, 503, "{body}");
+        // Bounded, not hanging: far below the 10 s client timeout.
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"]["code"], "store_unavailable");
+        assert_eq!(json["error"]["type"], "service_unavailable");
+        for leak in [
+            "refused",
+            "sqlstate",
+            "postgres://",
+            "127.0.0.1",
+            "connection",
+        ] {
+            assert!(!body.contains(leak), "leaked {leak:?}: {body}");
+        }
+    }
+    let (status, body) = http_json(&format!("{}/readyz", store.base)).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["error"]["code"], "store_unavailable");
+    assert_eq!(http_get(&format!("{}/healthz", store.base)).await.0, 200);
+    assert!(read_metric(&store.base, r#"ibex_store_lookups_total{result="error"}"#).await >= 3);
+
+    pg.resume();
+    let url = store.directive_url(agent);
+    let body = eventually("store recovers", Duration::from_secs(20), || async {
+        let (status, body) = http_json(&url).await;
+        (status == 200).then_some(body)
+    })
+    .await;
+    assert_eq!(body["content"], "stay the course");
+    assert_eq!(http_get(&format!("{}/readyz", store.base)).await.0, 200);
+    store.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_503_when_postgres_is_slow() {
+    let pg = Pg::start();
+    migrate(&pg.url()).await;
+    let agent = Uuid::new_v4();
+    set(&pg.url(), agent, "patience").await;
+    let store = Store::default(&pg.url()).await;
+
+    // An exclusive lock makes the resolution query wait: statement_timeout
+    // (or the lookup deadline) must turn that into a prompt 503.
+    let mut admin = db::connect(&pg.url(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let tx = admin.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE ibex_core.directives IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (status, body) = http_json(&store.directive_url(agent)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    tx.rollback().await.unwrap();
+
+    let (status, body) = http_json(&store.directive_url(agent)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["content"], "patience");
+    store.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_is_read_only_even_for_a_superuser() {
+    let pg = Pg::start();
+    migrate(&pg.url()).await;
+    let pool = db::read_only_pool(&pg.url(), &PoolSettings::default()).unwrap();
+    let client = pool.get().await.unwrap();
+    let ro: String = client
+        .query_one("SHOW default_transaction_read_only", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ro, "on");
+    for sql in [
+        "CREATE TABLE ibex_core.evil (x int)",
+        "INSERT INTO ibex_core.agents (id, org_id) VALUES (gen_random_uuid(), gen_random_uuid())",
+    ] {
+        let err = client.batch_execute(sql).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+            "{sql}"
+        );
+    }
+    let timeout: String = client
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "400ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_of_one_agent_share_one_query() {
+    let pg = Pg::start();
+    migrate(&pg.url()).await;
+    let agent = Uuid::new_v4();
+    set(&pg.url(), agent, "together").await;
+    // Generous deadlines: the lock below holds the query until we release it.
+    let store = Store::start(
+        &pg.url(),
+        PoolSettings {
+            statement_timeout: Duration::from_secs(30),
+            acquire_timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
+        StoreOptions {
+            lookup_timeout: Duration::from_secs(30),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let mut admin = db::connect(&pg.url(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let tx = admin.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE ibex_core.directives IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let n = 20;
+    let requests: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(http_json_owned(store.directive_url(agent))))
+        .collect();
+    let metrics = store.state.metrics();
+    eventually(
+        "all lookups joined the flight",
+        Duration::from_secs(20),
+        || async { (metrics.coalesced.get() == n - 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(metrics.db_queries.get(), 1);
+    tx.commit().await.unwrap();
+    for r in requests {
+        let (status, body) = r.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body["content"], "together");
+    }
+    assert_eq!(metrics.found.get(), n);
+    assert_eq!(metrics.db_queries.get(), 1);
+
+    // A lookup after the flight ended queries afresh.
+    set(&pg.url(), agent, "apart").await;
+    let (_, body) = http_json(&store.directive_url(agent)).await;
+    assert_eq!(body["content"], "apart");
+    assert_eq!(metrics.db_queries.get(), 2);
+    store.stop().await;
+}
+
+async fn http_json_owned(url: String) -> (u16, serde_json::Value) {
+    http_json(&url).await
+}
