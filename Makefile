@@ -1,0 +1,138 @@
+# ibex-directive: build, lint, test and run the whole stack.
+#
+#   make run     install what is missing, build, run the stack in the foreground
+#   make test    cargo tests, fmt, clippy, envoy validate, end-to-end tests
+#   make build   the filter (wasm32-wasip1) and the companion (release)
+#   make lint    fmt --check and clippy of both crates
+#   make clean   remove build outputs and .run/
+#
+# Installs by itself on a fresh Debian 12 machine (as root): the apt packages
+# below when missing, the wasm32-wasip1 rust target, and .venv with the pinned
+# Python packages of requirements.txt.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+PYTEST    := $(VENV)/bin/pytest
+ENVOY     := $(VENV)/bin/envoy
+VENV_STAMP := $(VENV)/.requirements.stamp
+WASM      := target/wasm32-wasip1/release/ibex_directive.wasm
+COMPANION := companion/target/release/ibex-companion
+COMPANION_MANIFEST := --manifest-path companion/Cargo.toml
+PG_BIN    := /usr/lib/postgresql/15/bin
+PYTEST_ARGS ?=
+
+# command -> Debian package that provides it
+APT_NEEDS := redis-server:redis-server redis-cli:redis-tools webdis:webdis \
+             $(PG_BIN)/postgres:postgresql-15 wrk:wrk curl:curl
+
+.PHONY: help deps system-deps rust-deps venv build build-filter build-companion \
+        test test-filter test-companion fmt-check clippy lint validate e2e \
+        run bench clean distclean
+
+help:
+	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+
+# ---------------------------------------------------------------- installs
+
+deps: system-deps rust-deps venv
+
+## apt packages, only those whose command is missing; `apt-get update` once, only then.
+system-deps:
+	@missing=""; \
+	for need in $(APT_NEEDS); do \
+	  cmd="$${need%%:*}"; pkg="$${need##*:}"; \
+	  if [ "$${cmd#/}" != "$$cmd" ]; then test -x "$$cmd" || missing="$$missing $$pkg"; \
+	  else command -v "$$cmd" >/dev/null 2>&1 || missing="$$missing $$pkg"; fi; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	  $$sudo apt-get update -qq; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+rust-deps:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+	@installed="$$(rustup component list --installed)"; \
+	for c in rustfmt clippy; do \
+	  grep -q "^$$c" <<<"$$installed" || rustup component add $$c; \
+	done
+
+venv: $(VENV_STAMP)
+
+## (Re)created when missing or when requirements.txt changed.
+$(VENV_STAMP): requirements.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+# ---------------------------------------------------------------- builds
+
+build: build-filter build-companion
+
+build-filter: rust-deps
+	cargo build --release --target wasm32-wasip1
+
+build-companion:
+	cargo build --release $(COMPANION_MANIFEST)
+
+# ---------------------------------------------------------------- checks
+
+test-filter:
+	cargo test
+
+test-companion:
+	cargo test $(COMPANION_MANIFEST)
+
+fmt-check: rust-deps
+	cargo fmt --check
+	cargo fmt --check $(COMPANION_MANIFEST)
+
+clippy: rust-deps
+	cargo clippy --target wasm32-wasip1 -- -D warnings
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets $(COMPANION_MANIFEST) -- -D warnings
+
+lint: fmt-check clippy
+
+## Every committed Envoy config must load, filter configuration included
+## (validate mode starts the wasm VM), so the filter is built first.
+validate: venv build-filter
+	@for f in envoy/*.yaml; do \
+	  $(ENVOY) --mode validate -c "$$f" -l error >/dev/null || { echo "envoy validate FAILED: $$f"; \
+	    $(ENVOY) --mode validate -c "$$f" -l warning 2>&1 | tail -5; exit 1; }; \
+	  echo "envoy validate OK: $$f"; \
+	done
+
+e2e: deps build
+	$(PYTEST) tests -p no:cacheprovider -ra $(PYTEST_ARGS)
+
+test: deps
+	$(MAKE) --no-print-directory test-filter
+	$(MAKE) --no-print-directory test-companion
+	$(MAKE) --no-print-directory fmt-check
+	$(MAKE) --no-print-directory clippy
+	$(MAKE) --no-print-directory validate
+	$(MAKE) --no-print-directory e2e
+
+# ---------------------------------------------------------------- run
+
+run: deps build
+	$(PY) -m stack.run
+
+bench:
+	@echo "make bench: not written yet (SPEC §8 benchmarks come later)"
+
+# ---------------------------------------------------------------- cleanup
+
+clean:
+	cargo clean
+	cargo clean $(COMPANION_MANIFEST)
+	rm -rf .run .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV)

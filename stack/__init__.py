@@ -1,0 +1,37 @@
+"""Start and stop the real processes of the ibex-directive stack.
+
+Used by the end-to-end tests (tests/), by `make run` (stack/run.py) and by
+the benchmarks. Every class here runs a real binary on loopback ports, in a
+directory of its own, with readiness polling and a clean stop:
+
+    Postgres, Redis, Webdis, Store, Subscriber, EchoUpstream, Envoy
+
+and `Stack` brings them all up in dependency order as a context manager.
+"""
+
+from stack.process import ManagedProcess, StartError
+from stack.ports import free_port, port_is_free, wait_until
+from stack.postgres import Postgres
+from stack.redis import Redis, Webdis
+from stack.companion import Store, Subscriber, Companion
+from stack.upstream import EchoUpstream
+from stack.envoy import Envoy, REMOVE
+from stack.stack import Stack
+
+__all__ = [
+    "Companion",
+    "EchoUpstream",
+    "Envoy",
+    "ManagedProcess",
+    "Postgres",
+    "REMOVE",
+    "Redis",
+    "Stack",
+    "StartError",
+    "Store",
+    "Subscriber",
+    "Webdis",
+    "free_port",
+    "port_is_free",
+    "wait_until",
+]

@@ -1,0 +1,182 @@
+"""The companion binary (`companion/`): its store and subscribe servers and
+its admin subcommands.
+
+Flags follow `ibex-companion --help`; DATABASE_URL and REDIS_URL are passed
+through the environment, which the companion's CLI reads.
+"""
+
+import re
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from stack import paths
+from stack.process import ManagedProcess
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def http_status(url, timeout=1.0):
+    """Status of a GET on `url`, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None
+
+
+def parse_prometheus(text):
+    """Parse Prometheus text exposition into [(name, {label: value}, float)]."""
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if match:
+            labels = dict(_LABEL.findall(match.group(3) or ""))
+            samples.append((match.group(1), labels, float(match.group(4))))
+    return samples
+
+
+class Companion:
+    """Runs the companion's one-shot subcommands (migrate, set/clear a directive)."""
+
+    def __init__(self, database_url, redis_url=None, directory=None, env=None):
+        self.database_url = database_url
+        self.redis_url = redis_url
+        self.dir = Path(directory) if directory else None
+        self.extra_env = dict(env or {})
+
+    def environment(self):
+        import os
+
+        env = dict(os.environ)
+        env["DATABASE_URL"] = self.database_url
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
+        env.setdefault("RUST_LOG", "info")
+        env.update(self.extra_env)
+        return env
+
+    def run(self, *args):
+        """Run `ibex-companion ARGS`; raise with its output when it fails.
+
+        Output is appended to companion-cli.log in the directory (when given)
+        so the privacy test can read it too.
+        """
+        argv = [str(paths.companion_path()), *map(str, args)]
+        result = subprocess.run(argv, capture_output=True, text=True, env=self.environment(), timeout=60)
+        if self.dir:
+            with open(self.dir / "companion-cli.log", "a") as log:
+                log.write(f"--- {args[0]} exit={result.returncode}\n{result.stdout}{result.stderr}")
+        if result.returncode != 0:
+            raise RuntimeError(f"ibex-companion {args[0]} failed ({result.returncode}): {result.stderr.strip()}")
+        return result.stdout
+
+    def migrate(self):
+        """Apply the schema migrations (idempotent)."""
+        return self.run("migrate")
+
+    def set_directive(self, agent_id, content):
+        """Make `content` the active directive of `agent_id` and publish the update.
+
+        The text goes through a file, never argv, so it shows in no process list.
+        """
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=True) as handle:
+            handle.write(content)
+            handle.flush()
+            return self.run("set-directive", "--agent-id", agent_id, "--content-file", handle.name)
+
+    def clear_directive(self, agent_id):
+        """Deactivate the directive of `agent_id` and publish the update."""
+        return self.run("clear-directive", "--agent-id", agent_id)
+
+
+class _CompanionServer(ManagedProcess):
+    """A long-running companion subcommand with an HTTP health endpoint."""
+
+    health_path = "/healthz"
+
+    def __init__(self, directory, port, log_level="info", **kwargs):
+        super().__init__(directory, **kwargs)
+        self.port = port
+        self.extra_env.setdefault("RUST_LOG", log_level)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def listen_ports(self):
+        return [self.port]
+
+    def ready(self):
+        return http_status(self.url + self.health_path) == 200
+
+    def metrics_text(self):
+        """The raw /metrics page."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def metric(self, name, **labels):
+        """Sum of the samples of `name` whose labels include `labels` (0 when none)."""
+        total = 0.0
+        for sample, sample_labels, value in parse_prometheus(self.metrics_text()):
+            if sample == name and all(sample_labels.get(k) == v for k, v in labels.items()):
+                total += value
+        return total
+
+
+class Store(_CompanionServer):
+    """`ibex-companion store`: the directive HTTP API over Postgres (L3)."""
+
+    name = "store"
+    health_path = "/readyz"
+
+    def __init__(self, directory, port, database_url, **kwargs):
+        super().__init__(directory, port, **kwargs)
+        self.database_url = database_url
+        self.extra_env.setdefault("DATABASE_URL", database_url)
+
+    def command(self):
+        return [paths.companion_path(), "store", "--listen", f"127.0.0.1:{self.port}", "--database-url", self.database_url]
+
+    def lookups(self):
+        """Total store lookups, all results together."""
+        return self.metric("ibex_store_lookups_total")
+
+    def directive(self, agent_id):
+        """GET /v1/agents/{agent_id}/directive as (status, body text)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/v1/agents/{agent_id}/directive", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+
+class Subscriber(_CompanionServer):
+    """`ibex-companion subscribe`: Redis pub/sub → DEL the L2 key → POST each control URL."""
+
+    name = "subscriber"
+
+    def __init__(self, directory, port, redis_url, control_urls, control_token=None, **kwargs):
+        super().__init__(directory, port, **kwargs)
+        self.redis_url = redis_url
+        self.control_urls = list(control_urls)
+        self.control_token = control_token
+        self.extra_env.setdefault("REDIS_URL", redis_url)
+
+    def command(self):
+        argv = [
+            paths.companion_path(), "subscribe",
+            "--redis-url", self.redis_url,
+            "--control-urls", ",".join(self.control_urls),
+            "--listen", f"127.0.0.1:{self.port}",
+        ]
+        if self.control_token:
+            argv += ["--control-token", self.control_token]
+        return argv

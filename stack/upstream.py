@@ -1,0 +1,81 @@
+"""The echo upstream (stack/echo_upstream.py) as a managed process, with
+helpers to read what it received."""
+
+import base64
+import json
+import urllib.request
+from pathlib import Path
+
+from stack import paths
+from stack.companion import http_status
+from stack.process import ManagedProcess
+
+ECHO_SCRIPT = Path(__file__).resolve().parent / "echo_upstream.py"
+
+
+class Received:
+    """One request the echo upstream recorded."""
+
+    def __init__(self, entry):
+        self.method = entry["method"]
+        self.path = entry["path"]
+        self.header_pairs = entry["headers"]
+        self.body = base64.b64decode(entry["body_base64"])
+        self.text = entry["body_text"]
+
+    def header(self, name, default=None):
+        """Value of header `name` (case-insensitive; the first one when repeated)."""
+        for key, value in self.header_pairs:
+            if key.lower() == name.lower():
+                return value
+        return default
+
+    @property
+    def headers(self):
+        """Headers as a dict with lower-case names."""
+        return {key.lower(): value for key, value in self.header_pairs}
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<Received {self.method} {self.path} {len(self.body)} bytes>"
+
+
+class EchoUpstream(ManagedProcess):
+    """The stand-in LLM API on 127.0.0.1:`port`."""
+
+    name = "upstream"
+
+    def __init__(self, directory, port, **kwargs):
+        super().__init__(directory, **kwargs)
+        self.port = port
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def listen_ports(self):
+        return [self.port]
+
+    def command(self):
+        return [paths.python(), ECHO_SCRIPT, "--host", "127.0.0.1", "--port", self.port]
+
+    def ready(self):
+        return http_status(self.url + "/_demo/received") == 200
+
+    def received(self):
+        """Every recorded request, oldest first, as Received objects."""
+        with urllib.request.urlopen(self.url + "/_demo/received", timeout=5) as response:
+            return [Received(entry) for entry in json.load(response)["requests"]]
+
+    def last(self):
+        """The newest recorded request, or None."""
+        items = self.received()
+        return items[-1] if items else None
+
+    def clear(self):
+        """Forget every recorded request."""
+        request = urllib.request.Request(self.url + "/_demo/received", method="DELETE")
+        with urllib.request.urlopen(request, timeout=5):
+            pass

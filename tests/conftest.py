@@ -1,0 +1,58 @@
+"""Fixtures of the end-to-end tests: a real Stack per test module.
+
+A module tunes its stack with module-level constants:
+
+    FILTER_CONFIG = {...}   merged into the data listener's filter JSON
+    ENVOY_ENV = {...}       Envoy's extra environment
+    LOG_LEVELS = {...}      {"envoy": "debug", "companion": "debug", "webdis": 8}
+    PARTS = (...)           the parts to run (default: all)
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from stack import Stack  # noqa: E402
+from stack.stack import ORDER  # noqa: E402
+
+_STACK_DIRS = {}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, request):
+    """Every real process, on free ports, in a temporary directory of the module."""
+    module = request.module
+    name = module.__name__.rsplit(".", 1)[-1]
+    directory = tmp_path_factory.mktemp(name)
+    _STACK_DIRS[module.__name__] = directory
+    with Stack(
+        directory,
+        filter_config=getattr(module, "FILTER_CONFIG", {}),
+        envoy_env=getattr(module, "ENVOY_ENV", {}),
+        log_levels=getattr(module, "LOG_LEVELS", None),
+        parts=getattr(module, "PARTS", ORDER),
+    ) as running:
+        yield running
+
+
+@pytest.fixture()
+def upstream(stack):
+    """The echo upstream, emptied before the test."""
+    stack.upstream.clear()
+    return stack.upstream
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On failure, say where the module's stack logs are."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        directory = _STACK_DIRS.get(item.module.__name__)
+        if directory:
+            report.sections.append(("stack logs", f"{directory} (every *.log below it)"))

@@ -1,0 +1,126 @@
+"""Small helpers shared by the end-to-end tests: requests through the gateway
+and byte-exact checks of what the upstream received."""
+
+import json
+import socket
+import uuid
+
+import requests
+
+CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+MESSAGES = "/v1/messages"
+
+# A directive with everything JSON escaping must get right.
+TRICKY_DIRECTIVE = (
+    'You are "Ibex". Answer briefly.\n'
+    "Back\\slash, tab\t, unicode: Grüße, 日本語, emoji 🦌, line sep \u2028, </script>."
+)
+
+
+def new_agent():
+    """A fresh agent id, so no test sees another test's cache entries."""
+    return str(uuid.uuid4())
+
+
+def chat_body(text="hello"):
+    """A chat completions body as raw bytes, with odd spacing and escapes that
+    must survive byte for byte."""
+    return (
+        '{"model": "demo",  "messages" : [ {"role":"user","content":"'
+        + text
+        + ' \\u00e9\\n caf\u00e9"}, {"role": "assistant", "content": "ok"},'
+        '{"role":"user","content":"again"} ],\n "temperature": 0.25, "metadata": {"k": [1, 2.50, null]}}'
+    ).encode("utf-8")
+
+
+def send(stack, path, body, agent=None, headers=None, method="POST"):
+    """Send raw body bytes through the gateway; return the requests.Response."""
+    all_headers = {"content-type": "application/json"}
+    if agent is not None:
+        all_headers["x-agent-id"] = agent
+    all_headers.update(headers or {})
+    return requests.request(method, stack.gateway_url + path, data=body, headers=all_headers, timeout=30)
+
+
+def tier(received):
+    """The x-ibex-directive debug header of a request the upstream received."""
+    return received.header("x-ibex-directive")
+
+
+def error_code(response):
+    """`error.code` of an OpenAI-style local reply."""
+    return response.json()["error"]["code"]
+
+
+def strict_json(data):
+    """Parse JSON, refusing duplicated keys (the filter must never create one)."""
+
+    def no_duplicates(pairs):
+        keys = [key for key, _ in pairs]
+        assert len(keys) == len(set(keys)), f"duplicated key in {keys}"
+        return dict(pairs)
+
+    return json.loads(data, object_pairs_hook=no_duplicates)
+
+
+def assert_single_insertion(original, received):
+    """`received` must be `original` with one contiguous run of bytes inserted:
+    every original byte kept, in order, nothing changed around the insertion.
+    Returns the inserted bytes."""
+    assert len(received) > len(original), "nothing was inserted"
+    prefix = 0
+    limit = len(original)
+    while prefix < limit and received[prefix] == original[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < limit - prefix and received[-1 - suffix] == original[-1 - suffix]:
+        suffix += 1
+    assert prefix + suffix == len(original), (
+        f"received body is not the original with one insertion: original bytes changed "
+        f"after offset {prefix}: original={original[prefix:prefix + 80]!r} received={received[prefix:prefix + 80]!r}"
+    )
+    return received[prefix:len(received) - suffix]
+
+
+def assert_chat_injected(original, received_body, directive, role="system"):
+    """The directive is the new first message and every other byte is unchanged."""
+    assert_single_insertion(original, received_body)
+    sent = strict_json(original)
+    got = strict_json(received_body)
+    assert got["messages"][0] == {"role": role, "content": directive}
+    assert got["messages"][1:] == sent["messages"]
+    assert {k: v for k, v in got.items() if k != "messages"} == {k: v for k, v in sent.items() if k != "messages"}
+
+
+def raw_http(port, request_bytes, timeout=10.0):
+    """Send raw bytes on one TCP connection; return (status, headers, body) of the answer.
+
+    Reads until the response's content-length is complete or the peer closes;
+    `timeout` is a deadline on a dead connection, never a wait for success.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(request_bytes)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may answer and close before taking everything
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return status, headers, body
