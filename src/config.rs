@@ -1,0 +1,647 @@
+//! Plugin configuration: the JSON in Envoy's `configuration` field, parsed once in
+//! `on_configure` into an immutable [`Config`] shared by every request.
+//!
+//! Parsing is strict: an unknown field, a wrong type or an out-of-range value is an
+//! error that names the field (`cache.ttl_seconds`), so Envoy rejects the listener
+//! instead of running half-configured. Everything a request needs that can be derived
+//! from the configuration (lower-cased header names, the JSON prefix of the injected
+//! chat message) is derived here, never per request.
+//!
+//! This module must never touch proxy-wasm: it is unit-tested natively.
+
+use serde_json::{Map, Value};
+use std::fmt;
+
+use crate::escape::escape_json_str;
+
+/// Environment variable (passed through `vm_config.environment_variables`) that sets
+/// the default of `cache.ttl_seconds`.
+pub const TTL_ENV: &str = "IBEX_DIRECTIVE_CACHE_TTL";
+
+/// Which job this filter instance does on its listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Resolve each request's directive and inject it.
+    Data,
+    /// Serve the invalidation endpoint only (loopback control listener).
+    Control,
+}
+
+/// What to do with a request that carries no agent header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingAgent {
+    /// Forward it untouched.
+    Pass,
+    /// Answer 401 `missing_agent_id`.
+    Reject,
+}
+
+/// What to do when the directive cannot be known (L2 and L3 failed, nothing stale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Answer 503 `directive_unavailable`.
+    Closed,
+    /// Forward the request without a directive.
+    Open,
+}
+
+/// Wire protocol of the Redis HTTP front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisDialect {
+    /// Webdis: `GET /GET/key.raw`, `PUT /SETEX/key/ttl` with the value as body.
+    Webdis,
+}
+
+/// L2 settings: the Envoy cluster in front of Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// Envoy cluster name of the Redis HTTP front (`redis.cluster`).
+    pub cluster: String,
+    /// `:authority` sent on callouts (`redis.authority`).
+    pub authority: String,
+    /// Protocol spoken by the front (`redis.dialect`).
+    pub dialect: RedisDialect,
+    /// Redis key = prefix + agent id (`redis.key_prefix`).
+    pub key_prefix: String,
+    /// Per-callout timeout in milliseconds (`redis.timeout_ms`).
+    pub timeout_ms: u64,
+}
+
+/// L3 settings: the Envoy cluster of the companion store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Envoy cluster name of the store (`store.cluster`).
+    pub cluster: String,
+    /// `:authority` sent on callouts (`store.authority`).
+    pub authority: String,
+    /// Per-callout timeout in milliseconds (`store.timeout_ms`).
+    pub timeout_ms: u64,
+}
+
+/// The validated, immutable plugin configuration.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `role`: data or control.
+    pub role: Role,
+    /// `agent.header`, lower-cased: where the agent id is read.
+    pub agent_header: String,
+    /// `agent.missing`: what a request without the header gets.
+    pub missing_agent: MissingAgent,
+    /// `cache.ttl_seconds`: freshness of positive entries in L1 and L2.
+    pub ttl_seconds: u64,
+    /// `cache.negative_ttl_seconds`: freshness of "no directive" entries.
+    pub negative_ttl_seconds: u64,
+    /// `cache.stale_if_error_seconds`: how long past expiry an entry may still be
+    /// served while L2 and L3 both fail.
+    pub stale_if_error_seconds: u64,
+    /// `redis.*`.
+    pub redis: RedisConfig,
+    /// `store.*`.
+    pub store: StoreConfig,
+    /// `inject.role`: role of the inserted chat message (`system` or `developer`).
+    pub inject_role: String,
+    /// `inject.max_body_bytes`: larger request bodies are refused with 413.
+    pub max_body_bytes: u64,
+    /// `failure_mode`.
+    pub failure_mode: FailureMode,
+    /// `control.token`: bearer token the control role requires, if any.
+    pub control_token: Option<String>,
+    /// `debug_headers`: add `x-ibex-directive` to the upstream request.
+    pub debug_headers: bool,
+    /// Derived: `{"role":"<inject.role>","content":"` — the chat message prefix,
+    /// built once so a request only appends the cached, already-escaped directive.
+    pub chat_message_prefix: String,
+}
+
+impl fmt::Debug for Config {
+    // The control token is a secret: keep it out of any debug output.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("role", &self.role)
+            .field("agent_header", &self.agent_header)
+            .field("missing_agent", &self.missing_agent)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("negative_ttl_seconds", &self.negative_ttl_seconds)
+            .field("stale_if_error_seconds", &self.stale_if_error_seconds)
+            .field("redis", &self.redis)
+            .field("store", &self.store)
+            .field("inject_role", &self.inject_role)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("failure_mode", &self.failure_mode)
+            .field(
+                "control_token",
+                &self.control_token.as_ref().map(|_| "<set>"),
+            )
+            .field("debug_headers", &self.debug_headers)
+            .finish()
+    }
+}
+
+/// A configuration that must be refused, with the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the field (`cache.ttl_seconds`), or the env variable name.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid ibex_directive configuration: field `{}`: {}",
+            self.field, self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Longest TTL accepted, in seconds (one year): beyond it a typo is likelier than intent.
+const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
+/// Longest callout timeout accepted, in milliseconds.
+const MAX_TIMEOUT_MS: u64 = 60_000;
+
+/// Reads the fields of one JSON object, remembering which were consumed so that any
+/// field left over is reported as unknown.
+struct Section<'a> {
+    path: &'a str,
+    map: Map<String, Value>,
+}
+
+impl<'a> Section<'a> {
+    fn new(path: &'a str, value: Value) -> Result<Self, ConfigError> {
+        match value {
+            Value::Object(map) => Ok(Section { path, map }),
+            other => Err(err(
+                if path.is_empty() { "<root>" } else { path },
+                format!("expected an object, got {}", type_name(&other)),
+            )),
+        }
+    }
+
+    fn field_path(&self, name: &str) -> String {
+        if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.path, name)
+        }
+    }
+
+    /// Takes a field out; JSON `null` counts as absent so a default applies.
+    fn take(&mut self, name: &str) -> Option<Value> {
+        match self.map.remove(name) {
+            Some(Value::Null) | None => None,
+            Some(v) => Some(v),
+        }
+    }
+
+    fn string(&mut self, name: &str, default: &str) -> Result<String, ConfigError> {
+        match self.take(name) {
+            None => Ok(default.to_string()),
+            Some(Value::String(s)) => Ok(s),
+            Some(other) => Err(err(
+                &self.field_path(name),
+                format!("expected a string, got {}", type_name(&other)),
+            )),
+        }
+    }
+
+    fn opt_string(&mut self, name: &str) -> Result<Option<String>, ConfigError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(err(
+                &self.field_path(name),
+                format!("expected a string, got {}", type_name(&other)),
+            )),
+        }
+    }
+
+    fn boolean(&mut self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.take(name) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(b),
+            Some(other) => Err(err(
+                &self.field_path(name),
+                format!("expected true or false, got {}", type_name(&other)),
+            )),
+        }
+    }
+
+    fn integer(
+        &mut self,
+        name: &str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
+        let value = match self.take(name) {
+            None => return Ok(default),
+            Some(v) => v,
+        };
+        let n = value.as_u64().ok_or_else(|| {
+            err(
+                &self.field_path(name),
+                format!("expected a non-negative integer, got {}", describe(&value)),
+            )
+        })?;
+        if n < min || n > max {
+            return Err(err(
+                &self.field_path(name),
+                format!("must be between {min} and {max}, got {n}"),
+            ));
+        }
+        Ok(n)
+    }
+
+    /// A nested object; absent means an empty one, so its defaults apply.
+    fn section(&mut self, name: &'a str) -> Result<Section<'a>, ConfigError> {
+        let value = self.take(name).unwrap_or(Value::Object(Map::new()));
+        Section::new(name, value)
+    }
+
+    /// Fails if any field was not consumed: unknown fields are refused, not ignored.
+    fn finish(self) -> Result<(), ConfigError> {
+        match self.map.keys().next() {
+            None => Ok(()),
+            Some(unknown) => Err(err(&self.field_path(unknown), "unknown field")),
+        }
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        other => type_name(other).to_string(),
+    }
+}
+
+/// One of a fixed set of strings.
+fn choice<T: Copy>(field: &str, value: &str, options: &[(&str, T)]) -> Result<T, ConfigError> {
+    options
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<String> = options.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+            err(
+                field,
+                format!("expected one of {}, got \"{}\"", names.join(", "), value),
+            )
+        })
+}
+
+/// An HTTP header name (RFC 9110 token), lower-cased for Envoy's header maps.
+fn header_name(field: &str, value: &str) -> Result<String, ConfigError> {
+    let ok = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !ok {
+        return Err(err(
+            field,
+            format!("\"{value}\" is not a valid header name"),
+        ));
+    }
+    Ok(value.to_ascii_lowercase())
+}
+
+/// Cluster names and authorities go into callout headers verbatim.
+fn plain_token(field: &str, value: &str) -> Result<String, ConfigError> {
+    let ok = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b'?' | b'#' | b'"'));
+    if !ok {
+        return Err(err(field, format!("\"{value}\" is not a valid name")));
+    }
+    Ok(value.to_string())
+}
+
+/// The key prefix becomes part of a URL path segment on the Redis front, so it must
+/// not need escaping there.
+fn key_prefix(field: &str, value: &str) -> Result<String, ConfigError> {
+    let ok = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b":_-.{}".contains(&b));
+    if !ok || value.len() > 64 {
+        return Err(err(
+            field,
+            "may only contain ASCII letters, digits and : _ - . { } (at most 64 characters)",
+        ));
+    }
+    Ok(value.to_string())
+}
+
+impl Config {
+    /// Parses the plugin configuration. `raw` is the `configuration` string (empty
+    /// means all defaults); `env_ttl` is the value of [`TTL_ENV`] if set.
+    pub fn parse(raw: &[u8], env_ttl: Option<&str>) -> Result<Config, ConfigError> {
+        let text = std::str::from_utf8(raw).map_err(|_| err("<root>", "not valid UTF-8"))?;
+        let value = if text.trim().is_empty() {
+            Value::Object(Map::new())
+        } else {
+            serde_json::from_str::<Value>(text)
+                .map_err(|e| err("<root>", format!("not valid JSON: {e}")))?
+        };
+        let mut root = Section::new("", value)?;
+
+        let role = choice(
+            "role",
+            &root.string("role", "data")?,
+            &[("data", Role::Data), ("control", Role::Control)],
+        )?;
+
+        let mut agent = root.section("agent")?;
+        let agent_header = header_name("agent.header", &agent.string("header", "x-agent-id")?)?;
+        let missing_agent = choice(
+            "agent.missing",
+            &agent.string("missing", "pass")?,
+            &[
+                ("pass", MissingAgent::Pass),
+                ("reject", MissingAgent::Reject),
+            ],
+        )?;
+        agent.finish()?;
+
+        let ttl_default = match env_ttl {
+            None => 60,
+            Some(s) => match s.trim().parse::<u64>() {
+                Ok(n) if (1..=MAX_TTL_SECONDS).contains(&n) => n,
+                _ => {
+                    return Err(err(
+                        TTL_ENV,
+                        format!("must be an integer between 1 and {MAX_TTL_SECONDS}"),
+                    ))
+                }
+            },
+        };
+        let mut cache = root.section("cache")?;
+        let ttl_seconds = cache.integer("ttl_seconds", ttl_default, 1, MAX_TTL_SECONDS)?;
+        let negative_ttl_seconds = cache.integer("negative_ttl_seconds", 10, 1, MAX_TTL_SECONDS)?;
+        let stale_if_error_seconds =
+            cache.integer("stale_if_error_seconds", 300, 0, MAX_TTL_SECONDS)?;
+        cache.finish()?;
+
+        let mut section = root.section("redis")?;
+        let redis = RedisConfig {
+            cluster: plain_token("redis.cluster", &section.string("cluster", "ibex_redis")?)?,
+            authority: plain_token(
+                "redis.authority",
+                &section.string("authority", "ibex_redis")?,
+            )?,
+            dialect: choice(
+                "redis.dialect",
+                &section.string("dialect", "webdis")?,
+                &[("webdis", RedisDialect::Webdis)],
+            )?,
+            key_prefix: key_prefix(
+                "redis.key_prefix",
+                &section.string("key_prefix", "directive:")?,
+            )?,
+            timeout_ms: section.integer("timeout_ms", 50, 1, MAX_TIMEOUT_MS)?,
+        };
+        section.finish()?;
+
+        let mut store = root.section("store")?;
+        let store_cfg = StoreConfig {
+            cluster: plain_token("store.cluster", &store.string("cluster", "ibex_store")?)?,
+            authority: plain_token("store.authority", &store.string("authority", "ibex_store")?)?,
+            timeout_ms: store.integer("timeout_ms", 500, 1, MAX_TIMEOUT_MS)?,
+        };
+        store.finish()?;
+
+        let mut inject = root.section("inject")?;
+        let inject_role = inject.string("role", "system")?;
+        choice(
+            "inject.role",
+            &inject_role,
+            &[("system", ()), ("developer", ())],
+        )?;
+        let max_body_bytes = inject.integer("max_body_bytes", 1_048_576, 1, 64 * 1_048_576)?;
+        inject.finish()?;
+
+        let failure_mode = choice(
+            "failure_mode",
+            &root.string("failure_mode", "closed")?,
+            &[("closed", FailureMode::Closed), ("open", FailureMode::Open)],
+        )?;
+
+        let mut control = root.section("control")?;
+        let control_token = control.opt_string("token")?;
+        if let Some(t) = &control_token {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(err(
+                    "control.token",
+                    "must be non-empty printable ASCII without spaces",
+                ));
+            }
+        }
+        control.finish()?;
+
+        let debug_headers = root.boolean("debug_headers", false)?;
+        root.finish()?;
+
+        let chat_message_prefix = format!(
+            "{{\"role\":\"{}\",\"content\":\"",
+            escape_json_str(&inject_role)
+        );
+
+        Ok(Config {
+            role,
+            agent_header,
+            missing_agent,
+            ttl_seconds,
+            negative_ttl_seconds,
+            stale_if_error_seconds,
+            redis,
+            store: store_cfg,
+            inject_role,
+            max_body_bytes,
+            failure_mode,
+            control_token,
+            debug_headers,
+            chat_message_prefix,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s.as_bytes(), None)
+    }
+
+    #[test]
+    fn empty_configuration_gives_every_default() {
+        for raw in ["", "  ", "{}"] {
+            let c = parse(raw).unwrap();
+            assert_eq!(c.role, Role::Data);
+            assert_eq!(c.agent_header, "x-agent-id");
+            assert_eq!(c.missing_agent, MissingAgent::Pass);
+            assert_eq!(c.ttl_seconds, 60);
+            assert_eq!(c.negative_ttl_seconds, 10);
+            assert_eq!(c.stale_if_error_seconds, 300);
+            assert_eq!(c.redis.cluster, "ibex_redis");
+            assert_eq!(c.redis.authority, "ibex_redis");
+            assert_eq!(c.redis.dialect, RedisDialect::Webdis);
+            assert_eq!(c.redis.key_prefix, "directive:");
+            assert_eq!(c.redis.timeout_ms, 50);
+            assert_eq!(c.store.cluster, "ibex_store");
+            assert_eq!(c.store.authority, "ibex_store");
+            assert_eq!(c.store.timeout_ms, 500);
+            assert_eq!(c.inject_role, "system");
+            assert_eq!(c.max_body_bytes, 1_048_576);
+            assert_eq!(c.failure_mode, FailureMode::Closed);
+            assert_eq!(c.control_token, None);
+            assert!(!c.debug_headers);
+            assert_eq!(c.chat_message_prefix, r#"{"role":"system","content":""#);
+        }
+    }
+
+    #[test]
+    fn every_field_can_be_set() {
+        let c = parse(
+            r#"{"role":"control","agent":{"header":"X-Tenant-Agent","missing":"reject"},
+            "cache":{"ttl_seconds":5,"negative_ttl_seconds":2,"stale_if_error_seconds":0},
+            "redis":{"cluster":"r","authority":"r.local","dialect":"webdis","key_prefix":"d:","timeout_ms":20},
+            "store":{"cluster":"s","authority":"s.local","timeout_ms":300},
+            "inject":{"role":"developer","max_body_bytes":1000},
+            "failure_mode":"open","control":{"token":"s3cret"},"debug_headers":true}"#,
+        )
+        .unwrap();
+        assert_eq!(c.role, Role::Control);
+        assert_eq!(c.agent_header, "x-tenant-agent");
+        assert_eq!(c.missing_agent, MissingAgent::Reject);
+        assert_eq!(
+            (
+                c.ttl_seconds,
+                c.negative_ttl_seconds,
+                c.stale_if_error_seconds
+            ),
+            (5, 2, 0)
+        );
+        assert_eq!(c.redis.key_prefix, "d:");
+        assert_eq!(c.redis.timeout_ms, 20);
+        assert_eq!(c.store.authority, "s.local");
+        assert_eq!(c.max_body_bytes, 1000);
+        assert_eq!(c.failure_mode, FailureMode::Open);
+        assert_eq!(c.control_token.as_deref(), Some("s3cret"));
+        assert!(c.debug_headers);
+        assert_eq!(c.chat_message_prefix, r#"{"role":"developer","content":""#);
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "token must not reach debug output"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                r#"{"cache":{"ttl_secondz":5}}"#,
+                "cache.ttl_secondz",
+                "unknown",
+            ),
+            (
+                r#"{"cache":{"ttl_seconds":"5"}}"#,
+                "cache.ttl_seconds",
+                "integer",
+            ),
+            (
+                r#"{"cache":{"ttl_seconds":0}}"#,
+                "cache.ttl_seconds",
+                "between",
+            ),
+            (
+                r#"{"cache":{"ttl_seconds":-1}}"#,
+                "cache.ttl_seconds",
+                "integer",
+            ),
+            (
+                r#"{"cache":{"ttl_seconds":1.5}}"#,
+                "cache.ttl_seconds",
+                "integer",
+            ),
+            (r#"{"failure_mode":"half"}"#, "failure_mode", "one of"),
+            (r#"{"agent":{"missing":true}}"#, "agent.missing", "string"),
+            (
+                r#"{"agent":{"header":"x agent"}}"#,
+                "agent.header",
+                "header name",
+            ),
+            (r#"{"agent":"x"}"#, "agent", "object"),
+            (r#"{"inject":{"role":"user"}}"#, "inject.role", "one of"),
+            (
+                r#"{"redis":{"dialect":"upstash"}}"#,
+                "redis.dialect",
+                "one of",
+            ),
+            (
+                r#"{"redis":{"key_prefix":"a/b"}}"#,
+                "redis.key_prefix",
+                "may only",
+            ),
+            (r#"{"redis":{"cluster":""}}"#, "redis.cluster", "valid name"),
+            (
+                r#"{"store":{"timeout_ms":0}}"#,
+                "store.timeout_ms",
+                "between",
+            ),
+            (
+                r#"{"debug_headers":"yes"}"#,
+                "debug_headers",
+                "true or false",
+            ),
+            (r#"{"control":{"token":""}}"#, "control.token", "non-empty"),
+            (r#"{"rol":"data"}"#, "rol", "unknown"),
+            (r#"[1]"#, "<root>", "object"),
+            (r#"{"#, "<root>", "JSON"),
+        ];
+        for (raw, field, reason) in cases {
+            let e = parse(raw).unwrap_err();
+            assert_eq!(e.field, field, "for {raw}");
+            assert!(e.reason.contains(reason), "for {raw}: {}", e.reason);
+            assert!(e.to_string().contains(field));
+        }
+    }
+
+    #[test]
+    fn ttl_comes_from_the_environment_unless_configured() {
+        let c = Config::parse(b"{}", Some("7")).unwrap();
+        assert_eq!(c.ttl_seconds, 7);
+        let c = Config::parse(br#"{"cache":{"ttl_seconds":9}}"#, Some("7")).unwrap();
+        assert_eq!(c.ttl_seconds, 9);
+        let e = Config::parse(b"{}", Some("soon")).unwrap_err();
+        assert_eq!(e.field, TTL_ENV);
+    }
+
+    #[test]
+    fn null_means_default() {
+        let c = parse(r#"{"cache":{"ttl_seconds":null},"control":{"token":null}}"#).unwrap();
+        assert_eq!(c.ttl_seconds, 60);
+        assert_eq!(c.control_token, None);
+    }
+}

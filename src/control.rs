@@ -1,0 +1,244 @@
+//! The control role: the invalidation endpoint served on Envoy's loopback control
+//! listener. It shares the data role's `vm_id`, so one call reaches the shared data
+//! that every worker of the data listener reads.
+//!
+//! Shared-data keys cannot be deleted in proxy-wasm, so:
+//! - `POST /ibex/v1/invalidate/{agent_id}` writes a tombstone over the agent's entry.
+//!   The write also changes the key's CAS version, so a fill that started before it
+//!   can no longer store its (possibly old) answer.
+//! - `POST /ibex/v1/invalidate` bumps the global generation counter: every entry
+//!   filled under an older generation is stale at once, in one write.
+//!
+//! Answers: 204 on success, 401 without the configured bearer token, 404 for any
+//! other path or method, 400 for an agent id that is not a UUID, 503 if shared data
+//! cannot be written.
+
+use crate::agent::AgentId;
+use crate::config::Config;
+use crate::entry::{self, Entry, Kind};
+use crate::host::{Host, HostError};
+use crate::metrics::Counter;
+
+/// Path prefix of the invalidation endpoint.
+pub const INVALIDATE_PATH: &str = "/ibex/v1/invalidate";
+
+/// What the control endpoint answers: status and JSON body (empty for 204).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlReply {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body, empty for 204.
+    pub body: String,
+}
+
+fn error(status: u16, code: &str, message: &str) -> ControlReply {
+    ControlReply {
+        status,
+        body: serde_json::json!({"error": {"type": "control_error", "code": code, "message": message}})
+            .to_string(),
+    }
+}
+
+/// Handles one control request from its method, path and `authorization` header.
+pub fn handle<H: Host>(
+    method: Option<&str>,
+    path: Option<&str>,
+    authorization: Option<&str>,
+    host: &H,
+    config: &Config,
+) -> ControlReply {
+    if let Some(token) = &config.control_token {
+        let presented = authorization
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+            return error(401, "unauthorized", "a valid bearer token is required");
+        }
+    }
+    let path = path.unwrap_or("").split('?').next().unwrap_or("");
+    let rest = match path.strip_prefix(INVALIDATE_PATH) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+        _ => return error(404, "not_found", "no such control endpoint"),
+    };
+    if method != Some("POST") {
+        return error(404, "not_found", "no such control endpoint");
+    }
+    let result = match rest {
+        "" | "/" => invalidate_all(host),
+        agent => match agent.strip_prefix('/').and_then(AgentId::parse) {
+            Some(agent) => invalidate_agent(&agent, host),
+            None => return error(400, "invalid_agent_id", "agent id must be a UUID"),
+        },
+    };
+    match result {
+        Ok(()) => {
+            host.count(Counter::Invalidations);
+            ControlReply {
+                status: 204,
+                body: String::new(),
+            }
+        }
+        Err(_) => error(
+            503,
+            "shared_data_unavailable",
+            "could not write shared data",
+        ),
+    }
+}
+
+/// Writes a tombstone over one agent's entry.
+pub fn invalidate_agent<H: Host>(agent: &AgentId, host: &H) -> Result<(), HostError> {
+    let generation = current_generation(host);
+    let tombstone = Entry {
+        kind: Kind::Tombstone,
+        fresh_until_ms: 0,
+        generation,
+        escaped: "",
+    };
+    host.shared_set(&entry::key_for(agent), &tombstone.encode(), None)
+}
+
+/// Bumps the global generation (compare-and-swap, retried on contention).
+pub fn invalidate_all<H: Host>(host: &H) -> Result<(), HostError> {
+    for _ in 0..64 {
+        let (raw, cas) = host.shared_get(entry::GENERATION_KEY)?;
+        let next = entry::decode_generation(raw.as_deref()).saturating_add(1);
+        match host.shared_set(entry::GENERATION_KEY, &next.to_le_bytes(), cas) {
+            Ok(()) => return Ok(()),
+            Err(HostError::CasMismatch) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(HostError::CasMismatch)
+}
+
+fn current_generation<H: Host>(host: &H) -> u64 {
+    entry::decode_generation(
+        host.shared_get(entry::GENERATION_KEY)
+            .ok()
+            .and_then(|(v, _)| v)
+            .as_deref(),
+    )
+}
+
+/// Compares secrets without an early exit that would leak their common prefix length.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake::{FakeHost, SharedData};
+
+    const AGENT: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+
+    fn cfg(token: Option<&str>) -> Config {
+        let raw = match token {
+            Some(t) => format!(r#"{{"role":"control","control":{{"token":"{t}"}}}}"#),
+            None => r#"{"role":"control"}"#.to_string(),
+        };
+        Config::parse(raw.as_bytes(), None).unwrap()
+    }
+
+    fn fresh_entry(h: &FakeHost) {
+        let e = Entry {
+            kind: Kind::Present,
+            fresh_until_ms: u64::MAX,
+            generation: 0,
+            escaped: "D",
+        };
+        h.shared_set(&format!("ibex:d:{AGENT}"), &e.encode(), None)
+            .unwrap();
+    }
+
+    fn entry_of(h: &FakeHost) -> Vec<u8> {
+        h.shared.get(&format!("ibex:d:{AGENT}")).unwrap()
+    }
+
+    #[test]
+    fn invalidating_an_agent_tombstones_its_entry() {
+        let h = FakeHost::with_shared(SharedData::default());
+        fresh_entry(&h);
+        let r = handle(
+            Some("POST"),
+            Some(&format!("/ibex/v1/invalidate/{AGENT}")),
+            None,
+            &h,
+            &cfg(None),
+        );
+        assert_eq!(r.status, 204);
+        let raw = entry_of(&h);
+        let e = Entry::decode(&raw).unwrap();
+        assert_eq!(e.kind, Kind::Tombstone);
+        assert!(!e.is_fresh(0, 0));
+        assert_eq!(h.counter(Counter::Invalidations), 1);
+    }
+
+    #[test]
+    fn invalidating_all_makes_every_entry_stale_in_one_write() {
+        let h = FakeHost::with_shared(SharedData::default());
+        fresh_entry(&h);
+        for expected in 1..=3u64 {
+            let r = handle(
+                Some("POST"),
+                Some("/ibex/v1/invalidate"),
+                None,
+                &h,
+                &cfg(None),
+            );
+            assert_eq!(r.status, 204);
+            assert_eq!(current_generation(&h), expected);
+        }
+        let raw = entry_of(&h);
+        assert!(!Entry::decode(&raw)
+            .unwrap()
+            .is_fresh(0, current_generation(&h)));
+    }
+
+    #[test]
+    fn token_is_required_when_configured_and_nothing_changes_without_it() {
+        let h = FakeHost::with_shared(SharedData::default());
+        fresh_entry(&h);
+        let c = cfg(Some("s3cret"));
+        let path = format!("/ibex/v1/invalidate/{AGENT}");
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("s3cret"),
+            Some("Bearer s3cre"),
+        ] {
+            let r = handle(Some("POST"), Some(&path), auth, &h, &c);
+            assert_eq!(r.status, 401, "{auth:?}");
+            assert!(!r.body.contains("s3cret"));
+        }
+        assert_eq!(Entry::decode(&entry_of(&h)).unwrap().kind, Kind::Present);
+        let r = handle(Some("POST"), Some(&path), Some("Bearer s3cret"), &h, &c);
+        assert_eq!(r.status, 204);
+    }
+
+    #[test]
+    fn anything_else_is_404_or_400() {
+        let h = FakeHost::with_shared(SharedData::default());
+        let c = cfg(None);
+        assert_eq!(
+            handle(Some("GET"), Some("/ibex/v1/invalidate"), None, &h, &c).status,
+            404
+        );
+        assert_eq!(
+            handle(Some("POST"), Some("/other"), None, &h, &c).status,
+            404
+        );
+        assert_eq!(
+            handle(Some("POST"), Some("/ibex/v1/invalidatex"), None, &h, &c).status,
+            404
+        );
+        assert_eq!(
+            handle(Some("POST"), Some("/ibex/v1/invalidate/nope"), None, &h, &c).status,
+            400
+        );
+    }
+}

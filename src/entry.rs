@@ -1,0 +1,232 @@
+//! The L1 cache entry: what one agent's answer looks like in Envoy shared data.
+//!
+//! Shared data is a byte map shared by every worker VM of one `vm_id`. An entry is a
+//! fixed 18-byte header followed by the directive, already JSON-escaped (the inside
+//! of a string literal) so that a hit costs no escaping:
+//!
+//! ```text
+//! 0      version (1)
+//! 1      kind: 0 = no directive, 1 = directive, 2 = tombstone (invalidated)
+//! 2..10  fresh until, ms since the Unix epoch, little endian
+//! 10..18 generation: the value of the global generation counter when the fill
+//!        that produced this entry started; older than the counter = flushed
+//! 18..   escaped directive (kind 1 only)
+//! ```
+//!
+//! With the 43-byte key this keeps the overhead per agent under 64 bytes, as SPEC §8
+//! asks. Entries are never trusted blindly: anything that does not decode is a miss.
+
+/// Version byte of the current layout; any other value decodes as a miss.
+const VERSION: u8 = 1;
+/// Size of the fixed header.
+pub const HEADER_LEN: usize = 18;
+
+/// Shared-data key prefix of agent entries.
+pub const KEY_PREFIX: &str = "ibex:d:";
+/// Shared-data key of the global generation counter ("invalidate all" bumps it).
+pub const GENERATION_KEY: &str = "ibex:gen";
+
+/// What an entry says about its agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The agent has no active directive.
+    Absent,
+    /// The agent's directive follows the header.
+    Present,
+    /// The entry was invalidated; it only anchors a CAS version so that fills which
+    /// started before the invalidation cannot write over it.
+    Tombstone,
+}
+
+/// A decoded L1 entry, borrowing the escaped directive from the raw bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Entry<'a> {
+    /// What the entry says.
+    pub kind: Kind,
+    /// Fresh until this instant (ms since the epoch).
+    pub fresh_until_ms: u64,
+    /// Global generation current when the fill started.
+    pub generation: u64,
+    /// The directive, JSON-escaped; empty unless `kind` is `Present`.
+    pub escaped: &'a str,
+}
+
+impl std::fmt::Debug for Entry<'_> {
+    // Directive text never reaches logs, not even through Debug.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("kind", &self.kind)
+            .field("fresh_until_ms", &self.fresh_until_ms)
+            .field("generation", &self.generation)
+            .field("escaped_len", &self.escaped.len())
+            .finish()
+    }
+}
+
+impl<'a> Entry<'a> {
+    /// Decodes raw shared-data bytes; `None` for anything malformed.
+    pub fn decode(raw: &'a [u8]) -> Option<Entry<'a>> {
+        if raw.len() < HEADER_LEN || raw[0] != VERSION {
+            return None;
+        }
+        let kind = match raw[1] {
+            0 => Kind::Absent,
+            1 => Kind::Present,
+            2 => Kind::Tombstone,
+            _ => return None,
+        };
+        let fresh_until_ms = u64::from_le_bytes(raw[2..10].try_into().ok()?);
+        let generation = u64::from_le_bytes(raw[10..18].try_into().ok()?);
+        let escaped = std::str::from_utf8(&raw[HEADER_LEN..]).ok()?;
+        if kind != Kind::Present && !escaped.is_empty() {
+            return None;
+        }
+        Some(Entry {
+            kind,
+            fresh_until_ms,
+            generation,
+            escaped,
+        })
+    }
+
+    /// Encodes into the shared-data layout.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.escaped.len());
+        out.push(VERSION);
+        out.push(match self.kind {
+            Kind::Absent => 0,
+            Kind::Present => 1,
+            Kind::Tombstone => 2,
+        });
+        out.extend_from_slice(&self.fresh_until_ms.to_le_bytes());
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        if self.kind == Kind::Present {
+            out.extend_from_slice(self.escaped.as_bytes());
+        }
+        out
+    }
+
+    /// Whether the entry may be served as fresh at `now_ms` under global generation
+    /// `current_generation`.
+    pub fn is_fresh(&self, now_ms: u64, current_generation: u64) -> bool {
+        self.kind != Kind::Tombstone
+            && self.generation >= current_generation
+            && now_ms < self.fresh_until_ms
+    }
+
+    /// Whether the entry may still be served while L2 and L3 both fail: not
+    /// invalidated, not flushed, and expired for at most `stale_window_ms`.
+    pub fn is_servable_stale(
+        &self,
+        now_ms: u64,
+        current_generation: u64,
+        stale_window_ms: u64,
+    ) -> bool {
+        self.kind != Kind::Tombstone
+            && self.generation >= current_generation
+            && now_ms < self.fresh_until_ms.saturating_add(stale_window_ms)
+    }
+}
+
+/// Shared-data key of an agent: [`KEY_PREFIX`] + canonical agent id.
+pub fn key_for(agent: &crate::agent::AgentId) -> String {
+    let mut buf = [0u8; crate::agent::AGENT_ID_LEN];
+    let id = agent.encode(&mut buf);
+    let mut key = String::with_capacity(KEY_PREFIX.len() + id.len());
+    key.push_str(KEY_PREFIX);
+    key.push_str(id);
+    key
+}
+
+/// Decodes the global generation counter (absent or malformed = 0).
+pub fn decode_generation(raw: Option<&[u8]>) -> u64 {
+    raw.and_then(|r| r.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_kind() {
+        for (kind, escaped) in [
+            (Kind::Present, "Be terse.\\n\\u0000 é"),
+            (Kind::Absent, ""),
+            (Kind::Tombstone, ""),
+        ] {
+            let e = Entry {
+                kind,
+                fresh_until_ms: 1_700_000_000_123,
+                generation: 42,
+                escaped,
+            };
+            let raw = e.encode();
+            assert_eq!(raw.len(), HEADER_LEN + escaped.len());
+            assert_eq!(Entry::decode(&raw), Some(e));
+        }
+    }
+
+    #[test]
+    fn malformed_bytes_are_a_miss() {
+        let good = Entry {
+            kind: Kind::Present,
+            fresh_until_ms: 1,
+            generation: 0,
+            escaped: "x",
+        }
+        .encode();
+        assert!(Entry::decode(&good[..HEADER_LEN - 1]).is_none());
+        let mut bad_version = good.clone();
+        bad_version[0] = 9;
+        assert!(Entry::decode(&bad_version).is_none());
+        let mut bad_kind = good.clone();
+        bad_kind[1] = 7;
+        assert!(Entry::decode(&bad_kind).is_none());
+        let mut bad_utf8 = good.clone();
+        bad_utf8.push(0xff);
+        assert!(Entry::decode(&bad_utf8).is_none());
+        let mut absent_with_text = good;
+        absent_with_text[1] = 0;
+        assert!(Entry::decode(&absent_with_text).is_none());
+    }
+
+    #[test]
+    fn freshness_respects_time_generation_and_tombstones() {
+        let e = Entry {
+            kind: Kind::Present,
+            fresh_until_ms: 1000,
+            generation: 3,
+            escaped: "d",
+        };
+        assert!(e.is_fresh(999, 3));
+        assert!(!e.is_fresh(1000, 3));
+        assert!(
+            !e.is_fresh(10, 4),
+            "a flush after the fill started makes it stale"
+        );
+        assert!(e.is_servable_stale(1500, 3, 600));
+        assert!(!e.is_servable_stale(1600, 3, 600));
+        assert!(!e.is_servable_stale(1500, 4, 600));
+        let t = Entry {
+            kind: Kind::Tombstone,
+            ..e
+        };
+        assert!(!t.is_fresh(0, 0));
+        assert!(!t.is_servable_stale(0, 0, u64::MAX));
+    }
+
+    #[test]
+    fn overhead_per_agent_stays_under_64_bytes() {
+        let agent = crate::agent::AgentId::parse("6f1c1a3e-5b7d-4c2a-9e0f-123456789abc").unwrap();
+        assert!(key_for(&agent).len() + HEADER_LEN <= 64);
+    }
+
+    #[test]
+    fn generation_decodes_defensively() {
+        assert_eq!(decode_generation(None), 0);
+        assert_eq!(decode_generation(Some(&[1, 2])), 0);
+        assert_eq!(decode_generation(Some(&7u64.to_le_bytes())), 7);
+    }
+}

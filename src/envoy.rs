@@ -1,0 +1,282 @@
+//! The host layer: proxy-wasm contexts for Envoy (wasm32 only).
+//!
+//! It does three things and nothing else: parse the configuration once in
+//! `on_configure` and share it with every request; translate Envoy callbacks into
+//! [`Event`]s for the pure [`Flow`] (data role) or [`control::handle`] (control role);
+//! implement [`Host`] with proxy-wasm calls, turning `Status` into [`HostError`].
+//! All decisions live in the pure core.
+
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{
+    Action as WasmAction, BufferType, ContextType, LogLevel, MapType, MetricType, Status,
+};
+
+use crate::config::{Config, Role, TTL_ENV};
+use crate::control;
+use crate::flow::{Action, Event, Flow, RequestHead};
+use crate::host::{Host, HostError, Shared};
+use crate::metrics::Counter;
+use crate::tiers::{Callout, Response};
+
+proxy_wasm::main! {{
+    // Envoy applies its own log level on top; ours only bounds what is sent to it.
+    proxy_wasm::set_log_level(LogLevel::Debug);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { plugin: None }) });
+}}
+
+/// What every request context of one plugin shares: the parsed configuration and
+/// the ids of the counters defined for it.
+struct Plugin {
+    config: Config,
+    metrics: Vec<u32>,
+}
+
+struct Root {
+    plugin: Option<Rc<Plugin>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let raw = self.get_plugin_configuration().unwrap_or_default();
+        let env_ttl = std::env::var(TTL_ENV).ok();
+        let config = match Config::parse(&raw, env_ttl.as_deref()) {
+            Ok(config) => config,
+            Err(e) => {
+                log::error!("{e}");
+                return false;
+            }
+        };
+        let mut metrics = Vec::with_capacity(Counter::ALL.len());
+        for counter in Counter::ALL {
+            match hostcalls::define_metric(MetricType::Counter, counter.name()) {
+                Ok(id) => metrics.push(id),
+                Err(_) => {
+                    log::error!(
+                        "ibex_directive: could not define counter {}",
+                        counter.name()
+                    );
+                    return false;
+                }
+            }
+        }
+        log::info!(
+            "ibex_directive: configured role={:?} ttl={}s negative_ttl={}s failure_mode={:?}",
+            config.role,
+            config.ttl_seconds,
+            config.negative_ttl_seconds,
+            config.failure_mode
+        );
+        self.plugin = Some(Rc::new(Plugin { config, metrics }));
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let plugin = self.plugin.clone()?;
+        Some(match plugin.config.role {
+            Role::Data => Box::new(DataFilter {
+                plugin,
+                flow: Some(Flow::new()),
+            }),
+            Role::Control => Box::new(ControlFilter { plugin }),
+        })
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// Host calls of one request context.
+struct EnvoyHost<'a> {
+    metrics: &'a [u32],
+}
+
+fn host_error(status: Status) -> HostError {
+    match status {
+        Status::CasMismatch => HostError::CasMismatch,
+        Status::NotFound => HostError::NotFound,
+        Status::BadArgument => HostError::BadArgument,
+        _ => HostError::Failed,
+    }
+}
+
+impl Host for EnvoyHost<'_> {
+    fn now_ms(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn shared_get(&self, key: &str) -> Result<Shared, HostError> {
+        hostcalls::get_shared_data(key).map_err(host_error)
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(host_error)
+    }
+
+    fn dispatch(&self, call: &Callout) -> Result<u32, HostError> {
+        let headers = vec![
+            (":method", call.method),
+            (":path", call.path.as_str()),
+            (":authority", call.authority.as_str()),
+        ];
+        hostcalls::dispatch_http_call(
+            &call.cluster,
+            headers,
+            call.body.as_deref(),
+            vec![],
+            Duration::from_millis(call.timeout_ms),
+        )
+        .map_err(host_error)
+    }
+
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+            .map(Option::unwrap_or_default)
+            .map_err(host_error)
+    }
+
+    fn replace_request_body(&self, old_len: usize, body: &[u8]) -> Result<(), HostError> {
+        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, old_len, body).map_err(host_error)
+    }
+
+    fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).map_err(host_error)
+    }
+
+    fn send_json_reply(&self, status: u16, body: &str) -> Result<(), HostError> {
+        hostcalls::send_http_response(
+            u32::from(status),
+            vec![("content-type", "application/json")],
+            Some(body.as_bytes()),
+        )
+        .map_err(host_error)
+    }
+
+    fn resume_request(&self) -> Result<(), HostError> {
+        hostcalls::resume_http_request().map_err(host_error)
+    }
+
+    fn count(&self, counter: Counter) {
+        if let Some(id) = self.metrics.get(counter as usize) {
+            let _ = hostcalls::increment_metric(*id, 1);
+        }
+    }
+}
+
+fn wasm_action(action: Action) -> WasmAction {
+    match action {
+        Action::Continue => WasmAction::Continue,
+        Action::Pause => WasmAction::Pause,
+    }
+}
+
+/// Data role: one per request, owning that request's [`Flow`].
+struct DataFilter {
+    plugin: Rc<Plugin>,
+    /// `None` only while an event is being processed (the flow is moved through it).
+    flow: Option<Flow>,
+}
+
+impl DataFilter {
+    fn step(&mut self, event: Event<'_>) -> Action {
+        let host = EnvoyHost {
+            metrics: &self.plugin.metrics,
+        };
+        let flow = self.flow.take().unwrap_or_default();
+        let (next, action) = flow.on_event(event, &host, &self.plugin.config);
+        self.flow = Some(next);
+        action
+    }
+}
+
+impl Context for DataFilter {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok());
+        let body = if status.is_some() {
+            self.get_http_call_response_body(0, body_size)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        self.step(Event::Callout {
+            token: token_id,
+            response: Response { status, body },
+        });
+    }
+}
+
+impl HttpContext for DataFilter {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> WasmAction {
+        let path = self.get_http_request_header(":path");
+        let agent = self.get_http_request_header(&self.plugin.config.agent_header);
+        let content_length = self.get_http_request_header("content-length");
+        let content_encoding = self.get_http_request_header("content-encoding");
+        let head = RequestHead {
+            path: path.as_deref(),
+            agent: agent.as_deref(),
+            content_length: content_length.as_deref(),
+            content_encoding: content_encoding.as_deref(),
+            end_of_stream,
+        };
+        wasm_action(self.step(Event::Headers(head)))
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {
+        wasm_action(self.step(Event::Body {
+            size: body_size,
+            end_of_stream,
+        }))
+    }
+}
+
+/// Control role: answers invalidation requests locally.
+struct ControlFilter {
+    plugin: Rc<Plugin>,
+}
+
+impl Context for ControlFilter {}
+
+impl HttpContext for ControlFilter {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> WasmAction {
+        let host = EnvoyHost {
+            metrics: &self.plugin.metrics,
+        };
+        let method = self.get_http_request_header(":method");
+        let path = self.get_http_request_header(":path");
+        let auth = self.get_http_request_header("authorization");
+        let reply = control::handle(
+            method.as_deref(),
+            path.as_deref(),
+            auth.as_deref(),
+            &host,
+            &self.plugin.config,
+        );
+        let body = (!reply.body.is_empty()).then_some(reply.body.as_bytes());
+        let headers = if body.is_some() {
+            vec![("content-type", "application/json")]
+        } else {
+            vec![]
+        };
+        if hostcalls::send_http_response(u32::from(reply.status), headers, body).is_err() {
+            log::warn!("ibex_directive: control reply failed");
+        }
+        WasmAction::Pause
+    }
+}

@@ -1,0 +1,183 @@
+//! The one seam between the pure filter and Envoy: every host call the request flow
+//! needs, behind a small trait. The wasm build implements it with proxy-wasm calls
+//! (`crate::envoy`); tests implement it in memory ([`fake::FakeHost`]).
+//!
+//! proxy-wasm's `Status` never crosses this boundary: implementations turn it into
+//! [`HostError`].
+
+use crate::metrics::Counter;
+use crate::tiers::Callout;
+
+/// A host call that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostError {
+    /// A shared-data write lost a compare-and-swap race.
+    CasMismatch,
+    /// The thing asked for does not exist (for example an unknown cluster).
+    NotFound,
+    /// The host refused the arguments.
+    BadArgument,
+    /// Any other failure.
+    Failed,
+}
+
+/// Value and CAS version of a shared-data key (`cas` is `None` when absent).
+pub type Shared = (Option<Vec<u8>>, Option<u32>);
+
+/// Host calls used while handling one request.
+pub trait Host {
+    /// Wall-clock time in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+    /// Reads a shared-data key.
+    fn shared_get(&self, key: &str) -> Result<Shared, HostError>;
+    /// Writes a shared-data key; with `cas`, only if the key is still at that version.
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError>;
+    /// Starts an HTTP callout; its answer arrives later under the returned token.
+    fn dispatch(&self, call: &Callout) -> Result<u32, HostError>;
+    /// The buffered request body (its first `size` bytes).
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError>;
+    /// Replaces the whole buffered request body, `old_len` bytes long.
+    fn replace_request_body(&self, old_len: usize, body: &[u8]) -> Result<(), HostError>;
+    /// Sets (`Some`) or removes (`None`) a request header; only while headers are held.
+    fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError>;
+    /// Answers the client directly with a JSON body; the request goes no further.
+    fn send_json_reply(&self, status: u16, body: &str) -> Result<(), HostError>;
+    /// Lets a paused request continue.
+    fn resume_request(&self) -> Result<(), HostError>;
+    /// Increments a counter.
+    fn count(&self, counter: Counter);
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! An in-memory host for native tests: shared data with real CAS semantics
+    //! (as in proxy-wasm-cpp-host: CAS is checked only for keys that exist), recorded
+    //! callouts, a settable clock and a request with headers and a body.
+
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+    use std::rc::Rc;
+
+    #[derive(Default)]
+    struct Map {
+        entries: HashMap<String, (Vec<u8>, u32)>,
+        last_cas: u32,
+    }
+
+    /// Shared data, shareable between several fake hosts like Envoy's workers.
+    #[derive(Default, Clone)]
+    pub struct SharedData(Rc<RefCell<Map>>);
+
+    impl SharedData {
+        /// Raw value of a key.
+        pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+            self.0.borrow().entries.get(key).map(|(v, _)| v.clone())
+        }
+    }
+
+    /// One fake request context.
+    #[derive(Default)]
+    pub struct FakeHost {
+        pub now: Cell<u64>,
+        pub shared: SharedData,
+        pub callouts: RefCell<Vec<(u32, Callout)>>,
+        pub next_token: Cell<u32>,
+        pub fail_dispatch_to: RefCell<Vec<String>>,
+        pub headers: RefCell<HashMap<String, String>>,
+        pub body: RefCell<Vec<u8>>,
+        pub reply: RefCell<Option<(u16, String)>>,
+        pub resumed: Cell<u32>,
+        pub counters: RefCell<HashMap<&'static str, u64>>,
+    }
+
+    impl FakeHost {
+        pub fn with_shared(shared: SharedData) -> Self {
+            FakeHost {
+                shared,
+                now: Cell::new(1_000_000),
+                ..Default::default()
+            }
+        }
+        pub fn counter(&self, c: Counter) -> u64 {
+            self.counters.borrow().get(c.name()).copied().unwrap_or(0)
+        }
+        pub fn last_callout(&self) -> (u32, Callout) {
+            self.callouts.borrow().last().cloned().expect("no callout")
+        }
+    }
+
+    impl Host for FakeHost {
+        fn now_ms(&self) -> u64 {
+            self.now.get()
+        }
+        fn shared_get(&self, key: &str) -> Result<Shared, HostError> {
+            Ok(match self.shared.0.borrow().entries.get(key) {
+                Some((v, cas)) => (Some(v.clone()), Some(*cas)),
+                None => (None, None),
+            })
+        }
+        fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+            let mut data = self.shared.0.borrow_mut();
+            data.last_cas += 1;
+            let next = data.last_cas;
+            match data.entries.get_mut(key) {
+                Some(existing) => {
+                    if matches!(cas, Some(c) if c != 0 && c != existing.1) {
+                        return Err(HostError::CasMismatch);
+                    }
+                    *existing = (value.to_vec(), next);
+                }
+                None => {
+                    data.entries.insert(key.to_string(), (value.to_vec(), next));
+                }
+            }
+            Ok(())
+        }
+        fn dispatch(&self, call: &Callout) -> Result<u32, HostError> {
+            if self.fail_dispatch_to.borrow().contains(&call.cluster) {
+                return Err(HostError::BadArgument);
+            }
+            let token = self.next_token.get() + 1;
+            self.next_token.set(token);
+            self.callouts.borrow_mut().push((token, call.clone()));
+            Ok(token)
+        }
+        fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
+            let body = self.body.borrow();
+            Ok(body[..size.min(body.len())].to_vec())
+        }
+        fn replace_request_body(&self, old_len: usize, body: &[u8]) -> Result<(), HostError> {
+            assert_eq!(
+                old_len,
+                self.body.borrow().len(),
+                "must replace the whole body"
+            );
+            *self.body.borrow_mut() = body.to_vec();
+            Ok(())
+        }
+        fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
+            let mut h = self.headers.borrow_mut();
+            match value {
+                Some(v) => h.insert(name.to_string(), v.to_string()),
+                None => h.remove(name),
+            };
+            Ok(())
+        }
+        fn send_json_reply(&self, status: u16, body: &str) -> Result<(), HostError> {
+            *self.reply.borrow_mut() = Some((status, body.to_string()));
+            Ok(())
+        }
+        fn resume_request(&self) -> Result<(), HostError> {
+            self.resumed.set(self.resumed.get() + 1);
+            Ok(())
+        }
+        fn count(&self, counter: Counter) {
+            *self
+                .counters
+                .borrow_mut()
+                .entry(counter.name())
+                .or_default() += 1;
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The filter's counters (SPEC §7). Envoy shows them as `ibex_directive.<name>`
+//! (Prometheus: `ibex_directive_<name>`); they are defined once per VM at configure
+//! time and shared by every request.
+
+macro_rules! counters {
+    ($($variant:ident => $name:literal, $doc:literal;)*) => {
+        /// A filter counter.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Counter {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl Counter {
+            /// Every counter, in definition order (index = `self as usize`).
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
+
+            /// Full stat name as defined in Envoy.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => concat!("ibex_directive.", $name),)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    Requests => "requests", "Requests seen by the data role.";
+    L1Hit => "l1_hit", "Answered from shared data.";
+    L1Miss => "l1_miss", "Shared data had no fresh entry.";
+    L2Hit => "l2_hit", "Answered by Redis.";
+    L2Miss => "l2_miss", "Redis had no key.";
+    L2Error => "l2_error", "Redis callout failed or timed out.";
+    L2Write => "l2_write", "Write-backs sent to Redis.";
+    L2WriteError => "l2_write_error", "Write-backs that failed.";
+    L3Hit => "l3_hit", "The store returned a directive.";
+    L3None => "l3_none", "The store said the agent has none.";
+    L3Error => "l3_error", "Store callout failed or timed out.";
+    Injected => "injected", "Requests forwarded with the directive inserted.";
+    NoDirective => "no_directive", "Requests of agents without a directive.";
+    PassedThrough => "passed_through", "Requests with nothing to resolve (no agent, other path).";
+    FailedOpen => "failed_open", "Forwarded without a directive because failure_mode is open.";
+    StaleServed => "stale_served", "Answered from an expired entry while L2 and L3 failed.";
+    FillDiscarded => "fill_discarded", "Fill results not cached because an invalidation overtook them.";
+    Coalesced => "coalesced", "Requests that waited for another request's fill.";
+    Invalidations => "invalidations", "Invalidations applied by the control role.";
+    RejectedInvalidAgentId => "rejected.invalid_agent_id", "400: agent header not a UUID.";
+    RejectedMissingAgentId => "rejected.missing_agent_id", "401: agent header missing.";
+    RejectedInvalidBody => "rejected.invalid_body", "400: body malformed or ambiguous.";
+    RejectedBodyTooLarge => "rejected.body_too_large", "413: body over inject.max_body_bytes.";
+    RejectedUnsupportedEncoding => "rejected.unsupported_encoding", "415: content-encoding not identity.";
+    RejectedDirectiveUnavailable => "rejected.directive_unavailable", "503: directive unknowable, failure_mode closed.";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_prefixed() {
+        let mut names: Vec<_> = Counter::ALL.iter().map(|c| c.name()).collect();
+        assert!(names.iter().all(|n| n.starts_with("ibex_directive.")));
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Counter::ALL.len());
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

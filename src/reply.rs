@@ -1,0 +1,122 @@
+//! Refusals: the local replies a client can get from the filter (SPEC §6), as an
+//! OpenAI-style JSON error. No reply ever carries directive text.
+
+use crate::json::BodyError;
+use crate::metrics::Counter;
+
+/// Why a request is answered by the filter instead of being forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Agent header present but not a UUID.
+    InvalidAgentId,
+    /// Agent header missing and `agent.missing = "reject"`.
+    MissingAgentId,
+    /// Body malformed, ambiguous or of the wrong shape.
+    InvalidBody(BodyError),
+    /// Body over `inject.max_body_bytes`.
+    BodyTooLarge,
+    /// A `content-encoding` the filter cannot read.
+    UnsupportedEncoding,
+    /// L2 and L3 failed, nothing stale, `failure_mode = "closed"`.
+    DirectiveUnavailable,
+}
+
+impl Refusal {
+    /// HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::InvalidAgentId | Refusal::InvalidBody(_) => 400,
+            Refusal::MissingAgentId => 401,
+            Refusal::BodyTooLarge => 413,
+            Refusal::UnsupportedEncoding => 415,
+            Refusal::DirectiveUnavailable => 503,
+        }
+    }
+
+    /// Stable machine-readable code (`error.code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::InvalidAgentId => "invalid_agent_id",
+            Refusal::MissingAgentId => "missing_agent_id",
+            Refusal::InvalidBody(_) => "invalid_body",
+            Refusal::BodyTooLarge => "body_too_large",
+            Refusal::UnsupportedEncoding => "unsupported_encoding",
+            Refusal::DirectiveUnavailable => "directive_unavailable",
+        }
+    }
+
+    /// Counter moved by this refusal.
+    pub fn counter(&self) -> Counter {
+        match self {
+            Refusal::InvalidAgentId => Counter::RejectedInvalidAgentId,
+            Refusal::MissingAgentId => Counter::RejectedMissingAgentId,
+            Refusal::InvalidBody(_) => Counter::RejectedInvalidBody,
+            Refusal::BodyTooLarge => Counter::RejectedBodyTooLarge,
+            Refusal::UnsupportedEncoding => Counter::RejectedUnsupportedEncoding,
+            Refusal::DirectiveUnavailable => Counter::RejectedDirectiveUnavailable,
+        }
+    }
+
+    fn error_type(&self) -> &'static str {
+        match self {
+            Refusal::MissingAgentId => "authentication_error",
+            Refusal::DirectiveUnavailable => "service_unavailable",
+            _ => "invalid_request_error",
+        }
+    }
+
+    fn message(&self, agent_header: &str) -> String {
+        match self {
+            Refusal::InvalidAgentId => format!("header {agent_header} must be a UUID"),
+            Refusal::MissingAgentId => format!("header {agent_header} is required"),
+            Refusal::InvalidBody(e) => e.to_string(),
+            Refusal::BodyTooLarge => "request body is larger than this gateway accepts".into(),
+            Refusal::UnsupportedEncoding => {
+                "request body must not be compressed (content-encoding must be identity)".into()
+            }
+            Refusal::DirectiveUnavailable => {
+                "the agent's directive cannot be resolved right now; retry later".into()
+            }
+        }
+    }
+
+    /// The JSON body: `{"error":{"type":…,"code":…,"message":…}}`.
+    pub fn body(&self, agent_header: &str) -> String {
+        serde_json::json!({
+            "error": {
+                "type": self.error_type(),
+                "code": self.code(),
+                "message": self.message(agent_header),
+            }
+        })
+        .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_openai_style_json() {
+        let cases = [
+            (Refusal::InvalidAgentId, 400, "invalid_agent_id"),
+            (Refusal::MissingAgentId, 401, "missing_agent_id"),
+            (
+                Refusal::InvalidBody(BodyError::Malformed(3)),
+                400,
+                "invalid_body",
+            ),
+            (Refusal::BodyTooLarge, 413, "body_too_large"),
+            (Refusal::UnsupportedEncoding, 415, "unsupported_encoding"),
+            (Refusal::DirectiveUnavailable, 503, "directive_unavailable"),
+        ];
+        for (r, status, code) in cases {
+            assert_eq!(r.status(), status);
+            let v: serde_json::Value = serde_json::from_str(&r.body("x-agent-id")).unwrap();
+            assert_eq!(v["error"]["code"], code);
+            assert!(v["error"]["type"].is_string());
+            assert!(v["error"]["message"].is_string());
+        }
+    }
+}

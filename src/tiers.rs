@@ -1,0 +1,317 @@
+//! The two remote tiers as plain data: how to ask them (callout requests) and how to
+//! read their answers. No host calls here: the request flow hands these requests to
+//! the host and feeds the responses back.
+//!
+//! - L2, Redis behind Webdis: `GET /GET/{key}.raw` answers in Redis protocol
+//!   (`$-1` = no such key, `$0` = the empty string = "this agent has no directive").
+//!   Writes are `PUT /SETEX/{key}/{ttl}` with the text as body; the empty string
+//!   cannot travel as a PUT body, so it is written as `GET /SETEX/{key}/{ttl}/`.
+//! - L3, the companion store: `GET /v1/agents/{id}/directive` answers
+//!   `{"agent_id":…,"content":"…"|null}`.
+
+use crate::agent::{AgentId, AGENT_ID_LEN};
+use crate::config::Config;
+
+/// An HTTP callout to an Envoy cluster.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Callout {
+    /// Envoy cluster name.
+    pub cluster: String,
+    /// HTTP method.
+    pub method: &'static str,
+    /// `:path`.
+    pub path: String,
+    /// `:authority`.
+    pub authority: String,
+    /// Request body, if any.
+    pub body: Option<Vec<u8>>,
+    /// Timeout in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for Callout {
+    // A write-back body is directive text: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callout")
+            .field("cluster", &self.cluster)
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("body_len", &self.body.as_ref().map(Vec::len))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// What came back from a callout. `status` is `None` when there was no HTTP answer at
+/// all (connection failure, reset, timeout).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Response {
+    /// HTTP status, if an answer arrived.
+    pub status: Option<u16>,
+    /// Response body.
+    pub body: Vec<u8>,
+}
+
+/// The answer of a tier about one agent.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The tier does not know (L2 only: no key).
+    Unknown,
+    /// The agent has no directive.
+    NoDirective,
+    /// The agent's directive, raw text.
+    Directive(String),
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Unknown => f.write_str("Unknown"),
+            Answer::NoDirective => f.write_str("NoDirective"),
+            Answer::Directive(d) => write!(f, "Directive(<{} bytes>)", d.len()),
+        }
+    }
+}
+
+/// A tier failed to answer usefully (the reason is for counters and debug logs; it
+/// never contains response bodies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierError(pub &'static str);
+
+fn redis_key_path(config: &Config, agent: &AgentId) -> String {
+    let mut buf = [0u8; AGENT_ID_LEN];
+    let id = agent.encode(&mut buf);
+    format!("{}{}", config.redis.key_prefix, id)
+}
+
+/// L2 read of an agent's key.
+pub fn redis_get(config: &Config, agent: &AgentId) -> Callout {
+    Callout {
+        cluster: config.redis.cluster.clone(),
+        method: "GET",
+        path: format!("/GET/{}.raw", redis_key_path(config, agent)),
+        authority: config.redis.authority.clone(),
+        body: None,
+        timeout_ms: config.redis.timeout_ms,
+    }
+}
+
+/// L2 write of an agent's answer with its TTL. `None` writes "no directive".
+pub fn redis_set(
+    config: &Config,
+    agent: &AgentId,
+    directive: Option<&str>,
+    ttl_seconds: u64,
+) -> Callout {
+    let key = redis_key_path(config, agent);
+    let (method, path, body) = match directive {
+        Some(text) if !text.is_empty() => (
+            "PUT",
+            format!("/SETEX/{key}/{ttl_seconds}"),
+            Some(text.as_bytes().to_vec()),
+        ),
+        // A trailing slash is Webdis's spelling of an empty last argument.
+        _ => ("GET", format!("/SETEX/{key}/{ttl_seconds}/"), None),
+    };
+    Callout {
+        cluster: config.redis.cluster.clone(),
+        method,
+        path,
+        authority: config.redis.authority.clone(),
+        body,
+        timeout_ms: config.redis.timeout_ms,
+    }
+}
+
+/// Reads an L2 GET answer.
+pub fn parse_redis_get(resp: &Response) -> Result<Answer, TierError> {
+    match resp.status {
+        None => return Err(TierError("no answer")),
+        Some(200) => {}
+        Some(_) => return Err(TierError("bad status")),
+    }
+    let b = resp.body.as_slice();
+    if b == b"$-1\r\n" {
+        return Ok(Answer::Unknown);
+    }
+    let rest = b.strip_prefix(b"$").ok_or(TierError("not a bulk reply"))?;
+    let nl = rest
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .ok_or(TierError("truncated reply"))?;
+    let len: usize = std::str::from_utf8(&rest[..nl])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(TierError("bad length"))?;
+    let data = &rest[nl + 2..];
+    if data.len() != len + 2 || &data[len..] != b"\r\n" {
+        return Err(TierError("length mismatch"));
+    }
+    let text = std::str::from_utf8(&data[..len]).map_err(|_| TierError("not UTF-8"))?;
+    if text.is_empty() {
+        Ok(Answer::NoDirective)
+    } else {
+        Ok(Answer::Directive(text.to_string()))
+    }
+}
+
+/// Whether an L2 write was acknowledged.
+pub fn redis_set_ok(resp: &Response) -> bool {
+    resp.status == Some(200) && resp.body.starts_with(b"{\"SETEX\":[true")
+}
+
+/// L3 read of an agent's directive.
+pub fn store_get(config: &Config, agent: &AgentId) -> Callout {
+    let mut buf = [0u8; AGENT_ID_LEN];
+    Callout {
+        cluster: config.store.cluster.clone(),
+        method: "GET",
+        path: format!("/v1/agents/{}/directive", agent.encode(&mut buf)),
+        authority: config.store.authority.clone(),
+        body: None,
+        timeout_ms: config.store.timeout_ms,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct StoreBody {
+    agent_id: String,
+    content: Option<String>,
+}
+
+/// Reads an L3 answer; the agent id in the body must be the one asked for.
+pub fn parse_store(resp: &Response, agent: &AgentId) -> Result<Answer, TierError> {
+    match resp.status {
+        None => return Err(TierError("no answer")),
+        Some(200) => {}
+        Some(_) => return Err(TierError("bad status")),
+    }
+    let body: StoreBody = serde_json::from_slice(&resp.body).map_err(|_| TierError("bad body"))?;
+    if AgentId::parse(&body.agent_id) != Some(*agent) {
+        return Err(TierError("answer for another agent"));
+    }
+    Ok(match body.content {
+        None => Answer::NoDirective,
+        // An empty directive injects nothing useful; treat it as none, like L2 does.
+        Some(c) if c.is_empty() => Answer::NoDirective,
+        Some(c) => Answer::Directive(c),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::parse(b"{}", None).unwrap()
+    }
+    fn agent() -> AgentId {
+        AgentId::parse("6f1c1a3e-5b7d-4c2a-9e0f-123456789abc").unwrap()
+    }
+    fn ok(body: &[u8]) -> Response {
+        Response {
+            status: Some(200),
+            body: body.to_vec(),
+        }
+    }
+
+    #[test]
+    fn builds_webdis_requests() {
+        let c = redis_get(&cfg(), &agent());
+        assert_eq!(
+            (c.method, c.path.as_str(), c.cluster.as_str(), c.timeout_ms),
+            (
+                "GET",
+                "/GET/directive:6f1c1a3e-5b7d-4c2a-9e0f-123456789abc.raw",
+                "ibex_redis",
+                50
+            )
+        );
+        let w = redis_set(&cfg(), &agent(), Some("Be terse."), 60);
+        assert_eq!(
+            (w.method, w.path.as_str()),
+            (
+                "PUT",
+                "/SETEX/directive:6f1c1a3e-5b7d-4c2a-9e0f-123456789abc/60"
+            )
+        );
+        assert_eq!(w.body.as_deref(), Some(&b"Be terse."[..]));
+        let n = redis_set(&cfg(), &agent(), None, 10);
+        assert_eq!(
+            (n.method, n.path.as_str(), n.body),
+            (
+                "GET",
+                "/SETEX/directive:6f1c1a3e-5b7d-4c2a-9e0f-123456789abc/10/",
+                None
+            )
+        );
+        assert!(!format!("{w:?}").contains("terse"));
+    }
+
+    #[test]
+    fn reads_webdis_raw_replies() {
+        assert_eq!(parse_redis_get(&ok(b"$-1\r\n")), Ok(Answer::Unknown));
+        assert_eq!(parse_redis_get(&ok(b"$0\r\n\r\n")), Ok(Answer::NoDirective));
+        assert_eq!(
+            parse_redis_get(&ok(b"$7\r\nab\r\n\"\xc3\xa9\r\n")),
+            Ok(Answer::Directive("ab\r\n\"é".into()))
+        );
+        for bad in [
+            &b"-ERR wrong"[..],
+            b"$5\r\nab\r\n",
+            b"$x\r\n",
+            b"$2\r\n\xff\xfe\r\n",
+            b"",
+        ] {
+            assert!(parse_redis_get(&ok(bad)).is_err(), "{bad:?}");
+        }
+        assert!(parse_redis_get(&Response {
+            status: None,
+            body: vec![]
+        })
+        .is_err());
+        assert!(parse_redis_get(&Response {
+            status: Some(503),
+            body: b"$-1\r\n".to_vec()
+        })
+        .is_err());
+        assert!(redis_set_ok(&ok(br#"{"SETEX":[true,"OK"]}"#)));
+        assert!(!redis_set_ok(&ok(br#"{"SETEX":[false,"ERR"]}"#)));
+    }
+
+    #[test]
+    fn builds_and_reads_store_requests() {
+        let c = store_get(&cfg(), &agent());
+        assert_eq!(
+            c.path,
+            "/v1/agents/6f1c1a3e-5b7d-4c2a-9e0f-123456789abc/directive"
+        );
+        assert_eq!((c.cluster.as_str(), c.timeout_ms), ("ibex_store", 500));
+        let id = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+        assert_eq!(
+            parse_store(
+                &ok(format!(r#"{{"agent_id":"{id}","content":"D"}}"#).as_bytes()),
+                &agent()
+            ),
+            Ok(Answer::Directive("D".into()))
+        );
+        assert_eq!(
+            parse_store(
+                &ok(format!(r#"{{"agent_id":"{id}","content":null}}"#).as_bytes()),
+                &agent()
+            ),
+            Ok(Answer::NoDirective)
+        );
+        let other = r#"{"agent_id":"00000000-0000-4000-8000-000000000000","content":"D"}"#;
+        assert!(parse_store(&ok(other.as_bytes()), &agent()).is_err());
+        assert!(parse_store(&ok(b"{}"), &agent()).is_err());
+        assert!(parse_store(
+            &Response {
+                status: Some(503),
+                body: vec![]
+            },
+            &agent()
+        )
+        .is_err());
+    }
+}
