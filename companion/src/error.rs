@@ -48,8 +48,15 @@ impl From<tokio_postgres::Error> for DbFailure {
             return DbFailure::Sql(code.code().to_owned());
         }
         // Transport errors ("connection refused", "connection closed") carry
-        // no row data, so their text is safe and useful.
-        DbFailure::Connection(e.to_string())
+        // no row data, so their text and causes are safe and useful.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        DbFailure::Connection(text)
     }
 }
 

@@ -18,8 +18,9 @@ async fn main() -> ExitCode {
     telemetry::init();
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
+        // Plain stderr rather than tracing: these must reach the operator
+        // whatever RUST_LOG says.
         Err(AdminError::Publish(e)) => {
-            tracing::error!(error = %e, "published nothing");
             eprintln!(
                 "warning: the database change is committed, but the invalidation was not \
                  published ({e}); caches serve the previous directive until their TTL expires. \
@@ -28,7 +29,6 @@ async fn main() -> ExitCode {
             ExitCode::from(EXIT_PUBLISH_FAILED)
         }
         Err(AdminError::Failed(e)) => {
-            tracing::error!(error = %e, "failed");
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }

@@ -210,6 +210,8 @@ pub struct SubscribeMetrics {
     pub reconnects: Counter,
     /// Full flushes started (after connects and for flush messages).
     pub full_flushes: Counter,
+    /// Liveness PINGs answered on the subscription.
+    pub pings: Counter,
     /// 1 while subscribed to Redis.
     pub connected: Gauge,
 }
@@ -262,6 +264,11 @@ impl SubscribeMetrics {
             "ibex_subscribe_full_flushes_total",
             "Full flushes started, after each connect and for each flush message.",
             &self.full_flushes,
+        )
+        .counter(
+            "ibex_subscribe_pings_total",
+            "Liveness PINGs answered on the Redis subscription.",
+            &self.pings,
         )
         .gauge(
             "ibex_subscribe_connected",
@@ -555,7 +562,7 @@ impl Subscriber {
                 },
                 _ = ping.tick() => {
                     match tokio::time::timeout(ping_timeout, sink.ping::<redis::Value>()).await {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(_)) => self.metrics.pings.inc(),
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "redis ping failed");
                             break true;

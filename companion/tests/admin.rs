@@ -1,6 +1,9 @@
 //! `migrate`, `set-directive`, `clear-directive` and `flush` through the real
 //! binary, against real PostgreSQL and Redis.
 
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::io::Write;

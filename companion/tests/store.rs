@@ -1,6 +1,9 @@
 //! The store over a real PostgreSQL 15: answers, errors, outage and
 //! recovery, read-only pool, single flight.
 
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::time::{Duration, Instant};

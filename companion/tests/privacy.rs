@@ -1,0 +1,239 @@
+//! Directive content never reaches a log line, at any level, in any
+//! subcommand, on success or failure paths; the long-running subcommands exit
+//! 0 on SIGTERM.
+
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use uuid::Uuid;
+
+const MARKER: &str = "PRIVATE-DIRECTIVE-d41d8cd9";
+const TOKEN: &str = "control-token-5e0f7a";
+
+fn spawn_logged(args: &[&str], log: &Path) -> Child {
+    let out = File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    let mut cmd = companion_cmd(args);
+    cmd.env("RUST_LOG", "trace")
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap()
+}
+
+fn sigterm_and_wait(child: &mut Child) -> std::process::ExitStatus {
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: sending a signal to a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a one-shot subcommand at trace level and keeps everything it wrote.
+fn run_logged(args: &[&str], stdin: Option<&str>, logs: &mut String) -> std::process::Output {
+    let mut cmd = companion_cmd(args);
+    cmd.env("RUST_LOG", "trace")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    logs.push_str(&String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_and_token_never_appear_in_logs() {
+    let pg = Pg::start();
+    let redis = Redis::start();
+    let control = FakeControl::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.url();
+    let redis_url = redis.url();
+    let mut logs = String::new();
+
+    let out = run_logged(&["migrate", "--database-url", &url], None, &mut logs);
+    assert!(out.status.success());
+
+    let store_port = free_port().to_string();
+    let store_listen = format!("127.0.0.1:{store_port}");
+    let store_log = dir.path().join("store.log");
+    let mut store = spawn_logged(
+        &["store", "--listen", &store_listen, "--database-url", &url],
+        &store_log,
+    );
+    let store_base = format!("http://{store_listen}");
+    eventually("store up", Duration::from_secs(20), || async {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
+        let uri = format!("{store_base}/healthz").parse().unwrap();
+        client.get(uri).await.ok().map(|_| ())
+    })
+    .await;
+
+    let sub_listen = format!("127.0.0.1:{}", free_port());
+    let sub_log = dir.path().join("subscribe.log");
+    let mut sub = spawn_logged(
+        &[
+            "subscribe",
+            "--redis-url",
+            &redis_url,
+            "--control-urls",
+            &control.url(),
+            "--control-token",
+            TOKEN,
+            "--listen",
+            &sub_listen,
+        ],
+        &sub_log,
+    );
+    control.wait_for("/ibex/v1/invalidate", 1).await;
+
+    let agent = Uuid::new_v4();
+    let agent_s = agent.to_string();
+    let content = format!("{MARKER} one");
+    let out = run_logged(
+        &[
+            "set-directive",
+            "--agent-id",
+            &agent_s,
+            "--content",
+            &content,
+            "--database-url",
+            &url,
+            "--redis-url",
+            &redis_url,
+        ],
+        None,
+        &mut logs,
+    );
+    assert!(out.status.success());
+    control
+        .wait_for(&format!("/ibex/v1/invalidate/{agent}"), 1)
+        .await;
+
+    let content = format!("{MARKER} two");
+    let out = run_logged(
+        &[
+            "set-directive",
+            "--agent-id",
+            &agent_s,
+            "--content-stdin",
+            "--database-url",
+            &url,
+            "--redis-url",
+            &redis_url,
+        ],
+        Some(&content),
+        &mut logs,
+    );
+    assert!(out.status.success());
+    let (status, body) = http_json(&format!("{store_base}/v1/agents/{agent}/directive")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["content"], content, "the store does serve the content");
+    let (status, _) = http_get(&format!("{store_base}/v1/agents/{MARKER}/directive")).await;
+    assert_eq!(status, 400);
+
+    let out = run_logged(
+        &[
+            "clear-directive",
+            "--agent-id",
+            &agent_s,
+            "--database-url",
+            &url,
+            "--redis-url",
+            &redis_url,
+        ],
+        None,
+        &mut logs,
+    );
+    assert!(out.status.success());
+    let out = run_logged(&["flush", "--redis-url", &redis_url], None, &mut logs);
+    assert!(out.status.success());
+    control.wait_for("/ibex/v1/invalidate", 2).await;
+
+    // Failure paths: Redis unreachable after commit, then Postgres down.
+    let dead_redis = format!("redis://127.0.0.1:{}", free_port());
+    let content = format!("{MARKER} three");
+    let out = run_logged(
+        &[
+            "set-directive",
+            "--agent-id",
+            &agent_s,
+            "--content",
+            &content,
+            "--database-url",
+            &url,
+            "--redis-url",
+            &dead_redis,
+        ],
+        None,
+        &mut logs,
+    );
+    assert_eq!(out.status.code(), Some(3));
+    pg.stop();
+    let (status, _) = http_get(&format!("{store_base}/v1/agents/{agent}/directive")).await;
+    assert_eq!(status, 503);
+    let content = format!("{MARKER} four");
+    let out = run_logged(
+        &[
+            "set-directive",
+            "--agent-id",
+            &agent_s,
+            "--content",
+            &content,
+            "--database-url",
+            &url,
+            "--no-publish",
+        ],
+        None,
+        &mut logs,
+    );
+    assert_eq!(out.status.code(), Some(1));
+
+    assert!(
+        sigterm_and_wait(&mut store).success(),
+        "store exits 0 on SIGTERM"
+    );
+    assert!(
+        sigterm_and_wait(&mut sub).success(),
+        "subscribe exits 0 on SIGTERM"
+    );
+    logs.push_str(&std::fs::read_to_string(&store_log).unwrap());
+    logs.push_str(&std::fs::read_to_string(&sub_log).unwrap());
+
+    if std::env::var_os("IBEX_TEST_DUMP_LOGS").is_some() {
+        eprintln!("{logs}");
+    }
+    // Logging was really on at debug/trace level and mentions the agent...
+    assert!(logs.contains(&agent_s), "{logs}");
+    assert!(logs.contains("DEBUG"), "{logs}");
+    assert!(logs.contains("lookup"), "{logs}");
+    // ...but never the content, nor the control token.
+    assert!(!logs.contains(MARKER), "content leaked into logs:\n{logs}");
+    assert!(!logs.contains(TOKEN), "token leaked into logs:\n{logs}");
+}
