@@ -82,19 +82,25 @@ class Companion:
         """Apply the schema migrations (idempotent)."""
         return self.run("migrate")
 
-    def set_directive(self, agent_id, content):
-        """Make `content` the active directive of `agent_id` and publish the update.
+    def set_directive(self, agent_id, content, publish=True):
+        """Make `content` the active directive of `agent_id` and publish the update
+        (unless publish=False). Creates the agent when missing.
 
         The text goes through a file, never argv, so it shows in no process list.
         """
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=True) as handle:
             handle.write(content)
             handle.flush()
-            return self.run("set-directive", "--agent-id", agent_id, "--content-file", handle.name)
+            args = ["set-directive", "--agent-id", agent_id, "--content-file", handle.name]
+            return self.run(*args, *([] if publish else ["--no-publish"]))
 
-    def clear_directive(self, agent_id):
-        """Deactivate the directive of `agent_id` and publish the update."""
-        return self.run("clear-directive", "--agent-id", agent_id)
+    def clear_directive(self, agent_id, publish=True):
+        """Deactivate the directive of `agent_id` and publish the update (unless publish=False)."""
+        return self.run("clear-directive", "--agent-id", agent_id, *([] if publish else ["--no-publish"]))
+
+    def flush(self):
+        """Publish a flush: every cache drops every directive."""
+        return self.run("flush")
 
 
 class _CompanionServer(ManagedProcess):
@@ -159,9 +165,14 @@ class Store(_CompanionServer):
 
 
 class Subscriber(_CompanionServer):
-    """`ibex-companion subscribe`: Redis pub/sub → DEL the L2 key → POST each control URL."""
+    """`ibex-companion subscribe`: Redis pub/sub → DEL the L2 key → POST each control URL.
+
+    Ready once /readyz is 200, which the subscriber answers only while it is
+    subscribed: an update published after start() is never missed.
+    """
 
     name = "subscriber"
+    health_path = "/readyz"
 
     def __init__(self, directory, port, redis_url, control_urls, control_token=None, **kwargs):
         super().__init__(directory, port, **kwargs)

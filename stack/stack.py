@@ -159,13 +159,13 @@ class Stack:
     def gateway_url(self):
         return self.envoy.url
 
-    def set_directive(self, agent_id, content):
-        """Set an agent's directive through the real companion CLI (Postgres + PUBLISH)."""
-        return self.companion.set_directive(agent_id, content)
+    def set_directive(self, agent_id, content, publish=True):
+        """Set an agent's directive through the real companion CLI (Postgres, then PUBLISH)."""
+        return self.companion.set_directive(agent_id, content, publish=publish)
 
-    def clear_directive(self, agent_id):
+    def clear_directive(self, agent_id, publish=True):
         """Remove an agent's directive through the real companion CLI."""
-        return self.companion.clear_directive(agent_id)
+        return self.companion.clear_directive(agent_id, publish=publish)
 
     def redis_cli(self, *args):
         """The real redis-cli against the stack's Redis (raw output, stripped)."""

@@ -1,0 +1,73 @@
+"""inject.max_body_bytes (1 MiB in envoy/local.yaml): larger bodies get 413
+from their content-length, before Envoy reads them; bodies up to the limit
+are buffered and injected."""
+
+import json
+
+from helpers import CHAT, assert_chat_injected, error_code, new_agent, raw_http, send
+
+LIMIT = 1048576
+
+
+def request_head(agent, extra_headers):
+    lines = [
+        f"POST {CHAT} HTTP/1.1",
+        "host: gateway",
+        "content-type: application/json",
+        f"x-agent-id: {agent}",
+        *extra_headers,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def upstream_requests(stack):
+    return stack.envoy.stats(r"cluster\.llm_upstream\.upstream_rq_total$").get("cluster.llm_upstream.upstream_rq_total", 0)
+
+
+def test_content_length_over_the_limit_is_refused_before_the_body(stack, upstream):
+    agent = new_agent()
+    stack.set_directive(agent, "Big bodies are refused.")
+    forwarded = upstream_requests(stack)
+    # announce 2 MiB but send only a few bytes: the answer must come anyway
+    head = request_head(agent, [f"content-length: {2 * LIMIT}"])
+    status, headers, body = raw_http(stack.envoy.data_port, head + b'{"model":')
+    assert status == 413
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"]["code"] == "body_too_large"
+    assert upstream_requests(stack) == forwarded
+    assert upstream.received() == []
+    assert stack.envoy.counter("rejected.body_too_large") >= 1
+
+
+def test_chunked_body_over_the_limit_is_refused(stack, upstream):
+    agent = new_agent()
+    stack.set_directive(agent, "Big chunked bodies are refused.")
+    forwarded = upstream_requests(stack)
+    payload = b'{"model":"m","messages":[{"role":"user","content":"' + b"y" * (LIMIT + 10) + b'"}]}'
+    chunked = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n"
+                       for part in (payload[i:i + 65536] for i in range(0, len(payload), 65536))) + b"0\r\n\r\n"
+    status, _, body = raw_http(stack.envoy.data_port, request_head(agent, ["transfer-encoding: chunked"]) + chunked)
+    assert status == 413
+    assert b"body_too_large" in body
+    assert upstream_requests(stack) == forwarded
+
+
+def test_body_just_under_the_limit_is_injected(stack, upstream):
+    agent = new_agent()
+    stack.set_directive(agent, "Large but allowed.")
+    prefix = b'{"model":"m","messages":[{"role":"user","content":"'
+    suffix = b'"}]}'
+    body = prefix + b"z" * (LIMIT - len(prefix) - len(suffix)) + suffix
+    assert len(body) == LIMIT
+    response = send(stack, CHAT, body, agent=agent)
+    assert response.status_code == 200
+    assert_chat_injected(body, upstream.last().body, "Large but allowed.")
+
+
+def test_body_too_large_reply_has_no_directive(stack, upstream):
+    agent = new_agent()
+    stack.set_directive(agent, "SECRET-IN-413")
+    response = send(stack, CHAT, b"x" * (LIMIT + 1), agent=agent)
+    assert response.status_code == 413
+    assert error_code(response) == "body_too_large"
+    assert "SECRET-IN-413" not in response.text

@@ -1,0 +1,71 @@
+"""Redis front and store failures: the directive still arrives when it can be
+known, and the failure mode decides when it cannot."""
+
+import pytest
+
+from helpers import CHAT, assert_chat_injected, chat_body, error_code, new_agent, send, tier
+
+
+@pytest.fixture()
+def parts_back(stack):
+    """Whatever a test stops is running again afterwards, and Envoy has its default settings."""
+    yield
+    for name in ("webdis", "store"):
+        stack.start(name)
+    stack.restart_envoy(filter_config={}, env={})
+
+
+def test_webdis_down_still_injects_via_the_store(stack, upstream, parts_back):
+    agent = new_agent()
+    stack.set_directive(agent, "Survive a Redis outage.")
+    stack.stop("webdis")
+    body = chat_body()
+    response = send(stack, CHAT, body, agent=agent)
+    assert response.status_code == 200
+    received = upstream.last()
+    assert_chat_injected(body, received.body, "Survive a Redis outage.")
+    assert tier(received) == "store"
+    assert stack.envoy.counter("l2_error") >= 1
+
+
+def test_webdis_and_store_down_fail_closed(stack, upstream, parts_back):
+    stack.restart_envoy(filter_config={"failure_mode": "closed"})
+    agent = new_agent()  # cold: no tier holds it
+    stack.set_directive(agent, "Unknowable right now.")
+    stack.stop("webdis")
+    stack.stop("store")
+    response = send(stack, CHAT, chat_body(), agent=agent)
+    assert response.status_code == 503
+    assert error_code(response) == "directive_unavailable"
+    assert "Unknowable" not in response.text
+    assert upstream.received() == []
+    assert stack.envoy.counter("rejected.directive_unavailable") == 1
+
+
+def test_webdis_and_store_down_fail_open(stack, upstream, parts_back):
+    stack.restart_envoy(filter_config={"failure_mode": "open"})
+    stack.upstream.clear()
+    agent = new_agent()
+    stack.set_directive(agent, "Skipped when failing open.")
+    stack.stop("webdis")
+    stack.stop("store")
+    body = chat_body()
+    response = send(stack, CHAT, body, agent=agent)
+    assert response.status_code == 200
+    received = upstream.last()
+    assert received.body == body
+    assert tier(received) == "none"
+    assert stack.envoy.counter("failed_open") == 1
+
+
+def test_store_back_after_outage(stack, upstream, parts_back):
+    """After both come back, a cold agent resolves normally again."""
+    stack.stop("webdis")
+    stack.stop("store")
+    stack.start("webdis")
+    stack.start("store")
+    agent = new_agent()
+    stack.set_directive(agent, "Back in business.")
+    body = chat_body()
+    assert send(stack, CHAT, body, agent=agent).status_code == 200
+    assert_chat_injected(body, upstream.last().body, "Back in business.")
