@@ -227,8 +227,10 @@ impl Flow {
             (state, Event::Callout { token, response }) => {
                 if write_token == Some(token) {
                     write_token = None;
-                    if !tiers::redis_set_ok(&response) {
-                        host.count(Counter::L2WriteError);
+                    match tiers::redis_set_outcome(&response) {
+                        tiers::WriteOutcome::Written => {}
+                        tiers::WriteOutcome::Skipped => host.count(Counter::L2WriteSkipped),
+                        tiers::WriteOutcome::Failed => host.count(Counter::L2WriteError),
                     }
                 }
                 // Answers for nothing we wait on change nothing; a callout answer
@@ -766,7 +768,10 @@ mod tests {
         assert_eq!(calls.len(), 3, "L2 get, L3 get, L2 write");
         assert_eq!(calls[0].1.cluster, "ibex_redis");
         assert_eq!(calls[1].1.cluster, "ibex_store");
-        assert_eq!(calls[2].1.path, format!("/SETEX/directive:{AGENT}/60"));
+        assert!(calls[2]
+            .1
+            .path
+            .ends_with(&format!("/2/directive:{AGENT}/directive:__flush__/60")));
         assert_eq!(calls[2].1.body.as_deref(), Some(&b"Be \"terse\"."[..]));
         for c in [
             Counter::L1Miss,
@@ -846,10 +851,10 @@ mod tests {
         assert!(h.headers.borrow().get("content-length").is_none());
         assert_eq!(h.body.borrow().as_slice(), BODY.as_bytes());
         let (_, write) = h.last_callout();
-        assert_eq!(
-            (write.method, write.path.as_str()),
-            ("GET", &*format!("/SETEX/directive:{AGENT}/10/"))
-        );
+        assert_eq!(write.method, "GET");
+        assert!(write
+            .path
+            .ends_with(&format!("/2/directive:{AGENT}/directive:__flush__/10/")));
         assert_eq!(h.counter(Counter::NoDirective), 1);
 
         let h2 = host(&shared);

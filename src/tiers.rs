@@ -4,8 +4,15 @@
 //!
 //! - L2, Redis behind Webdis: `GET /GET/{key}.raw` answers in Redis protocol
 //!   (`$-1` = no such key, `$0` = the empty string = "this agent has no directive").
-//!   Writes are `PUT /SETEX/{key}/{ttl}` with the text as body; the empty string
-//!   cannot travel as a PUT body, so it is written as `GET /SETEX/{key}/{ttl}/`.
+//!   A value starting with a NUL byte is a *tombstone* written by the subscriber
+//!   when the directive changed; Postgres text can never contain NUL, so no
+//!   directive is mistaken for one. A tombstone reads as "no key".
+//! - L2 writes never overwrite: an `EVAL` sets the key (with its TTL) only if
+//!   neither the key nor the flush marker (`{prefix}__flush__`, set by the
+//!   subscriber for a while after "invalidate all") exists. A fill that read the old
+//!   directive before an invalidation therefore cannot put it back into Redis after
+//!   the subscriber's tombstone. The value travels as the PUT body (Webdis's last
+//!   argument); the empty string cannot, so it is sent as a trailing `/` instead.
 //! - L3, the companion store: `GET /v1/agents/{id}/directive` answers
 //!   `{"agent_id":…,"content":"…"|null}`.
 
@@ -96,7 +103,16 @@ pub fn redis_get(config: &Config, agent: &AgentId) -> Callout {
     }
 }
 
+/// Suffix of the flush marker key: `{key_prefix}__flush__`.
+pub const FLUSH_MARKER_SUFFIX: &str = "__flush__";
+
+/// The conditional write, URL-encoded once (it never changes):
+/// `if redis.call('EXISTS',KEYS[1],KEYS[2])==0 then
+///  redis.call('SET',KEYS[1],ARGV[2],'EX',ARGV[1]) return 1 end return 0`
+const SET_IF_ABSENT_SCRIPT: &str = "if%20redis.call%28%27EXISTS%27%2CKEYS%5B1%5D%2CKEYS%5B2%5D%29%3D%3D0%20then%20redis.call%28%27SET%27%2CKEYS%5B1%5D%2CARGV%5B2%5D%2C%27EX%27%2CARGV%5B1%5D%29%20return%201%20end%20return%200";
+
 /// L2 write of an agent's answer with its TTL. `None` writes "no directive".
+/// The write happens only if the key and the flush marker are both absent.
 pub fn redis_set(
     config: &Config,
     agent: &AgentId,
@@ -104,14 +120,12 @@ pub fn redis_set(
     ttl_seconds: u64,
 ) -> Callout {
     let key = redis_key_path(config, agent);
+    let marker = format!("{}{}", config.redis.key_prefix, FLUSH_MARKER_SUFFIX);
+    let base = format!("/EVAL/{SET_IF_ABSENT_SCRIPT}/2/{key}/{marker}/{ttl_seconds}");
     let (method, path, body) = match directive {
-        Some(text) if !text.is_empty() => (
-            "PUT",
-            format!("/SETEX/{key}/{ttl_seconds}"),
-            Some(text.as_bytes().to_vec()),
-        ),
+        Some(text) if !text.is_empty() => ("PUT", base, Some(text.as_bytes().to_vec())),
         // A trailing slash is Webdis's spelling of an empty last argument.
-        _ => ("GET", format!("/SETEX/{key}/{ttl_seconds}/"), None),
+        _ => ("GET", format!("{base}/"), None),
     };
     Callout {
         cluster: config.redis.cluster.clone(),
@@ -147,6 +161,9 @@ pub fn parse_redis_get(resp: &Response) -> Result<Answer, TierError> {
     if data.len() != len + 2 || &data[len..] != b"\r\n" {
         return Err(TierError("length mismatch"));
     }
+    if data.first() == Some(&0) {
+        return Ok(Answer::Unknown);
+    }
     let text = std::str::from_utf8(&data[..len]).map_err(|_| TierError("not UTF-8"))?;
     if text.is_empty() {
         Ok(Answer::NoDirective)
@@ -155,9 +172,24 @@ pub fn parse_redis_get(resp: &Response) -> Result<Answer, TierError> {
     }
 }
 
-/// Whether an L2 write was acknowledged.
-pub fn redis_set_ok(resp: &Response) -> bool {
-    resp.status == Some(200) && resp.body.starts_with(b"{\"SETEX\":[true")
+/// Outcome of an L2 write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// The key was set.
+    Written,
+    /// Not set: the key, a tombstone or the flush marker was there.
+    Skipped,
+    /// The write failed.
+    Failed,
+}
+
+/// Reads the answer to [`redis_set`].
+pub fn redis_set_outcome(resp: &Response) -> WriteOutcome {
+    match (resp.status, resp.body.as_slice()) {
+        (Some(200), b"{\"EVAL\":1}") => WriteOutcome::Written,
+        (Some(200), b"{\"EVAL\":0}") => WriteOutcome::Skipped,
+        _ => WriteOutcome::Failed,
+    }
 }
 
 /// L3 read of an agent's directive.
@@ -228,23 +260,14 @@ mod tests {
             )
         );
         let w = redis_set(&cfg(), &agent(), Some("Be terse."), 60);
-        assert_eq!(
-            (w.method, w.path.as_str()),
-            (
-                "PUT",
-                "/SETEX/directive:6f1c1a3e-5b7d-4c2a-9e0f-123456789abc/60"
-            )
-        );
+        let tail = "/2/directive:6f1c1a3e-5b7d-4c2a-9e0f-123456789abc/directive:__flush__/60";
+        assert_eq!(w.method, "PUT");
+        assert!(w.path.starts_with("/EVAL/if%20redis.call"), "{}", w.path);
+        assert!(w.path.ends_with(tail), "{}", w.path);
         assert_eq!(w.body.as_deref(), Some(&b"Be terse."[..]));
         let n = redis_set(&cfg(), &agent(), None, 10);
-        assert_eq!(
-            (n.method, n.path.as_str(), n.body),
-            (
-                "GET",
-                "/SETEX/directive:6f1c1a3e-5b7d-4c2a-9e0f-123456789abc/10/",
-                None
-            )
-        );
+        assert_eq!((n.method, n.body.as_deref()), ("GET", None));
+        assert!(n.path.ends_with("/directive:__flush__/10/"), "{}", n.path);
         assert!(!format!("{w:?}").contains("terse"));
     }
 
@@ -275,8 +298,54 @@ mod tests {
             body: b"$-1\r\n".to_vec()
         })
         .is_err());
-        assert!(redis_set_ok(&ok(br#"{"SETEX":[true,"OK"]}"#)));
-        assert!(!redis_set_ok(&ok(br#"{"SETEX":[false,"ERR"]}"#)));
+        assert_eq!(
+            parse_redis_get(&ok(b"$1\r\n\0\r\n")),
+            Ok(Answer::Unknown),
+            "tombstone"
+        );
+        assert_eq!(
+            parse_redis_get(&ok(b"$3\r\n\0ab\r\n")),
+            Ok(Answer::Unknown),
+            "tombstone"
+        );
+        assert_eq!(
+            redis_set_outcome(&ok(br#"{"EVAL":1}"#)),
+            WriteOutcome::Written
+        );
+        assert_eq!(
+            redis_set_outcome(&ok(br#"{"EVAL":0}"#)),
+            WriteOutcome::Skipped
+        );
+        assert_eq!(
+            redis_set_outcome(&ok(br#"{"EVAL":[false,"ERR"]}"#)),
+            WriteOutcome::Failed
+        );
+        assert_eq!(
+            redis_set_outcome(&Response::default()),
+            WriteOutcome::Failed
+        );
+    }
+
+    #[test]
+    fn the_encoded_script_is_the_documented_one() {
+        let decoded = percent_decode(super::SET_IF_ABSENT_SCRIPT);
+        assert_eq!(decoded, "if redis.call('EXISTS',KEYS[1],KEYS[2])==0 then redis.call('SET',KEYS[1],ARGV[2],'EX',ARGV[1]) return 1 end return 0");
+    }
+
+    fn percent_decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
