@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use std::fmt;
 
 use crate::escape::escape_json_str;
+use crate::inject::{strip_query, Format};
 
 /// Environment variable (passed through `vm_config.environment_variables`) that sets
 /// the default of `cache.ttl_seconds`.
@@ -102,6 +103,8 @@ pub struct Config {
     pub inject_role: String,
     /// `inject.max_body_bytes`: larger request bodies are refused with 413.
     pub max_body_bytes: u64,
+    /// `inject.paths`: path suffix → request format, longest suffix first.
+    pub paths: Vec<(String, Format)>,
     /// `failure_mode`.
     pub failure_mode: FailureMode,
     /// `control.token`: bearer token the control role requires, if any.
@@ -127,6 +130,7 @@ impl fmt::Debug for Config {
             .field("store", &self.store)
             .field("inject_role", &self.inject_role)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("paths", &self.paths)
             .field("failure_mode", &self.failure_mode)
             .field(
                 "control_token",
@@ -269,6 +273,46 @@ impl<'a> Section<'a> {
         Section::new(name, value)
     }
 
+    /// `inject.paths`: an object of path suffix → format name.
+    fn paths(&mut self) -> Result<Vec<(String, Format)>, ConfigError> {
+        let field = self.field_path("paths");
+        let mut paths: Vec<(String, Format)> = match self.take("paths") {
+            None => Format::DEFAULT_PATHS
+                .iter()
+                .map(|(p, f)| (p.to_string(), *f))
+                .collect(),
+            Some(Value::Object(map)) => {
+                let mut out = Vec::with_capacity(map.len());
+                for (suffix, format) in map {
+                    let item = format!("{field}.{suffix}");
+                    if !suffix.starts_with('/') || suffix.contains(['?', '#']) {
+                        return Err(err(
+                            &item,
+                            "a path suffix must start with / and have no query",
+                        ));
+                    }
+                    let Value::String(name) = format else {
+                        return Err(err(
+                            &item,
+                            format!("expected a format name, got {}", type_name(&format)),
+                        ));
+                    };
+                    out.push((suffix, choice(&item, &name, Format::NAMES)?));
+                }
+                out
+            }
+            Some(other) => {
+                return Err(err(
+                    &field,
+                    format!("expected an object, got {}", type_name(&other)),
+                ))
+            }
+        };
+        // Longest suffix first, so "/v2/chat/completions" can override "/completions".
+        paths.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        Ok(paths)
+    }
+
     /// Fails if any field was not consumed: unknown fields are refused, not ignored.
     fn finish(self) -> Result<(), ConfigError> {
         match self.map.keys().next() {
@@ -354,6 +398,15 @@ fn key_prefix(field: &str, value: &str) -> Result<String, ConfigError> {
 }
 
 impl Config {
+    /// The request format served at `path` (query string ignored), if any.
+    pub fn format_for(&self, path: &str) -> Option<Format> {
+        let path = strip_query(path);
+        self.paths
+            .iter()
+            .find(|(suffix, _)| path.ends_with(suffix.as_str()))
+            .map(|(_, f)| *f)
+    }
+
     /// Parses the plugin configuration. `raw` is the `configuration` string (empty
     /// means all defaults); `env_ttl` is the value of [`TTL_ENV`] if set.
     pub fn parse(raw: &[u8], env_ttl: Option<&str>) -> Result<Config, ConfigError> {
@@ -439,6 +492,7 @@ impl Config {
             &[("system", ()), ("developer", ())],
         )?;
         let max_body_bytes = inject.integer("max_body_bytes", 1_048_576, 1, 64 * 1_048_576)?;
+        let paths = inject.paths()?;
         inject.finish()?;
 
         let failure_mode = choice(
@@ -478,6 +532,7 @@ impl Config {
             store: store_cfg,
             inject_role,
             max_body_bytes,
+            paths,
             failure_mode,
             control_token,
             debug_headers,
@@ -636,6 +691,49 @@ mod tests {
         assert_eq!(c.ttl_seconds, 9);
         let e = Config::parse(b"{}", Some("soon")).unwrap_err();
         assert_eq!(e.field, TTL_ENV);
+    }
+
+    #[test]
+    fn paths_map_to_formats_ignoring_the_query() {
+        let c = parse("{}").unwrap();
+        assert_eq!(
+            c.format_for("/v1/chat/completions"),
+            Some(Format::OpenAiChat)
+        );
+        assert_eq!(
+            c.format_for("/openai/deployments/x/chat/completions?api-version=1"),
+            Some(Format::OpenAiChat)
+        );
+        assert_eq!(c.format_for("/v1/responses"), Some(Format::OpenAiResponses));
+        assert_eq!(
+            c.format_for("/v1/messages?beta=true"),
+            Some(Format::AnthropicMessages)
+        );
+        assert_eq!(c.format_for("/v1/chat/completions/"), None);
+        assert_eq!(c.format_for("/v1/models"), None);
+        assert_eq!(c.format_for("/v1/x?p=/chat/completions"), None);
+
+        let c = parse(
+            r#"{"inject":{"paths":{"/generate":"openai_chat","/chat/completions":"openai_chat"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.format_for("/v1/generate"), Some(Format::OpenAiChat));
+        assert_eq!(
+            c.format_for("/v1/messages"),
+            None,
+            "a configured mapping replaces the defaults"
+        );
+        for (raw, field) in [
+            (r#"{"inject":{"paths":{"/x":"soap"}}}"#, "inject.paths./x"),
+            (
+                r#"{"inject":{"paths":{"x":"openai_chat"}}}"#,
+                "inject.paths.x",
+            ),
+            (r#"{"inject":{"paths":{"/x":1}}}"#, "inject.paths./x"),
+            (r#"{"inject":{"paths":["/x"]}}"#, "inject.paths"),
+        ] {
+            assert_eq!(parse(raw).unwrap_err().field, field, "{raw}");
+        }
     }
 
     #[test]

@@ -292,7 +292,7 @@ fn on_headers<H: Host>(head: RequestHead<'_>, host: &H, config: &Config) -> (Sta
             None => return refuse(Refusal::InvalidAgentId, host, config),
         },
     };
-    let Some(format) = head.path.and_then(Format::for_path) else {
+    let Some(format) = head.path.and_then(|p| config.format_for(p)) else {
         return forward_untouched(host, Counter::PassedThrough);
     };
     if head.end_of_stream {
