@@ -478,7 +478,7 @@ mod tests {
                 let prefix = input.iter().zip(&out).take_while(|(a, b)| a == b).count();
                 let suffix = input.iter().rev().zip(out.iter().rev()).take_while(|(a, b)| a == b).count();
                 let replaced = input.len().saturating_sub(prefix + suffix.min(input.len() - prefix));
-                prop_assert!(replaced == 0 || (replaced <= 4 && &input[prefix..prefix + replaced] == &b"null"[..replaced]),
+                prop_assert!(replaced == 0 || (replaced <= 4 && input[prefix..prefix + replaced] == b"null"[..replaced]),
                     "changed {} input bytes", replaced);
             }
 
