@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,7 +43,8 @@ pub struct StoreOptions {
     pub lookup_timeout: Duration,
     /// Deadline for the `/readyz` probe query.
     pub ready_timeout: Duration,
-    /// Whether concurrent lookups of one agent share a single query.
+    /// Whether concurrent lookups of one agent share a query that has not been
+    /// sent to Postgres yet (see `Inner::flights` for why never a sent one).
     pub single_flight: bool,
 }
 
@@ -67,7 +69,7 @@ pub struct StoreMetrics {
     pub error: Counter,
     /// Requests rejected before lookup (bad agent id).
     pub bad_requests: Counter,
-    /// Lookups that joined a query already running for the same agent.
+    /// Lookups that joined a query for the same agent not yet sent.
     pub coalesced: Counter,
     /// Queries actually sent to Postgres.
     pub db_queries: Counter,
@@ -120,7 +122,7 @@ impl StoreMetrics {
         )
         .counter(
             "ibex_store_coalesced_total",
-            "Lookups that shared a query already running for the same agent.",
+            "Lookups that shared a query for the same agent that was waiting for a connection.",
             &self.coalesced,
         )
         .counter(
@@ -138,15 +140,26 @@ impl StoreMetrics {
 }
 
 type LookupResult = Result<Option<DirectiveText>, DbFailure>;
-type Flight = watch::Receiver<Option<LookupResult>>;
+
+/// A query that lookups of one agent may still join.
+struct Flight {
+    id: u64,
+    result: watch::Receiver<Option<LookupResult>>,
+}
 
 struct Inner {
     pool: Pool,
     options: StoreOptions,
     metrics: StoreMetrics,
-    // Queries in progress, by agent; an entry lives exactly as long as its
-    // query, so a lookup that starts after a query ended always reads afresh.
+    // Joinable queries, by agent. An entry is removed the moment its query is
+    // sent to Postgres: a lookup that arrives later may be answering a
+    // request made after a directive update, so it must get a snapshot taken
+    // after its own arrival, i.e. a query of its own. Sharing is therefore
+    // limited to lookups that arrived while the first one was still waiting
+    // for a connection, which is exactly the pile-up to absorb when Postgres
+    // is slow.
     flights: Mutex<HashMap<Uuid, Flight>>,
+    next_flight: AtomicU64,
 }
 
 /// Shared state of the store; cheap to clone.
@@ -164,6 +177,7 @@ impl StoreState {
                 options,
                 metrics: StoreMetrics::default(),
                 flights: Mutex::new(HashMap::new()),
+                next_flight: AtomicU64::new(0),
             }),
         }
     }
@@ -178,37 +192,57 @@ impl StoreState {
         &self.inner.pool
     }
 
-    /// Resolves the active directive of `agent_id`, sharing an in-progress
-    /// query for the same agent when single flight is on.
+    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Flight>> {
+        // The map stays consistent even if a holder panicked: every critical
+        // section is a single insert, lookup or remove.
+        self.inner
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stops `agent_id`'s flight `id` from accepting joiners, unless a newer
+    /// flight already replaced it.
+    fn close_flight(&self, agent_id: Uuid, id: u64) {
+        let mut flights = self.flights();
+        if flights.get(&agent_id).is_some_and(|f| f.id == id) {
+            flights.remove(&agent_id);
+        }
+    }
+
+    /// Resolves the active directive of `agent_id`. With single flight on,
+    /// lookups that arrive while a query for the same agent is still waiting
+    /// for a connection share its result.
     pub async fn lookup(&self, agent_id: Uuid) -> LookupResult {
         if !self.inner.options.single_flight {
-            return self.query(agent_id).await;
+            return self.query(agent_id, || {}).await;
         }
         let mut rx = {
-            let mut flights = self
-                .inner
-                .flights
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut flights = self.flights();
             match flights.get(&agent_id) {
-                Some(rx) => {
+                Some(flight) => {
                     self.inner.metrics.coalesced.inc();
-                    rx.clone()
+                    flight.result.clone()
                 }
                 None => {
+                    let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
                     let (tx, rx) = watch::channel(None);
-                    flights.insert(agent_id, rx.clone());
+                    flights.insert(
+                        agent_id,
+                        Flight {
+                            id,
+                            result: rx.clone(),
+                        },
+                    );
                     // The query runs in its own task so that a leader whose
                     // client disconnects does not cancel it for the others.
                     let state = self.clone();
                     tokio::spawn(async move {
-                        let result = state.query(agent_id).await;
-                        state
-                            .inner
-                            .flights
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner())
-                            .remove(&agent_id);
+                        let result = state
+                            .query(agent_id, || state.close_flight(agent_id, id))
+                            .await;
+                        // Also closes flights that failed before dispatch.
+                        state.close_flight(agent_id, id);
                         let _ = tx.send(Some(result));
                     });
                     rx
@@ -222,17 +256,19 @@ impl StoreState {
         shared.unwrap_or_else(|| Err(DbFailure::Connection("lookup task ended early".into())))
     }
 
-    /// One resolution query, bounded by the lookup deadline.
-    async fn query(&self, agent_id: Uuid) -> LookupResult {
+    /// One resolution query, bounded by the lookup deadline. `on_dispatch`
+    /// runs just before the statement is sent.
+    async fn query(&self, agent_id: Uuid, on_dispatch: impl FnOnce()) -> LookupResult {
         let deadline = tokio::time::Instant::now() + self.inner.options.lookup_timeout;
         let client = match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
             Err(_) => return Err(DbFailure::PoolTimeout),
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(c)) => c,
         };
-        self.inner.metrics.db_queries.inc();
         let run = async {
             let stmt = client.prepare_cached(RESOLVE_SQL).await?;
+            on_dispatch();
+            self.inner.metrics.db_queries.inc();
             client.query_opt(&stmt, &[&agent_id]).await
         };
         match tokio::time::timeout_at(deadline, run).await {

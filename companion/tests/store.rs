@@ -233,34 +233,33 @@ async fn pool_is_read_only_even_for_a_superuser() {
     assert_eq!(timeout, "400ms");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_lookups_of_one_agent_share_one_query() {
-    let pg = Pg::start();
-    migrate(&pg.url()).await;
-    let agent = Uuid::new_v4();
-    set(&pg.url(), agent, "together").await;
-    // Generous deadlines: the lock below holds the query until we release it.
-    let store = Store::start(
-        &pg.url(),
+/// A store whose pool has a single connection and generous deadlines, so a
+/// test can hold the connection (or a table lock) to line lookups up.
+async fn single_connection_store(url: &str) -> Store {
+    Store::start(
+        url,
         PoolSettings {
+            max_size: 1,
             statement_timeout: Duration::from_secs(30),
-            acquire_timeout: Duration::from_secs(5),
-            ..Default::default()
+            acquire_timeout: Duration::from_secs(30),
         },
         StoreOptions {
             lookup_timeout: Duration::from_secs(30),
             ..Default::default()
         },
     )
-    .await;
+    .await
+}
 
-    let mut admin = db::connect(&pg.url(), Duration::from_secs(5))
-        .await
-        .unwrap();
-    let tx = admin.transaction().await.unwrap();
-    tx.batch_execute("LOCK TABLE ibex_core.directives IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_waiting_for_a_connection_share_one_query() {
+    let pg = Pg::start();
+    migrate(&pg.url()).await;
+    let agent = Uuid::new_v4();
+    set(&pg.url(), agent, "together").await;
+    let store = single_connection_store(&pg.url()).await;
+
+    let held = store.state.pool().get().await.unwrap();
     let n = 20;
     let requests: Vec<_> = (0..n)
         .map(|_| tokio::spawn(http_json_owned(store.directive_url(agent))))
@@ -272,8 +271,8 @@ async fn concurrent_lookups_of_one_agent_share_one_query() {
         || async { (metrics.coalesced.get() == n - 1).then_some(()) },
     )
     .await;
-    assert_eq!(metrics.db_queries.get(), 1);
-    tx.commit().await.unwrap();
+    assert_eq!(metrics.db_queries.get(), 0);
+    drop(held);
     for r in requests {
         let (status, body) = r.await.unwrap();
         assert_eq!(status, 200);
@@ -281,12 +280,51 @@ async fn concurrent_lookups_of_one_agent_share_one_query() {
     }
     assert_eq!(metrics.found.get(), n);
     assert_eq!(metrics.db_queries.get(), 1);
+    store.stop().await;
+}
 
-    // A lookup after the flight ended queries afresh.
-    set(&pg.url(), agent, "apart").await;
-    let (_, body) = http_json(&store.directive_url(agent)).await;
-    assert_eq!(body["content"], "apart");
-    assert_eq!(metrics.db_queries.get(), 2);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_never_join_a_query_already_sent() {
+    // A lookup arriving after a query was sent may follow a directive update;
+    // sharing that query's older snapshot would serve stale text.
+    let pg = Pg::start();
+    migrate(&pg.url()).await;
+    let agent = Uuid::new_v4();
+    set(&pg.url(), agent, "fresh").await;
+    let store = single_connection_store(&pg.url()).await;
+    let metrics = store.state.metrics();
+    // Warm the statement cache so the next query is sent without a prepare.
+    assert_eq!(http_json(&store.directive_url(agent)).await.0, 200);
+    assert_eq!(metrics.db_queries.get(), 1);
+
+    let mut admin = db::connect(&pg.url(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let tx = admin.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE ibex_core.directives IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // A: sent, then blocked on the lock while holding the only connection.
+    let a = tokio::spawn(http_json_owned(store.directive_url(agent)));
+    eventually("A's query sent", Duration::from_secs(20), || async {
+        (metrics.db_queries.get() == 2).then_some(())
+    })
+    .await;
+    // B must start a flight of its own (waiting for the connection); C joins B.
+    let b = tokio::spawn(http_json_owned(store.directive_url(agent)));
+    let c = tokio::spawn(http_json_owned(store.directive_url(agent)));
+    eventually("C joined a flight", Duration::from_secs(20), || async {
+        (metrics.coalesced.get() >= 1).then_some(())
+    })
+    .await;
+    tx.rollback().await.unwrap();
+    for r in [a, b, c] {
+        let (status, body) = r.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body["content"], "fresh");
+    }
+    assert_eq!(metrics.coalesced.get(), 1, "only C shared (B's) query");
+    assert_eq!(metrics.db_queries.get(), 3, "warm-up, A and B");
     store.stop().await;
 }
 
