@@ -78,9 +78,16 @@ pub struct Pg {
 impl Pg {
     /// initdb + start, ready to accept connections.
     pub fn start() -> Pg {
+        // As root the server runs as `postgres`, which must be able to reach
+        // the data dir: a TMPDIR under /root would not do, /tmp always does.
+        let parent = if is_root() {
+            PathBuf::from("/tmp")
+        } else {
+            std::env::temp_dir()
+        };
         let dir = tempfile::Builder::new()
             .prefix("ibex-pg-")
-            .tempdir()
+            .tempdir_in(parent)
             .unwrap();
         if is_root() {
             run_ok(
