@@ -191,3 +191,12 @@ class Subscriber(_CompanionServer):
         if self.control_token:
             argv += ["--control-token", self.control_token]
         return argv
+
+    def settled_invalidations(self):
+        """Control POSTs finished so far, acknowledged or given up on.
+
+        The subscriber deletes the Redis key before it POSTs, so when this
+        count grows, a published update has fully gone through.
+        """
+        return (self.metric("ibex_subscribe_invalidations_sent_total")
+                + self.metric("ibex_subscribe_invalidation_failures_total"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from stack.companion import Companion, Store, Subscriber
 from stack.envoy import Envoy
-from stack.ports import free_port
+from stack.ports import free_port, wait_until
 from stack.postgres import Postgres
 from stack.redis import Redis, Webdis
 from stack.upstream import EchoUpstream
@@ -107,6 +107,10 @@ class Stack:
             self.part(name).start()
             if name == "postgres":
                 self.companion.migrate()
+            if name == "subscriber" and self.envoy.running():
+                # its first act is a full flush; let it land before anyone relies on a cache
+                wait_until(lambda: self.subscriber.settled_invalidations() >= 1,
+                           what="the subscriber's initial flush to reach Envoy")
             return self
         try:
             for part in self.parts:
@@ -160,12 +164,31 @@ class Stack:
         return self.envoy.url
 
     def set_directive(self, agent_id, content, publish=True):
-        """Set an agent's directive through the real companion CLI (Postgres, then PUBLISH)."""
-        return self.companion.set_directive(agent_id, content, publish=publish)
+        """Set an agent's directive through the real companion CLI (Postgres, then PUBLISH).
+
+        With a running subscriber and Envoy, returns once the published update
+        went all the way through (Redis key deleted, Envoy invalidated), so an
+        invalidation never lands in the middle of the caller's next requests.
+        """
+        return self._published(lambda: self.companion.set_directive(agent_id, content, publish=publish), publish)
 
     def clear_directive(self, agent_id, publish=True):
-        """Remove an agent's directive through the real companion CLI."""
-        return self.companion.clear_directive(agent_id, publish=publish)
+        """Remove an agent's directive through the real companion CLI (waits like set_directive)."""
+        return self._published(lambda: self.companion.clear_directive(agent_id, publish=publish), publish)
+
+    def flush(self):
+        """Publish a flush of every cache (waits like set_directive)."""
+        return self._published(self.companion.flush, True)
+
+    def _published(self, action, publish):
+        """Run a companion command; when it publishes, wait for the subscriber to settle it."""
+        if not (publish and self.subscriber.running() and self.envoy.running()):
+            return action()
+        before = self.subscriber.settled_invalidations()
+        output = action()
+        wait_until(lambda: self.subscriber.settled_invalidations() > before,
+                   what="the subscriber to deliver the published update")
+        return output
 
     def redis_cli(self, *args):
         """The real redis-cli against the stack's Redis (raw output, stripped)."""

@@ -11,7 +11,15 @@ import pytest
 import yaml
 
 from stack import paths
-from stack.envoy import CONTROL_LISTENER, DATA_LISTENER, filter_json, listener, load_template, render_config
+from stack.envoy import (
+    CONTROL_LISTENER,
+    DATA_LISTENER,
+    filter_json,
+    listener,
+    load_template,
+    render_config,
+    wasm_plugin,
+)
 
 CONFIGS = sorted(paths.ENVOY_DIR.glob("*.yaml"))
 
@@ -49,7 +57,7 @@ def test_config_keeps_the_contract(config):
     assert filter_json(data_listener).get("role", "data") == "data"
     assert data_listener["per_connection_buffer_limit_bytes"] >= 2 * 1024 * 1024
     for item in (data_listener, control_listener):
-        plugin = item["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]["typed_config"]["config"]
+        plugin = wasm_plugin(item)
         assert plugin["failure_policy"] == "FAIL_CLOSED"
         assert plugin["root_id"] == "ibex_directive"
         assert plugin["vm_config"]["vm_id"] == "ibex_directive"
@@ -88,3 +96,35 @@ def test_invalid_filter_config_is_rejected(tmp_path, bad):
     path.write_text(yaml.safe_dump(rendered))
     result = validate(path)
     assert result.returncode != 0, f"Envoy accepted the invalid filter config {bad}"
+
+
+def test_docker_compose_matches_its_envoy_config():
+    """docker-compose.yml cannot run here (no Docker engine); at least its
+    wiring agrees with envoy/compose.yaml: every cluster host is a service on
+    the port it serves, the config and the wasm are mounted where Envoy looks."""
+    compose = yaml.safe_load((paths.REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    envoy_config = load_template(paths.ENVOY_DIR / "compose.yaml")
+    expected_ports = {"webdis": 7379, "store": 8081, "upstream": 18000}
+    for cluster in envoy_config["static_resources"]["clusters"]:
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        assert address["address"] in services, f"cluster {cluster['name']} points at unknown service {address}"
+        assert expected_ports[address["address"]] == address["port_value"]
+    envoy = services["envoy"]
+    config_mount = next(v for v in envoy["volumes"] if v.startswith("./envoy/compose.yaml:"))
+    assert config_mount.split(":")[1] == envoy["command"][envoy["command"].index("-c") + 1]
+    wasm = wasm_plugin_path(envoy_config)
+    wasm_dir_mount = next(v for v in envoy["volumes"] if v.startswith("./target/wasm32-wasip1/release:"))
+    assert envoy["working_dir"] + "/" + wasm.rsplit("/", 1)[0] == wasm_dir_mount.split(":")[1]
+    assert "store" in services["store"]["command"] and "0.0.0.0:8081" in services["store"]["command"]
+    assert services["subscriber"]["network_mode"] == "service:envoy"
+    control_port = listener(envoy_config, CONTROL_LISTENER)["address"]["socket_address"]["port_value"]
+    assert f"http://127.0.0.1:{control_port}" in services["subscriber"]["command"]
+    assert services["upstream"]["volumes"][0].startswith("./stack/echo_upstream.py:")
+    for mount in envoy["volumes"] + services["upstream"]["volumes"]:
+        assert (paths.REPO / mount.split(":")[0]).resolve().is_relative_to(paths.REPO)
+
+
+def wasm_plugin_path(config):
+    """The wasm filename of the data listener's filter."""
+    return wasm_plugin(listener(config, DATA_LISTENER))["vm_config"]["code"]["local"]["filename"]
