@@ -96,6 +96,8 @@ async fn run(command: Command) -> Result<(), AdminError> {
                 deadline: Duration::from_millis(args.retry_deadline_ms),
             };
             config.request_timeout = Duration::from_millis(args.request_timeout_ms.max(1));
+            config.tombstone_ttl = (args.tombstone_ttl_seconds > 0)
+                .then(|| Duration::from_secs(args.tombstone_ttl_seconds));
             config.ping_interval = Duration::from_millis(args.ping_interval_ms.max(10));
             let subscriber = subscribe::Subscriber::new(config)?;
             let listener = tokio::net::TcpListener::bind(args.listen)

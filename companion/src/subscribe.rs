@@ -2,7 +2,9 @@
 //! (L1) coherent with Postgres.
 //!
 //! For `ibex:directive:updates:{agent}` it deletes `{prefix}{agent}` from Redis
-//! first (so a refill cannot read the old L2 entry), then POSTs
+//! (or, in tombstone mode, overwrites it with a short-lived `"\0"` tombstone
+//! that the filter's conditional write-back will not overwrite) first, so a
+//! refill cannot read the old L2 entry, then POSTs
 //! `/ibex/v1/invalidate/{agent}` to every control URL. For
 //! `ibex:directive:flush`, and after every (re)connect to Redis — messages sent
 //! while disconnected are lost — it deletes every `{prefix}*` key and POSTs
@@ -74,6 +76,12 @@ pub struct SubscribeConfig {
     control_urls: Vec<String>,
     control_token: Option<String>,
     key_prefix: String,
+    /// `None`: invalidate Redis by `DEL`. `Some(ttl)`: write a tombstone
+    /// (`"\0"`, expiring after `ttl`) instead, and set the flush marker
+    /// `{prefix}__flush__` for `ttl` on a full flush, so that a filter
+    /// write-back already in flight cannot put old text back into Redis (the
+    /// filter writes only when neither the key nor the marker exists).
+    pub tombstone_ttl: Option<Duration>,
     /// Retry policy for every Redis command and control POST.
     pub retry: RetryPolicy,
     /// Timeout of one control POST attempt.
@@ -93,6 +101,7 @@ impl fmt::Debug for SubscribeConfig {
                 &self.control_token.as_ref().map(|_| "<redacted>"),
             )
             .field("key_prefix", &self.key_prefix)
+            .field("tombstone_ttl", &self.tombstone_ttl)
             .field("retry", &self.retry)
             .field("request_timeout", &self.request_timeout)
             .field("ping_interval", &self.ping_interval)
@@ -126,6 +135,7 @@ impl SubscribeConfig {
             control_urls: urls,
             control_token: control_token.filter(|t| !t.is_empty()),
             key_prefix: key_prefix.into(),
+            tombstone_ttl: None,
             retry: RetryPolicy::default(),
             request_timeout: Duration::from_secs(1),
             ping_interval: Duration::from_secs(5),
@@ -204,7 +214,7 @@ pub struct SubscribeMetrics {
     pub invalidations_sent: Counter,
     /// Targets (Redis delete or control POST) given up on.
     pub invalidation_failures: Counter,
-    /// Successful Redis deletes (per agent) and flush sweeps.
+    /// Successful Redis invalidations (per agent) and flush sweeps.
     pub redis_deletes: Counter,
     /// Connections to Redis after the first one.
     pub reconnects: Counter,
@@ -252,7 +262,7 @@ impl SubscribeMetrics {
         )
         .counter(
             "ibex_subscribe_redis_deletes_total",
-            "Redis deletions done (one per agent update, one per flush sweep).",
+            "Redis invalidations done (a DEL or tombstone per agent update, one per flush sweep).",
             &self.redis_deletes,
         )
         .counter(
@@ -423,17 +433,29 @@ impl Subscriber {
         ok
     }
 
-    /// Invalidates one agent: Redis key first, then every Envoy.
+    /// Invalidates one agent: Redis key first (DEL or tombstone), then every
+    /// Envoy.
     pub async fn invalidate_agent(&self, conn: MultiplexedConnection, agent_id: Uuid) {
         let started = Instant::now();
         let key = format!("{}{}", self.config.key_prefix, agent_id.hyphenated());
-        self.redis_step("redis DEL", || {
+        let tombstone_ttl = self.config.tombstone_ttl;
+        let what = if tombstone_ttl.is_some() {
+            "redis tombstone"
+        } else {
+            "redis DEL"
+        };
+        self.redis_step(what, || {
             let mut conn = conn.clone();
-            let key = key.clone();
+            let cmd = match tombstone_ttl {
+                Some(ttl) => set_with_ttl(&key, TOMBSTONE, ttl),
+                None => {
+                    let mut c = redis::cmd("DEL");
+                    c.arg(&key);
+                    c
+                }
+            };
             async move {
-                redis::cmd("DEL")
-                    .arg(&key)
-                    .query_async::<i64>(&mut conn)
+                cmd.query_async::<redis::Value>(&mut conn)
                     .await
                     .map(|_| ())
                     .map_err(|e| Attempt::Transient(e.to_string()))
@@ -445,16 +467,31 @@ impl Subscriber {
         tracing::debug!(agent_id = %agent_id, elapsed_us = started.elapsed().as_micros() as u64, "agent invalidated");
     }
 
-    /// Invalidates everything: every `{prefix}*` key, then every Envoy.
+    /// Invalidates everything: every `{prefix}*` key, then every Envoy. In
+    /// tombstone mode the flush marker is set first (and spared), so no
+    /// write-back lands between the sweep and the marker.
     pub async fn flush_all(&self, conn: MultiplexedConnection) {
         let started = Instant::now();
         self.metrics.full_flushes.inc();
         let pattern = format!("{}*", glob_escape(&self.config.key_prefix));
+        let marker = format!("{}{FLUSH_MARKER_SUFFIX}", self.config.key_prefix);
+        let tombstone_ttl = self.config.tombstone_ttl;
         self.redis_step("redis SCAN+DEL", || {
             let mut conn = conn.clone();
             let pattern = pattern.clone();
+            let marker = marker.clone();
             async move {
-                delete_matching(&mut conn, &pattern)
+                let keep = match tombstone_ttl {
+                    Some(ttl) => {
+                        set_with_ttl(&marker, TOMBSTONE, ttl)
+                            .query_async::<redis::Value>(&mut conn)
+                            .await
+                            .map_err(|e| Attempt::Transient(e.to_string()))?;
+                        Some(marker.as_str())
+                    }
+                    None => None,
+                };
+                delete_matching(&mut conn, &pattern, keep)
                     .await
                     .map(|n| tracing::debug!(deleted = n, "redis keys flushed"))
                     .map_err(|e| Attempt::Transient(e.to_string()))
@@ -634,10 +671,27 @@ impl Subscriber {
     }
 }
 
-/// SCAN for `pattern` and DEL every match; returns how many were deleted.
+/// Value of a Redis tombstone: starts with NUL, which Postgres text cannot
+/// contain, so the filter never mistakes it for a directive.
+pub const TOMBSTONE: &str = "\0";
+
+/// Suffix of the flush marker key, `{prefix}__flush__` (shared with the
+/// filter).
+pub const FLUSH_MARKER_SUFFIX: &str = "__flush__";
+
+/// `SET key value EX ttl` (at least one second: Redis has no shorter `EX`).
+fn set_with_ttl(key: &str, value: &str, ttl: Duration) -> redis::Cmd {
+    let mut c = redis::cmd("SET");
+    c.arg(key).arg(value).arg("EX").arg(ttl.as_secs().max(1));
+    c
+}
+
+/// SCAN for `pattern` and DEL every match except `keep`; returns how many
+/// were deleted.
 async fn delete_matching(
     conn: &mut MultiplexedConnection,
     pattern: &str,
+    keep: Option<&str>,
 ) -> redis::RedisResult<u64> {
     let mut cursor: u64 = 0;
     let mut deleted = 0u64;
@@ -650,6 +704,10 @@ async fn delete_matching(
             .arg(500)
             .query_async(conn)
             .await?;
+        let keys: Vec<String> = keys
+            .into_iter()
+            .filter(|k| Some(k.as_str()) != keep)
+            .collect();
         if !keys.is_empty() {
             let n: u64 = redis::cmd("DEL").arg(&keys).query_async(conn).await?;
             deleted += n;

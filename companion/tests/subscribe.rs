@@ -266,3 +266,39 @@ async fn waits_for_redis_that_is_down_at_start() {
     assert_eq!(sub.subscriber.metrics().connected.get(), 1);
     sub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstone_mode_writes_tombstones_and_the_flush_marker() {
+    let redis = Redis::start();
+    let a = FakeControl::start().await;
+    let mut c = config(&redis, &[&a], None);
+    c.tombstone_ttl = Some(Duration::from_secs(10));
+    let sub = Running::start(c).await;
+    a.wait_for(FLUSH, 1).await;
+    let mut conn = redis.conn();
+    // The connect-time flush set the marker, with a TTL.
+    let ttl: i64 = conn.ttl("directive:__flush__").unwrap();
+    assert!((1..=10).contains(&ttl), "marker ttl {ttl}");
+
+    let agent = Uuid::new_v4();
+    let key = format!("directive:{agent}");
+    let _: () = conn.set(&key, "old text").unwrap();
+    let _: i64 = conn
+        .publish(format!("ibex:directive:updates:{agent}"), "")
+        .unwrap();
+    a.wait_for(&format!("/ibex/v1/invalidate/{agent}"), 1).await;
+    let value: Vec<u8> = conn.get(&key).unwrap();
+    assert_eq!(value, b"\0");
+    let ttl: i64 = conn.ttl(&key).unwrap();
+    assert!((1..=10).contains(&ttl), "tombstone ttl {ttl}");
+
+    // A flush sweeps keys and tombstones but keeps (re-arms) the marker.
+    let other = format!("directive:{}", Uuid::new_v4());
+    let _: () = conn.set(&other, "x").unwrap();
+    let _: i64 = conn.publish("ibex:directive:flush", "").unwrap();
+    a.wait_for(FLUSH, 2).await;
+    let mut left: Vec<String> = conn.keys("directive:*").unwrap();
+    left.sort();
+    assert_eq!(left, vec!["directive:__flush__".to_string()]);
+    sub.stop().await;
+}
