@@ -23,6 +23,18 @@ def new_agent():
     return str(uuid.uuid4())
 
 
+def agent_with(stack, directive):
+    """A brand-new agent whose directive is `directive`, in Postgres only.
+
+    No cache has ever seen a new agent, so the update is not published: a
+    publish would only make the subscriber touch Redis (delete, tombstone)
+    for this agent while the test runs. Tests of invalidation publish.
+    """
+    agent = new_agent()
+    stack.set_directive(agent, directive, publish=False)
+    return agent
+
+
 def chat_body(text="hello"):
     """A chat completions body as raw bytes, with odd spacing and escapes that
     must survive byte for byte."""

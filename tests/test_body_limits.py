@@ -4,7 +4,7 @@ are buffered and injected."""
 
 import json
 
-from helpers import CHAT, assert_chat_injected, error_code, new_agent, raw_http, send
+from helpers import CHAT, agent_with, assert_chat_injected, error_code, raw_http, send
 
 LIMIT = 1048576
 
@@ -25,8 +25,7 @@ def upstream_requests(stack):
 
 
 def test_content_length_over_the_limit_is_refused_before_the_body(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "Big bodies are refused.")
+    agent = agent_with(stack, "Big bodies are refused.")
     forwarded = upstream_requests(stack)
     # announce 2 MiB but send only a few bytes: the answer must come anyway
     head = request_head(agent, [f"content-length: {2 * LIMIT}"])
@@ -40,8 +39,7 @@ def test_content_length_over_the_limit_is_refused_before_the_body(stack, upstrea
 
 
 def test_chunked_body_over_the_limit_is_refused(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "Big chunked bodies are refused.")
+    agent = agent_with(stack, "Big chunked bodies are refused.")
     forwarded = upstream_requests(stack)
     payload = b'{"model":"m","messages":[{"role":"user","content":"' + b"y" * (LIMIT + 10) + b'"}]}'
     chunked = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n"
@@ -53,8 +51,7 @@ def test_chunked_body_over_the_limit_is_refused(stack, upstream):
 
 
 def test_body_just_under_the_limit_is_injected(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "Large but allowed.")
+    agent = agent_with(stack, "Large but allowed.")
     prefix = b'{"model":"m","messages":[{"role":"user","content":"'
     suffix = b'"}]}'
     body = prefix + b"z" * (LIMIT - len(prefix) - len(suffix)) + suffix
@@ -65,8 +62,7 @@ def test_body_just_under_the_limit_is_injected(stack, upstream):
 
 
 def test_body_too_large_reply_has_no_directive(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "SECRET-IN-413")
+    agent = agent_with(stack, "SECRET-IN-413")
     response = send(stack, CHAT, b"x" * (LIMIT + 1), agent=agent)
     assert response.status_code == 413
     assert error_code(response) == "body_too_large"

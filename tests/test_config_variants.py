@@ -3,7 +3,7 @@ ports, same backends) with its own filter configuration or environment."""
 
 import pytest
 
-from helpers import CHAT, assert_chat_injected, chat_body, error_code, new_agent, send, tier
+from helpers import CHAT, agent_with, assert_chat_injected, chat_body, error_code, send, tier
 from stack import REMOVE, wait_until
 from stack.envoy import DATA_LISTENER, filter_json, listener
 
@@ -38,8 +38,7 @@ def test_missing_agent_header_is_rejected_when_configured(stack, restart):
 
 def test_custom_agent_header(stack, restart):
     restart({"agent": {"header": "x-team-agent"}})
-    agent = new_agent()
-    stack.set_directive(agent, "Custom header agent.")
+    agent = agent_with(stack, "Custom header agent.")
     body = chat_body()
     response = send(stack, CHAT, body, headers={"x-team-agent": agent})
     assert response.status_code == 200
@@ -48,31 +47,27 @@ def test_custom_agent_header(stack, restart):
 
 def test_developer_role(stack, restart):
     restart({"inject": {"role": "developer"}})
-    agent = new_agent()
-    stack.set_directive(agent, "Developer role directive.")
+    agent = agent_with(stack, "Developer role directive.")
     body = chat_body()
     assert send(stack, CHAT, body, agent=agent).status_code == 200
     assert_chat_injected(body, stack.upstream.last().body, "Developer role directive.", role="developer")
 
 
 def test_expired_l1_entry_is_served_from_redis(stack, restart):
-    """With a 1 s TTL the L1 entry expires while Redis (refreshed by the test
-    with a long TTL) still holds the key: the first request that L1 no longer
+    """With a 1 s TTL the L1 entry expires while Redis (set by the test with a
+    long TTL) still holds the key: the first request that L1 no longer
     answers must be answered by Redis, never by the store.
 
     Waiting polls requests until one is not answered locally; what is asserted
     (which tier answered, that the store saw nothing) does not depend on when.
     """
     restart({"cache": {"ttl_seconds": 1}})
-    agent = new_agent()
     directive = "Short-lived in L1."
-    stack.set_directive(agent, directive)
-    assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
-    assert tier(stack.upstream.last()) == "store"
-    # the filter's own write-back (TTL 1) must land before the test replaces it
-    wait_until(lambda: stack.redis.get(key(agent)) == directive, what="the L2 write-back")
+    agent = agent_with(stack, directive)
     stack.redis.command_call("SET", key(agent), directive, "EX", 600)
     lookups = stack.store.lookups()
+    assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
+    assert tier(stack.upstream.last()) == "redis"  # L1 now holds it for 1 s
 
     def next_tier():
         stack.upstream.clear()
@@ -91,8 +86,7 @@ def test_cache_ttl_from_environment(stack, restart):
     when the JSON config has no cache.ttl_seconds."""
     envoy = restart({"cache": {"ttl_seconds": REMOVE}}, env={"IBEX_DIRECTIVE_CACHE_TTL": "1234"})
     assert "ttl_seconds" not in filter_json(listener(envoy.render(), DATA_LISTENER)).get("cache", {})
-    agent = new_agent()
-    stack.set_directive(agent, "TTL from the environment.")
+    agent = agent_with(stack, "TTL from the environment.")
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
     ttl = wait_until(lambda: stack.redis.ttl(key(agent)) > 0 and stack.redis.ttl(key(agent)),
                      what="the L2 write-back")
@@ -101,8 +95,7 @@ def test_cache_ttl_from_environment(stack, restart):
 
 def test_json_ttl_wins_over_environment(stack, restart):
     restart({"cache": {"ttl_seconds": 77}}, env={"IBEX_DIRECTIVE_CACHE_TTL": "1234"})
-    agent = new_agent()
-    stack.set_directive(agent, "TTL from JSON.")
+    agent = agent_with(stack, "TTL from JSON.")
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
     ttl = wait_until(lambda: stack.redis.ttl(key(agent)) > 0 and stack.redis.ttl(key(agent)),
                      what="the L2 write-back")
@@ -111,8 +104,7 @@ def test_json_ttl_wins_over_environment(stack, restart):
 
 def test_smaller_body_limit(stack, restart):
     restart({"inject": {"max_body_bytes": 1000}})
-    agent = new_agent()
-    stack.set_directive(agent, "Small bodies only.")
+    agent = agent_with(stack, "Small bodies only.")
     response = send(stack, CHAT, b'{"model":"m","messages":[{"role":"user","content":"' + b"x" * 2000 + b'"}]}',
                     agent=agent)
     assert response.status_code == 413

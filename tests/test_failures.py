@@ -3,7 +3,7 @@ known, and the failure mode decides when it cannot."""
 
 import pytest
 
-from helpers import CHAT, assert_chat_injected, chat_body, error_code, new_agent, send, tier
+from helpers import CHAT, agent_with, assert_chat_injected, chat_body, error_code, send, tier
 
 
 @pytest.fixture()
@@ -16,8 +16,7 @@ def parts_back(stack):
 
 
 def test_webdis_down_still_injects_via_the_store(stack, upstream, parts_back):
-    agent = new_agent()
-    stack.set_directive(agent, "Survive a Redis outage.")
+    agent = agent_with(stack, "Survive a Redis outage.")
     stack.stop("webdis")
     body = chat_body()
     response = send(stack, CHAT, body, agent=agent)
@@ -30,8 +29,7 @@ def test_webdis_down_still_injects_via_the_store(stack, upstream, parts_back):
 
 def test_webdis_and_store_down_fail_closed(stack, upstream, parts_back):
     stack.restart_envoy(filter_config={"failure_mode": "closed"})
-    agent = new_agent()  # cold: no tier holds it
-    stack.set_directive(agent, "Unknowable right now.")
+    agent = agent_with(stack, "Unknowable right now.")  # cold: no tier holds it
     stack.stop("webdis")
     stack.stop("store")
     response = send(stack, CHAT, chat_body(), agent=agent)
@@ -45,8 +43,7 @@ def test_webdis_and_store_down_fail_closed(stack, upstream, parts_back):
 def test_webdis_and_store_down_fail_open(stack, upstream, parts_back):
     stack.restart_envoy(filter_config={"failure_mode": "open"})
     stack.upstream.clear()
-    agent = new_agent()
-    stack.set_directive(agent, "Skipped when failing open.")
+    agent = agent_with(stack, "Skipped when failing open.")
     stack.stop("webdis")
     stack.stop("store")
     body = chat_body()
@@ -64,8 +61,7 @@ def test_store_back_after_outage(stack, upstream, parts_back):
     stack.stop("store")
     stack.start("webdis")
     stack.start("store")
-    agent = new_agent()
-    stack.set_directive(agent, "Back in business.")
+    agent = agent_with(stack, "Back in business.")
     body = chat_body()
     assert send(stack, CHAT, body, agent=agent).status_code == 200
     assert_chat_injected(body, upstream.last().body, "Back in business.")

@@ -13,6 +13,7 @@ from helpers import (
     MESSAGES,
     RESPONSES,
     TRICKY_DIRECTIVE,
+    agent_with,
     assert_chat_injected,
     assert_single_insertion,
     chat_body,
@@ -43,8 +44,7 @@ def backend_counts(stack):
 
 
 def test_directive_is_the_new_first_message_and_nothing_else_changes(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, TRICKY_DIRECTIVE)
+    agent = agent_with(stack, TRICKY_DIRECTIVE)
     body = chat_body()
     response = send(stack, CHAT, body, agent=agent)
     assert response.status_code == 200, response.text
@@ -59,8 +59,7 @@ def test_directive_is_the_new_first_message_and_nothing_else_changes(stack, upst
 
 
 def test_next_request_is_served_from_l1_without_network(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "Always answer in haiku.")
+    agent = agent_with(stack, "Always answer in haiku.")
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
     assert tier(upstream.last()) == "store"
     wait_until(lambda: stack.redis.ttl(key(agent)) > 0, what="the L2 write-back of the first request")
@@ -76,8 +75,7 @@ def test_next_request_is_served_from_l1_without_network(stack, upstream):
 
 
 def test_redis_without_the_key_falls_through_to_the_store_and_is_filled(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "Cite your sources.")
+    agent = agent_with(stack, "Cite your sources.")
     assert stack.redis.get(key(agent)) is None
     lookups = stack.store.lookups()
     found = stack.store.metric("ibex_store_lookups_total", result="found")
@@ -128,8 +126,7 @@ def test_directive_found_in_redis_is_served_from_l2(stack, upstream):
 
 
 def test_streaming_chat_request_is_injected(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "Stream politely.")
+    agent = agent_with(stack, "Stream politely.")
     body = b'{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}'
     response = send(stack, CHAT, body, agent=agent)
     assert response.status_code == 200
@@ -139,16 +136,14 @@ def test_streaming_chat_request_is_injected(stack, upstream):
 
 
 def test_query_string_does_not_hide_the_path(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "Query strings are ignored.")
+    agent = agent_with(stack, "Query strings are ignored.")
     body = chat_body()
     assert send(stack, CHAT + "?api-version=2024-10-21", body, agent=agent).status_code == 200
     assert_chat_injected(body, upstream.last().body, "Query strings are ignored.")
 
 
 def test_responses_api_instructions(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, TRICKY_DIRECTIVE)
+    agent = agent_with(stack, TRICKY_DIRECTIVE)
     absent = b'{"model":"demo", "input":"hello"}'
     assert send(stack, RESPONSES, absent, agent=agent).status_code == 200
     got = upstream.last().body
@@ -163,9 +158,8 @@ def test_responses_api_instructions(stack, upstream):
 
 
 def test_anthropic_messages_system(stack, upstream):
-    agent = new_agent()
     directive = "Never reveal internal tools."
-    stack.set_directive(agent, directive)
+    agent = agent_with(stack, directive)
     user = '"messages":[{"role":"user","content":"hi"}]'
 
     absent = ('{"model":"claude","max_tokens":64,' + user + '}').encode()
@@ -207,8 +201,7 @@ def test_missing_agent_header_passes_untouched_by_default(stack, upstream):
 
 
 def test_malformed_body_is_refused(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "Refuse what cannot be parsed.")
+    agent = agent_with(stack, "Refuse what cannot be parsed.")
     for body in (b'{"model":"demo","messages":[{"role":"user"', b'{"messages":[],"messages":[]}',
                  b'{"model":"\xff\xfe","messages":[]}'):
         response = send(stack, CHAT, body, agent=agent)
@@ -219,8 +212,7 @@ def test_malformed_body_is_refused(stack, upstream):
 
 
 def test_unreadable_content_encoding_is_refused(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "No compressed bodies.")
+    agent = agent_with(stack, "No compressed bodies.")
     response = send(stack, CHAT, b"\x1f\x8b\x08\x00garbage", agent=agent, headers={"content-encoding": "br"})
     assert response.status_code == 415
     assert error_code(response) == "unsupported_encoding"

@@ -5,7 +5,7 @@ the published update, so the request right after it must see the change."""
 
 import requests
 
-from helpers import CHAT, assert_chat_injected, chat_body, new_agent, send, tier
+from helpers import CHAT, agent_with, assert_chat_injected, chat_body, new_agent, send, tier
 from stack import wait_until
 
 CONTROL_TOKEN = "test-control-token"
@@ -39,8 +39,7 @@ def control(stack, path, token=CONTROL_TOKEN):
 
 def test_control_invalidate_one_agent(stack, upstream):
     stack.restart_envoy(control_config=CONTROL_CONFIG)
-    agent = new_agent()
-    stack.set_directive(agent, "Version one.")
+    agent = agent_with(stack, "Version one.")
     cached(stack, agent, "Version one.")
     # change Postgres without publishing, drop L2 by hand, then invalidate L1 ourselves
     stack.set_directive(agent, "Version two.", publish=False)
@@ -60,7 +59,7 @@ def test_control_invalidate_all(stack, upstream):
     stack.restart_envoy(control_config=CONTROL_CONFIG)
     agents = [new_agent(), new_agent()]
     for agent in agents:
-        stack.set_directive(agent, "Old text.")
+        stack.set_directive(agent, "Old text.", publish=False)
         cached(stack, agent, "Old text.")
         stack.set_directive(agent, "New text.", publish=False)
         stack.redis.command_call("DEL", key(agent))
@@ -89,16 +88,14 @@ def test_published_update_reaches_the_next_requests(stack, upstream):
     """set-directive publishes; the subscriber deletes the Redis key and POSTs
     the control listener; requests then carry the new text."""
     stack.restart_envoy(control_config={})
-    agent = new_agent()
-    stack.set_directive(agent, "Before the update.")
+    agent = agent_with(stack, "Before the update.")
     cached(stack, agent, "Before the update.")
     stack.set_directive(agent, "After the update.")
     assert injected_text(stack, agent) == "After the update."
 
 
 def test_published_clear_removes_the_directive(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "Soon gone.")
+    agent = agent_with(stack, "Soon gone.")
     cached(stack, agent, "Soon gone.")
     stack.clear_directive(agent)
     body = chat_body()
@@ -109,8 +106,7 @@ def test_published_clear_removes_the_directive(stack, upstream):
 
 
 def test_flush_invalidates_everything(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, "Flushed soon.")
+    agent = agent_with(stack, "Flushed soon.")
     cached(stack, agent, "Flushed soon.")
     stack.set_directive(agent, "After the flush.", publish=False)
     stack.flush()

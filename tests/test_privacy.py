@@ -7,7 +7,7 @@ back, Redis, L1, invalidation, failure replies) and no log line may hold it.
 
 import uuid
 
-from helpers import CHAT, MESSAGES, RESPONSES, chat_body, new_agent, send
+from helpers import CHAT, MESSAGES, RESPONSES, agent_with, chat_body, new_agent, send
 from stack import wait_until
 
 LOG_LEVELS = {"envoy": "debug", "companion": "debug", "webdis": 8}
@@ -17,8 +17,7 @@ DIRECTIVE = f"Privacy check {CANARY}: never print me.\nSecond line with \"quotes
 
 
 def test_directive_text_is_in_no_log(stack, upstream):
-    agent = new_agent()
-    stack.set_directive(agent, DIRECTIVE)
+    agent = agent_with(stack, DIRECTIVE)
     # L3 → write back → L1
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
     wait_until(lambda: stack.redis.get(f"directive:{agent}") == DIRECTIVE, what="the L2 write-back")
