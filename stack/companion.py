@@ -5,6 +5,7 @@ Flags follow `ibex-companion --help`; DATABASE_URL and REDIS_URL are passed
 through the environment, which the companion's CLI reads.
 """
 
+import os
 import re
 import subprocess
 import tempfile
@@ -53,8 +54,7 @@ class Companion:
         self.extra_env = dict(env or {})
 
     def environment(self):
-        import os
-
+        """Our environment plus DATABASE_URL, REDIS_URL and RUST_LOG for the CLI."""
         env = dict(os.environ)
         env["DATABASE_URL"] = self.database_url
         if self.redis_url:

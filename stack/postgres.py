@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from stack import paths
+from stack.companion import Companion
 from stack.process import ManagedProcess, StartError
 
 DATABASE = "ibex"
@@ -47,17 +48,20 @@ class Postgres(ManagedProcess):
     """A PostgreSQL cluster in `directory`/data listening on 127.0.0.1:`port`.
 
     initdb runs only when the data directory is empty, so a kept directory
-    (`.run/pg` of `make run`) starts in about a second. `fast=True` turns off
-    fsync for throw-away test clusters.
+    (`.run/pg` of `make run`) starts in about a second. Once ready, the
+    project database exists and, with `migrate=True`, `ibex-companion migrate`
+    has applied the schema. `fast=True` turns off fsync for throw-away test
+    clusters.
     """
 
     name = "postgres"
     stop_signal = signal.SIGINT  # "fast" shutdown: ends sessions, no waiting for clients
 
-    def __init__(self, directory, port, fast=False, **kwargs):
+    def __init__(self, directory, port, fast=False, migrate=True, **kwargs):
         super().__init__(directory, **kwargs)
         self.port = port
         self.fast = fast
+        self.migrate_on_start = migrate
         self.data_dir = self.dir / "data"
 
     @property
@@ -125,10 +129,16 @@ class Postgres(ManagedProcess):
         return probe.returncode == 0
 
     def after_ready(self):
-        """Create the project database when it does not exist yet."""
+        """Create the project database when missing; apply the migrations."""
         exists = self.psql("SELECT 1 FROM pg_database WHERE datname = %s" % quote_literal(DATABASE), database="postgres")
         if exists.strip() != "1":
             self.psql(f"CREATE DATABASE {DATABASE}", database="postgres")
+        if self.migrate_on_start:
+            self.migrate()
+
+    def migrate(self):
+        """Apply the schema with the real companion (`ibex-companion migrate`, idempotent)."""
+        return Companion(self.url, directory=self.log_dir).migrate()
 
     def psql(self, sql, database=DATABASE):
         """Run SQL with psql as the superuser; return its unaligned, tuples-only output."""

@@ -87,9 +87,10 @@ class Stack:
 
     # -- lifecycle --------------------------------------------------------------
 
-    def _make_envoy(self, filter_config, control_config, env, concurrency, log_level, name="envoy"):
+    def _make_envoy(self, filter_config, control_config, env, concurrency, log_level):
+        """An Envoy wired to this stack's ports with the given settings (not started)."""
         p = self.ports
-        return Envoy(self.dir / "envoy", name=name, data_port=p["data"], control_port=p["control"],
+        return Envoy(self.dir / "envoy", data_port=p["data"], control_port=p["control"],
                      admin_port=p["admin"], upstream_port=p["upstream"], webdis_port=p["webdis"],
                      store_port=p["store"], filter_config=filter_config, control_config=control_config,
                      env=env, concurrency=concurrency, log_level=log_level, pid_dir=self.pid_dir,
@@ -105,8 +106,6 @@ class Stack:
         """Start one part (by name) or, without a name, every part in order."""
         if name is not None:
             self.part(name).start()
-            if name == "postgres":
-                self.companion.migrate()
             if name == "subscriber" and self.envoy.running():
                 # its first act is a full flush; let it land before anyone relies on a cache
                 wait_until(lambda: self.subscriber.settled_invalidations() >= 1,
