@@ -4,6 +4,7 @@ known, and the failure mode decides when it cannot."""
 import pytest
 
 from helpers import CHAT, agent_with, assert_chat_injected, chat_body, error_code, send, tier
+from stack import wait_until
 
 
 @pytest.fixture()
@@ -65,3 +66,26 @@ def test_store_back_after_outage(stack, upstream, parts_back):
     body = chat_body()
     assert send(stack, CHAT, body, agent=agent).status_code == 200
     assert_chat_injected(body, upstream.last().body, "Back in business.")
+
+
+def test_expired_entry_is_served_stale_while_redis_and_store_fail(stack, upstream, parts_back):
+    """cache.stale_if_error_seconds: an expired L1 entry still answers while
+    both remote tiers fail. Waiting polls until L1 stops answering "local";
+    the tier that answers then must be "stale" (the 300 s window cannot pass
+    within the wait's deadline)."""
+    stack.restart_envoy(filter_config={"cache": {"ttl_seconds": 1, "stale_if_error_seconds": 300}})
+    agent = agent_with(stack, "Stale but safe.")
+    assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
+    assert tier(upstream.last()) == "store"
+    stack.stop("webdis")
+    stack.stop("store")
+
+    def next_tier():
+        upstream.clear()
+        assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
+        answered_by = tier(upstream.last())
+        return None if answered_by == "local" else answered_by
+
+    assert wait_until(next_tier, timeout=30, interval=0.05, what="the 1 s L1 entry to expire") == "stale"
+    assert_chat_injected(chat_body(), upstream.last().body, "Stale but safe.")
+    assert stack.envoy.counter("stale_served") >= 1
