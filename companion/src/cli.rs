@@ -215,12 +215,12 @@ pub struct SubscribeArgs {
     /// redis.key_prefix).
     #[arg(long, env = "IBEX_KEY_PREFIX", default_value = "directive:")]
     pub key_prefix: String,
-    /// 0: invalidate Redis keys with DEL. N > 0: write a `"\0"` tombstone that
-    /// expires after N seconds instead, and set the flush marker
-    /// `{prefix}__flush__` for N seconds on a full flush, so an L2 write-back
-    /// already in flight cannot restore old text. N must exceed the longest
-    /// filter fill (its callout timeouts); 10 is a safe value.
-    #[arg(long, env = "IBEX_TOMBSTONE_TTL_SECONDS", default_value_t = 0)]
+    /// How long the Redis tombstone of an updated agent (a `"\0"` value) and the
+    /// flush marker `{prefix}__flush__` of a full flush live. While they do, the
+    /// filter's conditional write-back cannot put old text back into Redis, so N
+    /// must exceed the longest filter fill (its callout timeouts). 0 falls back
+    /// to a plain DEL, which an in-flight write-back can undo.
+    #[arg(long, env = "IBEX_TOMBSTONE_TTL_SECONDS", default_value_t = 10)]
     pub tombstone_ttl_seconds: u64,
     /// First retry delay per invalidation target, in milliseconds.
     #[arg(long, env = "IBEX_SUBSCRIBE_RETRY_INITIAL_MS", default_value_t = 10)]

@@ -135,7 +135,7 @@ impl SubscribeConfig {
             control_urls: urls,
             control_token: control_token.filter(|t| !t.is_empty()),
             key_prefix: key_prefix.into(),
-            tombstone_ttl: None,
+            tombstone_ttl: Some(DEFAULT_TOMBSTONE_TTL),
             retry: RetryPolicy::default(),
             request_timeout: Duration::from_secs(1),
             ping_interval: Duration::from_secs(5),
@@ -674,6 +674,10 @@ impl Subscriber {
 /// Value of a Redis tombstone: starts with NUL, which Postgres text cannot
 /// contain, so the filter never mistakes it for a directive.
 pub const TOMBSTONE: &str = "\0";
+
+/// Default life of Redis tombstones and the flush marker: well above the
+/// longest fill the filter can run (its callout timeouts, 50 + 500 ms by default).
+pub const DEFAULT_TOMBSTONE_TTL: Duration = Duration::from_secs(10);
 
 /// Suffix of the flush marker key, `{prefix}__flush__` (shared with the
 /// filter).

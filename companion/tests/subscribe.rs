@@ -61,6 +61,8 @@ fn config(redis: &Redis, controls: &[&FakeControl], token: Option<&str>) -> Subs
     )
     .unwrap();
     c.ping_interval = Duration::from_millis(100);
+    // These tests exercise DEL mode; tombstone mode (the default) has its own test.
+    c.tombstone_ttl = None;
     c
 }
 
