@@ -40,6 +40,24 @@ def stack(tmp_path_factory, request):
         yield running
 
 
+FLUSH_MARKER = "directive:__flush__"
+
+
+@pytest.fixture(autouse=True)
+def no_flush_marker(request):
+    """Drop the subscriber's flush marker before each test that has a stack.
+
+    After a full flush (the subscriber does one each time it connects, and
+    test_flush publishes one) the companion keeps `directive:__flush__` for
+    10 s, and while it exists the filter skips every L2 write-back. The tests
+    use brand-new agents that no cache has seen, so the marker guards nothing
+    for them; left in place it would make write-back checks wait out a timer.
+    test_invalidation checks the marker's effect itself.
+    """
+    if "stack" in request.fixturenames:
+        request.getfixturevalue("stack").redis.command_call("DEL", FLUSH_MARKER)
+
+
 @pytest.fixture()
 def upstream(stack):
     """The echo upstream, emptied before the test."""

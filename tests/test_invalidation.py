@@ -111,3 +111,20 @@ def test_flush_invalidates_everything(stack, upstream):
     stack.set_directive(agent, "After the flush.", publish=False)
     stack.flush()
     assert injected_text(stack, agent) == "After the flush."
+
+
+def test_flush_marker_keeps_write_backs_out_of_redis(stack, upstream):
+    """After a full flush the subscriber leaves a marker for a while; a fill
+    that read Postgres meanwhile must not write Redis (it could carry text
+    from before the flush). The marker outlives the test's two requests."""
+    stack.flush()
+    assert stack.redis.get("directive:__flush__") is not None
+    agent = agent_with(stack, "Not written back during a flush window.")
+    skipped = stack.envoy.counter("l2_write_skipped")
+    assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
+    assert tier(stack.upstream.last()) == "store"
+    wait_until(lambda: stack.envoy.counter("l2_write_skipped") > skipped, what="the refused write-back")
+    assert stack.redis.get(key(agent)) is None
+    # L1 still has it: the next request needs no network
+    assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
+    assert tier(stack.upstream.last()) == "local"
