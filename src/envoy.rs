@@ -6,6 +6,7 @@
 //! implement [`Host`] with proxy-wasm calls, turning `Status` into [`HostError`].
 //! All decisions live in the pure core.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -17,15 +18,21 @@ use proxy_wasm::types::{
 
 use crate::config::{Config, Role, TTL_ENV};
 use crate::control;
-use crate::flow::{Action, Event, Flow, RequestHead};
+use crate::flow::{self, Action, Ctx, Event, Flow, RequestHead};
 use crate::host::{Host, HostError, Shared};
 use crate::metrics::Counter;
 use crate::tiers::{Callout, Response};
+use crate::worker::Worker;
+
+/// How often the root context looks for fills whose owner went away.
+const RESCUE_TICK: Duration = Duration::from_millis(200);
 
 proxy_wasm::main! {{
     // Envoy applies its own log level on top; ours only bounds what is sent to it.
     proxy_wasm::set_log_level(LogLevel::Debug);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { plugin: None }) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
+        Box::new(Root { id, plugin: None, worker: Rc::new(RefCell::new(Worker::default())) })
+    });
 }}
 
 /// What every request context of one plugin shares: the parsed configuration and
@@ -35,11 +42,43 @@ struct Plugin {
     metrics: Vec<u32>,
 }
 
+/// One per plugin and worker VM: the configuration, and the state the worker's
+/// requests share (fills in flight, circuit breakers).
 struct Root {
+    id: u32,
     plugin: Option<Rc<Plugin>>,
+    worker: Rc<RefCell<Worker>>,
 }
 
-impl Context for Root {}
+impl Root {
+    fn with_ctx(&self, f: impl for<'h> FnOnce(&Ctx<'_, EnvoyHost<'h>>)) {
+        if let Some(plugin) = &self.plugin {
+            let host = EnvoyHost {
+                metrics: &plugin.metrics,
+            };
+            let ctx = Ctx {
+                host: &host,
+                config: &plugin.config,
+                worker: &self.worker,
+                id: self.id,
+            };
+            f(&ctx);
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let response = callout_response(body_size);
+        self.with_ctx(|ctx| flow::on_root_callout(token_id, response, ctx));
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -72,15 +111,26 @@ impl RootContext for Root {
             config.negative_ttl_seconds,
             config.failure_mode
         );
+        if config.role == Role::Data {
+            self.set_tick_period(RESCUE_TICK);
+        }
         self.plugin = Some(Rc::new(Plugin { config, metrics }));
         true
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_tick(&mut self) {
+        // A closure, not the fn item: only a closure is generic over the host's lifetime.
+        #[allow(clippy::redundant_closure)]
+        self.with_ctx(|ctx| flow::rescue_orphans(ctx));
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let plugin = self.plugin.clone()?;
         Some(match plugin.config.role {
             Role::Data => Box::new(DataFilter {
+                id: context_id,
                 plugin,
+                worker: self.worker.clone(),
                 flow: Some(Flow::new()),
             }),
             Role::Control => Box::new(ControlFilter { plugin }),
@@ -165,6 +215,10 @@ impl Host for EnvoyHost<'_> {
         hostcalls::resume_http_request().map_err(host_error)
     }
 
+    fn switch_to(&self, context_id: u32) -> Result<(), HostError> {
+        hostcalls::set_effective_context(context_id).map_err(host_error)
+    }
+
     fn count(&self, counter: Counter) {
         if let Some(id) = self.metrics.get(counter as usize) {
             let _ = hostcalls::increment_metric(*id, 1);
@@ -179,9 +233,28 @@ fn wasm_action(action: Action) -> WasmAction {
     }
 }
 
+/// The answer of the callout being delivered (no `:status`: it failed or timed out).
+fn callout_response(body_size: usize) -> Response {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse::<u16>().ok());
+    let body = if status.is_some() {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    Response { status, body }
+}
+
 /// Data role: one per request, owning that request's [`Flow`].
 struct DataFilter {
+    id: u32,
     plugin: Rc<Plugin>,
+    worker: Rc<RefCell<Worker>>,
     /// `None` only while an event is being processed (the flow is moved through it).
     flow: Option<Flow>,
 }
@@ -191,10 +264,26 @@ impl DataFilter {
         let host = EnvoyHost {
             metrics: &self.plugin.metrics,
         };
+        let ctx = Ctx {
+            host: &host,
+            config: &self.plugin.config,
+            worker: &self.worker,
+            id: self.id,
+        };
         let flow = self.flow.take().unwrap_or_default();
-        let (next, action) = flow.on_event(event, &host, &self.plugin.config);
+        let (next, action) = flow.on_event(event, &ctx);
         self.flow = Some(next);
         action
+    }
+}
+
+impl Drop for DataFilter {
+    // The request is over (or its client went away): no fill may wait on it or try
+    // to resume it any more.
+    fn drop(&mut self) {
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            worker.forget(self.id);
+        }
     }
 }
 
@@ -206,18 +295,10 @@ impl Context for DataFilter {
         body_size: usize,
         _trailers: usize,
     ) {
-        let status = self
-            .get_http_call_response_header(":status")
-            .and_then(|s| s.parse::<u16>().ok());
-        let body = if status.is_some() {
-            self.get_http_call_response_body(0, body_size)
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let response = callout_response(body_size);
         self.step(Event::Callout {
             token: token_id,
-            response: Response { status, body },
+            response,
         });
     }
 }

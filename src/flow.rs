@@ -3,23 +3,31 @@
 //! flow and returns the next one with the [`Action`] for Envoy.
 //!
 //! ```text
-//! Start ──headers──► Forward                      (no agent/pass, other path, L1 "none")
-//!   │                Replied                      (400/401/413/415)
-//!   │                Injecting ─body end─► Forward (L1 hit: splice at end of body)
-//!   └──L1 miss────► Resolving(L2) ─miss/error─► Resolving(L3)
-//!                        │ hit                       │ answer / error
-//!                        ▼                           ▼
-//!                  Injecting or Forward     Injecting, Forward, stale, 503 or fail-open
+//! Start ──headers──► Forward                       (no agent/pass, other path, L1 "none")
+//!   │                Replied                       (400/401/413/415)
+//!   │                Injecting ──body end──► Forward  (L1 hit: splice at end of body)
+//!   └──L1 miss────► Waiting ──fill answered──► Injecting | Forward | Replied
 //! ```
 //!
-//! Headers are held (paused) only while a callout is in flight. Envoy's default for
-//! proxy-wasm 0.2 turns a paused header callback into "stop all", so the body reaches
-//! the filter only after `resume`; when the host does deliver the body while headers
-//! are held, it is buffered and spliced as soon as the directive is known. Either
-//! way the body is buffered to its end before the directive is spliced in, and a
-//! body that cannot take it is refused, never forwarded without it.
+//! **Fills are per agent and per worker, not per request.** The first request that
+//! misses L1 for an agent starts a fill (L2, then L3); every other request for that
+//! agent arriving meanwhile joins it (`coalesced`) instead of asking again. When the
+//! fill has its answer, it is applied to every participant: the host layer switches
+//! to each participant's context to set its headers and resume it, and leaves the
+//! participant's next state in [`Worker::ready`] for its next callback. A fill whose
+//! owner (the context its callout answers are routed to) went away is asked again by
+//! the root context, so no participant is stranded.
+//!
+//! Headers are held (paused) only while a fill runs. Envoy's default for proxy-wasm
+//! 0.2 turns a paused header callback into "stop all", so the body reaches the filter
+//! only after `resume`; when the host does deliver the body while headers are held,
+//! it is buffered and spliced as soon as the directive is known. Either way the body
+//! is buffered to its end before the directive is spliced in, and a body that cannot
+//! take it is refused, never forwarded without it.
 //!
 //! No directive text is ever logged here or anywhere else.
+
+use std::cell::RefCell;
 
 use crate::agent::AgentId;
 use crate::config::{Config, FailureMode, MissingAgent};
@@ -29,7 +37,8 @@ use crate::host::{Host, HostError};
 use crate::inject::{splice, Format};
 use crate::metrics::Counter;
 use crate::reply::Refusal;
-use crate::tiers::{self, Answer, Response};
+use crate::tiers::{self, Answer, Response, WriteOutcome};
+use crate::worker::{BodySeen, Fill, Participant, Stale, Tier, Transition, Worker};
 
 /// Request header carrying the tier that answered, when `debug_headers` is on.
 pub const DEBUG_HEADER: &str = "x-ibex-directive";
@@ -107,14 +116,23 @@ impl Source {
     }
 }
 
+/// Everything a callback works with: host calls, configuration, the worker's shared
+/// state, and the id of the context the callback runs in.
+pub struct Ctx<'a, H: Host> {
+    /// Host calls.
+    pub host: &'a H,
+    /// The plugin configuration.
+    pub config: &'a Config,
+    /// State shared by the requests of this worker.
+    pub worker: &'a RefCell<Worker>,
+    /// Context id of the callback (a request, or the root context).
+    pub id: u32,
+}
+
 /// A request's state. Created per request, moved through every callback.
 #[derive(Debug)]
 pub struct Flow {
     state: State,
-    /// The L2 write-back of this request, to count its outcome if it answers while
-    /// the request is still alive (the write itself is owned by the root context and
-    /// completes regardless).
-    write_token: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -124,53 +142,14 @@ enum State {
     Forward,
     /// A local reply was sent.
     Replied,
-    Resolving(Resolving),
+    /// Taking part in the fill of this L1 key.
+    Waiting(String),
     Injecting(Injecting),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tier {
-    Redis,
-    Store,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BodySeen {
-    NotYet,
-    Partial,
-    Complete(usize),
-}
-
-/// An expired entry kept in case L2 and L3 both fail.
-struct Stale {
-    escaped: Option<String>,
-    usable_until_ms: u64,
-}
-
-impl std::fmt::Debug for Stale {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Stale")
-            .field("present", &self.escaped.is_some())
-            .field("usable_until_ms", &self.usable_until_ms)
-            .finish()
-    }
-}
-
+/// A participant's next state, left by the fill that answered it.
 #[derive(Debug)]
-struct Resolving {
-    agent: AgentId,
-    format: Format,
-    key: String,
-    token: u32,
-    tier: Tier,
-    /// CAS version of the L1 key when the fill started: the fill may only write L1
-    /// (and then L2) if nothing, an invalidation in particular, wrote it since.
-    cas: Option<u32>,
-    /// Global generation when the fill started.
-    generation: u64,
-    stale: Option<Stale>,
-    body: BodySeen,
-}
+pub struct Ready(State);
 
 struct Injecting {
     format: Format,
@@ -186,10 +165,13 @@ impl std::fmt::Debug for Injecting {
     }
 }
 
-/// The answer for a request once resolution is over.
+/// What a finished resolution means for the requests that waited for it.
+#[derive(Clone)]
 enum Outcome {
     Present(String),
     Absent,
+    FailOpen,
+    Refuse(Refusal),
 }
 
 impl Default for Flow {
@@ -203,68 +185,64 @@ impl Flow {
     pub fn new() -> Flow {
         Flow {
             state: State::Start,
-            write_token: None,
         }
     }
 
-    /// Whether the flow has a callout in flight (used by the host layer to decide
-    /// whether a callout answer belongs to it).
-    pub fn is_resolving(&self) -> bool {
-        matches!(self.state, State::Resolving(_))
+    /// Whether the request waits for a fill.
+    pub fn is_waiting(&self) -> bool {
+        matches!(self.state, State::Waiting(_))
     }
 
     /// Feeds one event; returns the next flow and what Envoy should do.
-    pub fn on_event<H: Host>(self, event: Event<'_>, host: &H, config: &Config) -> (Flow, Action) {
-        let Flow {
-            state,
-            mut write_token,
-        } = self;
+    pub fn on_event<H: Host>(self, event: Event<'_>, ctx: &Ctx<'_, H>) -> (Flow, Action) {
+        let state = pick_up(self.state, ctx);
         let (state, action) = match (state, event) {
-            (State::Start, Event::Headers(head)) => on_headers(head, host, config),
-            (State::Resolving(r), Event::Callout { token, response }) if token == r.token => {
-                on_tier_answer(r, response, host, config, &mut write_token)
-            }
+            (State::Start, Event::Headers(head)) => on_headers(head, ctx),
             (state, Event::Callout { token, response }) => {
-                if write_token == Some(token) {
-                    write_token = None;
-                    match tiers::redis_set_outcome(&response) {
-                        tiers::WriteOutcome::Written => {}
-                        tiers::WriteOutcome::Skipped => host.count(Counter::L2WriteSkipped),
-                        tiers::WriteOutcome::Failed => host.count(Counter::L2WriteError),
-                    }
-                }
-                // Answers for nothing we wait on change nothing; a callout answer
-                // never resumes or pauses the request by itself.
-                (state, Action::Pause)
+                // The answer may finish a fill this request takes part in; the fill
+                // leaves this request's next state in `ready` like for everyone else.
+                on_callout(token, response, ctx);
+                (pick_up(state, ctx), Action::Pause)
             }
             (
-                State::Resolving(r),
+                State::Waiting(key),
                 Event::Body {
                     size,
                     end_of_stream,
                 },
-            ) => on_body_while_resolving(r, size, end_of_stream, host, config),
+            ) => on_body_while_waiting(key, size, end_of_stream, ctx),
             (
                 State::Injecting(i),
                 Event::Body {
                     size,
                     end_of_stream,
                 },
-            ) => on_body_to_inject(i, size, end_of_stream, host, config),
+            ) => on_body_to_inject(i, size, end_of_stream, ctx),
             (State::Replied, _) => (State::Replied, Action::Pause),
             (state @ State::Forward, _) => (state, Action::Continue),
             // Headers twice, or body before headers: the host broke its contract.
             // Forwarding untouched could bypass the directive, so refuse.
-            (_, _) => refuse(Refusal::DirectiveUnavailable, host, config),
+            (_, _) => refuse(Refusal::DirectiveUnavailable, ctx),
         };
-        (Flow { state, write_token }, action)
+        (Flow { state }, action)
     }
 }
 
-fn refuse<H: Host>(refusal: Refusal, host: &H, config: &Config) -> (State, Action) {
-    host.count(refusal.counter());
-    let body = refusal.body(&config.agent_header);
-    if host.send_json_reply(refusal.status(), &body).is_err() {
+/// A waiting request takes the state its fill left for it, if it has finished.
+fn pick_up<H: Host>(state: State, ctx: &Ctx<'_, H>) -> State {
+    if !matches!(state, State::Waiting(_)) {
+        return state;
+    }
+    match ctx.worker.borrow_mut().ready.remove(&ctx.id) {
+        Some(Ready(next)) => next,
+        None => state,
+    }
+}
+
+fn refuse<H: Host>(refusal: Refusal, ctx: &Ctx<'_, H>) -> (State, Action) {
+    ctx.host.count(refusal.counter());
+    let body = refusal.body(&ctx.config.agent_header);
+    if ctx.host.send_json_reply(refusal.status(), &body).is_err() {
         log::warn!(
             "ibex_directive: could not send local reply {}",
             refusal.code()
@@ -273,36 +251,37 @@ fn refuse<H: Host>(refusal: Refusal, host: &H, config: &Config) -> (State, Actio
     (State::Replied, Action::Pause)
 }
 
-fn forward_untouched<H: Host>(host: &H, counter: Counter) -> (State, Action) {
-    host.count(counter);
+fn forward_untouched<H: Host>(ctx: &Ctx<'_, H>, counter: Counter) -> (State, Action) {
+    ctx.host.count(counter);
     (State::Forward, Action::Continue)
 }
 
-fn on_headers<H: Host>(head: RequestHead<'_>, host: &H, config: &Config) -> (State, Action) {
+fn on_headers<H: Host>(head: RequestHead<'_>, ctx: &Ctx<'_, H>) -> (State, Action) {
+    let (host, config) = (ctx.host, ctx.config);
     host.count(Counter::Requests);
     let agent = match head.agent {
         None => {
             return match config.missing_agent {
-                MissingAgent::Pass => forward_untouched(host, Counter::PassedThrough),
-                MissingAgent::Reject => refuse(Refusal::MissingAgentId, host, config),
+                MissingAgent::Pass => forward_untouched(ctx, Counter::PassedThrough),
+                MissingAgent::Reject => refuse(Refusal::MissingAgentId, ctx),
             }
         }
         Some(value) => match AgentId::parse(value) {
             Some(agent) => agent,
-            None => return refuse(Refusal::InvalidAgentId, host, config),
+            None => return refuse(Refusal::InvalidAgentId, ctx),
         },
     };
     let Some(format) = head.path.and_then(|p| config.format_for(p)) else {
-        return forward_untouched(host, Counter::PassedThrough);
+        return forward_untouched(ctx, Counter::PassedThrough);
     };
     if head.end_of_stream {
         // No body: nothing a model could read, and nothing to put a directive into.
-        return forward_untouched(host, Counter::PassedThrough);
+        return forward_untouched(ctx, Counter::PassedThrough);
     }
     if let Some(enc) = head.content_encoding {
         let enc = enc.trim();
         if !enc.is_empty() && !enc.eq_ignore_ascii_case("identity") {
-            return refuse(Refusal::UnsupportedEncoding, host, config);
+            return refuse(Refusal::UnsupportedEncoding, ctx);
         }
     }
     if let Some(len) = head
@@ -310,16 +289,11 @@ fn on_headers<H: Host>(head: RequestHead<'_>, host: &H, config: &Config) -> (Sta
         .and_then(|v| v.trim().parse::<u64>().ok())
     {
         if len > config.max_body_bytes {
-            return refuse(Refusal::BodyTooLarge, host, config);
+            return refuse(Refusal::BodyTooLarge, ctx);
         }
     }
 
-    let generation = entry::decode_generation(
-        host.shared_get(entry::GENERATION_KEY)
-            .ok()
-            .and_then(|(v, _)| v)
-            .as_deref(),
-    );
+    let generation = current_generation(host);
     let key = entry::key_for(&agent);
     let (raw, mut cas) = host.shared_get(&key).unwrap_or((None, None));
     let now = host.now_ms();
@@ -332,15 +306,7 @@ fn on_headers<H: Host>(head: RequestHead<'_>, host: &H, config: &Config) -> (Sta
                     Kind::Present => Outcome::Present(e.escaped.to_string()),
                     _ => Outcome::Absent,
                 };
-                return resolved(
-                    outcome,
-                    Source::Local,
-                    format,
-                    BodySeen::NotYet,
-                    host,
-                    config,
-                    false,
-                );
+                return apply(outcome, Source::Local, format, BodySeen::NotYet, ctx, false);
             }
             let stale_ms = config.stale_if_error_seconds.saturating_mul(1000);
             if e.is_servable_stale(now, generation, stale_ms) {
@@ -352,6 +318,16 @@ fn on_headers<H: Host>(head: RequestHead<'_>, host: &H, config: &Config) -> (Sta
         }
     }
     host.count(Counter::L1Miss);
+    let me = Participant {
+        id: ctx.id,
+        format,
+        body: BodySeen::NotYet,
+    };
+    if let Some(fill) = ctx.worker.borrow_mut().fills.get_mut(&key) {
+        fill.participants.push(me);
+        host.count(Counter::Coalesced);
+        return (State::Waiting(key), Action::Pause);
+    }
     if cas.is_none() {
         // proxy-wasm checks CAS only for keys that exist, so anchor a version first:
         // an invalidation that lands while this fill runs then changes it.
@@ -365,140 +341,222 @@ fn on_headers<H: Host>(head: RequestHead<'_>, host: &H, config: &Config) -> (Sta
             cas = host.shared_get(&key).ok().and_then(|(_, c)| c);
         }
     }
-    let resolving = Resolving {
+    let fill = Fill {
         agent,
-        format,
-        key,
-        token: 0,
+        key: key.clone(),
         tier: Tier::Redis,
+        token: 0,
         cas,
         generation,
         stale,
-        body: BodySeen::NotYet,
+        participants: vec![me],
+        owner: Some(ctx.id),
     };
-    match host.dispatch(&tiers::redis_get(config, &agent)) {
-        Ok(token) => (
-            State::Resolving(Resolving { token, ..resolving }),
-            Action::Pause,
-        ),
-        Err(_) => {
+    ask(fill, Tier::Redis, ctx, false).unwrap_or((State::Waiting(key), Action::Pause))
+}
+
+fn current_generation<H: Host>(host: &H) -> u64 {
+    entry::decode_generation(
+        host.shared_get(entry::GENERATION_KEY)
+            .ok()
+            .and_then(|(v, _)| v)
+            .as_deref(),
+    )
+}
+
+fn count_transition<H: Host>(host: &H, tier: Tier, t: Option<Transition>) {
+    let counter = match (tier, t) {
+        (_, None) => return,
+        (Tier::Redis, Some(Transition::Opened)) => Counter::L2BreakerOpen,
+        (Tier::Redis, Some(Transition::Closed)) => Counter::L2BreakerClose,
+        (Tier::Store, Some(Transition::Opened)) => Counter::L3BreakerOpen,
+        (Tier::Store, Some(Transition::Closed)) => Counter::L3BreakerClose,
+    };
+    host.count(counter);
+}
+
+/// Sends the fill's callout to `tier` (or the next one whose breaker lets it
+/// through). `None`: the callout is in flight and the fill is registered with the
+/// worker. `Some`: the fill finished at once (nothing could be asked); the value is
+/// the current context's own next state if it takes part. `held`: whether the current
+/// context's headers are paused (false only in its headers callback).
+fn ask<H: Host>(
+    mut fill: Fill,
+    mut tier: Tier,
+    ctx: &Ctx<'_, H>,
+    held: bool,
+) -> Option<(State, Action)> {
+    let host = ctx.host;
+    loop {
+        let allowed = ctx.worker.borrow_mut().breaker(tier).allow(host.now_ms());
+        let call = match tier {
+            Tier::Redis => tiers::redis_get(ctx.config, &fill.agent),
+            Tier::Store => tiers::store_get(ctx.config, &fill.agent),
+        };
+        let dispatched = if allowed {
+            host.dispatch(&call).map_err(|_| {
+                let t = ctx.worker.borrow_mut().breaker(tier).failure(host.now_ms());
+                count_transition(host, tier, t);
+            })
+        } else {
+            Err(())
+        };
+        match (dispatched, tier, allowed) {
+            (Ok(token), _, _) => {
+                fill.tier = tier;
+                fill.token = token;
+                fill.owner = Some(ctx.id);
+                let mut worker = ctx.worker.borrow_mut();
+                worker.tokens.insert(token, fill.key.clone());
+                worker.fills.insert(fill.key.clone(), fill);
+                return None;
+            }
+            (Err(()), Tier::Redis, allowed) => {
+                host.count(if allowed {
+                    Counter::L2Error
+                } else {
+                    Counter::L2Skipped
+                });
+                tier = Tier::Store;
+            }
+            (Err(()), Tier::Store, allowed) => {
+                host.count(if allowed {
+                    Counter::L3Error
+                } else {
+                    Counter::L3Skipped
+                });
+                return unknowable(fill, ctx, held);
+            }
+        }
+    }
+}
+
+/// A callout answered in context `ctx.id`: if it belongs to a fill, move the fill on.
+fn on_callout<H: Host>(token: u32, response: Response, ctx: &Ctx<'_, H>) {
+    let host = ctx.host;
+    let fill = {
+        let mut worker = ctx.worker.borrow_mut();
+        if worker.writes.remove(&token) {
+            drop(worker);
+            match tiers::redis_set_outcome(&response) {
+                WriteOutcome::Written => {}
+                WriteOutcome::Skipped => host.count(Counter::L2WriteSkipped),
+                WriteOutcome::Failed => host.count(Counter::L2WriteError),
+            }
+            return;
+        }
+        let Some(key) = worker.tokens.remove(&token) else {
+            return;
+        };
+        match worker.fills.remove(&key) {
+            Some(fill) => fill,
+            None => return,
+        }
+    };
+    // The callout answers in this context: it is the owner if it is still around.
+    let own = match fill.tier {
+        Tier::Redis => on_redis_answer(fill, &response, ctx),
+        Tier::Store => on_store_answer(fill, &response, ctx),
+    };
+    if let Some((state, _)) = own {
+        ctx.worker.borrow_mut().ready.insert(ctx.id, Ready(state));
+    }
+}
+
+fn on_redis_answer<H: Host>(
+    fill: Fill,
+    response: &Response,
+    ctx: &Ctx<'_, H>,
+) -> Option<(State, Action)> {
+    let host = ctx.host;
+    let parsed = tiers::parse_redis_get(response);
+    let t = {
+        let mut worker = ctx.worker.borrow_mut();
+        match parsed {
+            Ok(_) => worker.redis.success(),
+            Err(_) => worker.redis.failure(host.now_ms()),
+        }
+    };
+    count_transition(host, Tier::Redis, t);
+    match parsed {
+        Ok(Answer::Directive(text)) => {
+            host.count(Counter::L2Hit);
+            let escaped = escape_json_str(&text);
+            cache_locally(&fill, Some(&escaped), ctx.config.ttl_seconds, host);
+            complete(fill, Outcome::Present(escaped), Source::Redis, ctx, true)
+        }
+        Ok(Answer::NoDirective) => {
+            host.count(Counter::L2Hit);
+            cache_locally(&fill, None, ctx.config.negative_ttl_seconds, host);
+            complete(fill, Outcome::Absent, Source::Redis, ctx, true)
+        }
+        Ok(Answer::Unknown) => {
+            host.count(Counter::L2Miss);
+            ask(fill, Tier::Store, ctx, true)
+        }
+        Err(e) => {
             host.count(Counter::L2Error);
-            ask_store(resolving, host, config, false)
+            log::debug!("ibex_directive: agent {} redis: {}", fill.agent, e.0);
+            ask(fill, Tier::Store, ctx, true)
         }
     }
 }
 
-/// Moves a fill on to L3. `held`: headers are paused (we are in a callout answer).
-fn ask_store<H: Host>(r: Resolving, host: &H, config: &Config, held: bool) -> (State, Action) {
-    match host.dispatch(&tiers::store_get(config, &r.agent)) {
-        Ok(token) => (
-            State::Resolving(Resolving {
-                token,
-                tier: Tier::Store,
-                ..r
-            }),
-            Action::Pause,
-        ),
-        Err(_) => {
+fn on_store_answer<H: Host>(
+    fill: Fill,
+    response: &Response,
+    ctx: &Ctx<'_, H>,
+) -> Option<(State, Action)> {
+    let (host, config) = (ctx.host, ctx.config);
+    let parsed = tiers::parse_store(response, &fill.agent);
+    let t = {
+        let mut worker = ctx.worker.borrow_mut();
+        match parsed {
+            Ok(_) => worker.store.success(),
+            Err(_) => worker.store.failure(host.now_ms()),
+        }
+    };
+    count_transition(host, Tier::Store, t);
+    let answer = match parsed {
+        Ok(answer) => answer,
+        Err(e) => {
             host.count(Counter::L3Error);
-            unknowable(r, host, config, held)
+            log::debug!("ibex_directive: agent {} store: {}", fill.agent, e.0);
+            return unknowable(fill, ctx, true);
+        }
+    };
+    let (text, ttl) = match &answer {
+        Answer::Directive(text) => {
+            host.count(Counter::L3Hit);
+            (Some(text.as_str()), config.ttl_seconds)
+        }
+        _ => {
+            host.count(Counter::L3None);
+            (None, config.negative_ttl_seconds)
+        }
+    };
+    let escaped = text.map(escape_json_str);
+    // Redis is written only when L1 accepted the fill: a fill that an invalidation
+    // overtook must not put its old answer back into L2.
+    if cache_locally(&fill, escaped.as_deref(), ttl, host) {
+        match host.dispatch(&tiers::redis_set(config, &fill.agent, text, ttl)) {
+            Ok(token) => {
+                host.count(Counter::L2Write);
+                ctx.worker.borrow_mut().writes.insert(token);
+            }
+            Err(_) => host.count(Counter::L2WriteError),
         }
     }
-}
-
-fn on_tier_answer<H: Host>(
-    r: Resolving,
-    response: Response,
-    host: &H,
-    config: &Config,
-    write_token: &mut Option<u32>,
-) -> (State, Action) {
-    match r.tier {
-        Tier::Redis => match tiers::parse_redis_get(&response) {
-            Ok(Answer::Directive(text)) => {
-                host.count(Counter::L2Hit);
-                let escaped = escape_json_str(&text);
-                cache_locally(&r, Some(&escaped), config.ttl_seconds, host);
-                resolved(
-                    Outcome::Present(escaped),
-                    Source::Redis,
-                    r.format,
-                    r.body,
-                    host,
-                    config,
-                    true,
-                )
-            }
-            Ok(Answer::NoDirective) => {
-                host.count(Counter::L2Hit);
-                cache_locally(&r, None, config.negative_ttl_seconds, host);
-                resolved(
-                    Outcome::Absent,
-                    Source::Redis,
-                    r.format,
-                    r.body,
-                    host,
-                    config,
-                    true,
-                )
-            }
-            Ok(Answer::Unknown) => {
-                host.count(Counter::L2Miss);
-                ask_store(r, host, config, true)
-            }
-            Err(e) => {
-                host.count(Counter::L2Error);
-                log::debug!("ibex_directive: agent {} redis: {}", r.agent, e.0);
-                ask_store(r, host, config, true)
-            }
-        },
-        Tier::Store => match tiers::parse_store(&response, &r.agent) {
-            Ok(answer) => {
-                let (text, ttl) = match &answer {
-                    Answer::Directive(text) => {
-                        host.count(Counter::L3Hit);
-                        (Some(text.as_str()), config.ttl_seconds)
-                    }
-                    _ => {
-                        host.count(Counter::L3None);
-                        (None, config.negative_ttl_seconds)
-                    }
-                };
-                let escaped = text.map(escape_json_str);
-                // Redis is written only when L1 accepted the fill: a fill that an
-                // invalidation overtook must not put its old answer back into L2.
-                if cache_locally(&r, escaped.as_deref(), ttl, host) {
-                    match host.dispatch(&tiers::redis_set(config, &r.agent, text, ttl)) {
-                        Ok(token) => {
-                            host.count(Counter::L2Write);
-                            *write_token = Some(token);
-                        }
-                        Err(_) => host.count(Counter::L2WriteError),
-                    }
-                }
-                let outcome = match escaped {
-                    Some(e) => Outcome::Present(e),
-                    None => Outcome::Absent,
-                };
-                resolved(outcome, Source::Store, r.format, r.body, host, config, true)
-            }
-            Err(e) => {
-                host.count(Counter::L3Error);
-                log::debug!("ibex_directive: agent {} store: {}", r.agent, e.0);
-                unknowable(r, host, config, true)
-            }
-        },
-    }
+    let outcome = match escaped {
+        Some(e) => Outcome::Present(e),
+        None => Outcome::Absent,
+    };
+    complete(fill, outcome, Source::Store, ctx, true)
 }
 
 /// Writes the fill's answer to L1 under the CAS version read when it started.
 /// Returns whether it was written.
-fn cache_locally<H: Host>(
-    r: &Resolving,
-    escaped: Option<&str>,
-    ttl_seconds: u64,
-    host: &H,
-) -> bool {
+fn cache_locally<H: Host>(fill: &Fill, escaped: Option<&str>, ttl_seconds: u64, host: &H) -> bool {
     let entry = Entry {
         kind: if escaped.is_some() {
             Kind::Present
@@ -508,10 +566,10 @@ fn cache_locally<H: Host>(
         fresh_until_ms: host
             .now_ms()
             .saturating_add(ttl_seconds.saturating_mul(1000)),
-        generation: r.generation,
+        generation: fill.generation,
         escaped: escaped.unwrap_or(""),
     };
-    match host.shared_set(&r.key, &entry.encode(), r.cas) {
+    match host.shared_set(&fill.key, &entry.encode(), fill.cas) {
         Ok(()) => true,
         Err(HostError::CasMismatch) => {
             host.count(Counter::FillDiscarded);
@@ -520,7 +578,7 @@ fn cache_locally<H: Host>(
         Err(e) => {
             log::warn!(
                 "ibex_directive: agent {} shared data write failed: {:?}",
-                r.agent,
+                fill.agent,
                 e
             );
             false
@@ -529,135 +587,233 @@ fn cache_locally<H: Host>(
 }
 
 /// L2 and L3 both failed: serve stale if allowed, else follow `failure_mode`.
-fn unknowable<H: Host>(r: Resolving, host: &H, config: &Config, held: bool) -> (State, Action) {
-    if let Some(stale) = r.stale {
-        if host.now_ms() < stale.usable_until_ms {
-            host.count(Counter::StaleServed);
-            let outcome = match stale.escaped {
-                Some(e) => Outcome::Present(e),
+fn unknowable<H: Host>(fill: Fill, ctx: &Ctx<'_, H>, held: bool) -> Option<(State, Action)> {
+    if let Some(stale) = &fill.stale {
+        if ctx.host.now_ms() < stale.usable_until_ms {
+            let outcome = match &stale.escaped {
+                Some(e) => Outcome::Present(e.clone()),
                 None => Outcome::Absent,
             };
-            return resolved(outcome, Source::Stale, r.format, r.body, host, config, held);
+            return complete(fill, outcome, Source::Stale, ctx, held);
         }
     }
-    match config.failure_mode {
-        FailureMode::Closed => refuse(Refusal::DirectiveUnavailable, host, config),
-        FailureMode::Open => {
-            host.count(Counter::FailedOpen);
-            set_debug_header(Source::None, host, config);
-            continue_request(State::Forward, host, held)
+    let outcome = match ctx.config.failure_mode {
+        FailureMode::Closed => Outcome::Refuse(Refusal::DirectiveUnavailable),
+        FailureMode::Open => Outcome::FailOpen,
+    };
+    complete(fill, outcome, Source::None, ctx, held)
+}
+
+/// Applies a finished fill's outcome to every participant. Returns the current
+/// context's own next state if it took part; the others find theirs in `ready`.
+fn complete<H: Host>(
+    fill: Fill,
+    outcome: Outcome,
+    source: Source,
+    ctx: &Ctx<'_, H>,
+    held: bool,
+) -> Option<(State, Action)> {
+    let mut own = None;
+    let mut switched = false;
+    for p in fill.participants {
+        let current = p.id == ctx.id;
+        if !current {
+            if ctx.host.switch_to(p.id).is_err() {
+                // Gone without telling us: nothing to resume.
+                continue;
+            }
+            switched = true;
         }
+        let (state, action) = apply(
+            outcome.clone(),
+            source,
+            p.format,
+            p.body,
+            ctx,
+            held || !current,
+        );
+        if current {
+            own = Some((state, action));
+        } else {
+            ctx.worker.borrow_mut().ready.insert(p.id, Ready(state));
+        }
+    }
+    if switched && ctx.host.switch_to(ctx.id).is_err() {
+        log::warn!(
+            "ibex_directive: could not switch back to context {}",
+            ctx.id
+        );
+    }
+    own
+}
+
+fn set_debug_header<H: Host>(source: Source, ctx: &Ctx<'_, H>) {
+    if ctx.config.debug_headers {
+        let _ = ctx
+            .host
+            .set_request_header(DEBUG_HEADER, Some(source.as_str()));
     }
 }
 
-fn set_debug_header<H: Host>(source: Source, host: &H, config: &Config) {
-    if config.debug_headers {
-        let _ = host.set_request_header(DEBUG_HEADER, Some(source.as_str()));
-    }
-}
-
-/// Lets the request go on: from the headers callback by returning Continue, from a
-/// callout answer by resuming it.
-fn continue_request<H: Host>(state: State, host: &H, held: bool) -> (State, Action) {
+/// Lets the request go on: from its headers callback by returning Continue, from
+/// anywhere else by resuming it.
+fn continue_request<H: Host>(state: State, ctx: &Ctx<'_, H>, held: bool) -> (State, Action) {
     if !held {
         return (state, Action::Continue);
     }
-    if host.resume_request().is_err() {
+    if ctx.host.resume_request().is_err() {
         log::warn!("ibex_directive: could not resume request");
     }
     (state, Action::Pause)
 }
 
-/// The answer is known. Headers are still modifiable here.
-fn resolved<H: Host>(
+/// The answer is known for one request (the effective context). Its headers are
+/// still modifiable here.
+fn apply<H: Host>(
     outcome: Outcome,
     source: Source,
     format: Format,
     body: BodySeen,
-    host: &H,
-    config: &Config,
+    ctx: &Ctx<'_, H>,
     held: bool,
 ) -> (State, Action) {
-    set_debug_header(source, host, config);
     let escaped = match outcome {
+        Outcome::Refuse(refusal) => return refuse(refusal, ctx),
+        Outcome::FailOpen => {
+            ctx.host.count(Counter::FailedOpen);
+            set_debug_header(Source::None, ctx);
+            return continue_request(State::Forward, ctx, held);
+        }
         Outcome::Absent => {
-            host.count(Counter::NoDirective);
-            return continue_request(State::Forward, host, held);
+            if source == Source::Stale {
+                ctx.host.count(Counter::StaleServed);
+            }
+            ctx.host.count(Counter::NoDirective);
+            set_debug_header(source, ctx);
+            return continue_request(State::Forward, ctx, held);
         }
         Outcome::Present(escaped) => escaped,
     };
+    if source == Source::Stale {
+        ctx.host.count(Counter::StaleServed);
+    }
+    set_debug_header(source, ctx);
     // The body grows: its old length would be a lie. Envoy frames it anew.
-    let _ = host.set_request_header("content-length", None);
+    let _ = ctx.host.set_request_header("content-length", None);
     let injecting = Injecting { format, escaped };
     match body {
-        BodySeen::Complete(size) => match inject(injecting, size, host, config) {
-            (State::Forward, _) => continue_request(State::Forward, host, held),
+        BodySeen::Complete(size) => match inject(injecting, size, ctx) {
+            (State::Forward, _) => continue_request(State::Forward, ctx, held),
             other => other,
         },
-        _ => continue_request(State::Injecting(injecting), host, held),
+        _ => continue_request(State::Injecting(injecting), ctx, held),
     }
 }
 
-fn on_body_while_resolving<H: Host>(
-    mut r: Resolving,
+fn on_body_while_waiting<H: Host>(
+    key: String,
     size: usize,
     end_of_stream: bool,
-    host: &H,
-    config: &Config,
+    ctx: &Ctx<'_, H>,
 ) -> (State, Action) {
-    if size as u64 > config.max_body_bytes {
-        return refuse(Refusal::BodyTooLarge, host, config);
+    if size as u64 > ctx.config.max_body_bytes {
+        // Leave the fill (it goes on for the others), then refuse.
+        if let Some(f) = ctx.worker.borrow_mut().fills.get_mut(&key) {
+            f.participants.retain(|p| p.id != ctx.id);
+        }
+        return refuse(Refusal::BodyTooLarge, ctx);
     }
-    r.body = if end_of_stream {
+    let seen = if end_of_stream {
         BodySeen::Complete(size)
     } else {
         BodySeen::Partial
     };
-    (State::Resolving(r), Action::Pause)
+    let found = ctx
+        .worker
+        .borrow_mut()
+        .fills
+        .get_mut(&key)
+        .and_then(|f| f.participants.iter_mut().find(|p| p.id == ctx.id))
+        .map(|me| me.body = seen)
+        .is_some();
+    if !found {
+        // Neither waiting nor answered: the fill lost track of this request.
+        return refuse(Refusal::DirectiveUnavailable, ctx);
+    }
+    (State::Waiting(key), Action::Pause)
 }
 
 fn on_body_to_inject<H: Host>(
     i: Injecting,
     size: usize,
     end_of_stream: bool,
-    host: &H,
-    config: &Config,
+    ctx: &Ctx<'_, H>,
 ) -> (State, Action) {
-    if size as u64 > config.max_body_bytes {
-        return refuse(Refusal::BodyTooLarge, host, config);
+    if size as u64 > ctx.config.max_body_bytes {
+        return refuse(Refusal::BodyTooLarge, ctx);
     }
     if !end_of_stream {
         return (State::Injecting(i), Action::Pause);
     }
-    inject(i, size, host, config)
+    inject(i, size, ctx)
 }
 
 /// Splices the directive into the complete buffered body.
-fn inject<H: Host>(i: Injecting, size: usize, host: &H, config: &Config) -> (State, Action) {
-    let body = match host.request_body(size) {
+fn inject<H: Host>(i: Injecting, size: usize, ctx: &Ctx<'_, H>) -> (State, Action) {
+    let body = match ctx.host.request_body(size) {
         Ok(b) => b,
-        Err(_) => return refuse(Refusal::DirectiveUnavailable, host, config),
+        Err(_) => return refuse(Refusal::DirectiveUnavailable, ctx),
     };
-    match splice(i.format, &body, &config.chat_message_prefix, &i.escaped) {
+    match splice(i.format, &body, &ctx.config.chat_message_prefix, &i.escaped) {
         Ok(out) => {
-            if host.replace_request_body(body.len(), &out).is_err() {
-                return refuse(Refusal::DirectiveUnavailable, host, config);
+            if ctx.host.replace_request_body(body.len(), &out).is_err() {
+                return refuse(Refusal::DirectiveUnavailable, ctx);
             }
-            host.count(Counter::Injected);
+            ctx.host.count(Counter::Injected);
             (State::Forward, Action::Continue)
         }
-        Err(e) => refuse(Refusal::InvalidBody(e), host, config),
+        Err(e) => refuse(Refusal::InvalidBody(e), ctx),
     }
+}
+
+/// Root context, on its tick: asks again for fills whose owner went away (their
+/// callout answers are dropped by the SDK), so their participants are not stranded.
+pub fn rescue_orphans<H: Host>(ctx: &Ctx<'_, H>) {
+    let orphans = ctx.worker.borrow().orphans();
+    for key in orphans {
+        let fill = {
+            let mut worker = ctx.worker.borrow_mut();
+            let Some(fill) = worker.fills.remove(&key) else {
+                continue;
+            };
+            worker.tokens.remove(&fill.token);
+            fill
+        };
+        log::debug!(
+            "ibex_directive: agent {} fill re-asked for waiting requests",
+            fill.agent
+        );
+        let tier = fill.tier;
+        // The root context takes part in no fill, so nothing comes back for it.
+        let _ = ask(fill, tier, ctx, true);
+    }
+}
+
+/// Root context: a callout answered (a rescued fill, or a write-back).
+pub fn on_root_callout<H: Host>(token: u32, response: Response, ctx: &Ctx<'_, H>) {
+    on_callout(token, response, ctx);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::host::fake::{FakeHost, SharedData};
+    use crate::worker::{BREAKER_COOL_OFF_MS, BREAKER_THRESHOLD};
 
     const AGENT: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
     const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
     const INJECTED: &str = r#"{"model":"m","messages":[{"role":"system","content":"Be \"terse\"."},{"role":"user","content":"hi"}]}"#;
+    const ROOT: u32 = 99;
 
     fn config(extra: &str) -> Config {
         Config::parse(
@@ -665,6 +821,126 @@ mod tests {
             None,
         )
         .unwrap()
+    }
+
+    fn ok(body: &str) -> Response {
+        Response {
+            status: Some(200),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn redis_hit(text: &str) -> Response {
+        ok(&format!("${}\r\n{}\r\n", text.len(), text))
+    }
+
+    fn redis_miss() -> Response {
+        ok("$-1\r\n")
+    }
+
+    fn store_answer(content: Option<&str>) -> Response {
+        ok(&serde_json::json!({"agent_id": AGENT, "content": content}).to_string())
+    }
+
+    fn failed() -> Response {
+        Response::default()
+    }
+
+    /// One fake worker: its host (request contexts), its shared state, the config.
+    struct W {
+        host: FakeHost,
+        worker: RefCell<Worker>,
+        config: Config,
+    }
+
+    impl W {
+        fn new(shared: &SharedData, config: Config) -> W {
+            let host = FakeHost::with_shared(shared.clone());
+            host.add_request(ROOT, b"");
+            W {
+                host,
+                worker: RefCell::new(Worker::default()),
+                config,
+            }
+        }
+
+        fn ctx(&self, id: u32) -> Ctx<'_, FakeHost> {
+            self.host.current.set(id);
+            Ctx {
+                host: &self.host,
+                config: &self.config,
+                worker: &self.worker,
+                id,
+            }
+        }
+
+        fn ev(&self, id: u32, flow: Flow, event: Event<'_>) -> (Flow, Action) {
+            flow.on_event(event, &self.ctx(id))
+        }
+
+        fn headers_with(&self, id: u32, head: RequestHead<'_>) -> (Flow, Action) {
+            if !self.host.requests.borrow().contains_key(&id) || id == 1 {
+                self.host.add_request(id, BODY.as_bytes());
+            }
+            self.ev(id, Flow::new(), Event::Headers(head))
+        }
+
+        fn headers(&self, id: u32) -> (Flow, Action) {
+            self.headers_with(id, head(Some(AGENT)))
+        }
+
+        /// The last callout answers, in context `id` (the one that dispatched it).
+        fn answer(&self, id: u32, flow: Flow, response: Response) -> (Flow, Action) {
+            let (token, _) = self.host.last_callout();
+            self.ev(id, flow, Event::Callout { token, response })
+        }
+
+        fn body_end(&self, id: u32, flow: Flow) -> (Flow, Action) {
+            let size = self.host.req(id).body.len();
+            self.ev(
+                id,
+                flow,
+                Event::Body {
+                    size,
+                    end_of_stream: true,
+                },
+            )
+        }
+
+        fn body(&self, id: u32) -> String {
+            String::from_utf8(self.host.req(id).body.clone()).unwrap()
+        }
+
+        fn tier(&self, id: u32) -> Option<String> {
+            self.host.req(id).headers.get(DEBUG_HEADER).cloned()
+        }
+
+        fn reply_status(&self, id: u32) -> Option<u16> {
+            self.host.req(id).reply.as_ref().map(|r| r.0)
+        }
+
+        /// Headers, every callout answered in order by `answers`, then the body.
+        fn run(&self, id: u32, answers: Vec<Response>) -> Flow {
+            let (mut flow, mut action) = self.headers(id);
+            for answer in answers {
+                assert_eq!(action, Action::Pause, "headers are held while a fill runs");
+                let (f, _) = self.answer(id, flow, answer);
+                flow = f;
+                action = if flow.is_waiting() {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                };
+            }
+            if matches!(flow.state, State::Replied) {
+                return flow;
+            }
+            let (flow, action) = self.body_end(id, flow);
+            if !matches!(flow.state, State::Replied) {
+                assert_eq!(action, Action::Continue);
+            }
+            flow
+        }
     }
 
     fn head(agent: Option<&'static str>) -> RequestHead<'static> {
@@ -677,94 +953,16 @@ mod tests {
         }
     }
 
-    fn host(shared: &SharedData) -> FakeHost {
-        let h = FakeHost::with_shared(shared.clone());
-        *h.body.borrow_mut() = BODY.as_bytes().to_vec();
-        h
-    }
-
-    fn step(flow: Flow, ev: Event<'_>, h: &FakeHost, c: &Config) -> (Flow, Action) {
-        flow.on_event(ev, h, c)
-    }
-
-    fn ok(body: &str) -> Response {
-        Response {
-            status: Some(200),
-            body: body.as_bytes().to_vec(),
-        }
-    }
-
-    fn store_answer(content: Option<&str>) -> Response {
-        let v = serde_json::json!({"agent_id": AGENT, "content": content});
-        ok(&v.to_string())
-    }
-
-    /// Runs headers then the whole body, answering callouts in order with `answers`.
-    fn run(h: &FakeHost, c: &Config, answers: Vec<Response>) -> Flow {
-        let (mut flow, mut action) = step(Flow::new(), Event::Headers(head(Some(AGENT))), h, c);
-        for answer in answers {
-            assert_eq!(
-                action,
-                Action::Pause,
-                "headers must be held while a callout runs"
-            );
-            let (token, _) = h.last_callout();
-            let resumed = h.resumed.get();
-            let (f, _) = step(
-                flow,
-                Event::Callout {
-                    token,
-                    response: answer,
-                },
-                h,
-                c,
-            );
-            flow = f;
-            action = if h.resumed.get() > resumed || !flow.is_resolving() {
-                Action::Continue
-            } else {
-                Action::Pause
-            };
-        }
-        if matches!(flow.state, State::Replied) {
-            return flow;
-        }
-        let size = h.body.borrow().len();
-        let (flow, action) = step(
-            flow,
-            Event::Body {
-                size,
-                end_of_stream: true,
-            },
-            h,
-            c,
-        );
-        if !matches!(flow.state, State::Replied) {
-            assert_eq!(action, Action::Continue);
-        }
-        flow
-    }
-
     #[test]
     fn cold_agent_goes_through_every_tier_and_is_cached_in_l1_and_l2() {
         let shared = SharedData::default();
-        let c = config("");
-        let h = host(&shared);
-        let flow = run(
-            &h,
-            &c,
-            vec![ok("$-1\r\n"), store_answer(Some("Be \"terse\"."))],
-        );
+        let w = W::new(&shared, config(""));
+        let flow = w.run(1, vec![redis_miss(), store_answer(Some("Be \"terse\"."))]);
         assert!(matches!(flow.state, State::Forward));
-        assert_eq!(
-            String::from_utf8(h.body.borrow().clone()).unwrap(),
-            INJECTED
-        );
-        assert_eq!(
-            h.headers.borrow().get(DEBUG_HEADER).map(String::as_str),
-            Some("store")
-        );
-        let calls = h.callouts.borrow();
+        assert_eq!(w.body(1), INJECTED);
+        assert_eq!(w.tier(1).as_deref(), Some("store"));
+        assert_eq!(w.host.req(1).resumed, 1);
+        let calls = w.host.callouts.borrow().clone();
         assert_eq!(calls.len(), 3, "L2 get, L3 get, L2 write");
         assert_eq!(calls[0].1.cluster, "ibex_redis");
         assert_eq!(calls[1].1.cluster, "ibex_store");
@@ -780,42 +978,29 @@ mod tests {
             Counter::L2Write,
             Counter::Injected,
         ] {
-            assert_eq!(h.counter(c), 1, "{c:?}");
+            assert_eq!(w.host.counter(c), 1, "{c:?}");
         }
-        drop(calls);
+        assert!(w.worker.borrow().fills.is_empty());
 
-        // Next request, same VM or another worker: served from L1, no callout.
-        let h2 = host(&shared);
-        let flow = run(&h2, &c, vec![]);
+        // Next request, on another worker: served from L1, no callout.
+        let w2 = W::new(&shared, config(""));
+        let flow = w2.run(1, vec![]);
         assert!(matches!(flow.state, State::Forward));
-        assert!(h2.callouts.borrow().is_empty());
-        assert_eq!(h2.counter(Counter::L1Hit), 1);
-        assert_eq!(
-            String::from_utf8(h2.body.borrow().clone()).unwrap(),
-            INJECTED
-        );
-        assert_eq!(
-            h2.headers.borrow().get(DEBUG_HEADER).map(String::as_str),
-            Some("local")
-        );
+        assert!(w2.host.callouts.borrow().is_empty());
+        assert_eq!(w2.host.counter(Counter::L1Hit), 1);
+        assert_eq!(w2.body(1), INJECTED);
+        assert_eq!(w2.tier(1).as_deref(), Some("local"));
     }
 
     #[test]
     fn redis_hit_fills_l1_without_asking_the_store() {
         let shared = SharedData::default();
-        let c = config("");
-        let h = host(&shared);
-        run(&h, &c, vec![ok("$11\r\nBe \"terse\".\r\n")]);
-        assert_eq!(h.callouts.borrow().len(), 1);
-        assert_eq!(
-            String::from_utf8(h.body.borrow().clone()).unwrap(),
-            INJECTED
-        );
-        assert_eq!(
-            h.headers.borrow().get(DEBUG_HEADER).map(String::as_str),
-            Some("redis")
-        );
-        assert_eq!(h.counter(Counter::L2Hit), 1);
+        let w = W::new(&shared, config(""));
+        w.run(1, vec![redis_hit("Be \"terse\".")]);
+        assert_eq!(w.host.callouts.borrow().len(), 1);
+        assert_eq!(w.body(1), INJECTED);
+        assert_eq!(w.tier(1).as_deref(), Some("redis"));
+        assert_eq!(w.host.counter(Counter::L2Hit), 1);
         let e = shared.get(&format!("ibex:d:{AGENT}")).unwrap();
         assert_eq!(Entry::decode(&e).unwrap().kind, Kind::Present);
     }
@@ -823,146 +1008,111 @@ mod tests {
     #[test]
     fn agent_without_directive_is_untouched_and_cached_negatively() {
         let shared = SharedData::default();
-        let c = config("");
-        let h = host(&shared);
-        let (flow, _) = step(Flow::new(), Event::Headers(head(Some(AGENT))), &h, &c);
-        let (l2, _) = h.last_callout();
-        let (flow, _) = step(
-            flow,
-            Event::Callout {
-                token: l2,
-                response: ok("$-1\r\n"),
-            },
-            &h,
-            &c,
-        );
-        let (l3, _) = h.last_callout();
-        let (flow, _) = step(
-            flow,
-            Event::Callout {
-                token: l3,
-                response: store_answer(None),
-            },
-            &h,
-            &c,
-        );
+        let w = W::new(&shared, config(""));
+        let (flow, _) = w.headers(1);
+        let (flow, _) = w.answer(1, flow, redis_miss());
+        let (flow, _) = w.answer(1, flow, store_answer(None));
         assert!(matches!(flow.state, State::Forward));
-        assert_eq!(h.resumed.get(), 1);
-        assert!(h.headers.borrow().get("content-length").is_none());
-        assert_eq!(h.body.borrow().as_slice(), BODY.as_bytes());
-        let (_, write) = h.last_callout();
+        assert_eq!(w.host.req(1).resumed, 1);
+        assert_eq!(w.body(1), BODY);
+        let (_, write) = w.host.last_callout();
         assert_eq!(write.method, "GET");
         assert!(write
             .path
             .ends_with(&format!("/2/directive:{AGENT}/directive:__flush__/10/")));
-        assert_eq!(h.counter(Counter::NoDirective), 1);
+        assert_eq!(w.host.counter(Counter::NoDirective), 1);
 
-        let h2 = host(&shared);
-        let (flow, action) = step(Flow::new(), Event::Headers(head(Some(AGENT))), &h2, &c);
+        let w2 = W::new(&shared, config(""));
+        let (flow, action) = w2.headers(1);
         assert_eq!(action, Action::Continue);
         assert!(matches!(flow.state, State::Forward));
-        assert!(h2.callouts.borrow().is_empty());
-        assert_eq!(h2.counter(Counter::L1Hit), 1);
+        assert!(w2.host.callouts.borrow().is_empty());
+        assert!(!w2.host.req(1).headers.contains_key("content-length"));
     }
 
     #[test]
     fn l1_expiry_sends_the_next_request_to_redis() {
         let shared = SharedData::default();
-        let c = config(r#","cache":{"ttl_seconds":1}"#);
-        let h = host(&shared);
-        run(&h, &c, vec![ok("$1\r\nD\r\n")]);
-        let h2 = host(&shared);
-        h2.now.set(h.now.get() + 1_000);
-        let (_, action) = step(Flow::new(), Event::Headers(head(Some(AGENT))), &h2, &c);
+        let w = W::new(&shared, config(r#","cache":{"ttl_seconds":1}"#));
+        w.run(1, vec![redis_hit("D")]);
+        w.host.now.set(w.host.now.get() + 1_000);
+        let (_, action) = w.headers(2);
         assert_eq!(action, Action::Pause);
-        assert_eq!(h2.counter(Counter::L1Miss), 1);
-        assert_eq!(h2.last_callout().1.cluster, "ibex_redis");
+        assert_eq!(w.host.counter(Counter::L1Miss), 2);
+        assert_eq!(w.host.last_callout().1.cluster, "ibex_redis");
     }
 
     #[test]
     fn header_problems_are_refused_or_passed() {
         let shared = SharedData::default();
-        let c = config("");
-        let h = host(&shared);
-        let (flow, _) = step(Flow::new(), Event::Headers(head(Some("agent-7"))), &h, &c);
+        let w = W::new(&shared, config(""));
+        let (flow, _) = w.headers_with(1, head(Some("agent-7")));
         assert!(matches!(flow.state, State::Replied));
-        let (status, body) = h.reply.borrow().clone().unwrap();
+        let (status, body) = w.host.req(1).reply.clone().unwrap();
         assert_eq!(status, 400);
         assert!(body.contains("invalid_agent_id"));
 
-        let h = host(&shared);
-        let (flow, action) = step(Flow::new(), Event::Headers(head(None)), &h, &c);
+        let (flow, action) = w.headers_with(2, head(None));
         assert!(matches!(flow.state, State::Forward));
         assert_eq!(action, Action::Continue);
-        assert!(h.reply.borrow().is_none());
+        assert!(w.host.req(2).reply.is_none());
 
-        let c = config(r#","agent":{"missing":"reject"}"#);
-        let h = host(&shared);
-        step(Flow::new(), Event::Headers(head(None)), &h, &c);
-        assert_eq!(h.reply.borrow().as_ref().unwrap().0, 401);
+        let w = W::new(&shared, config(r#","agent":{"missing":"reject"}"#));
+        w.headers_with(1, head(None));
+        assert_eq!(w.reply_status(1), Some(401));
     }
 
     #[test]
     fn oversized_and_encoded_bodies_are_refused_before_any_lookup() {
         let shared = SharedData::default();
-        let c = config(r#","inject":{"max_body_bytes":100}"#);
-        let h = host(&shared);
+        let w = W::new(&shared, config(r#","inject":{"max_body_bytes":100}"#));
         let mut hd = head(Some(AGENT));
         hd.content_length = Some("101");
-        step(Flow::new(), Event::Headers(hd), &h, &c);
-        assert_eq!(h.reply.borrow().as_ref().unwrap().0, 413);
-        assert!(h.callouts.borrow().is_empty());
-
-        let h = host(&shared);
+        w.headers_with(1, hd);
+        assert_eq!(w.reply_status(1), Some(413));
         let mut hd = head(Some(AGENT));
         hd.content_encoding = Some("gzip");
-        step(Flow::new(), Event::Headers(hd), &h, &c);
-        assert_eq!(h.reply.borrow().as_ref().unwrap().0, 415);
+        w.headers_with(2, hd);
+        assert_eq!(w.reply_status(2), Some(415));
+        assert!(w.host.callouts.borrow().is_empty());
     }
 
     #[test]
     fn chunked_body_over_the_limit_is_refused_while_buffering() {
         let shared = SharedData::default();
-        let c = config(r#","inject":{"max_body_bytes":100}"#);
-        let h = host(&shared);
-        let flow = run(&h, &c, vec![ok("$1\r\nD\r\n")]);
-        drop(flow);
-        let h2 = host(&shared);
-        let (flow, action) = step(Flow::new(), Event::Headers(head(Some(AGENT))), &h2, &c);
+        let w = W::new(&shared, config(r#","inject":{"max_body_bytes":100}"#));
+        w.run(1, vec![redis_hit("D")]);
+        let (flow, action) = w.headers(2);
         assert_eq!(action, Action::Continue);
-        let (flow, action) = step(
+        let (flow, action) = w.ev(
+            2,
             flow,
             Event::Body {
                 size: 60,
                 end_of_stream: false,
             },
-            &h2,
-            &c,
         );
         assert_eq!(action, Action::Pause);
-        let (flow, _) = step(
+        let (flow, _) = w.ev(
+            2,
             flow,
             Event::Body {
                 size: 120,
                 end_of_stream: false,
             },
-            &h2,
-            &c,
         );
         assert!(matches!(flow.state, State::Replied));
-        assert_eq!(h2.reply.borrow().as_ref().unwrap().0, 413);
+        assert_eq!(w.reply_status(2), Some(413));
     }
 
     #[test]
     fn failures_follow_failure_mode() {
-        let c = config("");
         let shared = SharedData::default();
-        let h = host(&shared);
-        let flow = run(
-            &h,
-            &c,
+        let w = W::new(&shared, config(""));
+        let flow = w.run(
+            1,
             vec![
-                Response::default(),
+                failed(),
                 Response {
                     status: Some(503),
                     body: vec![],
@@ -970,194 +1120,315 @@ mod tests {
             ],
         );
         assert!(matches!(flow.state, State::Replied));
-        assert_eq!(h.reply.borrow().as_ref().unwrap().0, 503);
-        assert_eq!(h.counter(Counter::RejectedDirectiveUnavailable), 1);
-        assert_eq!(h.body.borrow().as_slice(), BODY.as_bytes());
+        assert_eq!(w.reply_status(1), Some(503));
+        assert_eq!(w.host.counter(Counter::RejectedDirectiveUnavailable), 1);
+        assert_eq!(w.body(1), BODY);
 
-        let c = config(r#","failure_mode":"open""#);
-        let h = host(&shared);
-        let flow = run(&h, &c, vec![Response::default(), Response::default()]);
+        let w = W::new(&shared, config(r#","failure_mode":"open""#));
+        let flow = w.run(1, vec![failed(), failed()]);
         assert!(matches!(flow.state, State::Forward));
-        assert!(h.reply.borrow().is_none());
-        assert_eq!(h.body.borrow().as_slice(), BODY.as_bytes());
-        assert_eq!(
-            h.headers.borrow().get(DEBUG_HEADER).map(String::as_str),
-            Some("none")
-        );
-        assert_eq!(h.counter(Counter::FailedOpen), 1);
+        assert!(w.host.req(1).reply.is_none());
+        assert_eq!(w.body(1), BODY);
+        assert_eq!(w.tier(1).as_deref(), Some("none"));
+        assert_eq!(w.host.counter(Counter::FailedOpen), 1);
     }
 
     #[test]
     fn undispatchable_clusters_count_as_tier_errors() {
-        let c = config("");
         let shared = SharedData::default();
-        let h = host(&shared);
-        h.fail_dispatch_to.borrow_mut().push("ibex_redis".into());
-        let (_, action) = step(Flow::new(), Event::Headers(head(Some(AGENT))), &h, &c);
+        let w = W::new(&shared, config(""));
+        w.host
+            .fail_dispatch_to
+            .borrow_mut()
+            .push("ibex_redis".into());
+        let (_, action) = w.headers(1);
         assert_eq!(action, Action::Pause);
-        assert_eq!(h.counter(Counter::L2Error), 1);
-        assert_eq!(h.last_callout().1.cluster, "ibex_store");
+        assert_eq!(w.host.counter(Counter::L2Error), 1);
+        assert_eq!(w.host.last_callout().1.cluster, "ibex_store");
 
-        let h = host(&shared);
-        h.fail_dispatch_to
+        let w = W::new(&shared, config(""));
+        w.host
+            .fail_dispatch_to
             .borrow_mut()
             .extend(["ibex_redis".into(), "ibex_store".into()]);
-        let (flow, _) = step(Flow::new(), Event::Headers(head(Some(AGENT))), &h, &c);
+        let (flow, action) = w.headers(1);
         assert!(matches!(flow.state, State::Replied));
-        assert_eq!(h.reply.borrow().as_ref().unwrap().0, 503);
+        assert_eq!(action, Action::Pause);
+        assert_eq!(w.reply_status(1), Some(503));
+        assert_eq!(
+            w.host.req(1).resumed,
+            0,
+            "answered from its own headers callback"
+        );
     }
 
     #[test]
     fn expired_entry_is_served_stale_only_while_tiers_fail_and_within_the_window() {
-        let c = config(r#","cache":{"ttl_seconds":1,"stale_if_error_seconds":5}"#);
         let shared = SharedData::default();
-        let h = host(&shared);
-        run(&h, &c, vec![ok("$11\r\nBe \"terse\".\r\n")]);
-        let t0 = h.now.get();
+        let c = r#","cache":{"ttl_seconds":1,"stale_if_error_seconds":5}"#;
+        let w = W::new(&shared, config(c));
+        w.run(1, vec![redis_hit("Be \"terse\".")]);
+        let t0 = w.host.now.get();
 
-        let h2 = host(&shared);
-        h2.now.set(t0 + 3_000);
-        run(&h2, &c, vec![Response::default(), Response::default()]);
-        assert_eq!(
-            String::from_utf8(h2.body.borrow().clone()).unwrap(),
-            INJECTED
-        );
-        assert_eq!(
-            h2.headers.borrow().get(DEBUG_HEADER).map(String::as_str),
-            Some("stale")
-        );
-        assert_eq!(h2.counter(Counter::StaleServed), 1);
+        w.host.now.set(t0 + 3_000);
+        w.run(2, vec![failed(), failed()]);
+        assert_eq!(w.body(2), INJECTED);
+        assert_eq!(w.tier(2).as_deref(), Some("stale"));
+        assert_eq!(w.host.counter(Counter::StaleServed), 1);
 
-        let h3 = host(&shared);
-        h3.now.set(t0 + 7_000);
-        run(&h3, &c, vec![Response::default(), Response::default()]);
-        assert_eq!(h3.reply.borrow().as_ref().unwrap().0, 503);
+        w.host.now.set(t0 + 7_000);
+        w.run(3, vec![failed(), failed()]);
+        assert_eq!(w.reply_status(3), Some(503));
     }
 
     #[test]
     fn a_fill_overtaken_by_an_invalidation_writes_neither_l1_nor_l2() {
-        let c = config("");
         let shared = SharedData::default();
-        let h = host(&shared);
-        let (flow, _) = step(Flow::new(), Event::Headers(head(Some(AGENT))), &h, &c);
-        let (l2, _) = h.last_callout();
-        let (flow, _) = step(
-            flow,
-            Event::Callout {
-                token: l2,
-                response: ok("$-1\r\n"),
-            },
-            &h,
-            &c,
-        );
+        let w = W::new(&shared, config(""));
+        let (flow, _) = w.headers(1);
+        let (flow, _) = w.answer(1, flow, redis_miss());
         // An invalidation lands while the store answer is in flight.
-        let tomb = Entry {
-            kind: Kind::Tombstone,
-            fresh_until_ms: 0,
-            generation: 0,
-            escaped: "",
-        };
-        h.shared_set(&format!("ibex:d:{AGENT}"), &tomb.encode(), None)
-            .unwrap();
-        let (l3, _) = h.last_callout();
-        step(
-            flow,
-            Event::Callout {
-                token: l3,
-                response: store_answer(Some("old")),
-            },
-            &h,
-            &c,
+        let r = crate::control::handle(
+            Some("POST"),
+            Some(&format!("/ibex/v1/invalidate/{AGENT}")),
+            None,
+            &w.host,
+            &w.config,
         );
-        assert_eq!(h.counter(Counter::FillDiscarded), 1);
-        assert_eq!(h.counter(Counter::L2Write), 0, "no write-back to Redis");
-        assert_eq!(h.callouts.borrow().len(), 2);
+        assert_eq!(r.status, 204);
+        w.answer(1, flow, store_answer(Some("old")));
+        assert_eq!(w.host.counter(Counter::FillDiscarded), 1);
+        assert_eq!(
+            w.host.counter(Counter::L2Write),
+            0,
+            "no write-back to Redis"
+        );
+        assert_eq!(w.host.callouts.borrow().len(), 2);
         let raw = shared.get(&format!("ibex:d:{AGENT}")).unwrap();
         assert_eq!(Entry::decode(&raw).unwrap().kind, Kind::Tombstone);
     }
 
     #[test]
-    fn body_delivered_while_headers_are_held_is_spliced_when_the_answer_arrives() {
-        let c = config("");
+    fn a_fill_overtaken_by_a_flush_is_stale_at_once() {
         let shared = SharedData::default();
-        let h = host(&shared);
-        let (flow, _) = step(Flow::new(), Event::Headers(head(Some(AGENT))), &h, &c);
-        let size = BODY.len();
-        let (flow, action) = step(
-            flow,
-            Event::Body {
-                size,
-                end_of_stream: true,
-            },
-            &h,
-            &c,
-        );
-        assert_eq!(action, Action::Pause);
-        let (l2, _) = h.last_callout();
-        let (flow, _) = step(
-            flow,
-            Event::Callout {
-                token: l2,
-                response: ok("$11\r\nBe \"terse\".\r\n"),
-            },
-            &h,
-            &c,
-        );
-        assert!(matches!(flow.state, State::Forward));
-        assert_eq!(h.resumed.get(), 1);
+        let w = W::new(&shared, config(""));
+        let (flow, _) = w.headers(1);
+        crate::control::invalidate_all(&w.host).unwrap();
+        w.answer(1, flow, redis_hit("old"));
+        let (_, action) = w.headers(2);
         assert_eq!(
-            String::from_utf8(h.body.borrow().clone()).unwrap(),
-            INJECTED
+            action,
+            Action::Pause,
+            "the entry written under the old generation is not fresh"
         );
+    }
+
+    #[test]
+    fn body_delivered_while_headers_are_held_is_spliced_when_the_answer_arrives() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(""));
+        let (flow, _) = w.headers(1);
+        let (flow, action) = w.body_end(1, flow);
+        assert_eq!(action, Action::Pause);
+        let (flow, _) = w.answer(1, flow, redis_hit("Be \"terse\"."));
+        assert!(matches!(flow.state, State::Forward));
+        assert_eq!(w.host.req(1).resumed, 1);
+        assert_eq!(w.body(1), INJECTED);
     }
 
     #[test]
     fn unparseable_body_for_an_agent_with_a_directive_is_refused() {
-        let c = config("");
         let shared = SharedData::default();
-        let h = host(&shared);
-        *h.body.borrow_mut() = br#"{"messages":[],"messages":[]}"#.to_vec();
-        let flow = run(&h, &c, vec![ok("$1\r\nD\r\n")]);
+        let w = W::new(&shared, config(""));
+        let (flow, _) = w.headers(1);
+        w.host.requests.borrow_mut().get_mut(&1).unwrap().body =
+            br#"{"messages":[],"messages":[]}"#.to_vec();
+        let (flow, _) = w.answer(1, flow, redis_hit("D"));
+        let (flow, _) = w.body_end(1, flow);
         assert!(matches!(flow.state, State::Replied));
-        let (status, body) = h.reply.borrow().clone().unwrap();
+        let (status, body) = w.host.req(1).reply.clone().unwrap();
         assert_eq!(status, 400);
         assert!(body.contains("invalid_body"));
-        assert_eq!(h.counter(Counter::RejectedInvalidBody), 1);
+        assert_eq!(w.host.counter(Counter::RejectedInvalidBody), 1);
     }
 
     #[test]
     fn other_paths_and_bodiless_requests_pass() {
-        let c = config("");
         let shared = SharedData::default();
-        let h = host(&shared);
+        let w = W::new(&shared, config(""));
         let mut hd = head(Some(AGENT));
         hd.path = Some("/v1/models");
-        let (_, action) = step(Flow::new(), Event::Headers(hd), &h, &c);
-        assert_eq!(action, Action::Continue);
+        assert_eq!(w.headers_with(1, hd).1, Action::Continue);
         let mut hd = head(Some(AGENT));
         hd.end_of_stream = true;
-        let (_, action) = step(Flow::new(), Event::Headers(hd), &h, &c);
-        assert_eq!(action, Action::Continue);
-        assert!(h.callouts.borrow().is_empty());
-        assert_eq!(h.counter(Counter::PassedThrough), 2);
+        assert_eq!(w.headers_with(2, hd).1, Action::Continue);
+        assert!(w.host.callouts.borrow().is_empty());
+        assert_eq!(w.host.counter(Counter::PassedThrough), 2);
     }
 
     #[test]
-    fn write_back_failures_are_counted() {
-        let c = config("");
+    fn write_back_outcomes_are_counted() {
         let shared = SharedData::default();
-        let h = host(&shared);
-        let flow = run(&h, &c, vec![ok("$-1\r\n"), store_answer(Some("D"))]);
-        let (write, _) = h.last_callout();
-        step(
-            flow,
-            Event::Callout {
-                token: write,
-                response: Response::default(),
-            },
-            &h,
-            &c,
+        let w = W::new(&shared, config(""));
+        let flow = w.run(1, vec![redis_miss(), store_answer(Some("D"))]);
+        w.answer(1, flow, failed());
+        assert_eq!(w.host.counter(Counter::L2WriteError), 1);
+
+        let w = W::new(&SharedData::default(), config(""));
+        let flow = w.run(1, vec![redis_miss(), store_answer(Some("D"))]);
+        w.answer(1, flow, ok(r#"{"EVAL":0}"#));
+        assert_eq!(w.host.counter(Counter::L2WriteSkipped), 1);
+        assert_eq!(w.host.counter(Counter::L2WriteError), 0);
+    }
+
+    #[test]
+    fn concurrent_misses_for_one_agent_make_one_fill_and_all_get_its_answer() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(""));
+        let (f1, _) = w.headers(1);
+        let (f2, a2) = w.headers(2);
+        let (f3, a3) = w.headers(3);
+        assert_eq!((a2, a3), (Action::Pause, Action::Pause));
+        assert_eq!(
+            w.host.callouts.borrow().len(),
+            1,
+            "one L2 read for three requests"
         );
-        assert_eq!(h.counter(Counter::L2WriteError), 1);
+        assert_eq!(w.host.counter(Counter::Coalesced), 2);
+        let (f1, _) = w.answer(1, f1, redis_miss());
+        assert_eq!(w.host.callouts.borrow().len(), 2, "one L3 read");
+        let (f1, _) = w.answer(1, f1, store_answer(Some("Be \"terse\".")));
+        for id in [1, 2, 3] {
+            assert_eq!(w.host.req(id).resumed, 1, "request {id} resumed");
+            assert_eq!(w.tier(id).as_deref(), Some("store"));
+        }
+        for (id, flow) in [(1, f1), (2, f2), (3, f3)] {
+            let (flow, action) = w.body_end(id, flow);
+            assert_eq!(action, Action::Continue);
+            assert!(matches!(flow.state, State::Forward));
+            assert_eq!(w.body(id), INJECTED);
+        }
+        assert_eq!(w.host.counter(Counter::Injected), 3);
+        assert_eq!(w.host.current.get(), 3);
+        assert!(w.worker.borrow().ready.is_empty());
+    }
+
+    #[test]
+    fn coalesced_requests_share_a_failure() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(""));
+        let (f1, _) = w.headers(1);
+        let (_f2, _) = w.headers(2);
+        let (f1, _) = w.answer(1, f1, failed());
+        w.answer(1, f1, failed());
+        assert_eq!(w.reply_status(1), Some(503));
+        assert_eq!(w.reply_status(2), Some(503));
+        assert_eq!(w.host.counter(Counter::RejectedDirectiveUnavailable), 2);
+    }
+
+    #[test]
+    fn a_waiter_is_not_stranded_when_the_fill_owner_goes_away() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(""));
+        let (_f1, _) = w.headers(1);
+        let (f2, _) = w.headers(2);
+        // Client 1 disconnects: its context is gone, and with it the routing of the
+        // callout answer (the SDK drops answers for unknown contexts).
+        w.worker.borrow_mut().forget(1);
+        w.host.requests.borrow_mut().remove(&1);
+        assert_eq!(w.worker.borrow().orphans().len(), 1);
+        rescue_orphans(&w.ctx(ROOT));
+        assert_eq!(w.host.callouts.borrow().len(), 2, "the root asked again");
+        let (token, _) = w.host.last_callout();
+        on_root_callout(token, redis_hit("Be \"terse\"."), &w.ctx(ROOT));
+        assert_eq!(w.host.req(2).resumed, 1);
+        let (f2, _) = w.body_end(2, f2);
+        assert!(matches!(f2.state, State::Forward));
+        assert_eq!(w.body(2), INJECTED);
+        assert!(w.worker.borrow().orphans().is_empty());
+    }
+
+    #[test]
+    fn a_fill_nobody_waits_for_is_dropped() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(""));
+        w.headers(1);
+        w.worker.borrow_mut().forget(1);
+        assert!(w.worker.borrow().fills.is_empty());
+        assert!(w.worker.borrow().tokens.is_empty());
+    }
+
+    #[test]
+    fn a_waiter_with_a_too_large_body_leaves_the_fill_for_the_others() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(r#","inject":{"max_body_bytes":100}"#));
+        let (f1, _) = w.headers(1);
+        let (f2, _) = w.headers(2);
+        let (_f2, _) = w.ev(
+            2,
+            f2,
+            Event::Body {
+                size: 500,
+                end_of_stream: false,
+            },
+        );
+        assert_eq!(w.reply_status(2), Some(413));
+        let (f1, _) = w.answer(1, f1, redis_hit("Be \"terse\"."));
+        assert_eq!(w.host.req(2).resumed, 0, "a refused request is not resumed");
+        let (f1, _) = w.body_end(1, f1);
+        assert!(matches!(f1.state, State::Forward));
+    }
+
+    #[test]
+    fn redis_breaker_opens_skips_l2_then_probes() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(""));
+        for i in 0..BREAKER_THRESHOLD {
+            let agent = format!("00000000-0000-4000-8000-{:012}", i);
+            let agent: &'static str = Box::leak(agent.into_boxed_str());
+            let (f, _) = w.headers_with(10 + i, head(Some(agent)));
+            let (f, _) = w.answer(10 + i, f, failed());
+            let store = ok(&serde_json::json!({"agent_id": agent, "content": null}).to_string());
+            w.answer(10 + i, f, store);
+        }
+        assert_eq!(w.host.counter(Counter::L2BreakerOpen), 1);
+        let before = w.host.callouts.borrow().len();
+        let (f, _) = w.headers(1);
+        assert_eq!(w.host.counter(Counter::L2Skipped), 1);
+        assert_eq!(
+            w.host.last_callout().1.cluster,
+            "ibex_store",
+            "straight to L3"
+        );
+        assert_eq!(w.host.callouts.borrow().len(), before + 1);
+        w.answer(1, f, store_answer(Some("D")));
+
+        w.host.now.set(w.host.now.get() + BREAKER_COOL_OFF_MS);
+        let (f, _) = w.headers_with(2, head(Some("00000000-0000-4000-8000-0000000000ff")));
+        assert_eq!(
+            w.host.last_callout().1.cluster,
+            "ibex_redis",
+            "one probe after the cool-off"
+        );
+        w.answer(2, f, redis_hit("D"));
+        assert_eq!(w.host.counter(Counter::L2BreakerClose), 1);
+    }
+
+    #[test]
+    fn store_breaker_open_fails_fast_without_a_callout() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(""));
+        for _ in 0..BREAKER_THRESHOLD {
+            w.worker.borrow_mut().store.failure(w.host.now.get());
+        }
+        w.host
+            .fail_dispatch_to
+            .borrow_mut()
+            .push("ibex_redis".into());
+        let (flow, _) = w.headers(1);
+        assert!(matches!(flow.state, State::Replied));
+        assert_eq!(w.reply_status(1), Some(503));
+        assert!(w.host.callouts.borrow().is_empty());
+        assert_eq!(w.host.counter(Counter::L3Skipped), 1);
     }
 }

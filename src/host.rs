@@ -44,6 +44,9 @@ pub trait Host {
     fn send_json_reply(&self, status: u16, body: &str) -> Result<(), HostError>;
     /// Lets a paused request continue.
     fn resume_request(&self) -> Result<(), HostError>;
+    /// Makes request `context_id` the one later calls act on (headers, body, reply,
+    /// resume), so a fill can answer every request that waited for it.
+    fn switch_to(&self, context_id: u32) -> Result<(), HostError>;
     /// Increments a counter.
     fn count(&self, counter: Counter);
 }
@@ -55,7 +58,7 @@ pub mod fake {
     //! callouts, a settable clock and a request with headers and a body.
 
     use super::*;
-    use std::cell::{Cell, RefCell};
+    use std::cell::{Cell, Ref, RefCell, RefMut};
     use std::collections::HashMap;
     use std::rc::Rc;
 
@@ -76,7 +79,17 @@ pub mod fake {
         }
     }
 
-    /// One fake request context.
+    /// What the host knows of one request context.
+    #[derive(Default, Debug)]
+    pub struct FakeRequest {
+        pub headers: HashMap<String, String>,
+        pub body: Vec<u8>,
+        pub reply: Option<(u16, String)>,
+        pub resumed: u32,
+    }
+
+    /// One fake worker: its request contexts, the one host calls act on, callouts
+    /// and counters, and shared data (shareable with other fake workers).
     #[derive(Default)]
     pub struct FakeHost {
         pub now: Cell<u64>,
@@ -84,20 +97,39 @@ pub mod fake {
         pub callouts: RefCell<Vec<(u32, Callout)>>,
         pub next_token: Cell<u32>,
         pub fail_dispatch_to: RefCell<Vec<String>>,
-        pub headers: RefCell<HashMap<String, String>>,
-        pub body: RefCell<Vec<u8>>,
-        pub reply: RefCell<Option<(u16, String)>>,
-        pub resumed: Cell<u32>,
+        pub requests: RefCell<HashMap<u32, FakeRequest>>,
+        pub current: Cell<u32>,
         pub counters: RefCell<HashMap<&'static str, u64>>,
     }
 
     impl FakeHost {
         pub fn with_shared(shared: SharedData) -> Self {
-            FakeHost {
+            let host = FakeHost {
                 shared,
                 now: Cell::new(1_000_000),
                 ..Default::default()
-            }
+            };
+            host.add_request(1, b"");
+            host.current.set(1);
+            host
+        }
+        /// A new request context with its body.
+        pub fn add_request(&self, id: u32, body: &[u8]) {
+            let req = FakeRequest {
+                body: body.to_vec(),
+                ..Default::default()
+            };
+            self.requests.borrow_mut().insert(id, req);
+        }
+        /// The request context `id`.
+        pub fn req(&self, id: u32) -> Ref<'_, FakeRequest> {
+            Ref::map(self.requests.borrow(), |m| &m[&id])
+        }
+        fn cur(&self) -> RefMut<'_, FakeRequest> {
+            let id = self.current.get();
+            RefMut::map(self.requests.borrow_mut(), |m| {
+                m.get_mut(&id).expect("no such request")
+            })
         }
         pub fn counter(&self, c: Counter) -> u64 {
             self.counters.borrow().get(c.name()).copied().unwrap_or(0)
@@ -144,32 +176,36 @@ pub mod fake {
             Ok(token)
         }
         fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
-            let body = self.body.borrow();
-            Ok(body[..size.min(body.len())].to_vec())
+            let req = self.cur();
+            Ok(req.body[..size.min(req.body.len())].to_vec())
         }
         fn replace_request_body(&self, old_len: usize, body: &[u8]) -> Result<(), HostError> {
-            assert_eq!(
-                old_len,
-                self.body.borrow().len(),
-                "must replace the whole body"
-            );
-            *self.body.borrow_mut() = body.to_vec();
+            let mut req = self.cur();
+            assert_eq!(old_len, req.body.len(), "must replace the whole body");
+            req.body = body.to_vec();
             Ok(())
         }
         fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
-            let mut h = self.headers.borrow_mut();
+            let mut req = self.cur();
             match value {
-                Some(v) => h.insert(name.to_string(), v.to_string()),
-                None => h.remove(name),
+                Some(v) => req.headers.insert(name.to_string(), v.to_string()),
+                None => req.headers.remove(name),
             };
             Ok(())
         }
         fn send_json_reply(&self, status: u16, body: &str) -> Result<(), HostError> {
-            *self.reply.borrow_mut() = Some((status, body.to_string()));
+            self.cur().reply = Some((status, body.to_string()));
             Ok(())
         }
         fn resume_request(&self) -> Result<(), HostError> {
-            self.resumed.set(self.resumed.get() + 1);
+            self.cur().resumed += 1;
+            Ok(())
+        }
+        fn switch_to(&self, context_id: u32) -> Result<(), HostError> {
+            if !self.requests.borrow().contains_key(&context_id) {
+                return Err(HostError::NotFound);
+            }
+            self.current.set(context_id);
             Ok(())
         }
         fn count(&self, counter: Counter) {

@@ -23,6 +23,7 @@ pub mod json;
 pub mod metrics;
 pub mod reply;
 pub mod tiers;
+pub mod worker;
 
 #[cfg(target_arch = "wasm32")]
 mod envoy;

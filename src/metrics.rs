@@ -43,7 +43,13 @@ counters! {
     FailedOpen => "failed_open", "Forwarded without a directive because failure_mode is open.";
     StaleServed => "stale_served", "Answered from an expired entry while L2 and L3 failed.";
     FillDiscarded => "fill_discarded", "Fill results not cached because an invalidation overtook them.";
-    Coalesced => "coalesced", "Requests that waited for another request's fill.";
+    Coalesced => "coalesced", "Requests that joined another request's fill instead of asking again.";
+    L2Skipped => "l2_skipped", "L2 not asked because its circuit breaker is open.";
+    L3Skipped => "l3_skipped", "L3 not asked because its circuit breaker is open.";
+    L2BreakerOpen => "l2_breaker_open", "L2 circuit breaker opened (after repeated failures or a failed probe).";
+    L2BreakerClose => "l2_breaker_close", "L2 circuit breaker closed (a probe succeeded).";
+    L3BreakerOpen => "l3_breaker_open", "L3 circuit breaker opened.";
+    L3BreakerClose => "l3_breaker_close", "L3 circuit breaker closed.";
     Invalidations => "invalidations", "Invalidations applied by the control role.";
     RejectedInvalidAgentId => "rejected.invalid_agent_id", "400: agent header not a UUID.";
     RejectedMissingAgentId => "rejected.missing_agent_id", "401: agent header missing.";
