@@ -742,4 +742,87 @@ mod tests {
         assert_eq!(c.ttl_seconds, 60);
         assert_eq!(c.control_token, None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| Value::from(n)),
+                any::<f64>().prop_map(
+                    |f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+                ),
+                prop_oneof![
+                    Just("data".to_string()),
+                    Just("control".to_string()),
+                    Just("closed".to_string()),
+                    Just("open".to_string()),
+                    Just("reject".to_string()),
+                    Just("webdis".to_string()),
+                    ".{0,12}",
+                ]
+                .prop_map(Value::String),
+            ];
+            let names = prop_oneof![
+                Just("role"),
+                Just("agent"),
+                Just("header"),
+                Just("missing"),
+                Just("cache"),
+                Just("ttl_seconds"),
+                Just("negative_ttl_seconds"),
+                Just("stale_if_error_seconds"),
+                Just("redis"),
+                Just("cluster"),
+                Just("authority"),
+                Just("dialect"),
+                Just("key_prefix"),
+                Just("timeout_ms"),
+                Just("store"),
+                Just("inject"),
+                Just("max_body_bytes"),
+                Just("paths"),
+                Just("failure_mode"),
+                Just("control"),
+                Just("token"),
+                Just("debug_headers"),
+                Just("/x"),
+                Just("bogus"),
+            ];
+            leaf.prop_recursive(3, 32, 6, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                    prop::collection::btree_map(names.clone().prop_map(String::from), inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Any JSON: parsed or refused with a named field, never a panic; and
+            /// whatever is accepted is within the documented ranges.
+            #[test]
+            fn arbitrary_json_is_parsed_or_refused_with_a_field(v in json(), env in proptest::option::of("[0-9a-z]{0,4}")) {
+                match Config::parse(v.to_string().as_bytes(), env.as_deref()) {
+                    Ok(c) => {
+                        prop_assert!(c.ttl_seconds >= 1 && c.negative_ttl_seconds >= 1);
+                        prop_assert!(c.redis.timeout_ms >= 1 && c.store.timeout_ms >= 1);
+                        prop_assert!(c.max_body_bytes >= 1);
+                        prop_assert!(!c.paths.is_empty() || v.pointer("/inject/paths").is_some());
+                    }
+                    Err(e) => prop_assert!(!e.field.is_empty() && !e.reason.is_empty()),
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+                let _ = Config::parse(&bytes, None);
+            }
+        }
+    }
 }
