@@ -4,7 +4,9 @@
 #   make test    cargo tests, fmt, clippy, envoy validate, end-to-end tests
 #   make build   the filter (wasm32-wasip1) and the companion (release)
 #   make lint    fmt --check and clippy of both crates
+#   make e2e     only the end-to-end tests (PYTEST_ARGS="-k name" to pick)
 #   make clean   remove build outputs and .run/
+#   make bench   not written yet
 #
 # Installs by itself on a fresh Debian 12 machine (as root): the apt packages
 # below when missing, the wasm32-wasip1 rust target, and .venv with the pinned
@@ -34,7 +36,7 @@ APT_NEEDS := redis-server:redis-server redis-cli:redis-tools webdis:webdis \
         run bench clean distclean
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,14p' Makefile | sed 's/^# \{0,1\}//'
 
 # ---------------------------------------------------------------- installs
 
