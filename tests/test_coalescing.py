@@ -5,7 +5,6 @@ asserted exactly, however the requests happen to be scheduled."""
 
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
 
 from helpers import CHAT, agent_with, chat_body, strict_json
@@ -14,9 +13,6 @@ CONCURRENCY = 2  # Envoy --concurrency of the test stacks
 REQUESTS = 64
 
 
-@pytest.mark.xfail(strict=False, reason="the filter does not coalesce concurrent misses yet "
-                                        "(counter `coalesced` is defined, nothing increments it); "
-                                        "drop this mark once it does")
 def test_cold_agent_concurrent_requests_share_lookups(stack, upstream):
     directive = "One lookup per worker."
     agent = agent_with(stack, directive)
