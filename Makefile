@@ -6,7 +6,7 @@
 #   make lint    fmt --check and clippy of both crates
 #   make e2e     only the end-to-end tests (PYTEST_ARGS="-k name" to pick)
 #   make clean   remove build outputs and .run/
-#   make bench   not written yet
+#   make bench   SPEC §8 benchmarks, side by side (bench/README.md; ~10 min)
 #
 # Installs by itself on a fresh Debian 12 machine (as root): the apt packages
 # below when missing, the wasm32-wasip1 rust target, and .venv with the pinned
@@ -126,8 +126,12 @@ test: deps
 run: deps build
 	$(PY) -m stack.run
 
-bench:
-	@echo "make bench: not written yet (SPEC §8 benchmarks come later)"
+## SPEC §8 benchmarks on a stack of their own (free ports, .bench/): wrk variants,
+## stampede, invalidation, memory, criterion. Writes bench/results/latest.{md,json}.
+## BENCH_ARGS="--quick" checks the harness in about two minutes.
+BENCH_ARGS ?=
+bench: deps build
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # ---------------------------------------------------------------- cleanup
 

@@ -1,0 +1,262 @@
+"""The stack of `make bench`: the project's harness (stack/) plus what the
+benchmarks need on top, composed here so stack/ stays untouched.
+
+- `SinkEnvoy`: a second, plain Envoy whose only listener answers every request
+  with a fixed 200 JSON body (`direct_response`) once it has read the whole
+  request (buffer filter). It is the "LLM upstream" of every benchmark variant:
+  fast, identical for all of them, and outside the measured gateway process.
+- `BenchEnvoy`: the stack's Envoy (envoy/local.yaml rendered by stack/envoy.py,
+  with its `ibex_data` and `ibex_control` listeners) plus one listener per
+  benchmark variant, all routing to the sink:
+    bench_bare  no HTTP filter but the router
+    bench_lua   Envoy's Lua filter prepending a fixed system message
+    bench_ibex  the ibex_directive wasm filter (same vm_id as ibex_data, so the
+                control listener's invalidations and the shared data are common)
+    bench_noop  a proxy-wasm filter that does nothing (bench/noop-wasm, its own
+                vm_id): what any wasm filter costs before doing any work
+  A path under /_echo/ goes to the echo upstream instead (prefix stripped), so a
+  sanity check can see the exact body each variant forwards.
+- `BenchStack`: `Stack` that starts the sink first and builds a `BenchEnvoy`.
+
+CPU pinning: every process inherits the harness's CPU affinity; the gateway
+Envoy alone is started under `taskset` on its own CPU(s) (see bench/README.md).
+"""
+
+import copy
+
+import yaml
+
+from stack import paths
+from stack.companion import http_status
+from stack.envoy import (DATA_LISTENER, WASM_FILTER, Envoy, filter_json, listener, merge,
+                         set_filter_json, set_port)
+from stack.ports import free_port, tcp_open
+from stack.process import ManagedProcess
+from stack.stack import Stack
+
+HCM = "envoy.filters.network.http_connection_manager"
+ROUTER = "envoy.filters.http.router"
+SINK_BODY = '{"id":"chatcmpl-bench","object":"chat.completion","model":"bench","choices":[]}'
+BIG_LIMITS = {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
+                              "max_requests": 100000, "max_retries": 3}]}
+
+
+def envoy_command(config_path, concurrency, log_level, log_path, cpus=None):
+    argv = [paths.envoy_path(), "-c", config_path, "--concurrency", concurrency,
+            "--use-dynamic-base-id", "-l", log_level, "--log-path", log_path]
+    if cpus:
+        argv = ["taskset", "-c", cpus, *argv]
+    return argv
+
+
+def static_cluster(name, port):
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "circuit_breakers": copy.deepcopy(BIG_LIMITS),
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
+    }
+
+
+def hcm_of(listener_config):
+    for chain in listener_config["filter_chains"]:
+        for network_filter in chain["filters"]:
+            if network_filter["name"] == HCM:
+                return network_filter["typed_config"]
+    raise KeyError(f"listener {listener_config['name']} has no http_connection_manager")
+
+
+class SinkEnvoy(ManagedProcess):
+    """Plain Envoy answering 200 with a small JSON body after reading the request."""
+
+    name = "sink"
+    ready_timeout = 60.0
+
+    def __init__(self, directory, port, admin_port, concurrency=1, cpus=None, **kwargs):
+        super().__init__(directory, **kwargs)
+        self.port = port
+        self.admin_port = admin_port
+        self.concurrency = concurrency
+        self.cpus = cpus
+
+    @property
+    def config_path(self):
+        return self.dir / "sink.yaml"
+
+    def listen_ports(self):
+        return [self.port, self.admin_port]
+
+    def render(self):
+        return {
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin_port}}},
+            "static_resources": {"listeners": [{
+                "name": "sink",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": self.port}},
+                "per_connection_buffer_limit_bytes": 4194304,
+                "filter_chains": [{"filters": [{"name": HCM, "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                             "http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "sink",
+                    "codec_type": "AUTO",
+                    "route_config": {"name": "sink", "virtual_hosts": [{
+                        "name": "sink", "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "direct_response": {
+                            "status": 200, "body": {"inline_string": SINK_BODY}}}],
+                        "response_headers_to_add": [{"header": {"key": "content-type",
+                                                                "value": "application/json"}}],
+                    }]},
+                    "http_filters": [
+                        # read the whole request before answering, like a real model API
+                        {"name": "envoy.filters.http.buffer", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                            "max_request_bytes": 4194304}},
+                        {"name": ROUTER, "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+                    ],
+                }}]}],
+            }]},
+        }
+
+    def prepare(self):
+        self.config_path.write_text(yaml.safe_dump(self.render(), sort_keys=False))
+
+    def command(self):
+        return envoy_command(self.config_path, self.concurrency, "warning", self.log_dir / "sink.envoy.log",
+                             self.cpus)
+
+    def ready(self):
+        return http_status(f"http://127.0.0.1:{self.admin_port}/ready") == 200 and tcp_open(self.port)
+
+
+class BenchEnvoy(Envoy):
+    """The stack's Envoy plus the benchmark listeners (see the module doc).
+
+    Made from the Envoy the stack builds (`from_stack_envoy`), so whatever settings
+    the harness passes to its Envoy keep working here.
+    """
+
+    @classmethod
+    def from_stack_envoy(cls, envoy, **bench):
+        envoy.__class__ = cls
+        envoy.init_bench(**bench)
+        return envoy
+
+    def init_bench(self, *, bench_ports, sink_port, lua_code, ibex_overrides, noop_wasm, cpus=None):
+        self.noop_wasm = noop_wasm
+        self.bench_ports = dict(bench_ports)
+        self.sink_port = sink_port
+        self.lua_code = lua_code
+        self.ibex_overrides = ibex_overrides
+        self.cpus = cpus
+
+    def listen_ports(self):
+        return super().listen_ports() + list(self.bench_ports.values())
+
+    def url_of(self, variant_listener):
+        return f"http://127.0.0.1:{self.bench_ports[variant_listener]}"
+
+    def render(self):
+        config = super().render()
+        data = listener(config, DATA_LISTENER)
+        config["static_resources"]["clusters"].append(static_cluster("bench_sink", self.sink_port))
+        for name, port in self.bench_ports.items():
+            config["static_resources"]["listeners"].append(self._bench_listener(data, name, port))
+        return config
+
+    def _bench_listener(self, data, name, port):
+        item = copy.deepcopy(data)
+        item["name"] = f"bench_{name}"
+        set_port(item, port)
+        hcm = hcm_of(item)
+        hcm["stat_prefix"] = f"bench_{name}"
+        hcm["route_config"] = {"name": f"bench_{name}", "virtual_hosts": [{
+            "name": "bench", "domains": ["*"],
+            "routes": [
+                {"match": {"prefix": "/_echo/"},
+                 "route": {"cluster": "llm_upstream", "prefix_rewrite": "/", "timeout": "30s"}},
+                {"match": {"prefix": "/"}, "route": {"cluster": "bench_sink", "timeout": "30s"}},
+            ]}]}
+        filters = hcm["http_filters"]
+        router = [f for f in filters if f["name"] == ROUTER]
+        if name == "bare":
+            filters[:] = router
+        elif name == "lua":
+            filters[:] = [{"name": "envoy.filters.http.lua", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": self.lua_code}}}] + router
+        elif name == "ibex":
+            if not any(f["name"] == WASM_FILTER for f in filters):
+                raise KeyError("the data listener of envoy/local.yaml has no wasm filter")
+            set_filter_json(item, merge(filter_json(item), self.ibex_overrides))
+        elif name == "noop":
+            wasm = copy.deepcopy(next(f for f in filters if f["name"] == WASM_FILTER))
+            plugin = wasm["typed_config"]["config"]
+            plugin.pop("configuration", None)
+            plugin.update(name="bench_noop", root_id="bench_noop")
+            plugin["vm_config"] = {"vm_id": "bench_noop", "runtime": plugin["vm_config"]["runtime"],
+                                   "code": {"local": {"filename": str(self.noop_wasm)}}}
+            filters[:] = [wasm] + router
+        else:
+            raise KeyError(f"unknown bench listener {name}")
+        return item
+
+    def command(self):
+        argv = super().command()
+        return ["taskset", "-c", self.cpus, *argv] if self.cpus else argv
+
+
+class BenchStack(Stack):
+    """`Stack` with the sink Envoy and the benchmark listeners.
+
+    gateway_cpus  CPU list for the gateway Envoy (taskset syntax), None = unpinned
+    """
+
+    BENCH_LISTENERS = ("bare", "lua", "ibex", "noop")
+
+    def __init__(self, directory, *, lua_code, ibex_overrides, noop_wasm, gateway_cpus=None, **kwargs):
+        self.bench_ports = {}
+        taken = set()
+        for name in self.BENCH_LISTENERS + ("sink", "sink_admin"):
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            taken.add(port)
+            self.bench_ports[name] = port
+        self._bench = {"lua_code": lua_code, "ibex_overrides": ibex_overrides, "noop_wasm": noop_wasm,
+                       "cpus": gateway_cpus}
+        super().__init__(directory, **kwargs)
+        # the free ports above must not collide with the stack's own
+        clash = set(self.bench_ports.values()) & set(self.ports.values())
+        if clash:
+            raise RuntimeError(f"port clash {clash}; run again")
+        self.sink = SinkEnvoy(self.dir / "sink", self.bench_ports["sink"], self.bench_ports["sink_admin"],
+                              log_dir=kwargs.get("log_dir"))
+
+    def _make_envoy(self, **settings):
+        return BenchEnvoy.from_stack_envoy(
+            super()._make_envoy(**settings),
+            bench_ports={k: self.bench_ports[k] for k in self.BENCH_LISTENERS},
+            sink_port=self.bench_ports["sink"], **self._bench)
+
+    def start(self, name=None):
+        if name is None:
+            try:
+                self.sink.start()
+                return super().start()
+            except BaseException:
+                self.sink.stop()
+                raise
+        return super().start(name)
+
+    def stop(self, name=None):
+        if name is not None:
+            return super().stop(name)
+        try:
+            super().stop()
+        finally:
+            self.sink.stop()
+
+    def url_of(self, variant_listener):
+        return self.envoy.url_of(variant_listener)
