@@ -1,9 +1,10 @@
 # ibex-directive: build, lint, test and run the whole stack.
 #
 #   make run     install what is missing, build, run the stack in the foreground
-#   make test    cargo tests, fmt, clippy, envoy validate, end-to-end tests
+#   make test    cargo tests, fuzz, fmt, clippy, envoy validate, end-to-end tests
 #   make build   the filter (wasm32-wasip1) and the companion (release)
 #   make lint    fmt --check and clippy of both crates
+#   make fuzz    fuzz the JSON splicer for FUZZ_SECONDS (60); installs cargo-fuzz
 #   make e2e     only the end-to-end tests (PYTEST_ARGS="-k name" to pick)
 #   make clean   remove build outputs and .run/
 #   make bench   SPEC §8 benchmarks, side by side (bench/README.md; ~10 min)
@@ -26,17 +27,18 @@ COMPANION := companion/target/release/ibex-companion
 COMPANION_MANIFEST := --manifest-path companion/Cargo.toml
 PG_BIN    := /usr/lib/postgresql/15/bin
 PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 60
 
 # command -> Debian package that provides it
 APT_NEEDS := redis-server:redis-server redis-cli:redis-tools webdis:webdis \
-             $(PG_BIN)/postgres:postgresql-15 wrk:wrk curl:curl
+             $(PG_BIN)/postgres:postgresql-15 wrk:wrk curl:curl c++:g++
 
 .PHONY: help deps system-deps rust-deps venv build build-filter build-companion \
-        test test-filter test-companion fmt-check clippy lint validate e2e \
+        test test-filter test-companion fmt-check clippy lint validate e2e fuzz \
         run bench clean distclean
 
 help:
-	@sed -n '3,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,15p' Makefile | sed 's/^# \{0,1\}//'
 
 # ---------------------------------------------------------------- installs
 
@@ -113,9 +115,20 @@ validate: venv build-filter
 e2e: deps build
 	$(PYTEST) tests -p no:cacheprovider -ra $(PYTEST_ARGS)
 
+## The splicer's fuzz target (fuzz/fuzz_targets/splice.rs) for FUZZ_SECONDS: a crash
+## fails the build and leaves its input in fuzz/artifacts/splice/. cargo-fuzz passes
+## nightly-only flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. Starts
+## from the committed seeds (fuzz/seeds/) plus the local corpus (gitignored).
+fuzz: system-deps
+	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+	@mkdir -p fuzz/corpus/splice
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run splice corpus/splice seeds/splice -- \
+	  -max_total_time=$(FUZZ_SECONDS) -timeout=10 -dict=splice.dict
+
 test: deps
 	$(MAKE) --no-print-directory test-filter
 	$(MAKE) --no-print-directory test-companion
+	$(MAKE) --no-print-directory fuzz
 	$(MAKE) --no-print-directory fmt-check
 	$(MAKE) --no-print-directory clippy
 	$(MAKE) --no-print-directory validate
