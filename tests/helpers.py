@@ -7,6 +7,8 @@ import uuid
 
 import requests
 
+from stack import wait_until
+
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
 MESSAGES = "/v1/messages"
@@ -136,3 +138,40 @@ def raw_http(port, request_bytes, timeout=10.0):
                 break
             body += chunk
         return status, headers, body
+
+
+def connections_by_worker(stack):
+    """{worker index: connections that Envoy worker accepted on the data listener so far}.
+
+    From Envoy's per-worker listener stats (`listener.<addr>.worker_<n>.downstream_cx_total`).
+    """
+    pattern = rf"^listener\.127\.0\.0\.1_{stack.envoy.data_port}\.worker_[0-9]+\.downstream_cx_total$"
+    return {int(name.rsplit(".worker_", 1)[1].split(".", 1)[0]): value
+            for name, value in stack.envoy.stats(pattern).items()}
+
+
+def _worker_that_grew(before, stack):
+    """[worker] whose accepted-connection count is above `before`, or None yet."""
+    grown = [worker for worker, total in connections_by_worker(stack).items() if total > before.get(worker, 0)]
+    assert len(grown) <= 1, f"connections appeared on several workers at once: {grown}"
+    return grown or None
+
+
+def requests_on_every_worker(stack, path, body, agent, at_least=10, per_worker=2, limit=200):
+    """Send the request on a fresh connection (`Connection: close`), one at a time,
+    until at least `at_least` went out and every Envoy worker took `per_worker`.
+
+    Yields (worker index, requests.Response) after each request, before the
+    next one goes out, so the caller can look at what the upstream received.
+    The kernel spreads connections over the workers; `limit` bounds the tries.
+    """
+    served = {}
+    sent = 0
+    while sent < at_least or len(served) < stack.envoy.concurrency or min(served.values()) < per_worker:
+        assert sent < limit, f"{limit} connections did not reach every worker: {served}"
+        before = connections_by_worker(stack)
+        response = send(stack, path, body, agent=agent, headers={"connection": "close"})
+        [worker] = wait_until(lambda: _worker_that_grew(before, stack), what="Envoy to count the connection")
+        served[worker] = served.get(worker, 0) + 1
+        sent += 1
+        yield worker, response
