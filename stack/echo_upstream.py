@@ -7,7 +7,9 @@ The only stand-in of the stack: it plays the model behind Envoy so a person
 - POST .../responses         OpenAI Responses object (SSE events with "stream": true)
 - POST .../messages          Anthropic message (SSE events with "stream": true)
 - anything else              200 JSON describing the request
-- GET /_demo/received        the last 100 requests, newest last
+- GET /_demo/received        the last 100 requests (--keep N), newest last
+- GET /_demo/received?drain=1  the same, forgotten in the same step (no request
+                             lost between reading and clearing)
 - DELETE /_demo/received     forget them
 
 The assistant text lists the messages received, in order, role and content,
@@ -61,6 +63,13 @@ class Recorder:
     def clear(self):
         with self._lock:
             self._items.clear()
+
+    def drain(self):
+        """Every kept request, forgotten at once (atomically with the read)."""
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            return items
 
 
 # -- rendering what was received --------------------------------------------
@@ -368,7 +377,9 @@ class EchoHandler(BaseHTTPRequestHandler):
 
     def handle_demo(self):
         if self.command == "GET":
-            return self.send_json(200, {"requests": self.recorder.all()})
+            drain = "drain=1" in self.path.partition("?")[2].split("&")
+            items = self.recorder.drain() if drain else self.recorder.all()
+            return self.send_json(200, {"requests": items})
         if self.command == "DELETE":
             self.recorder.clear()
             return self.send_json(200, {"cleared": True})
@@ -400,9 +411,9 @@ class EchoHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = handle_any
 
 
-def make_server(host, port, quiet=False):
-    """A ready-to-serve echo server bound to host:port."""
-    handler = type("Handler", (EchoHandler,), {"recorder": Recorder()})
+def make_server(host, port, quiet=False, keep=KEEP):
+    """A ready-to-serve echo server bound to host:port, remembering `keep` requests."""
+    handler = type("Handler", (EchoHandler,), {"recorder": Recorder(keep)})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     server.quiet = quiet
@@ -414,8 +425,9 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=18000)
     parser.add_argument("--quiet", action="store_true", help="log nothing, not even method and path")
+    parser.add_argument("--keep", type=int, default=KEEP, help=f"requests remembered (default {KEEP})")
     args = parser.parse_args(argv)
-    server = make_server(args.host, args.port, args.quiet)
+    server = make_server(args.host, args.port, args.quiet, args.keep)
     sys.stderr.write(f"echo-upstream: listening on http://{args.host}:{args.port}\n")
     sys.stderr.flush()
     try:

@@ -98,8 +98,12 @@ def set_cluster_port(config, name, port, address="127.0.0.1"):
 
 
 def render_config(template, *, admin_port, data_port, control_port, upstream_port, webdis_port, store_port,
-                  wasm, filter_config=None, control_config=None, with_filter=True):
-    """A complete Envoy config for one stack; the template is not modified."""
+                  wasm, filter_config=None, control_config=None, with_filter=True, cluster_ports=None):
+    """A complete Envoy config for one stack; the template is not modified.
+
+    `cluster_ports` ({cluster name: port}) points clusters elsewhere after the
+    stack's ports are set (failure tests aim ibex_redis at a server that hangs).
+    """
     config = copy.deepcopy(template)
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
     data = listener(config, DATA_LISTENER)
@@ -109,6 +113,8 @@ def render_config(template, *, admin_port, data_port, control_port, upstream_por
     set_cluster_port(config, "llm_upstream", upstream_port)
     set_cluster_port(config, "ibex_redis", webdis_port)
     set_cluster_port(config, "ibex_store", store_port)
+    for name, port in (cluster_ports or {}).items():
+        set_cluster_port(config, name, port)
     for item in (data, control):
         wasm_plugin(item)["vm_config"]["code"]["local"]["filename"] = str(wasm)
     if filter_config:
@@ -128,6 +134,7 @@ class Envoy(ManagedProcess):
     servers. `filter_config` is merged into the data listener's filter JSON,
     `control_config` into the control listener's. `env` reaches Envoy's
     environment (IBEX_DIRECTIVE_CACHE_TTL is dropped unless given there).
+    `cluster_ports` ({cluster: port}) overrides where a cluster points.
     """
 
     name = "envoy"
@@ -135,7 +142,7 @@ class Envoy(ManagedProcess):
 
     def __init__(self, directory, *, data_port, control_port, admin_port, upstream_port, webdis_port, store_port,
                  filter_config=None, control_config=None, concurrency=2, log_level="info",
-                 template=None, wasm=None, with_filter=True, **kwargs):
+                 template=None, wasm=None, with_filter=True, cluster_ports=None, **kwargs):
         super().__init__(directory, **kwargs)
         self.data_port = data_port
         self.control_port = control_port
@@ -150,6 +157,7 @@ class Envoy(ManagedProcess):
         self.template_path = template or paths.LOCAL_ENVOY_CONFIG
         self.wasm = wasm or paths.wasm_path()
         self.with_filter = with_filter
+        self.cluster_ports = dict(cluster_ports or {})
 
     @property
     def url(self):
@@ -197,7 +205,7 @@ class Envoy(ManagedProcess):
             admin_port=self.admin_port, data_port=self.data_port, control_port=self.control_port,
             upstream_port=self.upstream_port, webdis_port=self.webdis_port, store_port=self.store_port,
             wasm=self.wasm, filter_config=self.filter_config, control_config=self.control_config,
-            with_filter=self.with_filter,
+            with_filter=self.with_filter, cluster_ports=self.cluster_ports,
         )
 
     def prepare(self):

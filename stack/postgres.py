@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stack import paths
 from stack.companion import Companion
-from stack.process import ManagedProcess, StartError
+from stack.process import ManagedProcess, StartError, wait_for_pid_exit
 
 DATABASE = "ibex"
 SUPERUSER = "postgres"
@@ -160,6 +160,35 @@ class Postgres(ManagedProcess):
         except (OSError, ValueError, IndexError):
             return None
 
+    def kill(self):
+        """A crash: SIGKILL the postmaster itself (not the runuser in front of it).
+
+        Backends and auxiliary processes run in sessions of their own; they
+        notice the postmaster's death and exit by themselves (PostgreSQL's
+        postmaster-death signal). They are awaited, then SIGKILLed if still
+        there after a deadline, so that a restart finds no old shared memory
+        in use. Falls back to killing our child's session when the
+        postmaster is not known.
+        """
+        if self.proc is None or not self.running():
+            return self.stop()
+        pid = self.postmaster_pid()
+        if not pid or parent_pid(pid) != self.proc.pid:
+            return super().kill()
+        children = child_pids(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for child in children:
+            if not wait_for_pid_exit(child, self.stop_timeout):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                wait_for_pid_exit(child, self.stop_timeout)
+        self.stop()
+
     def signal_targets(self):
         """The postmaster, when it is our runuser's child; else our child itself."""
         pid = self.postmaster_pid()
@@ -176,6 +205,15 @@ def parent_pid(pid):
         return None
     # the command name (field 2) may hold spaces; fields after the last ')' are fixed
     return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def child_pids(pid):
+    """Pids whose parent is `pid` right now (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and parent_pid(int(entry)) == pid:
+            children.append(int(entry))
+    return children
 
 
 def quote_literal(text):

@@ -78,6 +78,7 @@ class Stack:
             "env": envoy_env or {},
             "concurrency": concurrency,
             "log_level": levels["envoy"],
+            "cluster_ports": {},
         }
         self.envoy = self._make_envoy(**self.envoy_settings)
         self.subscriber = Subscriber(self.dir / "subscriber", p["subscriber"], self.redis.url,
@@ -87,14 +88,14 @@ class Stack:
 
     # -- lifecycle --------------------------------------------------------------
 
-    def _make_envoy(self, filter_config, control_config, env, concurrency, log_level):
+    def _make_envoy(self, filter_config, control_config, env, concurrency, log_level, cluster_ports=None):
         """An Envoy wired to this stack's ports with the given settings (not started)."""
         p = self.ports
         return Envoy(self.dir / "envoy", data_port=p["data"], control_port=p["control"],
                      admin_port=p["admin"], upstream_port=p["upstream"], webdis_port=p["webdis"],
                      store_port=p["store"], filter_config=filter_config, control_config=control_config,
                      env=env, concurrency=concurrency, log_level=log_level, pid_dir=self.pid_dir,
-                     log_dir=self.log_dir)
+                     log_dir=self.log_dir, cluster_ports=cluster_ports)
 
     def part(self, name):
         """The process object of part `name`."""
@@ -133,15 +134,19 @@ class Stack:
         if errors:
             raise RuntimeError("stopping the stack: " + "; ".join(errors))
 
-    def restart_envoy(self, *, filter_config=None, control_config=None, env=None, log_level=None):
+    def restart_envoy(self, *, filter_config=None, control_config=None, env=None, log_level=None,
+                      cluster_ports=None, concurrency=None):
         """Replace Envoy by one with other settings (same ports); returns the new Envoy.
 
         Settings not given keep their current value. The subscriber keeps
-        pointing at the same control port.
+        pointing at the same control port. `cluster_ports` ({cluster: port},
+        e.g. {"ibex_redis": port}) points clusters away from the stack's own
+        parts; `{}` points them back. `concurrency` sets Envoy's worker count.
         """
         settings = dict(self.envoy_settings)
         for key, value in (("filter_config", filter_config), ("control_config", control_config),
-                           ("env", env), ("log_level", log_level)):
+                           ("env", env), ("log_level", log_level), ("cluster_ports", cluster_ports),
+                           ("concurrency", concurrency)):
             if value is not None:
                 settings[key] = value
         self.envoy.stop()

@@ -22,6 +22,7 @@ class Received:
         self.header_pairs = entry["headers"]
         self.body = base64.b64decode(entry["body_base64"])
         self.text = entry["body_text"]
+        self.received_at = entry.get("received_at")
 
     def header(self, name, default=None):
         """Value of header `name` (case-insensitive; the first one when repeated)."""
@@ -43,13 +44,18 @@ class Received:
 
 
 class EchoUpstream(ManagedProcess):
-    """The stand-in LLM API on 127.0.0.1:`port`."""
+    """The stand-in LLM API on 127.0.0.1:`port`.
+
+    `keep` (default: the server's 100) is how many requests it remembers; set
+    it (also as an attribute, before start) for tests that drain in bulk.
+    """
 
     name = "upstream"
 
-    def __init__(self, directory, port, **kwargs):
+    def __init__(self, directory, port, keep=None, **kwargs):
         super().__init__(directory, **kwargs)
         self.port = port
+        self.keep = keep
 
     @property
     def url(self):
@@ -59,7 +65,10 @@ class EchoUpstream(ManagedProcess):
         return [self.port]
 
     def command(self):
-        return [paths.python(), ECHO_SCRIPT, "--host", "127.0.0.1", "--port", self.port]
+        argv = [paths.python(), ECHO_SCRIPT, "--host", "127.0.0.1", "--port", self.port]
+        if self.keep is not None:
+            argv += ["--keep", self.keep]
+        return argv
 
     def ready(self):
         return http_status(self.url + "/_demo/received") == 200
@@ -67,6 +76,11 @@ class EchoUpstream(ManagedProcess):
     def received(self):
         """Every recorded request, oldest first, as Received objects."""
         with urllib.request.urlopen(self.url + "/_demo/received", timeout=5) as response:
+            return [Received(entry) for entry in json.load(response)["requests"]]
+
+    def drain(self):
+        """Every recorded request, oldest first, forgotten by the server in the same step."""
+        with urllib.request.urlopen(self.url + "/_demo/received?drain=1", timeout=30) as response:
             return [Received(entry) for entry in json.load(response)["requests"]]
 
     def last(self):
