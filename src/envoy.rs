@@ -24,8 +24,9 @@ use crate::metrics::Counter;
 use crate::tiers::{Callout, Response};
 use crate::worker::Worker;
 
-/// How often the root context looks for fills whose owner went away.
-const RESCUE_TICK: Duration = Duration::from_millis(200);
+/// How often the root context sends pending L2 write-backs and looks for fills
+/// whose owner went away. Short: a write-back waits for it.
+const ROOT_TICK: Duration = Duration::from_millis(50);
 
 proxy_wasm::main! {{
     // Envoy applies its own log level on top; ours only bounds what is sent to it.
@@ -112,7 +113,7 @@ impl RootContext for Root {
             config.failure_mode
         );
         if config.role == Role::Data {
-            self.set_tick_period(RESCUE_TICK);
+            self.set_tick_period(ROOT_TICK);
         }
         self.plugin = Some(Rc::new(Plugin { config, metrics }));
         true
@@ -121,7 +122,7 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         // A closure, not the fn item: only a closure is generic over the host's lifetime.
         #[allow(clippy::redundant_closure)]
-        self.with_ctx(|ctx| flow::rescue_orphans(ctx));
+        self.with_ctx(|ctx| flow::on_root_tick(ctx));
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -38,7 +38,7 @@ use crate::inject::{splice, Format};
 use crate::metrics::Counter;
 use crate::reply::Refusal;
 use crate::tiers::{self, Answer, Response, WriteOutcome};
-use crate::worker::{BodySeen, Fill, Participant, Stale, Tier, Transition, Worker};
+use crate::worker::{BodySeen, Fill, FillId, Participant, Stale, Tier, Transition, Worker};
 
 /// Request header carrying the tier that answered, when `debug_headers` is on.
 pub const DEBUG_HEADER: &str = "x-ibex-directive";
@@ -142,8 +142,8 @@ enum State {
     Forward,
     /// A local reply was sent.
     Replied,
-    /// Taking part in the fill of this L1 key.
-    Waiting(String),
+    /// Taking part in this fill.
+    Waiting(FillId),
     Injecting(Injecting),
 }
 
@@ -205,12 +205,12 @@ impl Flow {
                 (pick_up(state, ctx), Action::Pause)
             }
             (
-                State::Waiting(key),
+                State::Waiting(fill),
                 Event::Body {
                     size,
                     end_of_stream,
                 },
-            ) => on_body_while_waiting(key, size, end_of_stream, ctx),
+            ) => on_body_while_waiting(fill, size, end_of_stream, ctx),
             (
                 State::Injecting(i),
                 Event::Body {
@@ -323,10 +323,21 @@ fn on_headers<H: Host>(head: RequestHead<'_>, ctx: &Ctx<'_, H>) -> (State, Actio
         format,
         body: BodySeen::NotYet,
     };
-    if let Some(fill) = ctx.worker.borrow_mut().fills.get_mut(&key) {
-        fill.participants.push(me);
-        host.count(Counter::Coalesced);
-        return (State::Waiting(key), Action::Pause);
+    {
+        let mut worker = ctx.worker.borrow_mut();
+        let worker = &mut *worker;
+        // Join the fill in flight only if nothing invalidated the agent since it
+        // started (same CAS version, same generation): a request that arrives after
+        // an invalidation must not be answered with what was read before it.
+        if let Some(&id) = worker.joinable.get(&key) {
+            if let Some(fill) = worker.fills.get_mut(&id) {
+                if fill.cas.is_some() && fill.cas == cas && fill.generation == generation {
+                    fill.participants.push(me);
+                    host.count(Counter::Coalesced);
+                    return (State::Waiting(id), Action::Pause);
+                }
+            }
+        }
     }
     if cas.is_none() {
         // proxy-wasm checks CAS only for keys that exist, so anchor a version first:
@@ -343,7 +354,7 @@ fn on_headers<H: Host>(head: RequestHead<'_>, ctx: &Ctx<'_, H>) -> (State, Actio
     }
     let fill = Fill {
         agent,
-        key: key.clone(),
+        key,
         tier: Tier::Redis,
         token: 0,
         cas,
@@ -352,7 +363,10 @@ fn on_headers<H: Host>(head: RequestHead<'_>, ctx: &Ctx<'_, H>) -> (State, Actio
         participants: vec![me],
         owner: Some(ctx.id),
     };
-    ask(fill, Tier::Redis, ctx, false).unwrap_or((State::Waiting(key), Action::Pause))
+    match ask(fill, None, Tier::Redis, ctx, false) {
+        Asked::InFlight(id) => (State::Waiting(id), Action::Pause),
+        Asked::Done(own) => own.unwrap_or_else(|| refuse(Refusal::DirectiveUnavailable, ctx)),
+    }
 }
 
 fn current_generation<H: Host>(host: &H) -> u64 {
@@ -375,17 +389,33 @@ fn count_transition<H: Host>(host: &H, tier: Tier, t: Option<Transition>) {
     host.count(counter);
 }
 
+/// Where a fill stands after asking a tier.
+enum Asked {
+    /// A callout is in flight; the fill is registered under this id.
+    InFlight(FillId),
+    /// The fill finished at once (nothing could be asked); the current context's own
+    /// next state if it takes part.
+    Done(Option<(State, Action)>),
+}
+
+fn asked_own(asked: Asked) -> Option<(State, Action)> {
+    match asked {
+        Asked::InFlight(_) => None,
+        Asked::Done(own) => own,
+    }
+}
+
 /// Sends the fill's callout to `tier` (or the next one whose breaker lets it
-/// through). `None`: the callout is in flight and the fill is registered with the
-/// worker. `Some`: the fill finished at once (nothing could be asked); the value is
-/// the current context's own next state if it takes part. `held`: whether the current
-/// context's headers are paused (false only in its headers callback).
+/// through) and registers the fill with the worker: as a new, joinable fill when `id`
+/// is `None`, else under its id again (joinable only if it was). `held`: whether the
+/// current context's headers are paused (false only in its headers callback).
 fn ask<H: Host>(
     mut fill: Fill,
+    id: Option<(FillId, bool)>,
     mut tier: Tier,
     ctx: &Ctx<'_, H>,
     held: bool,
-) -> Option<(State, Action)> {
+) -> Asked {
     let host = ctx.host;
     loop {
         let allowed = ctx.worker.borrow_mut().breaker(tier).allow(host.now_ms());
@@ -407,9 +437,18 @@ fn ask<H: Host>(
                 fill.token = token;
                 fill.owner = Some(ctx.id);
                 let mut worker = ctx.worker.borrow_mut();
-                worker.tokens.insert(token, fill.key.clone());
-                worker.fills.insert(fill.key.clone(), fill);
-                return None;
+                let id = match id {
+                    None => {
+                        let new = worker.add_fill(fill);
+                        worker.tokens.insert(token, new);
+                        new
+                    }
+                    Some((id, joinable)) => {
+                        worker.put_fill(id, fill, joinable);
+                        id
+                    }
+                };
+                return Asked::InFlight(id);
             }
             (Err(()), Tier::Redis, allowed) => {
                 host.count(if allowed {
@@ -425,7 +464,7 @@ fn ask<H: Host>(
                 } else {
                     Counter::L3Skipped
                 });
-                return unknowable(fill, ctx, held);
+                return Asked::Done(unknowable(fill, ctx, held));
             }
         }
     }
@@ -434,7 +473,7 @@ fn ask<H: Host>(
 /// A callout answered in context `ctx.id`: if it belongs to a fill, move the fill on.
 fn on_callout<H: Host>(token: u32, response: Response, ctx: &Ctx<'_, H>) {
     let host = ctx.host;
-    let fill = {
+    let (fill, id) = {
         let mut worker = ctx.worker.borrow_mut();
         if worker.writes.remove(&token) {
             drop(worker);
@@ -445,17 +484,17 @@ fn on_callout<H: Host>(token: u32, response: Response, ctx: &Ctx<'_, H>) {
             }
             return;
         }
-        let Some(key) = worker.tokens.remove(&token) else {
+        let Some(id) = worker.tokens.get(&token).copied() else {
             return;
         };
-        match worker.fills.remove(&key) {
-            Some(fill) => fill,
+        match take_fill(&mut worker, id) {
+            Some(taken) => taken,
             None => return,
         }
     };
     // The callout answers in this context: it is the owner if it is still around.
     let own = match fill.tier {
-        Tier::Redis => on_redis_answer(fill, &response, ctx),
+        Tier::Redis => on_redis_answer(fill, id, &response, ctx),
         Tier::Store => on_store_answer(fill, &response, ctx),
     };
     if let Some((state, _)) = own {
@@ -463,8 +502,18 @@ fn on_callout<H: Host>(token: u32, response: Response, ctx: &Ctx<'_, H>) {
     }
 }
 
+/// Takes a fill out of the worker to move it on; remembers whether new requests
+/// could still join it, so that it can be put back the same way.
+fn take_fill(worker: &mut Worker, id: FillId) -> Option<(Fill, (FillId, bool))> {
+    let key = worker.fills.get(&id)?.key.clone();
+    let joinable = worker.joinable.get(&key) == Some(&id);
+    let fill = worker.take_fill(id)?;
+    Some((fill, (id, joinable)))
+}
+
 fn on_redis_answer<H: Host>(
     fill: Fill,
+    id: (FillId, bool),
     response: &Response,
     ctx: &Ctx<'_, H>,
 ) -> Option<(State, Action)> {
@@ -492,12 +541,12 @@ fn on_redis_answer<H: Host>(
         }
         Ok(Answer::Unknown) => {
             host.count(Counter::L2Miss);
-            ask(fill, Tier::Store, ctx, true)
+            asked_own(ask(fill, Some(id), Tier::Store, ctx, true))
         }
         Err(e) => {
             host.count(Counter::L2Error);
             log::debug!("ibex_directive: agent {} redis: {}", fill.agent, e.0);
-            ask(fill, Tier::Store, ctx, true)
+            asked_own(ask(fill, Some(id), Tier::Store, ctx, true))
         }
     }
 }
@@ -537,15 +586,10 @@ fn on_store_answer<H: Host>(
     };
     let escaped = text.map(escape_json_str);
     // Redis is written only when L1 accepted the fill: a fill that an invalidation
-    // overtook must not put its old answer back into L2.
+    // overtook must not put its old answer back into L2. The root context sends it.
     if cache_locally(&fill, escaped.as_deref(), ttl, host) {
-        match host.dispatch(&tiers::redis_set(config, &fill.agent, text, ttl)) {
-            Ok(token) => {
-                host.count(Counter::L2Write);
-                ctx.worker.borrow_mut().writes.insert(token);
-            }
-            Err(_) => host.count(Counter::L2WriteError),
-        }
+        let write = tiers::redis_set(config, &fill.agent, text, ttl);
+        ctx.worker.borrow_mut().pending_writes.push(write);
     }
     let outcome = match escaped {
         Some(e) => Outcome::Present(e),
@@ -569,9 +613,21 @@ fn cache_locally<H: Host>(fill: &Fill, escaped: Option<&str>, ttl_seconds: u64, 
         generation: fill.generation,
         escaped: escaped.unwrap_or(""),
     };
-    match host.shared_set(&fill.key, &entry.encode(), fill.cas) {
+    let raw = entry.encode();
+    match host.shared_set(&fill.key, &raw, fill.cas) {
         Ok(()) => true,
         Err(HostError::CasMismatch) => {
+            // Someone wrote the key since this fill started. If it is an answer from
+            // a fill that started before the last flush (older generation, not a
+            // tombstone), it is stale anyway and this newer answer may replace it.
+            // Anything else (a tombstone, or an answer as new as ours) wins.
+            if let Ok((Some(current), Some(cas))) = host.shared_get(&fill.key) {
+                let older = Entry::decode(&current)
+                    .is_some_and(|e| e.kind != Kind::Tombstone && e.generation < fill.generation);
+                if older && host.shared_set(&fill.key, &raw, Some(cas)).is_ok() {
+                    return true;
+                }
+            }
             host.count(Counter::FillDiscarded);
             false
         }
@@ -711,14 +767,14 @@ fn apply<H: Host>(
 }
 
 fn on_body_while_waiting<H: Host>(
-    key: String,
+    fill: FillId,
     size: usize,
     end_of_stream: bool,
     ctx: &Ctx<'_, H>,
 ) -> (State, Action) {
     if size as u64 > ctx.config.max_body_bytes {
         // Leave the fill (it goes on for the others), then refuse.
-        if let Some(f) = ctx.worker.borrow_mut().fills.get_mut(&key) {
+        if let Some(f) = ctx.worker.borrow_mut().fills.get_mut(&fill) {
             f.participants.retain(|p| p.id != ctx.id);
         }
         return refuse(Refusal::BodyTooLarge, ctx);
@@ -732,7 +788,7 @@ fn on_body_while_waiting<H: Host>(
         .worker
         .borrow_mut()
         .fills
-        .get_mut(&key)
+        .get_mut(&fill)
         .and_then(|f| f.participants.iter_mut().find(|p| p.id == ctx.id))
         .map(|me| me.body = seen)
         .is_some();
@@ -740,7 +796,7 @@ fn on_body_while_waiting<H: Host>(
         // Neither waiting nor answered: the fill lost track of this request.
         return refuse(Refusal::DirectiveUnavailable, ctx);
     }
-    (State::Waiting(key), Action::Pause)
+    (State::Waiting(fill), Action::Pause)
 }
 
 fn on_body_to_inject<H: Host>(
@@ -776,18 +832,25 @@ fn inject<H: Host>(i: Injecting, size: usize, ctx: &Ctx<'_, H>) -> (State, Actio
     }
 }
 
-/// Root context, on its tick: asks again for fills whose owner went away (their
-/// callout answers are dropped by the SDK), so their participants are not stranded.
-pub fn rescue_orphans<H: Host>(ctx: &Ctx<'_, H>) {
+/// Root context, on its tick: sends the pending L2 write-backs (from here their
+/// answers come back to a context that lives as long as the VM, so every outcome is
+/// counted), and asks again for fills whose owner went away (their callout answers
+/// are dropped by the SDK), so their participants are not stranded.
+pub fn on_root_tick<H: Host>(ctx: &Ctx<'_, H>) {
+    let writes = std::mem::take(&mut ctx.worker.borrow_mut().pending_writes);
+    for write in writes {
+        match ctx.host.dispatch(&write) {
+            Ok(token) => {
+                ctx.host.count(Counter::L2Write);
+                ctx.worker.borrow_mut().writes.insert(token);
+            }
+            Err(_) => ctx.host.count(Counter::L2WriteError),
+        }
+    }
     let orphans = ctx.worker.borrow().orphans();
-    for key in orphans {
-        let fill = {
-            let mut worker = ctx.worker.borrow_mut();
-            let Some(fill) = worker.fills.remove(&key) else {
-                continue;
-            };
-            worker.tokens.remove(&fill.token);
-            fill
+    for id in orphans {
+        let Some((fill, id)) = take_fill(&mut ctx.worker.borrow_mut(), id) else {
+            continue;
         };
         log::debug!(
             "ibex_directive: agent {} fill re-asked for waiting requests",
@@ -795,7 +858,7 @@ pub fn rescue_orphans<H: Host>(ctx: &Ctx<'_, H>) {
         );
         let tier = fill.tier;
         // The root context takes part in no fill, so nothing comes back for it.
-        let _ = ask(fill, tier, ctx, true);
+        let _ = ask(fill, Some(id), tier, ctx, true);
     }
 }
 
@@ -959,6 +1022,12 @@ mod tests {
         let w = W::new(&shared, config(""));
         let flow = w.run(1, vec![redis_miss(), store_answer(Some("Be \"terse\"."))]);
         assert!(matches!(flow.state, State::Forward));
+        assert_eq!(
+            w.host.callouts.borrow().len(),
+            2,
+            "the write-back waits for the root"
+        );
+        on_root_tick(&w.ctx(ROOT));
         assert_eq!(w.body(1), INJECTED);
         assert_eq!(w.tier(1).as_deref(), Some("store"));
         assert_eq!(w.host.req(1).resumed, 1);
@@ -1015,6 +1084,7 @@ mod tests {
         assert!(matches!(flow.state, State::Forward));
         assert_eq!(w.host.req(1).resumed, 1);
         assert_eq!(w.body(1), BODY);
+        on_root_tick(&w.ctx(ROOT));
         let (_, write) = w.host.last_callout();
         assert_eq!(write.method, "GET");
         assert!(write
@@ -1267,18 +1337,83 @@ mod tests {
     }
 
     #[test]
-    fn write_back_outcomes_are_counted() {
+    fn write_back_outcomes_are_counted_by_the_root_after_the_request_ended() {
         let shared = SharedData::default();
         let w = W::new(&shared, config(""));
-        let flow = w.run(1, vec![redis_miss(), store_answer(Some("D"))]);
-        w.answer(1, flow, failed());
+        w.run(1, vec![redis_miss(), store_answer(Some("D"))]);
+        w.worker.borrow_mut().forget(1);
+        on_root_tick(&w.ctx(ROOT));
+        assert_eq!(w.host.counter(Counter::L2Write), 1);
+        let (token, _) = w.host.last_callout();
+        on_root_callout(token, failed(), &w.ctx(ROOT));
         assert_eq!(w.host.counter(Counter::L2WriteError), 1);
+        assert!(w.worker.borrow().writes.is_empty(), "no token left behind");
 
         let w = W::new(&SharedData::default(), config(""));
-        let flow = w.run(1, vec![redis_miss(), store_answer(Some("D"))]);
-        w.answer(1, flow, ok(r#"{"EVAL":0}"#));
+        w.run(1, vec![redis_miss(), store_answer(Some("D"))]);
+        on_root_tick(&w.ctx(ROOT));
+        let (token, _) = w.host.last_callout();
+        on_root_callout(token, ok(r#"{"EVAL":0}"#), &w.ctx(ROOT));
         assert_eq!(w.host.counter(Counter::L2WriteSkipped), 1);
         assert_eq!(w.host.counter(Counter::L2WriteError), 0);
+    }
+
+    #[test]
+    fn a_request_after_an_invalidation_does_not_join_a_fill_from_before_it() {
+        for flush in [false, true] {
+            let shared = SharedData::default();
+            let w = W::new(&shared, config(""));
+            let (f1, _) = w.headers(1);
+            if flush {
+                crate::control::invalidate_all(&w.host).unwrap();
+            } else {
+                let path = format!("/ibex/v1/invalidate/{AGENT}");
+                crate::control::handle(Some("POST"), Some(&path), None, &w.host, &w.config);
+            }
+            let (f2, _) = w.headers(2);
+            assert_eq!(w.host.counter(Counter::Coalesced), 0, "flush={flush}");
+            assert_eq!(w.host.callouts.borrow().len(), 2, "a fill of its own");
+            let (second, _) = w.host.last_callout();
+            // The old fill answers with the old text; the new one with the new text.
+            let (first, _) = w.host.callouts.borrow()[0].clone();
+            let (f1, _) = w.ev(
+                1,
+                f1,
+                Event::Callout {
+                    token: first,
+                    response: redis_hit("old"),
+                },
+            );
+            let (f2, _) = w.ev(
+                2,
+                f2,
+                Event::Callout {
+                    token: second,
+                    response: redis_hit("new"),
+                },
+            );
+            let (_, _) = w.body_end(1, f1);
+            let (_, _) = w.body_end(2, f2);
+            assert!(w.body(1).contains(r#""content":"old""#));
+            assert!(w.body(2).contains(r#""content":"new""#));
+            // Only the fill that started after the invalidation was cached.
+            let raw = shared.get(&format!("ibex:d:{AGENT}")).unwrap();
+            assert_eq!(Entry::decode(&raw).unwrap().escaped, "new");
+            let (_, action) = w.headers(3);
+            assert_eq!(action, Action::Continue, "served from L1");
+        }
+    }
+
+    #[test]
+    fn requests_without_an_invalidation_in_between_still_join() {
+        let shared = SharedData::default();
+        // An expired entry exists: the fill keeps its CAS version, joiners see it too.
+        let w = W::new(&shared, config(r#","cache":{"ttl_seconds":1}"#));
+        w.run(1, vec![redis_hit("D")]);
+        w.host.now.set(w.host.now.get() + 2_000);
+        w.headers(2);
+        w.headers(3);
+        assert_eq!(w.host.counter(Counter::Coalesced), 1);
     }
 
     #[test]
@@ -1337,7 +1472,7 @@ mod tests {
         w.worker.borrow_mut().forget(1);
         w.host.requests.borrow_mut().remove(&1);
         assert_eq!(w.worker.borrow().orphans().len(), 1);
-        rescue_orphans(&w.ctx(ROOT));
+        on_root_tick(&w.ctx(ROOT));
         assert_eq!(w.host.callouts.borrow().len(), 2, "the root asked again");
         let (token, _) = w.host.last_callout();
         on_root_callout(token, redis_hit("Be \"terse\"."), &w.ctx(ROOT));

@@ -65,6 +65,9 @@ impl std::fmt::Debug for Stale {
     }
 }
 
+/// Identifies a fill on its worker.
+pub type FillId = u64;
+
 /// One resolution of one agent in flight on this worker.
 #[derive(Debug)]
 pub struct Fill {
@@ -98,6 +101,9 @@ pub struct Breaker {
     open_until_ms: u64,
     /// One probe is in flight after the cool-off.
     probing: bool,
+    /// A probe whose answer never came (its request went away and the SDK dropped
+    /// the answer) stops counting as in flight at this instant.
+    probe_deadline_ms: u64,
 }
 
 /// What a breaker did, for counters.
@@ -116,10 +122,14 @@ impl Breaker {
         if self.open_until_ms == 0 {
             return true;
         }
+        if self.probing && now_ms >= self.probe_deadline_ms {
+            self.probing = false;
+        }
         if now_ms < self.open_until_ms || self.probing {
             return false;
         }
         self.probing = true;
+        self.probe_deadline_ms = now_ms.saturating_add(BREAKER_COOL_OFF_MS);
         true
     }
 
@@ -155,10 +165,19 @@ impl Breaker {
 /// Per-worker shared state.
 #[derive(Debug, Default)]
 pub struct Worker {
-    /// Fills in flight, by L1 key.
-    pub fills: HashMap<String, Fill>,
+    /// Fills in flight.
+    pub fills: HashMap<FillId, Fill>,
+    /// The fill of each L1 key that new requests may still join. A fill stops being
+    /// joinable when an invalidation overtakes it: requests that arrive after an
+    /// invalidation start a fill of their own instead of sharing an old answer.
+    pub joinable: HashMap<String, FillId>,
     /// Which fill a callout token belongs to.
-    pub tokens: HashMap<u32, String>,
+    pub tokens: HashMap<u32, FillId>,
+    next_fill: FillId,
+    /// L2 write-backs waiting for the root context to send them. The root sends
+    /// them (on its tick) so that their answers come back to a context that lives
+    /// as long as the VM and are always counted.
+    pub pending_writes: Vec<crate::tiers::Callout>,
     /// Tokens of L2 write-backs in flight, to count how they end.
     pub writes: HashSet<u32>,
     /// Outcomes of finished fills, waiting for their participants' next callback.
@@ -178,33 +197,60 @@ impl Worker {
         }
     }
 
+    /// Registers a new fill, joinable for its key, and returns its id.
+    pub fn add_fill(&mut self, fill: Fill) -> FillId {
+        self.next_fill = self.next_fill.wrapping_add(1);
+        let id = self.next_fill;
+        self.joinable.insert(fill.key.clone(), id);
+        self.fills.insert(id, fill);
+        id
+    }
+
+    /// Takes a fill out (it finished, or it is being asked again).
+    pub fn take_fill(&mut self, id: FillId) -> Option<Fill> {
+        let fill = self.fills.remove(&id)?;
+        self.tokens.remove(&fill.token);
+        if self.joinable.get(&fill.key) == Some(&id) {
+            self.joinable.remove(&fill.key);
+        }
+        Some(fill)
+    }
+
+    /// Puts a fill back under the same id with its new callout token.
+    pub fn put_fill(&mut self, id: FillId, fill: Fill, joinable: bool) {
+        self.tokens.insert(fill.token, id);
+        if joinable {
+            self.joinable.insert(fill.key.clone(), id);
+        }
+        self.fills.insert(id, fill);
+    }
+
     /// A request is gone (finished or the client went away): forget it everywhere so
     /// that no fill waits on it or tries to resume it.
     pub fn forget(&mut self, id: u32) {
         self.ready.remove(&id);
         let mut emptied = Vec::new();
-        for (key, fill) in self.fills.iter_mut() {
+        for (fill_id, fill) in self.fills.iter_mut() {
             fill.participants.retain(|p| p.id != id);
             if fill.owner == Some(id) {
                 fill.owner = None;
             }
             if fill.participants.is_empty() && fill.owner.is_none() {
-                emptied.push((key.clone(), fill.token));
+                emptied.push(*fill_id);
             }
         }
-        for (key, token) in emptied {
-            self.fills.remove(&key);
-            self.tokens.remove(&token);
+        for fill_id in emptied {
+            self.take_fill(fill_id);
         }
     }
 
     /// Fills whose callout answer will never arrive (their owner is gone) but that
     /// still have participants: the root context asks again for them.
-    pub fn orphans(&self) -> Vec<String> {
+    pub fn orphans(&self) -> Vec<FillId> {
         self.fills
             .iter()
             .filter(|(_, f)| f.owner.is_none() && !f.participants.is_empty())
-            .map(|(k, _)| k.clone())
+            .map(|(id, _)| *id)
             .collect()
     }
 }
@@ -242,6 +288,22 @@ mod tests {
         assert!(!b.is_open());
         assert!(b.allow(0));
         assert_eq!(b.success(), None);
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_back_does_not_wedge_the_breaker() {
+        let mut b = Breaker::default();
+        for _ in 0..BREAKER_THRESHOLD {
+            b.failure(0);
+        }
+        assert!(b.allow(BREAKER_COOL_OFF_MS), "the probe");
+        // Its request went away; neither success() nor failure() ever runs.
+        assert!(!b.allow(BREAKER_COOL_OFF_MS + 1));
+        assert!(
+            b.allow(2 * BREAKER_COOL_OFF_MS),
+            "a new probe once the lost one expired"
+        );
+        assert_eq!(b.success(), Some(Transition::Closed));
     }
 
     #[test]
