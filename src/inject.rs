@@ -65,12 +65,12 @@ pub fn splice(
     match format {
         Format::OpenAiChat => {
             let messages = top
-                .get("messages")
+                .target("messages")?
                 .ok_or(BodyError::MissingMember("messages"))?;
             expect_kind(body, messages, "messages", &[ValueKind::Array], "an array")?;
             prepend_element(body, messages, &[message_prefix.as_bytes(), d, b"\"}"])
         }
-        Format::OpenAiResponses => match top.get("instructions") {
+        Format::OpenAiResponses => match top.target("instructions")? {
             None => Ok(add_member(body, &top, &[b"\"instructions\":\"", d, b"\""])),
             Some(m) => match m.value_kind(body) {
                 ValueKind::Null => Ok(replace_value(body, m, &[b"\"", d, b"\""])),
@@ -81,7 +81,7 @@ pub fn splice(
                 }),
             },
         },
-        Format::AnthropicMessages => match top.get("system") {
+        Format::AnthropicMessages => match top.target("system")? {
             None => Ok(add_member(body, &top, &[b"\"system\":\"", d, b"\""])),
             Some(m) => match m.value_kind(body) {
                 ValueKind::Null => Ok(replace_value(body, m, &[b"\"", d, b"\""])),
@@ -275,6 +275,23 @@ mod tests {
     fn splice_str(format: Format, body: &str, directive: &str) -> Result<String, BodyError> {
         splice(format, body.as_bytes(), PREFIX, &escape_json_str(directive))
             .map(|v| String::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn the_target_member_in_another_case_is_refused() {
+        for (format, body) in [
+            (Format::OpenAiChat, r#"{"Messages":[]}"#),
+            (Format::OpenAiResponses, r#"{"INSTRUCTIONS":"x"}"#),
+            (Format::AnthropicMessages, r#"{"System":"x","messages":[]}"#),
+        ] {
+            assert!(
+                matches!(
+                    splice_str(format, body, "D"),
+                    Err(BodyError::CaseVariant(_))
+                ),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! nothing else — key order, whitespace and number spelling all survive.
 //!
 //! A top-level key that appears twice is an error, also when the two spellings differ
-//! only by escapes (`"messages"` and `"messag\u0065s"`): upstream parsers disagree on
-//! which duplicate wins, which would be a way around the directive.
+//! only by escapes (`"messages"` and `"messag\u0065s"`) or by case (`"Messages"`, or
+//! `"meſſages"` with U+017F): upstream parsers disagree on which duplicate wins, and
+//! Go's `encoding/json` matches keys case-insensitively, so either would be a way
+//! around the directive.
 //!
 //! Never panics on any input, and uses no recursion (nesting depth is bounded only by
 //! the body size limit).
@@ -26,8 +28,13 @@ pub enum BodyError {
     Malformed(usize),
     /// The body is JSON but its top level is not an object.
     NotAnObject,
-    /// A top-level key appears more than once.
+    /// A top-level key appears more than once (compared after decoding escapes and
+    /// folding case).
     DuplicateKey(String),
+    /// The member the directive goes into is spelled in another case
+    /// (`"Messages"`): case-sensitive and case-insensitive upstreams would read the
+    /// body differently.
+    CaseVariant(&'static str),
     /// The member the directive goes into is missing.
     MissingMember(&'static str),
     /// The member the directive goes into has the wrong JSON type.
@@ -54,6 +61,9 @@ impl fmt::Display for BodyError {
                 )
             }
             BodyError::MissingMember(m) => write!(f, "request body has no \"{m}\""),
+            BodyError::CaseVariant(m) => {
+                write!(f, "request body spells \"{m}\" in another case")
+            }
             BodyError::WrongType { member, expected } => {
                 write!(f, "\"{member}\" must be {expected}")
             }
@@ -117,6 +127,31 @@ impl<'a> TopLevel<'a> {
     pub fn get(&self, key: &str) -> Option<&Member<'a>> {
         self.members.iter().find(|m| m.key == key)
     }
+
+    /// The member the directive goes into: exactly `name`, or none; a member that
+    /// equals `name` only after case folding is an error.
+    pub fn target(&self, name: &'static str) -> Result<Option<&Member<'a>>, BodyError> {
+        let folded = fold_case(name);
+        match self.members.iter().find(|m| fold_case(&m.key) == folded) {
+            None => Ok(None),
+            Some(m) if m.key == name => Ok(Some(m)),
+            Some(_) => Err(BodyError::CaseVariant(name)),
+        }
+    }
+}
+
+/// Case folding for key comparison: upper- then lower-casing maps the letters Go
+/// folds together (`K`/`k`/U+212A KELVIN SIGN, `s`/`S`/U+017F LONG S) to one form.
+pub fn fold_case(key: &str) -> Cow<'_, str> {
+    if key.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()) {
+        return Cow::Borrowed(key);
+    }
+    Cow::Owned(
+        key.chars()
+            .flat_map(char::to_uppercase)
+            .flat_map(char::to_lowercase)
+            .collect(),
+    )
 }
 
 /// Validates `body` and returns its top-level members.
@@ -160,7 +195,12 @@ pub fn scan(body: &[u8]) -> Result<TopLevel<'_>, BodyError> {
             let value_start = s.p;
             s.value().map_err(BodyError::Malformed)?;
             let value_end = s.p;
-            if !seen.insert(key.clone()) {
+            // Borrow from the body when the key needs no decoding and no folding.
+            let folded = match &key {
+                Cow::Borrowed(k) => fold_case(k),
+                Cow::Owned(k) => Cow::Owned(fold_case(k).into_owned()),
+            };
+            if !seen.insert(folded) {
                 return Err(BodyError::DuplicateKey(key.into_owned()));
             }
             members.push(Member {
@@ -536,6 +576,10 @@ mod tests {
             r#"{"messages":[],"messag\u0065s":[]}"#,
             r#"{"system":"a","x":1,"\u0073ystem":[]}"#,
             r#"{"a\ud83e\udd80":1,"a🦀":2}"#,
+            r#"{"messages":[],"Messages":[]}"#,
+            r#"{"model":"a","MODEL":"b"}"#,
+            "{\"messages\":[],\"me\u{17f}\u{17f}ages\":[]}",
+            "{\"kind\":1,\"\u{212a}ind\":2}",
         ] {
             assert!(
                 matches!(scan(dup.as_bytes()), Err(BodyError::DuplicateKey(_))),

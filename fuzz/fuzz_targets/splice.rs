@@ -28,7 +28,7 @@
 
 use ibex_directive::escape::escape_json_str;
 use ibex_directive::inject::{splice, Format};
-use ibex_directive::json::{scan, BodyError, ValueKind};
+use ibex_directive::json::{fold_case, scan, BodyError, ValueKind};
 use libfuzzer_sys::fuzz_target;
 use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
 use serde_json::{json, Value};
@@ -85,6 +85,15 @@ fuzz_target!(|data: &[u8]| {
                 assert!(
                     !unique(&keys),
                     "no duplicate among {keys:?}, refused for {key:?}"
+                );
+            }
+        }
+        Err(BodyError::CaseVariant(name)) => {
+            assert!(grammar, "non-JSON refused for its shape");
+            if let Some(keys) = top_level_keys(body) {
+                assert!(
+                    keys.iter().any(|k| k != name && fold_case(k) == fold_case(name)),
+                    "no case variant of {name:?} among {keys:?}"
                 );
             }
         }
@@ -202,8 +211,9 @@ fn first_non_ws(bytes: &[u8]) -> Option<u8> {
         .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
 }
 
+/// No two keys equal after case folding (Go upstreams match keys case-insensitively).
 fn unique(keys: &[String]) -> bool {
-    let mut sorted = keys.to_vec();
+    let mut sorted: Vec<String> = keys.iter().map(|k| fold_case(k).into_owned()).collect();
     sorted.sort();
     sorted.windows(2).all(|w| w[0] != w[1])
 }
