@@ -237,6 +237,7 @@ def test_kill_and_restart_under_load(stack, fleet, everything_back, part):
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last window: {recovery.window}") from None
         normal_at = time.time()
+        counters_at_normal = stack.envoy.counters()
         normal_from = recovery.window["from"]
         if part == "redis":
             wait_until(lambda: stack.subscriber.metric("ibex_subscribe_connected") == 1,
@@ -272,6 +273,7 @@ def test_kill_and_restart_under_load(stack, fleet, everything_back, part):
         "seconds_to_normal": round(normal_at - back_at, 2),
         "normal_window_from_seconds": round(normal_from - back_at, 2),
         "after": phase(normal_at, ended),
+        "counters_after": counter_delta(counters_at_normal, counters_end),
         "counters_outage": counter_delta(counters_at_kill, counters_before_restart),
         "counters_recovery": counter_delta({} if part == "envoy" else counters_before_restart, counters_end),
         "envoy_rss_kb": {"start": envoy_rss_start, "end": after_rss, "growth_since_first_seen": envoy_growth},
@@ -309,8 +311,15 @@ def test_kill_and_restart_under_load(stack, fleet, everything_back, part):
             missing.append((agent, item.header("x-ibex-directive")))
     assert missing == [], f"{len(missing)} requests reached the upstream without their directive: {missing[:5]}"
 
-    # -- after recovery the tiers stay normal: no stale answers, L1 answers its usual share
-    after_tiers, baseline_tiers = summary["after"]["tiers"], summary["baseline"]["tiers"]
+    # -- after recovery the tiers stay normal: no stale answers, no trouble, and L1
+    # caches again: each agent misses about once per ttl (a bound that only grows
+    # when the machine is slow; the shares themselves depend on the request rate
+    # and are reported, not compared)
+    after_tiers = summary["after"]["tiers"]
     assert after_tiers.get("stale", 0) == 0
     assert set(after_tiers) <= {"local", "redis", "store"}
-    assert abs(after_tiers.get("local", 0) - baseline_tiers.get("local", 0)) <= 0.1, (after_tiers, baseline_tiers)
+    after_delta = counter_delta(counters_at_normal, counters_end)
+    assert {k: after_delta[k] for k in TROUBLE if k in after_delta} == {}
+    ttl = FILTER_CONFIG["cache"]["ttl_seconds"]
+    rounds = (ended - normal_at) / ttl + 2
+    assert after_delta.get("l1_miss", 0) <= LOAD_THREADS * AGENTS * rounds, (after_delta, ended - normal_at)
