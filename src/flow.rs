@@ -838,6 +838,14 @@ fn inject<H: Host>(i: Injecting, size: usize, ctx: &Ctx<'_, H>) -> (State, Actio
 /// are dropped by the SDK), so their participants are not stranded.
 pub fn on_root_tick<H: Host>(ctx: &Ctx<'_, H>) {
     let writes = std::mem::take(&mut ctx.worker.borrow_mut().pending_writes);
+    if ctx.worker.borrow().redis.is_open() {
+        // Redis is down as far as this worker knows: a write would only wait for its
+        // timeout. The answers are in L1; Redis is refilled once it is back.
+        for _ in writes {
+            ctx.host.count(Counter::L2WriteDropped);
+        }
+        return rescue_orphans(ctx);
+    }
     for write in writes {
         match ctx.host.dispatch(&write) {
             Ok(token) => {
@@ -847,6 +855,12 @@ pub fn on_root_tick<H: Host>(ctx: &Ctx<'_, H>) {
             Err(_) => ctx.host.count(Counter::L2WriteError),
         }
     }
+    rescue_orphans(ctx);
+}
+
+/// Asks again for fills whose owner went away (their callout answers are dropped by
+/// the SDK), so that their participants are not stranded.
+fn rescue_orphans<H: Host>(ctx: &Ctx<'_, H>) {
     let orphans = ctx.worker.borrow().orphans();
     for id in orphans {
         let Some((fill, id)) = take_fill(&mut ctx.worker.borrow_mut(), id) else {
@@ -1547,6 +1561,21 @@ mod tests {
         );
         w.answer(2, f, redis_hit("D"));
         assert_eq!(w.host.counter(Counter::L2BreakerClose), 1);
+    }
+
+    #[test]
+    fn write_backs_are_not_sent_while_the_redis_breaker_is_open() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(""));
+        w.run(1, vec![redis_miss(), store_answer(Some("D"))]);
+        for _ in 0..BREAKER_THRESHOLD {
+            w.worker.borrow_mut().redis.failure(w.host.now.get());
+        }
+        let before = w.host.callouts.borrow().len();
+        on_root_tick(&w.ctx(ROOT));
+        assert_eq!(w.host.callouts.borrow().len(), before);
+        assert_eq!(w.host.counter(Counter::L2WriteDropped), 1);
+        assert!(w.worker.borrow().pending_writes.is_empty());
     }
 
     #[test]

@@ -33,6 +33,7 @@ counters! {
     L2Error => "l2_error", "Redis callout failed or timed out.";
     L2Write => "l2_write", "Write-backs sent to Redis.";
     L2WriteError => "l2_write_error", "Write-backs that failed.";
+    L2WriteDropped => "l2_write_dropped", "Write-backs not sent because the L2 circuit breaker is open.";
     L2WriteSkipped => "l2_write_skipped", "Write-backs refused because a tombstone, flush marker or value was there.";
     L3Hit => "l3_hit", "The store returned a directive.";
     L3None => "l3_none", "The store said the agent has none.";

@@ -13,8 +13,10 @@ use crate::inject::Format;
 
 /// Consecutive failures after which a tier's breaker opens.
 pub const BREAKER_THRESHOLD: u32 = 5;
-/// How long an open breaker skips its tier before letting one probe through.
-pub const BREAKER_COOL_OFF_MS: u64 = 5_000;
+/// How long an open breaker skips its tier before letting one probe through. Short
+/// enough that a tier that came back is used again within seconds even if the first
+/// probe still failed; a probe every 3 s per worker costs nothing.
+pub const BREAKER_COOL_OFF_MS: u64 = 3_000;
 
 /// The remote tier a callout goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -58,7 +58,9 @@ def test_config_keeps_the_contract(config):
     assert data_listener["per_connection_buffer_limit_bytes"] >= 2 * 1024 * 1024
     for item in (data_listener, control_listener):
         plugin = wasm_plugin(item)
-        assert plugin["failure_policy"] == "FAIL_CLOSED"
+        # Never forward without the filter, and recover by itself (README, Failure behaviour).
+        assert plugin["failure_policy"] == "FAIL_RELOAD"
+        assert plugin["reload_config"]["backoff"]["base_interval"]
         assert plugin["root_id"] == "ibex_directive"
         assert plugin["vm_config"]["vm_id"] == "ibex_directive"
         assert plugin["vm_config"]["runtime"] == "envoy.wasm.runtime.v8"

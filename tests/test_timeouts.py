@@ -40,7 +40,7 @@ FILTER_CONFIG = {
     "debug_headers": True,
 }
 THRESHOLD = 5          # consecutive failures that open a breaker (src/worker.rs)
-BREAKER_DEADLINE = 15  # s: a 5 s cool-off, one probe, and a wide margin
+BREAKER_DEADLINE = 15  # s: a 3 s cool-off, one probe, and a wide margin
 
 
 def bound(*timeouts_ms):
