@@ -521,12 +521,14 @@ class Bench:
         pid = self.stack.envoy.pid
         before_counters = self.counters() if listener_name == "ibex" else None
         machine0 = cpu_snapshot()
+        sink0 = proc_cpu(self.stack.sink.pid)
         cpu0 = proc_cpu(pid)
         t0 = time.monotonic()
         w = self.wrk.run(self.stack.url_of(listener_name), body, mode, population, base, count, connections,
                          duration, path=path)
         wall = time.monotonic() - t0
         cpu1 = proc_cpu(pid)
+        sink1 = proc_cpu(self.stack.sink.pid)
         machine1 = cpu_snapshot()
         ticks = os.sysconf("SC_CLK_TCK")
         foreign = max(0.0, ((machine1[0] - machine0[0]) - (machine1[1] - machine0[1])) / ticks / wall)
@@ -546,6 +548,7 @@ class Bench:
             "envoy_cpu_utilisation": round((cpu1[0] - cpu0[0]) / 1e9 / wall, 3),
             # CPUs' worth of work by other processes on the machine during the run
             "foreign_cpus": round(foreign, 2),
+            "sink_cpu_us_per_request": round((sink1[0] - sink0[0]) / 1e3 / requests, 2),
         }
         if before_counters is not None:
             after = self.counters()
@@ -579,7 +582,13 @@ class Bench:
         for variant in order:
             log(f"warm-up {variant}")
             self.warm(variant)
-        for round_no in range(1, a.rounds + 1):
+        noise = {}  # round → median CPUs' worth of other work during its runs
+        round_no = 0
+        while True:
+            quiet = [n for n, f in noise.items() if f <= a.quiet]
+            if len(noise) >= a.rounds and (len(quiet) >= a.rounds or len(noise) >= a.rounds + a.extra_rounds):
+                break
+            round_no += 1
             for variant in order:
                 for kind, duration in (("load", a.duration), ("latency", a.latency_duration)):
                     run = self.run_variant(variant, kind, duration, round_no)
@@ -589,10 +598,16 @@ class Bench:
                         f"cpu {run['envoy_cpu_us_per_request']:7.1f} µs/req  util {run['envoy_cpu_utilisation']:.2f}  "
                         f"foreign {run['foreign_cpus']:.2f}"
                         + (f"  tier {run['tier_share']}" if "tier_share" in run else ""))
-        self.aggregate(order)
+            noise[round_no] = median([r["foreign_cpus"] for r in self.results["runs"] if r["round"] == round_no])
+            log(f"round {round_no}: median other work {noise[round_no]:.2f} CPUs")
+        # every variant is compared within the same rounds: the `rounds` quietest ones
+        used = sorted(sorted(noise, key=lambda n: (noise[n], n))[:a.rounds])
+        self.results["rounds"] = {"run": len(noise), "used": used,
+                                  "noise_cpus": {str(n): round(f, 2) for n, f in noise.items()}}
+        self.aggregate(order, used)
 
-    def aggregate(self, order):
-        runs = self.results["runs"]
+    def aggregate(self, order, used_rounds):
+        runs = [r for r in self.results["runs"] if r["round"] in used_rounds]
 
         def pick(variant, kind, round_no=None):
             return [r for r in runs if r["variant"] == variant and r["kind"] == kind
@@ -613,6 +628,7 @@ class Bench:
                 "cpu_us_per_request": median([r["envoy_cpu_us_per_request"] for r in load]),
                 "envoy_cpu_utilisation": median([r["envoy_cpu_utilisation"] for r in load]),
                 "foreign_cpus": median([r["foreign_cpus"] for r in load + lat]),
+                "sink_cpu_us_per_request": median([r["sink_cpu_us_per_request"] for r in load]),
                 "rounds": len(load),
                 "errors": sum(sum(r["errors"].values()) for r in load + lat),
             }
@@ -900,6 +916,7 @@ class Bench:
                 "ibex_filter_overrides": {"cache.ttl_seconds": 3600, "debug_headers": False},
                 "quick": a.quick,
             },
+            "rounds": r.get("rounds"),
             "variants": r["variants"],
             "stampede_store_calls": r.get("stampede", {}).get("store_calls_median"),
             "envoy_workers": workers,
@@ -1063,7 +1080,9 @@ def render_markdown(d):
         f"median {fmt(m['foreign_cpus_during_runs']['median'], 2)}, p90 {fmt(m['foreign_cpus_during_runs']['p90'], 2)}, "
         f"max {fmt(m['foreign_cpus_during_runs']['max'], 2)} of {m['cores']}.",
         f"wrk: 1 thread; load runs {s['load_connections']} connections × {s['load_duration_s']} s, latency runs "
-        f"1 connection × {s['latency_duration_s']} s; {s['rounds']} interleaved rounds after a warm-up; medians. "
+        f"1 connection × {s['latency_duration_s']} s; variants interleaved, {d['rounds']['run']} rounds run after a "
+        f"warm-up, medians over the {len(d['rounds']['used'])} quietest (rounds {d['rounds']['used']}; other work per "
+        f"round, CPUs: {', '.join(f'{k}: {v}' for k, v in d['rounds']['noise_cpus'].items())}). "
         f"Envoy {d['envoy_workers']} workers; directive {s['directive_bytes']} bytes.",
         "",
         "## Variants",
@@ -1091,6 +1110,16 @@ def render_markdown(d):
         "CPU is the only bottleneck, and less sensitive to other load on the machine than rps.",
         "",
     ]
+    util = {name: v.get("envoy_cpu_utilisation") for name, v in d["variants"].items()}
+    if util.get("bare-1k") is not None:
+        lines += [
+            "Gateway CPU utilisation in the load runs (1.0 = its core saturated): "
+            + ", ".join(f"{name} {fmt(u, 2)}" for name, u in util.items() if u is not None)
+            + f". Below 1 the other core (wrk, the sink at {fmt(d['variants']['bare-1k'].get('sink_cpu_us_per_request'), 1)}"
+              " µs/req, and whatever else ran) was the limit, and the rps ratio understates the filter's cost: "
+              "*CPU × bare* is the gateway-bound ratio.",
+            "",
+        ]
     lines += [f"- **{name}**: {v['what']}" + (f" (path `{v['path']}`)" if v["path"] != CHAT_PATH else "")
               for name, v in d["variants"].items()]
     lines += [
@@ -1179,7 +1208,11 @@ def render_markdown(d):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short runs, small populations (harness check)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="rounds the medians are taken over")
+    p.add_argument("--extra-rounds", type=int, default=2,
+                   help="more rounds allowed while fewer than --rounds were quiet; the quietest are used")
+    p.add_argument("--quiet", type=float, default=0.3,
+                   help="a round is quiet when other work used at most this many CPUs (median over its runs)")
     p.add_argument("--duration", type=int, default=5, help="seconds per load run")
     p.add_argument("--latency-duration", type=int, default=4, help="seconds per one-connection run")
     p.add_argument("--warm", type=int, default=2, help="seconds per warm-up run")
