@@ -18,7 +18,7 @@ use proxy_wasm::types::{
 
 use crate::config::{Config, Role, TTL_ENV};
 use crate::control;
-use crate::flow::{self, Action, Ctx, Event, Flow, RequestHead};
+use crate::flow::{self, Action, Ctx, Event, Flow, HeadFields};
 use crate::host::{Host, HostError, Shared};
 use crate::metrics::Counter;
 use crate::tiers::{Callout, Response};
@@ -306,18 +306,13 @@ impl Context for DataFilter {
 
 impl HttpContext for DataFilter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> WasmAction {
-        let path = self.get_http_request_header(":path");
-        let agent = self.get_http_request_header(&self.plugin.config.agent_header);
-        let content_length = self.get_http_request_header("content-length");
-        let content_encoding = self.get_http_request_header("content-encoding");
-        let head = RequestHead {
-            path: path.as_deref(),
-            agent: agent.as_deref(),
-            content_length: content_length.as_deref(),
-            content_encoding: content_encoding.as_deref(),
-            end_of_stream,
-        };
-        wasm_action(self.step(Event::Headers(head)))
+        // One host call for all headers: every call that returns data re-enters the VM
+        // to allocate, so four single-header reads cost several times more.
+        let fields = HeadFields::pick(
+            self.get_http_request_headers(),
+            &self.plugin.config.agent_header,
+        );
+        wasm_action(self.step(Event::Headers(fields.head(end_of_stream))))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {

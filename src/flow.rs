@@ -58,6 +58,57 @@ pub struct RequestHead<'a> {
     pub end_of_stream: bool,
 }
 
+/// The request headers the flow looks at, picked out of all of them (one host call
+/// for all headers is much cheaper than one per header).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeadFields {
+    /// `:path`.
+    pub path: Option<String>,
+    /// The agent header; several different values are kept joined by `,`, which is
+    /// no UUID, so an ambiguous agent is refused rather than guessed.
+    pub agent: Option<String>,
+    /// `content-length`.
+    pub content_length: Option<String>,
+    /// `content-encoding`, several headers joined by `, ` as HTTP reads them.
+    pub content_encoding: Option<String>,
+}
+
+impl HeadFields {
+    /// Picks the fields out of all request headers (names are lower case in Envoy).
+    pub fn pick(headers: Vec<(String, String)>, agent_header: &str) -> HeadFields {
+        let mut out = HeadFields::default();
+        for (name, value) in headers {
+            let slot = match name.as_str() {
+                ":path" => &mut out.path,
+                "content-length" => &mut out.content_length,
+                "content-encoding" => &mut out.content_encoding,
+                n if n == agent_header => &mut out.agent,
+                _ => continue,
+            };
+            match slot {
+                None => *slot = Some(value),
+                Some(existing) if *existing != value => {
+                    existing.push_str(", ");
+                    existing.push_str(&value);
+                }
+                Some(_) => {}
+            }
+        }
+        out
+    }
+
+    /// The fields as the flow reads them.
+    pub fn head(&self, end_of_stream: bool) -> RequestHead<'_> {
+        RequestHead {
+            path: self.path.as_deref(),
+            agent: self.agent.as_deref(),
+            content_length: self.content_length.as_deref(),
+            content_encoding: self.content_encoding.as_deref(),
+            end_of_stream,
+        }
+    }
+}
+
 /// Something that happened to the request.
 #[derive(Debug)]
 pub enum Event<'a> {
@@ -1124,6 +1175,57 @@ mod tests {
         assert_eq!(action, Action::Pause);
         assert_eq!(w.host.counter(Counter::L1Miss), 2);
         assert_eq!(w.host.last_callout().1.cluster, "ibex_redis");
+    }
+
+    #[test]
+    fn head_fields_are_picked_from_all_headers() {
+        let pairs = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let h = HeadFields::pick(
+            pairs(&[
+                (":path", "/v1/chat/completions"),
+                ("x-agent-id", AGENT),
+                ("content-length", "12"),
+                ("accept", "*/*"),
+            ]),
+            "x-agent-id",
+        );
+        assert_eq!(h.path.as_deref(), Some("/v1/chat/completions"));
+        assert_eq!(h.agent.as_deref(), Some(AGENT));
+        assert_eq!(h.content_length.as_deref(), Some("12"));
+        assert_eq!(h.content_encoding, None);
+        let h = HeadFields::pick(
+            pairs(&[
+                ("content-encoding", "identity"),
+                ("content-encoding", "gzip"),
+                ("x-agent-id", AGENT),
+                ("x-agent-id", AGENT),
+            ]),
+            "x-agent-id",
+        );
+        assert_eq!(h.content_encoding.as_deref(), Some("identity, gzip"));
+        assert_eq!(
+            h.agent.as_deref(),
+            Some(AGENT),
+            "a repeated identical agent header is one agent"
+        );
+        let other = "00000000-0000-4000-8000-000000000001";
+        let h = HeadFields::pick(
+            pairs(&[("x-agent-id", AGENT), ("x-agent-id", other)]),
+            "x-agent-id",
+        );
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(""));
+        w.host.add_request(1, BODY.as_bytes());
+        w.ev(1, Flow::new(), Event::Headers(h.head(false)));
+        assert_eq!(
+            w.reply_status(1),
+            Some(400),
+            "two different agents are refused"
+        );
     }
 
     #[test]
