@@ -88,7 +88,7 @@ pub fn handle<H: Host>(
 
 /// Writes a tombstone over one agent's entry.
 pub fn invalidate_agent<H: Host>(agent: &AgentId, host: &H) -> Result<(), HostError> {
-    let generation = current_generation(host);
+    let generation = entry::current_generation(host);
     let tombstone = Entry {
         kind: Kind::Tombstone,
         fresh_until_ms: 0,
@@ -110,15 +110,6 @@ pub fn invalidate_all<H: Host>(host: &H) -> Result<(), HostError> {
         }
     }
     Err(HostError::CasMismatch)
-}
-
-fn current_generation<H: Host>(host: &H) -> u64 {
-    entry::decode_generation(
-        host.shared_get(entry::GENERATION_KEY)
-            .ok()
-            .and_then(|(v, _)| v)
-            .as_deref(),
-    )
 }
 
 /// Compares secrets without an early exit that would leak their common prefix length.
@@ -191,12 +182,12 @@ mod tests {
                 &cfg(None),
             );
             assert_eq!(r.status, 204);
-            assert_eq!(current_generation(&h), expected);
+            assert_eq!(entry::current_generation(&h), expected);
         }
         let raw = entry_of(&h);
         assert!(!Entry::decode(&raw)
             .unwrap()
-            .is_fresh(0, current_generation(&h)));
+            .is_fresh(0, entry::current_generation(&h)));
     }
 
     #[test]

@@ -138,6 +138,16 @@ pub fn key_for(agent: &crate::agent::AgentId) -> String {
     key
 }
 
+/// The global generation counter as it is now in shared data (unreadable = 0).
+pub fn current_generation<H: crate::host::Host>(host: &H) -> u64 {
+    decode_generation(
+        host.shared_get(GENERATION_KEY)
+            .ok()
+            .and_then(|(v, _)| v)
+            .as_deref(),
+    )
+}
+
 /// Decodes the global generation counter (absent or malformed = 0).
 pub fn decode_generation(raw: Option<&[u8]>) -> u64 {
     raw.and_then(|r| r.try_into().ok())

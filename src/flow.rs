@@ -344,7 +344,7 @@ fn on_headers<H: Host>(head: RequestHead<'_>, ctx: &Ctx<'_, H>) -> (State, Actio
         }
     }
 
-    let generation = current_generation(host);
+    let generation = entry::current_generation(host);
     let key = entry::key_for(&agent);
     let (raw, mut cas) = host.shared_get(&key).unwrap_or((None, None));
     let now = host.now_ms();
@@ -418,15 +418,6 @@ fn on_headers<H: Host>(head: RequestHead<'_>, ctx: &Ctx<'_, H>) -> (State, Actio
         Asked::InFlight(id) => (State::Waiting(id), Action::Pause),
         Asked::Done(own) => own.unwrap_or_else(|| refuse(Refusal::DirectiveUnavailable, ctx)),
     }
-}
-
-fn current_generation<H: Host>(host: &H) -> u64 {
-    entry::decode_generation(
-        host.shared_get(entry::GENERATION_KEY)
-            .ok()
-            .and_then(|(v, _)| v)
-            .as_deref(),
-    )
 }
 
 fn count_transition<H: Host>(host: &H, tier: Tier, t: Option<Transition>) {
