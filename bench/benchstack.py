@@ -24,29 +24,14 @@ Envoy alone is started under `taskset` on its own CPU(s) (see bench/README.md).
 
 import copy
 
-import yaml
+from stack.envoy import (DATA_LISTENER, HCM, WASM_FILTER, Envoy, EnvoyProcess, filter_json,
+                         http_connection_manager, listener, merge, set_filter_json, set_port)
+from stack.stack import PORT_NAMES, Stack
 
-from stack import paths
-from stack.companion import http_status
-from stack.envoy import (DATA_LISTENER, WASM_FILTER, Envoy, filter_json, listener, merge,
-                         set_filter_json, set_port)
-from stack.ports import free_port, tcp_open
-from stack.process import ManagedProcess
-from stack.stack import Stack
-
-HCM = "envoy.filters.network.http_connection_manager"
 ROUTER = "envoy.filters.http.router"
 SINK_BODY = '{"id":"chatcmpl-bench","object":"chat.completion","model":"bench","choices":[]}'
 BIG_LIMITS = {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
                               "max_requests": 100000, "max_retries": 3}]}
-
-
-def envoy_command(config_path, concurrency, log_level, log_path, cpus=None):
-    argv = [paths.envoy_path(), "-c", config_path, "--concurrency", concurrency,
-            "--use-dynamic-base-id", "-l", log_level, "--log-path", log_path]
-    if cpus:
-        argv = ["taskset", "-c", cpus, *argv]
-    return argv
 
 
 def static_cluster(name, port):
@@ -60,33 +45,14 @@ def static_cluster(name, port):
     }
 
 
-def hcm_of(listener_config):
-    for chain in listener_config["filter_chains"]:
-        for network_filter in chain["filters"]:
-            if network_filter["name"] == HCM:
-                return network_filter["typed_config"]
-    raise KeyError(f"listener {listener_config['name']} has no http_connection_manager")
-
-
-class SinkEnvoy(ManagedProcess):
+class SinkEnvoy(EnvoyProcess):
     """Plain Envoy answering 200 with a small JSON body after reading the request."""
 
     name = "sink"
-    ready_timeout = 60.0
 
-    def __init__(self, directory, port, admin_port, concurrency=1, cpus=None, **kwargs):
-        super().__init__(directory, **kwargs)
-        self.port = port
-        self.admin_port = admin_port
-        self.concurrency = concurrency
-        self.cpus = cpus
-
-    @property
-    def config_path(self):
-        return self.dir / "sink.yaml"
-
-    def listen_ports(self):
-        return [self.port, self.admin_port]
+    def __init__(self, directory, port, admin_port, concurrency=1, **kwargs):
+        super().__init__(directory, port, admin_port=admin_port, concurrency=concurrency, log_level="warning",
+                         **kwargs)
 
     def render(self):
         return {
@@ -119,16 +85,6 @@ class SinkEnvoy(ManagedProcess):
             }]},
         }
 
-    def prepare(self):
-        self.config_path.write_text(yaml.safe_dump(self.render(), sort_keys=False))
-
-    def command(self):
-        return envoy_command(self.config_path, self.concurrency, "warning", self.log_dir / "sink.envoy.log",
-                             self.cpus)
-
-    def ready(self):
-        return http_status(f"http://127.0.0.1:{self.admin_port}/ready") == 200 and tcp_open(self.port)
-
 
 class BenchEnvoy(Envoy):
     """The stack's Envoy plus the benchmark listeners (see the module doc).
@@ -151,8 +107,8 @@ class BenchEnvoy(Envoy):
         self.ibex_overrides = ibex_overrides
         self.cpus = cpus
 
-    def listen_ports(self):
-        return super().listen_ports() + list(self.bench_ports.values())
+    def other_ports(self):
+        return super().other_ports() + list(self.bench_ports.values())
 
     def url_of(self, variant_listener):
         return f"http://127.0.0.1:{self.bench_ports[variant_listener]}"
@@ -169,7 +125,7 @@ class BenchEnvoy(Envoy):
         item = copy.deepcopy(data)
         item["name"] = f"bench_{name}"
         set_port(item, port)
-        hcm = hcm_of(item)
+        hcm = http_connection_manager(item)
         hcm["stat_prefix"] = f"bench_{name}"
         hcm["route_config"] = {"name": f"bench_{name}", "virtual_hosts": [{
             "name": "bench", "domains": ["*"],
@@ -214,31 +170,23 @@ class BenchStack(Stack):
     """
 
     BENCH_LISTENERS = ("bare", "lua", "ibex", "noop")
+    PORT_NAMES = PORT_NAMES + BENCH_LISTENERS + ("sink", "sink_admin")
 
     def __init__(self, directory, *, lua_code, ibex_overrides, noop_wasm, gateway_cpus=None, **kwargs):
-        self.bench_ports = {}
-        taken = set()
-        for name in self.BENCH_LISTENERS + ("sink", "sink_admin"):
-            port = free_port()
-            while port in taken:
-                port = free_port()
-            taken.add(port)
-            self.bench_ports[name] = port
         self._bench = {"lua_code": lua_code, "ibex_overrides": ibex_overrides, "noop_wasm": noop_wasm,
                        "cpus": gateway_cpus}
         super().__init__(directory, **kwargs)
-        # the free ports above must not collide with the stack's own
-        clash = set(self.bench_ports.values()) & set(self.ports.values())
-        if clash:
-            raise RuntimeError(f"port clash {clash}; run again")
-        self.sink = SinkEnvoy(self.dir / "sink", self.bench_ports["sink"], self.bench_ports["sink_admin"],
+        self.sink = SinkEnvoy(self.dir / "sink", self.ports["sink"], self.ports["sink_admin"],
                               log_dir=kwargs.get("log_dir"))
 
+    @property
+    def bench_ports(self):
+        """{listener name: port} of the benchmark listeners."""
+        return {name: self.ports[name] for name in self.BENCH_LISTENERS}
+
     def _make_envoy(self, **settings):
-        return BenchEnvoy.from_stack_envoy(
-            super()._make_envoy(**settings),
-            bench_ports={k: self.bench_ports[k] for k in self.BENCH_LISTENERS},
-            sink_port=self.bench_ports["sink"], **self._bench)
+        return BenchEnvoy.from_stack_envoy(super()._make_envoy(**settings), bench_ports=self.bench_ports,
+                                           sink_port=self.ports["sink"], **self._bench)
 
     def start(self, name=None):
         if name is None:

@@ -46,7 +46,7 @@ from benchstack import BenchStack  # noqa: E402
 from stack import paths  # noqa: E402
 from stack.ports import wait_until  # noqa: E402
 from stack.postgres import quote_literal  # noqa: E402
-from stack.process import _die_with_parent  # noqa: E402
+from stack.process import die_with_parent as _die_with_parent  # noqa: E402
 
 WRK_SCRIPT = BENCH / "wrk" / "post.lua"
 LUA_FILTER = BENCH / "envoy" / "lua_static.lua"

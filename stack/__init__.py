@@ -9,7 +9,7 @@ directory of its own, with readiness polling and a clean stop:
 and `Stack` brings them all up in dependency order as a context manager.
 """
 
-from stack.process import ManagedProcess, StartError
+from stack.process import PortProcess, StartError
 from stack.ports import free_port, port_is_free, wait_until
 from stack.postgres import Postgres
 from stack.redis import Redis, Webdis
@@ -22,8 +22,8 @@ __all__ = [
     "Companion",
     "EchoUpstream",
     "Envoy",
-    "ManagedProcess",
     "Postgres",
+    "PortProcess",
     "REMOVE",
     "Redis",
     "Stack",

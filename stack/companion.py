@@ -14,21 +14,10 @@ import urllib.request
 from pathlib import Path
 
 from stack import paths
-from stack.process import ManagedProcess
+from stack.process import PortProcess
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def http_status(url, timeout=1.0):
-    """Status of a GET on `url`, or None when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return None
 
 
 def parse_prometheus(text):
@@ -103,25 +92,14 @@ class Companion:
         return self.run("flush")
 
 
-class _CompanionServer(ManagedProcess):
+class _CompanionServer(PortProcess):
     """A long-running companion subcommand with an HTTP health endpoint."""
 
     health_path = "/healthz"
 
     def __init__(self, directory, port, log_level="info", **kwargs):
-        super().__init__(directory, **kwargs)
-        self.port = port
+        super().__init__(directory, port, **kwargs)
         self.extra_env.setdefault("RUST_LOG", log_level)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def listen_ports(self):
-        return [self.port]
-
-    def ready(self):
-        return http_status(self.url + self.health_path) == 200
 
     def metrics_text(self):
         """The raw /metrics page."""

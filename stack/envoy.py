@@ -8,15 +8,12 @@ result next to the logs and runs Envoy on it.
 
 import copy
 import json
-import os
 import urllib.request
 
 import yaml
 
 from stack import paths
-from stack.companion import http_status
-from stack.ports import tcp_open
-from stack.process import ManagedProcess
+from stack.process import PortProcess
 
 REMOVE = object()
 """Override value that deletes a key from the filter configuration."""
@@ -24,6 +21,7 @@ REMOVE = object()
 DATA_LISTENER = "ibex_data"
 CONTROL_LISTENER = "ibex_control"
 WASM_FILTER = "envoy.filters.http.wasm"
+HCM = "envoy.filters.network.http_connection_manager"
 COUNTER_PREFIX = "ibex_directive."
 
 
@@ -54,13 +52,18 @@ def listener(config, name):
     raise KeyError(f"no listener {name!r} in the Envoy config")
 
 
-def http_filters(listener_config):
-    """The HTTP filter list of the listener's http_connection_manager."""
+def http_connection_manager(listener_config):
+    """The typed config of the listener's http_connection_manager."""
     for chain in listener_config["filter_chains"]:
         for network_filter in chain["filters"]:
-            if network_filter["name"] == "envoy.filters.network.http_connection_manager":
-                return network_filter["typed_config"]["http_filters"]
+            if network_filter["name"] == HCM:
+                return network_filter["typed_config"]
     raise KeyError(f"listener {listener_config['name']} has no http_connection_manager")
+
+
+def http_filters(listener_config):
+    """The HTTP filter list of the listener's http_connection_manager."""
+    return http_connection_manager(listener_config)["http_filters"]
 
 
 def wasm_plugin(listener_config):
@@ -127,50 +130,47 @@ def render_config(template, *, admin_port, data_port, control_port, upstream_por
     return config
 
 
-class Envoy(ManagedProcess):
-    """Envoy with the data listener, the control listener and the admin port.
+def envoy_command(config_path, *, concurrency, log_level, log_path):
+    """The argv of the venv's Envoy on `config_path` (both Envoys of the benchmarks use it too)."""
+    return [
+        paths.envoy_path(),
+        "-c", config_path,
+        "--concurrency", concurrency,
+        "--use-dynamic-base-id",
+        "-l", log_level,
+        "--log-path", log_path,
+    ]
 
-    `ports` maps upstream_port, webdis_port and store_port to the stack's
-    servers. `filter_config` is merged into the data listener's filter JSON,
-    `control_config` into the control listener's. `env` reaches Envoy's
-    environment (IBEX_DIRECTIVE_CACHE_TTL is dropped unless given there).
-    `cluster_ports` ({cluster: port}) overrides where a cluster points.
+
+class EnvoyProcess(PortProcess):
+    """An Envoy on a config it writes into its directory (`render()`), with an
+    admin port; ready when admin /ready answers 200 and every listener accepts.
+
+    Its stdout goes to `<name>.stdout.log`, its own log to `<name>.log`.
     """
 
     name = "envoy"
     ready_timeout = 60.0
 
-    def __init__(self, directory, *, data_port, control_port, admin_port, upstream_port, webdis_port, store_port,
-                 filter_config=None, control_config=None, concurrency=2, log_level="info",
-                 template=None, wasm=None, with_filter=True, cluster_ports=None, **kwargs):
-        super().__init__(directory, **kwargs)
-        self.data_port = data_port
-        self.control_port = control_port
+    def __init__(self, directory, port, *, admin_port, concurrency=2, log_level="info", **kwargs):
+        super().__init__(directory, port, **kwargs)
         self.admin_port = admin_port
-        self.upstream_port = upstream_port
-        self.webdis_port = webdis_port
-        self.store_port = store_port
-        self.filter_config = filter_config or {}
-        self.control_config = control_config or {}
         self.concurrency = concurrency
         self.log_level = log_level
-        self.template_path = template or paths.LOCAL_ENVOY_CONFIG
-        self.wasm = wasm or paths.wasm_path()
-        self.with_filter = with_filter
-        self.cluster_ports = dict(cluster_ports or {})
 
-    @property
-    def url(self):
-        """Base URL of the gateway (data listener)."""
-        return f"http://127.0.0.1:{self.data_port}"
-
-    @property
-    def control_url(self):
-        return f"http://127.0.0.1:{self.control_port}"
+    def render(self):
+        """The config this Envoy runs, as data."""
+        raise NotImplementedError
 
     @property
     def admin_url(self):
         return f"http://127.0.0.1:{self.admin_port}"
+
+    def health_url(self):
+        return self.admin_url + "/ready"
+
+    def other_ports(self):
+        return [self.admin_port]
 
     @property
     def config_path(self):
@@ -189,17 +189,59 @@ class Envoy(ManagedProcess):
     def log_paths(self):
         return [self.log_path, self.server_log_path]
 
-    def listen_ports(self):
-        return [self.data_port, self.control_port, self.admin_port]
+    def prepare(self):
+        self.config_path.write_text(yaml.safe_dump(self.render(), sort_keys=False))
+
+    def command(self):
+        return envoy_command(self.config_path, concurrency=self.concurrency, log_level=self.log_level,
+                             log_path=self.server_log_path)
+
+
+class Envoy(EnvoyProcess):
+    """Envoy with the data listener (`port`, the gateway), the control listener
+    and the admin port.
+
+    `upstream_port`, `webdis_port` and `store_port` are the stack's servers.
+    `filter_config` is merged into the data listener's filter JSON,
+    `control_config` into the control listener's. `env` reaches Envoy's
+    environment (IBEX_DIRECTIVE_CACHE_TTL is dropped unless given there).
+    `cluster_ports` ({cluster: port}) overrides where a cluster points.
+    """
+
+    def __init__(self, directory, *, data_port, control_port, admin_port, upstream_port, webdis_port, store_port,
+                 filter_config=None, control_config=None, template=None, wasm=None,
+                 with_filter=True, cluster_ports=None, **kwargs):
+        super().__init__(directory, data_port, admin_port=admin_port, **kwargs)
+        self.control_port = control_port
+        self.upstream_port = upstream_port
+        self.webdis_port = webdis_port
+        self.store_port = store_port
+        self.filter_config = filter_config or {}
+        self.control_config = control_config or {}
+        self.template_path = template or paths.LOCAL_ENVOY_CONFIG
+        self.wasm = wasm or paths.wasm_path()
+        self.with_filter = with_filter
+        self.cluster_ports = dict(cluster_ports or {})
+
+    @property
+    def data_port(self):
+        """The gateway's port (the data listener)."""
+        return self.port
+
+    @property
+    def control_url(self):
+        return f"http://127.0.0.1:{self.control_port}"
+
+    def other_ports(self):
+        return [self.control_port, *super().other_ports()]
 
     def environment(self):
-        env = dict(os.environ)
-        env.pop("IBEX_DIRECTIVE_CACHE_TTL", None)
-        env.update(self.extra_env)
+        env = super().environment()
+        if "IBEX_DIRECTIVE_CACHE_TTL" not in self.extra_env:
+            env.pop("IBEX_DIRECTIVE_CACHE_TTL", None)
         return env
 
     def render(self):
-        """The config this Envoy runs, as data."""
         return render_config(
             load_template(self.template_path),
             admin_port=self.admin_port, data_port=self.data_port, control_port=self.control_port,
@@ -212,22 +254,7 @@ class Envoy(ManagedProcess):
         if self.with_filter:
             paths.require_file(self.wasm, "build the filter with `make build` "
                                           "(cargo build --release --target wasm32-wasip1)")
-        self.config_path.write_text(yaml.safe_dump(self.render(), sort_keys=False))
-
-    def command(self):
-        return [
-            paths.envoy_path(),
-            "-c", self.config_path,
-            "--concurrency", self.concurrency,
-            "--use-dynamic-base-id",
-            "-l", self.log_level,
-            "--log-path", self.server_log_path,
-        ]
-
-    def ready(self):
-        """Admin /ready is 200 (LIVE) and both listeners accept connections."""
-        return (http_status(self.admin_url + "/ready") == 200
-                and tcp_open(self.data_port) and tcp_open(self.control_port))
+        super().prepare()
 
     def stats(self, pattern=None):
         """{name: value} of counters and gauges from admin /stats?format=json."""

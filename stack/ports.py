@@ -1,4 +1,4 @@
-"""Loopback ports and polling with deadlines.
+"""Loopback ports, readiness probes and polling with deadlines.
 
 Nothing in the stack waits by sleeping a fixed time: every wait is a poll of
 a real condition (a TCP connect, an HTTP status, a command's answer) that
@@ -7,6 +7,8 @@ gives up at a deadline with an error saying what it waited for.
 
 import socket
 import time
+import urllib.error
+import urllib.request
 
 LOOPBACK = "127.0.0.1"
 
@@ -40,6 +42,17 @@ def tcp_open(port, host=LOOPBACK, timeout=0.2):
             return True
     except OSError:
         return False
+
+
+def http_status(url, timeout=1.0):
+    """Status of a GET on `url`, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None
 
 
 def wait_until(condition, timeout=30.0, interval=0.02, what=None):

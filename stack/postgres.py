@@ -11,7 +11,8 @@ from pathlib import Path
 
 from stack import paths
 from stack.companion import Companion
-from stack.process import ManagedProcess, StartError, wait_for_pid_exit
+from stack.process import PortProcess, StartError, wait_for_pid_exit
+from stack.procfs import child_pids, parent_pid
 
 DATABASE = "ibex"
 SUPERUSER = "postgres"
@@ -44,7 +45,7 @@ def make_traversable_for_postgres(path):
             os.chmod(ancestor, mode | 0o001)
 
 
-class Postgres(ManagedProcess):
+class Postgres(PortProcess):
     """A PostgreSQL cluster in `directory`/data listening on 127.0.0.1:`port`.
 
     initdb runs only when the data directory is empty, so a kept directory
@@ -58,8 +59,7 @@ class Postgres(ManagedProcess):
     stop_signal = signal.SIGINT  # "fast" shutdown: ends sessions, no waiting for clients
 
     def __init__(self, directory, port, fast=False, migrate=True, **kwargs):
-        super().__init__(directory, **kwargs)
-        self.port = port
+        super().__init__(directory, port, **kwargs)
         self.fast = fast
         self.migrate_on_start = migrate
         self.data_dir = self.dir / "data"
@@ -68,9 +68,6 @@ class Postgres(ManagedProcess):
     def url(self):
         """DATABASE_URL of the project database (superuser, trust auth)."""
         return f"postgres://{SUPERUSER}@127.0.0.1:{self.port}/{DATABASE}"
-
-    def listen_ports(self):
-        return [self.port]
 
     def prepare(self):
         """Create the data directory and run initdb when it holds no cluster."""
@@ -195,25 +192,6 @@ class Postgres(ManagedProcess):
         if pid and parent_pid(pid) == self.proc.pid:
             return [pid]
         return [self.proc.pid]
-
-
-def parent_pid(pid):
-    """Parent pid of `pid` from /proc, or None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name (field 2) may hold spaces; fields after the last ')' are fixed
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def child_pids(pid):
-    """Pids whose parent is `pid` right now (from /proc)."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and parent_pid(int(entry)) == pid:
-            children.append(int(entry))
-    return children
 
 
 def quote_literal(text):

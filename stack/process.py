@@ -1,8 +1,12 @@
-"""One real child process: started with its output in a log file, polled until
-ready, stopped with SIGTERM then SIGKILL.
+"""One real child process serving on loopback ports: started with its output
+in a log file, polled until ready, stopped with SIGTERM then SIGKILL.
 
-Subclasses say what to run (`command()`), how to tell it is ready (`ready()`)
-and optionally what to prepare first (`prepare()`).
+`PortProcess` is the base of every process of the stack (and of the
+benchmarks' sink Envoy). Subclasses say what to run (`command()`) and,
+optionally, what to prepare first (`prepare()`), which other ports they
+listen on (`other_ports()`), and how to tell they are ready: by default a GET
+of `health_path` answers 200 and every listen port accepts TCP; `ready()`
+can be replaced for servers that speak no HTTP.
 """
 
 import ctypes
@@ -12,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from stack.ports import port_is_free, wait_until
+from stack.ports import LOOPBACK, http_status, port_is_free, tcp_open, wait_until
 
 _PR_SET_PDEATHSIG = 1
 
@@ -21,7 +25,7 @@ class StartError(RuntimeError):
     """A process exited or never became ready; the message ends with its log tail."""
 
 
-def _die_with_parent():
+def die_with_parent():
     """In the child, before exec: get SIGTERM when the harness dies.
 
     A harness killed with SIGKILL (or a crashed pytest) then leaves no
@@ -47,20 +51,24 @@ def tail(path, lines=40):
     return "\n".join(text.splitlines()[-lines:])
 
 
-class ManagedProcess:
-    """Base class of every process of the stack.
+class PortProcess:
+    """Base class of every process of the stack: one child serving on 127.0.0.1:`port`.
 
     `directory` holds its files (config, data) and, unless `log_dir` is given,
-    its logs. `name` names it in logs, pid files and errors. `start()` returns
-    self once ready; `stop()` is safe to call any number of times.
+    its logs. `name` names it in logs, pid files and errors. `url` is
+    `http://127.0.0.1:port`. `start()` returns self once ready; `stop()` is
+    safe to call any number of times; as a context manager it starts and
+    stops.
     """
 
     name = "process"
     ready_timeout = 30.0
     stop_timeout = 10.0
     stop_signal = signal.SIGTERM
+    health_path = None  # GET path that answers 200 once the process serves; None: no HTTP check
 
-    def __init__(self, directory, name=None, env=None, pid_dir=None, log_dir=None):
+    def __init__(self, directory, port, *, name=None, env=None, pid_dir=None, log_dir=None):
+        self.port = port
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = Path(log_dir).resolve() if log_dir else self.dir
@@ -78,21 +86,38 @@ class ManagedProcess:
         """The argv to run."""
         raise NotImplementedError
 
-    def ready(self):
-        """True when the process serves requests (polled after start)."""
-        return True
-
     def prepare(self):
         """Work done before the process starts (config files, data dirs)."""
 
-    def listen_ports(self):
-        """The loopback ports this process will listen on (checked free at start)."""
+    def other_ports(self):
+        """Loopback ports it listens on besides `port` (admin, control, ...)."""
         return []
+
+    def health_url(self):
+        """URL whose GET answers 200 once the process serves, or None."""
+        return self.url + self.health_path if self.health_path else None
+
+    def ready(self):
+        """True when the process serves requests (polled after start): its health
+        URL answers 200, when it has one, and every listen port accepts TCP."""
+        url = self.health_url()
+        if url is not None and http_status(url) != 200:
+            return False
+        return all(tcp_open(port) for port in self.listen_ports())
 
     def after_ready(self):
         """Work done once the process is ready (migrations, for example)."""
 
     # -- common behaviour ---------------------------------------------------
+
+    @property
+    def url(self):
+        """Base URL of the process's main port (HTTP; Redis and Postgres give their own)."""
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def listen_ports(self):
+        """Every loopback port this process listens on (checked free at start)."""
+        return [self.port, *self.other_ports()]
 
     @property
     def log_path(self):
@@ -151,7 +176,7 @@ class ManagedProcess:
             stderr=subprocess.STDOUT,
             cwd=self.dir,
             env=self.environment(),
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._write_pid_file()
         try:
@@ -166,7 +191,7 @@ class ManagedProcess:
         """Fail with a message naming the port when something already holds it."""
         for port in self.listen_ports():
             if not port_is_free(port):
-                raise StartError(f"{self.name}: port 127.0.0.1:{port} is already in use; stop whatever holds it or pick another port")
+                raise StartError(f"{self.name}: port {LOOPBACK}:{port} is already in use; stop whatever holds it or pick another port")
 
     def _ready_or_dead(self):
         """Readiness poll that fails fast when the child exited."""

@@ -6,14 +6,14 @@ import subprocess
 import urllib.error
 import urllib.request
 
-from stack.process import ManagedProcess
+from stack.process import PortProcess
 
 
 class RespError(RuntimeError):
     """Redis answered a command with an error reply."""
 
 
-def _encode_command(args):
+def encode_command(*args):
     """One Redis command in RESP (array of bulk strings)."""
     parts = [f"*{len(args)}\r\n".encode()]
     for arg in args:
@@ -52,22 +52,15 @@ def _read_reply(stream):
     raise ConnectionError(f"unexpected RESP reply {line!r}")
 
 
-class Redis(ManagedProcess):
+class Redis(PortProcess):
     """redis-server on 127.0.0.1:`port`, nothing persisted."""
 
     name = "redis"
-
-    def __init__(self, directory, port, **kwargs):
-        super().__init__(directory, **kwargs)
-        self.port = port
 
     @property
     def url(self):
         """REDIS_URL of this server."""
         return f"redis://127.0.0.1:{self.port}/0"
-
-    def listen_ports(self):
-        return [self.port]
 
     def command(self):
         return [
@@ -102,7 +95,7 @@ class Redis(ManagedProcess):
         Unlike redis-cli's text this tells nil from the empty string.
         """
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall(_encode_command(args))
+            sock.sendall(encode_command(*args))
             with sock.makefile("rb") as stream:
                 return _read_reply(stream)
 
@@ -125,7 +118,7 @@ class Redis(ManagedProcess):
         return 0
 
 
-class Webdis(ManagedProcess):
+class Webdis(PortProcess):
     """Webdis on 127.0.0.1:`port` in front of `redis_port`.
 
     Its JSON config is generated into the directory: no daemon, two threads,
@@ -136,14 +129,9 @@ class Webdis(ManagedProcess):
     name = "webdis"
 
     def __init__(self, directory, port, redis_port, verbosity=3, **kwargs):
-        super().__init__(directory, **kwargs)
-        self.port = port
+        super().__init__(directory, port, **kwargs)
         self.redis_port = redis_port
         self.verbosity = verbosity
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def config_path(self):
@@ -153,9 +141,6 @@ class Webdis(ManagedProcess):
     def webdis_log_path(self):
         """Webdis's own log file (its stdout goes to `log_path`)."""
         return self.log_dir / "webdis-server.log"
-
-    def listen_ports(self):
-        return [self.port]
 
     def prepare(self):
         config = {

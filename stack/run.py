@@ -13,11 +13,12 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 from stack import paths
+from stack.contract import AGENT_HEADER
 from stack.ports import port_is_free
 from stack.process import StartError, wait_for_pid_exit
+from stack.procfs import cmdline
 from stack.stack import ORDER, Stack
 
 RUN_DIR = paths.REPO / ".run"
@@ -72,14 +73,6 @@ def choose_ports():
 def busy_ports(ports):
     """[(port, description)] of the ports something already listens on."""
     return [(port, FIXED_PORTS[name][1]) for name, port in ports.items() if not port_is_free(port)]
-
-
-def cmdline(pid):
-    """The command line of `pid`, or '' when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def clean_stale_pid_files():
@@ -159,7 +152,7 @@ ibex-directive is up in {seconds:.1f}s (Ctrl-C stops everything)
 Try it:
 
   . .run/env
-  curl -s $IBEX_GATEWAY_URL/v1/chat/completions -H "x-agent-id: $IBEX_DEMO_AGENT_ID" -H 'content-type: application/json' -d '{{"model":"demo","messages":[{{"role":"user","content":"hello"}}]}}'
+  curl -s $IBEX_GATEWAY_URL/v1/chat/completions -H "{AGENT_HEADER}: $IBEX_DEMO_AGENT_ID" -H 'content-type: application/json' -d '{{"model":"demo","messages":[{{"role":"user","content":"hello"}}]}}'
 """
 
 

@@ -23,11 +23,11 @@ ORDER = ("postgres", "redis", "webdis", "store", "upstream", "envoy", "subscribe
 PORT_NAMES = ("postgres", "redis", "webdis", "store", "subscriber", "upstream", "data", "control", "admin")
 
 
-def allocate_ports(given=None):
-    """A port for every part: the given ones, free distinct ports for the rest."""
+def allocate_ports(given=None, names=PORT_NAMES):
+    """A port for each of `names`: the given ones, free distinct ports for the rest."""
     ports = dict(given or {})
     taken = set(ports.values())
-    for name in PORT_NAMES:
+    for name in names:
         if name not in ports:
             port = free_port()
             while port in taken:
@@ -53,12 +53,14 @@ class Stack:
     log_levels       {"envoy": "info", "companion": "info", "webdis": 3}
     """
 
+    PORT_NAMES = PORT_NAMES
+
     def __init__(self, directory, *, ports=None, filter_config=None, control_config=None, envoy_env=None,
                  parts=ORDER, pg_dir=None, fast_pg=True, pid_dir=None, log_dir=None, concurrency=2,
                  log_levels=None):
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.ports = allocate_ports(ports)
+        self.ports = allocate_ports(ports, self.PORT_NAMES)
         self.pid_dir = pid_dir
         self.log_dir = log_dir
         self.parts = [name for name in ORDER if name in parts]
@@ -69,8 +71,7 @@ class Stack:
                                  **common)
         self.redis = Redis(self.dir / "redis", p["redis"], **common)
         self.webdis = Webdis(self.dir / "webdis", p["webdis"], p["redis"], verbosity=levels["webdis"], **common)
-        self.store = Store(self.dir / "store", p["store"], self.postgres.url, log_level=levels["companion"],
-                           **common)
+        self.store = Store(self.dir / "store", p["store"], self.postgres.url, log_level=levels["companion"], **common)
         self.upstream = EchoUpstream(self.dir / "upstream", p["upstream"], **common)
         self.envoy_settings = {
             "filter_config": filter_config or {},

@@ -7,8 +7,7 @@ import urllib.request
 from pathlib import Path
 
 from stack import paths
-from stack.companion import http_status
-from stack.process import ManagedProcess
+from stack.process import PortProcess
 
 ECHO_SCRIPT = Path(__file__).resolve().parent / "echo_upstream.py"
 
@@ -43,7 +42,7 @@ class Received:
         return f"<Received {self.method} {self.path} {len(self.body)} bytes>"
 
 
-class EchoUpstream(ManagedProcess):
+class EchoUpstream(PortProcess):
     """The stand-in LLM API on 127.0.0.1:`port`.
 
     `keep` (default: the server's 100) is how many requests it remembers; set
@@ -51,27 +50,17 @@ class EchoUpstream(ManagedProcess):
     """
 
     name = "upstream"
+    health_path = "/_demo/received"
 
     def __init__(self, directory, port, keep=None, **kwargs):
-        super().__init__(directory, **kwargs)
-        self.port = port
+        super().__init__(directory, port, **kwargs)
         self.keep = keep
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def listen_ports(self):
-        return [self.port]
 
     def command(self):
         argv = [paths.python(), ECHO_SCRIPT, "--host", "127.0.0.1", "--port", self.port]
         if self.keep is not None:
             argv += ["--keep", self.keep]
         return argv
-
-    def ready(self):
-        return http_status(self.url + "/_demo/received") == 200
 
     def received(self):
         """Every recorded request, oldest first, as Received objects."""

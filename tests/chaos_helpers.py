@@ -1,6 +1,7 @@
 """Helpers of the chaos and timeout tests: steady client load that records
-every answer, a drain of everything the echo upstream received, process
-memory, and a TCP server that accepts connections and never answers.
+every answer, a drain of everything the echo upstream received, and a TCP
+server that accepts connections and never answers (process memory:
+stack/procfs.py).
 
 Nothing here waits by sleeping for a state: the load and the drain pace
 themselves with Event.wait (they stop at once when told), and every wait
@@ -17,15 +18,7 @@ from dataclasses import dataclass
 
 import requests
 
-from helpers import CHAT, chat_body
-
-def rss_kb(pid):
-    """Resident set size of `pid` in kB (VmRSS of /proc/<pid>/status)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+from helpers import CHAT, chat_body, json_headers, tier
 
 
 @dataclass
@@ -84,7 +77,7 @@ class Load:
                 answer = Answer(agent, time.time(), 0.0)
                 try:
                     response = session.post(self.url, data=self.body, timeout=self.timeout,
-                                            headers={"content-type": "application/json", "x-agent-id": agent})
+                                            headers=json_headers(agent))
                     answer.status = response.status_code
                     answer.body = response.text
                 except requests.RequestException as exc:
@@ -172,7 +165,7 @@ class UpstreamLog:
 
 def tier_counts(received):
     """{tier: count} of the debug header over `received`."""
-    return Counter(r.header("x-ibex-directive") for r in received)
+    return Counter(tier(r) for r in received)
 
 
 def fractions(counts):

@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from stack import Stack  # noqa: E402
+from stack.contract import FLUSH_MARKER  # noqa: E402
 from stack.stack import ORDER  # noqa: E402
 
 _STACK_DIRS = {}
@@ -40,15 +41,12 @@ def stack(tmp_path_factory, request):
         yield running
 
 
-FLUSH_MARKER = "directive:__flush__"
-
-
 @pytest.fixture(autouse=True)
 def no_flush_marker(request):
     """Drop the subscriber's flush marker before each test that has a stack.
 
     After a full flush (the subscriber does one each time it connects, and
-    test_flush publishes one) the companion keeps `directive:__flush__` for
+    test_flush publishes one) the companion keeps FLUSH_MARKER for
     10 s, and while it exists the filter skips every L2 write-back. The tests
     use brand-new agents that no cache has seen, so the marker guards nothing
     for them; left in place it would make write-back checks wait out a timer.

@@ -2,12 +2,12 @@
 and byte-exact checks of what the upstream received."""
 
 import json
-import socket
 import uuid
 
 import requests
 
 from stack import wait_until
+from stack.contract import AGENT_HEADER, TIER_HEADER
 
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
@@ -48,18 +48,24 @@ def chat_body(text="hello"):
     ).encode("utf-8")
 
 
-def send(stack, path, body, agent=None, headers=None, method="POST"):
-    """Send raw body bytes through the gateway; return the requests.Response."""
+def json_headers(agent=None, headers=None):
+    """Headers of a JSON request for `agent` (none when None), plus `headers`."""
     all_headers = {"content-type": "application/json"}
     if agent is not None:
-        all_headers["x-agent-id"] = agent
+        all_headers[AGENT_HEADER] = agent
     all_headers.update(headers or {})
-    return requests.request(method, stack.gateway_url + path, data=body, headers=all_headers, timeout=30)
+    return all_headers
+
+
+def send(stack, path, body, agent=None, headers=None, method="POST"):
+    """Send raw body bytes through the gateway; return the requests.Response."""
+    return requests.request(method, stack.gateway_url + path, data=body, headers=json_headers(agent, headers),
+                            timeout=30)
 
 
 def tier(received):
-    """The x-ibex-directive debug header of a request the upstream received."""
-    return received.header("x-ibex-directive")
+    """The debug header (TIER_HEADER) of a request the upstream received: the tier that answered."""
+    return received.header(TIER_HEADER)
 
 
 def error_code(response):
@@ -105,39 +111,6 @@ def assert_chat_injected(original, received_body, directive, role="system"):
     assert got["messages"][0] == {"role": role, "content": directive}
     assert got["messages"][1:] == sent["messages"]
     assert {k: v for k, v in got.items() if k != "messages"} == {k: v for k, v in sent.items() if k != "messages"}
-
-
-def raw_http(port, request_bytes, timeout=10.0):
-    """Send raw bytes on one TCP connection; return (status, headers, body) of the answer.
-
-    Reads until the response's content-length is complete or the peer closes;
-    `timeout` is a deadline on a dead connection, never a wait for success.
-    """
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        try:
-            sock.sendall(request_bytes)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may answer and close before taking everything
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        return status, headers, body
 
 
 def connections_by_worker(stack):

@@ -4,20 +4,10 @@ are buffered and injected."""
 
 import json
 
-from helpers import CHAT, agent_with, assert_chat_injected, error_code, raw_http, send
+from helpers import CHAT, agent_with, assert_chat_injected, error_code, send
+from stack.rawhttp import exchange, request_bytes
 
 LIMIT = 1048576
-
-
-def request_head(agent, extra_headers):
-    lines = [
-        f"POST {CHAT} HTTP/1.1",
-        "host: gateway",
-        "content-type: application/json",
-        f"x-agent-id: {agent}",
-        *extra_headers,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def upstream_requests(stack):
@@ -28,8 +18,8 @@ def test_content_length_over_the_limit_is_refused_before_the_body(stack, upstrea
     agent = agent_with(stack, "Big bodies are refused.")
     forwarded = upstream_requests(stack)
     # announce 2 MiB but send only a few bytes: the answer must come anyway
-    head = request_head(agent, [f"content-length: {2 * LIMIT}"])
-    status, headers, body = raw_http(stack.envoy.data_port, head + b'{"model":')
+    request = request_bytes(CHAT, b'{"model":', agent=agent, headers={"content-length": 2 * LIMIT})
+    status, headers, body = exchange(stack.envoy.data_port, request)
     assert status == 413
     assert headers["content-type"].startswith("application/json")
     assert json.loads(body)["error"]["code"] == "body_too_large"
@@ -44,7 +34,8 @@ def test_chunked_body_over_the_limit_is_refused(stack, upstream):
     payload = b'{"model":"m","messages":[{"role":"user","content":"' + b"y" * (LIMIT + 10) + b'"}]}'
     chunked = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n"
                        for part in (payload[i:i + 65536] for i in range(0, len(payload), 65536))) + b"0\r\n\r\n"
-    status, _, body = raw_http(stack.envoy.data_port, request_head(agent, ["transfer-encoding: chunked"]) + chunked)
+    request = request_bytes(CHAT, chunked, agent=agent, headers={"transfer-encoding": "chunked"})
+    status, _, body = exchange(stack.envoy.data_port, request)
     assert status == 413
     assert b"body_too_large" in body
     assert upstream_requests(stack) == forwarded

@@ -27,10 +27,12 @@ from collections import Counter
 
 import pytest
 
-from chaos_helpers import Load, UpstreamLog, counter_delta, fractions, rss_kb, tier_counts
+from chaos_helpers import Load, UpstreamLog, counter_delta, fractions, tier_counts
 from conftest import _STACK_DIRS
-from helpers import new_agent, strict_json
+from helpers import new_agent, strict_json, tier
 from stack import Stack, wait_until
+from stack.contract import AGENT_HEADER
+from stack.procfs import rss_kb
 from stack.stack import ORDER
 
 FILTER_CONFIG = {
@@ -103,7 +105,7 @@ def warm(stack, directives):
 
 def agents_seen(received, tiers):
     """Agents for which the upstream saw a request answered by one of `tiers`."""
-    return {r.header("x-agent-id") for r in received if r.header("x-ibex-directive") in tiers}
+    return {r.header(AGENT_HEADER) for r in received if tier(r) in tiers}
 
 
 def degraded(part, directives, log, load, since):
@@ -305,10 +307,10 @@ def test_kill_and_restart_under_load(stack, fleet, everything_back, part):
         assert len(received) == len(answers), "the upstream saw exactly the requests that were answered"
     missing = []
     for item in received:
-        agent = item.header("x-agent-id")
+        agent = item.header(AGENT_HEADER)
         first = strict_json(item.body)["messages"][0]
         if first != {"role": "system", "content": directives[agent]}:
-            missing.append((agent, item.header("x-ibex-directive")))
+            missing.append((agent, tier(item)))
     assert missing == [], f"{len(missing)} requests reached the upstream without their directive: {missing[:5]}"
 
     # -- after recovery the tiers stay normal: no stale answers, no trouble, and L1

@@ -5,11 +5,8 @@ import pytest
 
 from helpers import CHAT, agent_with, assert_chat_injected, chat_body, error_code, send, tier
 from stack import REMOVE, wait_until
+from stack.contract import redis_key as key
 from stack.envoy import DATA_LISTENER, filter_json, listener
-
-
-def key(agent):
-    return f"directive:{agent}"
 
 
 @pytest.fixture()
@@ -81,25 +78,25 @@ def test_expired_l1_entry_is_served_from_redis(stack, restart):
     assert_chat_injected(chat_body(), stack.upstream.last().body, directive)
 
 
+def write_back_ttl(stack, directive):
+    """The TTL of the Redis write-back after one request of a new agent with `directive`."""
+    agent = agent_with(stack, directive)
+    assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
+    return wait_until(lambda: stack.redis.ttl(key(agent)) > 0 and stack.redis.ttl(key(agent)),
+                      what="the L2 write-back")
+
+
 def test_cache_ttl_from_environment(stack, restart):
     """IBEX_DIRECTIVE_CACHE_TTL reaches the VM and sets the TTL of L2 writes
     when the JSON config has no cache.ttl_seconds."""
     envoy = restart({"cache": {"ttl_seconds": REMOVE}}, env={"IBEX_DIRECTIVE_CACHE_TTL": "1234"})
     assert "ttl_seconds" not in filter_json(listener(envoy.render(), DATA_LISTENER)).get("cache", {})
-    agent = agent_with(stack, "TTL from the environment.")
-    assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
-    ttl = wait_until(lambda: stack.redis.ttl(key(agent)) > 0 and stack.redis.ttl(key(agent)),
-                     what="the L2 write-back")
-    assert 60 < ttl <= 1234
+    assert 60 < write_back_ttl(stack, "TTL from the environment.") <= 1234
 
 
 def test_json_ttl_wins_over_environment(stack, restart):
     restart({"cache": {"ttl_seconds": 77}}, env={"IBEX_DIRECTIVE_CACHE_TTL": "1234"})
-    agent = agent_with(stack, "TTL from JSON.")
-    assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
-    ttl = wait_until(lambda: stack.redis.ttl(key(agent)) > 0 and stack.redis.ttl(key(agent)),
-                     what="the L2 write-back")
-    assert 0 < ttl <= 77
+    assert 0 < write_back_ttl(stack, "TTL from JSON.") <= 77
 
 
 def test_smaller_body_limit(stack, restart):

@@ -31,11 +31,12 @@ from helpers import (
     assert_single_insertion,
     chat_body,
     error_code,
+    json_headers,
     new_agent,
-    raw_http,
     send,
     strict_json,
 )
+from stack.rawhttp import exchange, request_bytes
 
 DIRECTIVE = "HOSTILE-GUARD: the directive every accepted body must carry."
 
@@ -74,8 +75,8 @@ def chunked(body, sizes=(1, 2, 3, 5, 7)):
 
 
 def send_chunked(stack, path, body, agent, headers=None):
-    all_headers = {"content-type": "application/json", "x-agent-id": agent, **(headers or {})}
-    return requests.post(stack.gateway_url + path, data=chunked(body), headers=all_headers, timeout=30)
+    return requests.post(stack.gateway_url + path, data=chunked(body), headers=json_headers(agent, headers),
+                         timeout=30)
 
 
 # ---------------------------------------------------------------- 400 invalid_body
@@ -204,8 +205,7 @@ def test_empty_chunked_body_is_an_empty_body_and_refused(stack, upstream, agent)
     """`transfer-encoding: chunked` with only the last chunk is a body of zero
     bytes, not a bodiless request (that is `content-length: 0`, below): it is
     not JSON, so it is refused like any other body that is not."""
-    head = (f"POST {CHAT} HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
-            f"x-agent-id: {agent}\r\ntransfer-encoding: chunked\r\n\r\n").encode()
+    request = request_bytes(CHAT, b"0\r\n\r\n", agent=agent, headers={"transfer-encoding": "chunked"})
 
     class Answer:
         def __init__(self, raw):
@@ -215,7 +215,7 @@ def test_empty_chunked_body_is_an_empty_body_and_refused(stack, upstream, agent)
         def json(self):
             return json.loads(self.content)
 
-    assert_refused(stack, upstream, lambda: Answer(raw_http(stack.envoy.data_port, head + b"0\r\n\r\n")),
+    assert_refused(stack, upstream, lambda: Answer(exchange(stack.envoy.data_port, request)),
                    400, "invalid_body")
 
 
@@ -308,7 +308,7 @@ def test_chat_body_in_many_small_chunks_is_injected(stack, upstream, agent):
 def test_anthropic_blocks_in_one_byte_chunks_are_injected(stack, upstream, agent):
     body = ('{"model":"claude","system":[{"type":"text","text":"Caché","cache_control":{"type":"ephemeral"}}],'
             '"max_tokens":64,"messages":[{"role":"user","content":"hi"}]}').encode()
-    headers = {"content-type": "application/json", "x-agent-id": agent}
+    headers = json_headers(agent)
     response = requests.post(stack.gateway_url + MESSAGES, data=chunked(body, sizes=(1,)), headers=headers, timeout=30)
     assert response.status_code == 200, response.text
     got = upstream.last().body

@@ -24,12 +24,9 @@ from helpers import (
     tier,
 )
 from stack import wait_until
+from stack.contract import redis_key as key
 
 NEGATIVE_TTL = 10  # cache.negative_ttl_seconds of envoy/local.yaml
-
-
-def key(agent):
-    return f"directive:{agent}"
 
 
 def callouts(stack):

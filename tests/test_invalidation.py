@@ -18,17 +18,12 @@ import requests
 from helpers import (CHAT, agent_with, assert_chat_injected, chat_body, new_agent, requests_on_every_worker, send,
                      tier)
 from stack import wait_until
+from stack.contract import FLUSH_CHANNEL, FLUSH_MARKER, INVALIDATE_PATH, TOMBSTONE, updates_channel
+from stack.contract import redis_key as key
 from stack.postgres import quote_literal
 
 CONTROL_TOKEN = "test-control-token"
 CONTROL_CONFIG = {"control": {"token": CONTROL_TOKEN}}
-UPDATES_CHANNEL = "ibex:directive:updates:"
-FLUSH_CHANNEL = "ibex:directive:flush"
-TOMBSTONE = "\x00"
-
-
-def key(agent):
-    return f"directive:{agent}"
 
 
 def cached(stack, agent, directive):
@@ -136,7 +131,7 @@ def test_control_invalidate_one_agent(stack, upstream):
     stack.redis.command_call("DEL", key(agent))
     assert injected_text(stack, agent) == "Version one."  # nothing told the cache yet
     invalidations = stack.envoy.counter("invalidations")
-    assert control(stack, f"/ibex/v1/invalidate/{agent}").status_code == 204
+    assert control(stack, f"{INVALIDATE_PATH}/{agent}").status_code == 204
     assert stack.envoy.counter("invalidations") == invalidations + 1
     body = chat_body()
     stack.upstream.clear()
@@ -152,7 +147,7 @@ def test_control_invalidate_all(stack, upstream):
         cached(stack, agent, "Old text.")
         stack.set_directive(agent, "New text.", publish=False)
         stack.redis.command_call("DEL", key(agent))
-    assert control(stack, "/ibex/v1/invalidate").status_code == 204
+    assert control(stack, INVALIDATE_PATH).status_code == 204
     for agent in agents:
         assert injected_text(stack, agent) == "New text."
 
@@ -171,7 +166,7 @@ def test_control_without_the_token_is_refused_and_invalidates_nothing(stack, ups
         {"authorization": CONTROL_TOKEN},  # no "Bearer "
         {"authorization": f"Basic {CONTROL_TOKEN}"},
     ]
-    for path in (f"/ibex/v1/invalidate/{agent}", "/ibex/v1/invalidate"):
+    for path in (f"{INVALIDATE_PATH}/{agent}", INVALIDATE_PATH):
         for credentials in refused:
             response = control(stack, path, **credentials)
             assert response.status_code == 401, (path, credentials)
@@ -182,7 +177,7 @@ def test_control_without_the_token_is_refused_and_invalidates_nothing(stack, ups
     assert stack.store.lookups() == lookups
     assert stack.envoy.counter("invalidations") == invalidations
     # the refusals were about the token: with it, the same call invalidates
-    assert control(stack, f"/ibex/v1/invalidate/{agent}").status_code == 204
+    assert control(stack, f"{INVALIDATE_PATH}/{agent}").status_code == 204
     assert injected_text(stack, agent) == "Not visible until invalidated."
     assert tier(stack.upstream.last()) == "store"
 
@@ -222,7 +217,7 @@ def test_flush_marker_keeps_write_backs_out_of_redis(stack, upstream):
     that read Postgres meanwhile must not write Redis (it could carry text
     from before the flush). The marker outlives the test's two requests."""
     stack.flush()
-    assert stack.redis.get("directive:__flush__") is not None
+    assert stack.redis.get(FLUSH_MARKER) is not None
     agent = agent_with(stack, "Not written back during a flush window.")
     skipped = stack.envoy.counter("l2_write_skipped")
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
@@ -244,7 +239,7 @@ def test_foreign_writer_new_version_then_publish(stack, upstream):
     cached(stack, agent, "Written by us.")
     sql_set_directive(stack, agent, "Written by someone else.")
     assert injected_text(stack, agent) == "Written by us."  # not published yet: L1 still serves it
-    publish_and_wait(stack, UPDATES_CHANNEL + agent)
+    publish_and_wait(stack, updates_channel(agent))
     assert stack.redis.get(key(agent)) == TOMBSTONE
     every_worker_carries(stack, agent, "Written by someone else.")
 
@@ -254,7 +249,7 @@ def test_foreign_writer_deactivation_then_publish(stack, upstream):
     agent = agent_with(stack, "Deactivated by someone else.")
     cached(stack, agent, "Deactivated by someone else.")
     sql_deactivate(stack, agent)
-    publish_and_wait(stack, UPDATES_CHANNEL + agent)
+    publish_and_wait(stack, updates_channel(agent))
     every_worker_carries(stack, agent, None)
 
 
@@ -329,7 +324,7 @@ def test_subscriber_down_during_an_update_flushes_when_it_starts(stack, upstream
     cached(stack, agent, "Before the lost update.")
     stack.stop("subscriber")
     sql_set_directive(stack, agent, "After the lost update.")
-    assert publish(stack, UPDATES_CHANNEL + agent) == 0  # nobody listens: the message is gone
+    assert publish(stack, updates_channel(agent)) == 0  # nobody listens: the message is gone
     assert injected_text(stack, agent) == "Before the lost update."
     assert tier(stack.upstream.last()) == "local"
     assert stack.redis.get(key(agent)) == "Before the lost update."

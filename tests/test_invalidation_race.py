@@ -4,14 +4,10 @@ A fill (an L2 or L3 read) that started before an invalidation must not write
 its old answer into L1 (the entry's CAS version) or Redis (the conditional
 EVAL against the subscriber's tombstone or flush marker) afterwards.
 
-"Before" is made certain with a gate inside Postgres: the store connects as a
-SELECT-only role (as production should) and a row-security policy on
-ibex_core.directives calls a function that, for the agents listed in
-ibex_test.held_agents, sleeps for the agent's delay and then takes an advisory
-lock the test can hold. Both happen while the query runs, i.e. after its
-snapshot was taken: a lookup held there answers the text of its snapshot even
-when the directive changed meanwhile. Holding the lock makes one overtaken
-fill deterministic; the delay makes overtaken fills frequent in the race.
+"Before" is made certain with the gate inside Postgres (tests/pg_gate.py): a
+lookup held there answers the text of its snapshot even when the directive
+changed meanwhile. Holding the gate's lock makes one overtaken fill
+deterministic; a delay per lookup makes overtaken fills frequent in the race.
 Neither decides a result: every wait is a poll of real state
 (pg_stat_activity, Envoy, subscriber and Redis counters).
 
@@ -20,117 +16,34 @@ fill that started before it, and the outcome of an L2 write-back (sent by the
 worker's root context) is counted even when its request ended long before.
 """
 
-import http.client
 import json
 import re
-import socket
-import subprocess
 import threading
 from contextlib import contextmanager
 
 import pytest
 import requests
 
-from helpers import CHAT, agent_with, chat_body, connections_by_worker, requests_on_every_worker, send, tier
-from stack import paths, wait_until
+from helpers import (CHAT, agent_with, chat_body, connections_by_worker, json_headers, requests_on_every_worker, send,
+                     tier)
+from pg_gate import HOLDING_FILTER_CONFIG, install_gate, psql_session, psql_until
+from stack import wait_until
+from stack.contract import FLUSH_MARKER, INVALIDATE_PATH, TOMBSTONE, redis_key, updates_channel
 from stack.postgres import quote_literal
+from stack.rawhttp import connect, read_response, request_bytes
 
 # Store lookups may be held as long as a test needs; the filter's callouts wait
 # for them (and a Redis write-back may wait for Redis, see the write-back test).
-FILTER_CONFIG = {"store": {"timeout_ms": 30000}, "redis": {"timeout_ms": 10000}}
-STORE_ENV = {"IBEX_STORE_STATEMENT_TIMEOUT_MS": "30000", "IBEX_STORE_LOOKUP_TIMEOUT_MS": "30000"}
+FILTER_CONFIG = {**HOLDING_FILTER_CONFIG, "redis": {"timeout_ms": 10000}}
 
-READER = "ibex_store_reader"
-LOCK_ID = 4242
-TOMBSTONE = "\x00"
-FLUSH_MARKER = "directive:__flush__"
 OLD = "Old text, read before the update."
 NEW = "New text, committed and published."
-
-GATE_SQL = f"""
-CREATE ROLE {READER} LOGIN;
-GRANT USAGE ON SCHEMA ibex_core TO {READER};
-GRANT SELECT ON ALL TABLES IN SCHEMA ibex_core TO {READER};
-CREATE SCHEMA ibex_test;
-CREATE TABLE ibex_test.held_agents (agent_id uuid PRIMARY KEY, delay_ms integer NOT NULL);
-GRANT USAGE ON SCHEMA ibex_test TO {READER};
-GRANT SELECT ON ibex_test.held_agents TO {READER};
--- Evaluated per row while the query runs, i.e. after its snapshot was taken.
-CREATE FUNCTION ibex_test.hold(agent uuid) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
-DECLARE
-  delay integer;
-BEGIN
-  SELECT delay_ms INTO delay FROM ibex_test.held_agents WHERE agent_id = agent;
-  IF FOUND THEN
-    IF delay > 0 THEN
-      PERFORM pg_sleep(delay / 1000.0);
-    END IF;
-    PERFORM pg_advisory_xact_lock_shared({LOCK_ID});
-  END IF;
-  RETURN true;
-END $$;
-ALTER TABLE ibex_core.directives ENABLE ROW LEVEL SECURITY;
-CREATE POLICY hold ON ibex_core.directives FOR SELECT TO {READER} USING (ibex_test.hold(agent_id));
-"""
-
-
-def psql_session(stack):
-    """A psql session of our own, fed through stdin."""
-    return subprocess.Popen(
-        [str(paths.PG_BIN / "psql"), "-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
-         "-p", str(stack.postgres.port), "-U", "postgres", "-d", "ibex"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-
-def psql_until(proc, marker):
-    """Read the session's output up to the line `marker`."""
-    for line in proc.stdout:
-        if line.strip() == marker:
-            return
-    raise AssertionError(f"psql ended before {marker!r}: exit {proc.wait()}")
-
-
-class Gate:
-    """Holds the store's lookups of listed agents inside Postgres while closed."""
-
-    def __init__(self, stack):
-        self.stack = stack
-
-    def add(self, agent, delay_ms=0):
-        self.stack.postgres.psql(f"INSERT INTO ibex_test.held_agents VALUES ('{agent}', {int(delay_ms)})")
-
-    def waiting(self):
-        """Store queries waiting at the closed gate right now."""
-        return int(self.stack.postgres.psql(
-            "SELECT count(*) FROM pg_stat_activity "
-            f"WHERE usename = '{READER}' AND wait_event_type = 'Lock' AND wait_event = 'advisory'"))
-
-    @contextmanager
-    def closed(self):
-        """Hold the advisory lock in a session of our own; release it on exit."""
-        holder = psql_session(self.stack)
-        try:
-            holder.stdin.write(f"BEGIN;\nSELECT pg_advisory_xact_lock({LOCK_ID});\n\\echo gate-closed\n")
-            holder.stdin.flush()
-            psql_until(holder, "gate-closed")
-            yield self
-        finally:
-            holder.stdin.write("COMMIT;\n")
-            holder.stdin.close()
-            holder.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def gate(stack):
-    """The gate, and the store running as the SELECT-only role it applies to
-    (a superuser would bypass row security)."""
-    stack.postgres.psql(GATE_SQL)
-    stack.stop("store")
-    url = f"postgres://{READER}@127.0.0.1:{stack.postgres.port}/ibex"
-    stack.store.database_url = url
-    stack.store.extra_env.update(DATABASE_URL=url, **STORE_ENV)
-    stack.start("store")
-    return Gate(stack)
+    """The gate, and the store running as the SELECT-only role it applies to."""
+    return install_gate(stack)
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -150,7 +63,7 @@ class Pending:
     def __init__(self, stack, agent, worker=None, limit=200):
         for _ in range(limit):
             before = connections_by_worker(stack)
-            sock = socket.create_connection(("127.0.0.1", stack.envoy.data_port), timeout=60)
+            sock = connect(stack.envoy.data_port, timeout=60)
             [took] = wait_until(lambda: [w for w, n in connections_by_worker(stack).items()
                                          if n > before.get(w, 0)] or None, what="Envoy to accept the connection")
             if worker is None or took == worker:
@@ -159,21 +72,15 @@ class Pending:
         else:
             raise AssertionError(f"{limit} connections never reached worker {worker}")
         self.sock, self.worker = sock, took
-        body = chat_body()
-        head = (f"POST {CHAT} HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
-                f"x-agent-id: {agent}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n")
-        sock.sendall(head.encode() + body)
+        sock.sendall(request_bytes(CHAT, chat_body(), agent=agent, headers={"connection": "close"}))
 
     def directive(self):
         """The directive the model got, from the echo's answer (None: none)."""
-        response = http.client.HTTPResponse(self.sock)
         try:
-            response.begin()
-            text = response.read()
-            assert response.status == 200, text
+            status, _, text = read_response(self.sock)
         finally:
-            response.close()
             self.sock.close()
+        assert status == 200, text
         return directive_in(text)
 
 
@@ -188,7 +95,7 @@ def injected(stack, agent):
 
 def control_invalidate(stack, agent):
     """Tombstone the agent's L1 entry through the control endpoint (forces a fill)."""
-    response = requests.post(f"{stack.envoy.control_url}/ibex/v1/invalidate/{agent}", timeout=10)
+    response = requests.post(f"{stack.envoy.control_url}{INVALIDATE_PATH}/{agent}", timeout=10)
     assert response.status_code == 204
 
 
@@ -204,26 +111,33 @@ def update(stack, agent, how, content=NEW):
 # -- one overtaken fill, deterministic ------------------------------------------------------
 
 
-def test_fill_overtaken_by_an_update_writes_neither_l1_nor_redis(stack, upstream, gate):
-    agent = agent_with(stack, OLD)
+@contextmanager
+def fill_held(stack, gate, agent):
+    """A request for `agent` (a Pending) whose fill waits at the closed gate; the gate opens on exit."""
     gate.add(agent)
-    counters = stack.envoy.counters()
     with gate.closed():
         first = Pending(stack, agent)
         wait_until(lambda: gate.waiting() == 1, what="the fill's store lookup to wait at the gate")
+        yield first
+
+
+def test_fill_overtaken_by_an_update_writes_neither_l1_nor_redis(stack, upstream, gate):
+    agent = agent_with(stack, OLD)
+    counters = stack.envoy.counters()
+    with fill_held(stack, gate, agent) as first:
         stack.set_directive(agent, NEW)  # committed, Redis tombstoned, L1 tombstoned
     # its request started before the update, so the old text is its answer ...
     assert first.directive() == OLD
     # ... but the fill's L1 write failed its CAS check, so it queued no write-back
     assert stack.envoy.counter("fill_discarded") == counters["fill_discarded"] + 1
-    assert stack.redis.get(f"directive:{agent}") == TOMBSTONE
+    assert stack.redis.get(redis_key(agent)) == TOMBSTONE
     assert injected(stack, agent) == (NEW, "store")
     assert injected(stack, agent) == (NEW, "local")
     # the only write-back is the new text's, refused by the tombstone
     wait_until(lambda: stack.envoy.counter("l2_write_skipped") > counters["l2_write_skipped"],
                what="the new text's write-back to meet the tombstone")
     assert stack.envoy.counter("l2_write") == counters["l2_write"] + 1
-    assert stack.redis.get(f"directive:{agent}") == TOMBSTONE
+    assert stack.redis.get(redis_key(agent)) == TOMBSTONE
 
 
 def test_fill_overtaken_by_a_flush_is_stale_at_once_and_kept_out_of_redis(stack, upstream, gate):
@@ -231,18 +145,15 @@ def test_fill_overtaken_by_a_flush_is_stale_at_once_and_kept_out_of_redis(stack,
     but under the generation before the flush (stale at once), and its Redis
     write-back meets the flush marker."""
     agent = agent_with(stack, OLD)
-    gate.add(agent)
     counters = stack.envoy.counters()
-    with gate.closed():
-        first = Pending(stack, agent)
-        wait_until(lambda: gate.waiting() == 1, what="the fill's store lookup to wait at the gate")
+    with fill_held(stack, gate, agent) as first:
         update(stack, agent, "flush")
     assert first.directive() == OLD
     assert stack.envoy.counter("fill_discarded") == counters["fill_discarded"]  # its L1 write landed
     wait_until(lambda: stack.envoy.counter("l2_write_skipped") > counters["l2_write_skipped"],
                what="the old text's write-back to meet the flush marker")
     assert stack.envoy.counter("l2_write") == counters["l2_write"] + 1
-    assert stack.redis.get(f"directive:{agent}") is None
+    assert stack.redis.get(redis_key(agent)) is None
     assert injected(stack, agent) == (NEW, "store")
     assert injected(stack, agent) == (NEW, "local")
 
@@ -252,10 +163,7 @@ def test_request_after_an_invalidation_does_not_join_a_fill_from_before_it(stack
     """The second request lands on the worker whose fill, started before the
     invalidation, is still in flight: it must start a fill of its own."""
     agent = agent_with(stack, OLD)
-    gate.add(agent)
-    with gate.closed():
-        first = Pending(stack, agent)
-        wait_until(lambda: gate.waiting() == 1, what="the fill's store lookup to wait at the gate")
+    with fill_held(stack, gate, agent) as first:
         update(stack, agent, how)  # settled: Postgres, Redis and L1 all say the old text is gone
         coalesced = stack.envoy.counter("coalesced")
         second = Pending(stack, agent, worker=first.worker)
@@ -285,7 +193,7 @@ def test_write_back_outcome_is_counted_after_its_request_ended(stack, upstream):
                what="the filter to count the refused write-back")
     stack.redis.command_call("DEL", FLUSH_MARKER)
     assert stack.envoy.counter("l2_write_error") == counters["l2_write_error"]
-    assert stack.redis.get(f"directive:{agent}") is None
+    assert stack.redis.get(redis_key(agent)) is None
 
 
 # -- many updates racing fills -----------------------------------------------------------
@@ -316,7 +224,7 @@ class Traffic:
     def __init__(self, stack, agent):
         self.stack, self.agent = stack, agent
         self.url = stack.gateway_url + CHAT
-        self.headers = {"content-type": "application/json", "x-agent-id": agent, "connection": "close"}
+        self.headers = json_headers(agent, {"connection": "close"})
         self.body = chat_body()
         self.settled = 0
         self.lock = threading.Lock()
@@ -334,7 +242,7 @@ class Traffic:
                 assert response.status_code == 200, response.text
                 served = (began, version_of(directive_in(response.text)))
                 read_began = self.settled
-                value = self.stack.redis.get(f"directive:{self.agent}")
+                value = self.stack.redis.get(redis_key(self.agent))
                 with self.lock:
                     self.served.append(served)
                     self.redis_reads.append((read_began, value))
@@ -405,7 +313,7 @@ def foreign_writer(stack, sql):
     def apply(agent, k):
         sql.run(sql_update(agent, version(k)))
         before = stack.subscriber.settled_invalidations()
-        assert stack.redis.command_call("PUBLISH", f"ibex:directive:updates:{agent}", "") == 1
+        assert stack.redis.command_call("PUBLISH", updates_channel(agent), "") == 1
         wait_until(lambda: stack.subscriber.settled_invalidations() > before, interval=0.001,
                    what="the subscriber to settle the update")
 
@@ -434,7 +342,7 @@ def race(stack, gate, apply_update, rounds, updates_per_round, record_property):
     tombstone or nothing)."""
     agent = agent_with(stack, version(0))
     gate.add(agent, delay_ms=LOOKUP_DELAY_MS)
-    key = f"directive:{agent}"
+    key = redis_key(agent)
     counters = stack.envoy.counters()
     k = 0
     traffic = Traffic(stack, agent)

@@ -9,6 +9,7 @@ import uuid
 
 from helpers import CHAT, MESSAGES, RESPONSES, agent_with, chat_body, new_agent, send
 from stack import wait_until
+from stack.contract import redis_key
 
 LOG_LEVELS = {"envoy": "debug", "companion": "debug", "webdis": 8}
 
@@ -20,7 +21,7 @@ def test_directive_text_is_in_no_log(stack, upstream):
     agent = agent_with(stack, DIRECTIVE)
     # L3 → write back → L1
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
-    wait_until(lambda: stack.redis.get(f"directive:{agent}") == DIRECTIVE, what="the L2 write-back")
+    wait_until(lambda: stack.redis.get(redis_key(agent)) == DIRECTIVE, what="the L2 write-back")
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
     assert send(stack, RESPONSES, b'{"model":"m","input":"x"}', agent=agent).status_code == 200
     assert send(stack, MESSAGES, b'{"model":"m","max_tokens":5,"messages":[]}', agent=agent).status_code == 200
@@ -28,11 +29,11 @@ def test_directive_text_is_in_no_log(stack, upstream):
     assert CANARY in upstream.last().text
     # L2 only: another agent whose entry only Redis holds
     other = new_agent()
-    stack.redis.command_call("SET", f"directive:{other}", DIRECTIVE, "EX", 300)
+    stack.redis.command_call("SET", redis_key(other), DIRECTIVE, "EX", 300)
     assert send(stack, CHAT, chat_body(), agent=other).status_code == 200
     # update and invalidation through the subscriber
     stack.set_directive(agent, DIRECTIVE + " v2")
-    wait_until(lambda: stack.redis.get(f"directive:{agent}") != DIRECTIVE, what="the subscriber's delete")
+    wait_until(lambda: stack.redis.get(redis_key(agent)) != DIRECTIVE, what="the subscriber's delete")
     # local replies
     send(stack, CHAT, b"{broken", agent=agent)
     send(stack, CHAT, chat_body(), agent="nope")

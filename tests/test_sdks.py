@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from helpers import TRICKY_DIRECTIVE, agent_with, assert_chat_injected, assert_single_insertion, strict_json
+from stack.contract import AGENT_HEADER
 
 API_KEY = "sk-test-not-a-real-key"
 
@@ -55,7 +56,7 @@ def openai_client(stack, agent, wire, max_retries=0):
         base_url=stack.gateway_url + "/v1",
         api_key=API_KEY,
         max_retries=max_retries,
-        default_headers={"x-agent-id": agent},
+        default_headers={AGENT_HEADER: agent},
         http_client=http_client(openai, wire),
     )
 
@@ -66,7 +67,7 @@ def anthropic_client(stack, agent, wire, max_retries=0):
         base_url=stack.gateway_url,
         api_key=API_KEY,
         max_retries=max_retries,
-        default_headers={"x-agent-id": agent},
+        default_headers={AGENT_HEADER: agent},
         http_client=http_client(anthropic, wire),
     )
 

@@ -28,8 +28,10 @@ import pytest
 import requests
 
 from chaos_helpers import HangingServer
-from helpers import CHAT, agent_with, assert_chat_injected, chat_body, error_code, new_agent
+from helpers import CHAT, agent_with, assert_chat_injected, chat_body, error_code, json_headers, new_agent, tier
 from stack import wait_until
+from stack.contract import redis_key
+from stack.rawhttp import connect, request_bytes
 
 REDIS_TIMEOUT_MS = 200
 STORE_TIMEOUT_MS = 600
@@ -61,7 +63,7 @@ def client(stack):
         def send(agent, body=None):
             started = time.monotonic()
             response = session.post(stack.gateway_url + CHAT, data=body or chat_body(), timeout=30,
-                                    headers={"content-type": "application/json", "x-agent-id": agent})
+                                    headers=json_headers(agent))
             return response, time.monotonic() - started
         yield send
 
@@ -89,7 +91,7 @@ def test_hanging_webdis_costs_its_timeout_then_is_skipped(stack, upstream, hangi
         assert took <= limit, f"request {attempt} took {took:.2f} s with a {REDIS_TIMEOUT_MS} ms Redis timeout"
         received = upstream.last()
         assert_chat_injected(body, received.body, directive)
-        assert received.header("x-ibex-directive") == "store"
+        assert tier(received) == "store"
         assert stack.envoy.counter("l2_error") == attempt
     assert hanging.accepted >= 1, "the callouts went to the hanging server"
     assert stack.envoy.counter("l2_breaker_open") == 1
@@ -98,7 +100,7 @@ def test_hanging_webdis_costs_its_timeout_then_is_skipped(stack, upstream, hangi
     agent = agent_with(stack, "Redis skipped.")
     response, took = client(agent)
     assert response.status_code == 200
-    assert upstream.last().header("x-ibex-directive") == "store"
+    assert tier(upstream.last()) == "store"
     assert stack.envoy.counter("l2_skipped") == 1
     assert stack.envoy.counter("l2_error") == THRESHOLD
     print(f"\nWebdis hangs: {took_all} s while failing, {took:.3f} s once skipped")
@@ -164,21 +166,20 @@ def test_waiters_finish_in_time_when_the_request_that_asked_went_away(stack, ups
     upstream.clear()
     agent = agent_with(stack, "Wanted by many.")
     body = chat_body()
-    raw = (f"POST {CHAT} HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
-           f"x-agent-id: {agent}\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+    raw = request_bytes(CHAT, body, agent=agent)
     abandoned = []
     for _ in range(4):
-        sock = socket.create_connection(("127.0.0.1", stack.envoy.data_port), timeout=10)
+        sock = connect(stack.envoy.data_port)
         sock.sendall(raw)
         abandoned.append(sock)
-    wait_until(lambda: stack.envoy.counter("l1_miss") >= 4, timeout=10, what="the first requests to start their fills")
+    wait_until(lambda: stack.envoy.counter("l1_miss") >= 4, timeout=10,
+               what="the first requests to start their fills")
 
     results = []
 
     def waiter():
         started = time.monotonic()
-        response = requests.post(stack.gateway_url + CHAT, data=body, timeout=30,
-                                 headers={"content-type": "application/json", "x-agent-id": agent})
+        response = requests.post(stack.gateway_url + CHAT, data=body, timeout=30, headers=json_headers(agent))
         results.append((response.status_code, error_code(response), time.monotonic() - started))
 
     threads = [threading.Thread(target=waiter) for _ in range(8)]
@@ -205,7 +206,7 @@ def test_l2_breaker_opens_when_webdis_dies_and_closes_when_it_is_back(stack, ups
         directive = f"Webdis is dead, attempt {attempt}."
         response, _ = client(agent_with(stack, directive))
         assert response.status_code == 200
-        assert upstream.last().header("x-ibex-directive") == "store"
+        assert tier(upstream.last()) == "store"
     assert stack.envoy.counter("l2_error") == THRESHOLD
     assert stack.envoy.counter("l2_breaker_open") == 1
     assert stack.envoy.counter("l2_breaker_close") == 0
@@ -225,13 +226,13 @@ def test_l2_breaker_opens_when_webdis_dies_and_closes_when_it_is_back(stack, ups
 
     # Redis answers again: an agent known only to Redis is served from it, then from L1.
     agent = new_agent()
-    stack.redis.command_call("SET", f"directive:{agent}", "Straight from Redis.", "EX", 60)
+    stack.redis.command_call("SET", redis_key(agent), "Straight from Redis.", "EX", 60)
     for expected_tier in ("redis", "local"):
         body = chat_body()
         response, _ = client(agent, body)
         assert response.status_code == 200
         received = upstream.last()
-        assert received.header("x-ibex-directive") == expected_tier
+        assert tier(received) == expected_tier
         assert_chat_injected(body, received.body, "Straight from Redis.")
     print(f"\nL2 breaker closed {closed_after:.2f} s after Webdis was back; counters {stack.envoy.counters()}")
 
@@ -252,12 +253,6 @@ class StuckBreaker(AssertionError):
 SLOW_MS = 3000  # the hanging tier's timeout: the probe is abandoned long before it
 
 
-def raw_request(agent):
-    body = chat_body()
-    return (f"POST {CHAT} HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
-            f"x-agent-id: {agent}\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
-
-
 def abandon_the_probe(stack, decided, skipped, agent_for):
     """Send one request per poll, each on a new connection, until one is the breaker's
     probe, and close that connection while the probe hangs at the tier.
@@ -268,8 +263,8 @@ def abandon_the_probe(stack, decided, skipped, agent_for):
 
     def attempt():
         before = stack.envoy.counters()
-        with socket.create_connection(("127.0.0.1", stack.envoy.data_port), timeout=10) as sock:
-            sock.sendall(raw_request(agent_for()))
+        with connect(stack.envoy.data_port) as sock:
+            sock.sendall(request_bytes(CHAT, chat_body(), agent=agent_for()))
             wait_until(lambda: stack.envoy.counter(decided) > before[decided], timeout=10,
                        what=f"{decided} to count the request")
             if stack.envoy.counter(skipped) > before[skipped]:
