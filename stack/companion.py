@@ -16,6 +16,15 @@ from pathlib import Path
 from stack import paths
 from stack.process import PortProcess
 
+PATIENT_STORE_ENV = {
+    "IBEX_STORE_ACQUIRE_TIMEOUT_MS": "2000",
+    "IBEX_STORE_STATEMENT_TIMEOUT_MS": "3000",
+    "IBEX_STORE_LOOKUP_TIMEOUT_MS": "4000",
+}
+"""The store's own deadlines in test stacks (`Stack(patient=True)`), below the
+filter's store timeout there (stack/envoy.py PATIENT_FILTER_CONFIG), as the
+defaults (250, 400, 450 ms) are below its default 500 ms."""
+
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 

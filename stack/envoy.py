@@ -101,9 +101,12 @@ def set_cluster_port(config, name, port, address="127.0.0.1"):
 
 
 def render_config(template, *, admin_port, data_port, control_port, upstream_port, webdis_port, store_port,
-                  wasm, filter_config=None, control_config=None, with_filter=True, cluster_ports=None):
+                  wasm, filter_config=None, filter_defaults=None, control_config=None, with_filter=True,
+                  cluster_ports=None):
     """A complete Envoy config for one stack; the template is not modified.
 
+    The data listener's filter JSON is the template's, with `filter_defaults`
+    merged in, then `filter_config` (so a test's own values win).
     `cluster_ports` ({cluster name: port}) points clusters elsewhere after the
     stack's ports are set (failure tests aim ibex_redis at a server that hangs).
     """
@@ -120,14 +123,23 @@ def render_config(template, *, admin_port, data_port, control_port, upstream_por
         set_cluster_port(config, name, port)
     for item in (data, control):
         wasm_plugin(item)["vm_config"]["code"]["local"]["filename"] = str(wasm)
-    if filter_config:
-        set_filter_json(data, merge(filter_json(data), filter_config))
+    for layer in (filter_defaults, filter_config):
+        if layer:
+            set_filter_json(data, merge(filter_json(data), layer))
     if control_config:
         set_filter_json(control, merge(filter_json(control), control_config))
     if not with_filter:
         filters = http_filters(data)
         filters[:] = [f for f in filters if f["name"] != WASM_FILTER]
     return config
+
+
+PATIENT_FILTER_CONFIG = {"redis": {"timeout_ms": 2000}, "store": {"timeout_ms": 5000}}
+"""Callout timeouts of test stacks (`Stack(patient=True)`): a loaded 2-core
+machine answers well within them, where the committed 50 ms (Redis) and
+500 ms (store) may pass on a slow turn. Tests about timeouts set their own.
+Their sum stays below the companion's 10 s tombstone life (README, No
+resurrection)."""
 
 
 def envoy_command(config_path, *, concurrency, log_level, log_path):
@@ -202,14 +214,15 @@ class Envoy(EnvoyProcess):
     and the admin port.
 
     `upstream_port`, `webdis_port` and `store_port` are the stack's servers.
-    `filter_config` is merged into the data listener's filter JSON,
+    `filter_config` is merged into the data listener's filter JSON, over
+    `filter_defaults` (the stack's own layer, e.g. PATIENT_FILTER_CONFIG);
     `control_config` into the control listener's. `env` reaches Envoy's
     environment (IBEX_DIRECTIVE_CACHE_TTL is dropped unless given there).
     `cluster_ports` ({cluster: port}) overrides where a cluster points.
     """
 
     def __init__(self, directory, *, data_port, control_port, admin_port, upstream_port, webdis_port, store_port,
-                 filter_config=None, control_config=None, template=None, wasm=None,
+                 filter_config=None, filter_defaults=None, control_config=None, template=None, wasm=None,
                  with_filter=True, cluster_ports=None, **kwargs):
         super().__init__(directory, data_port, admin_port=admin_port, **kwargs)
         self.control_port = control_port
@@ -217,6 +230,7 @@ class Envoy(EnvoyProcess):
         self.webdis_port = webdis_port
         self.store_port = store_port
         self.filter_config = filter_config or {}
+        self.filter_defaults = filter_defaults or {}
         self.control_config = control_config or {}
         self.template_path = template or paths.LOCAL_ENVOY_CONFIG
         self.wasm = wasm or paths.wasm_path()
@@ -246,8 +260,8 @@ class Envoy(EnvoyProcess):
             load_template(self.template_path),
             admin_port=self.admin_port, data_port=self.data_port, control_port=self.control_port,
             upstream_port=self.upstream_port, webdis_port=self.webdis_port, store_port=self.store_port,
-            wasm=self.wasm, filter_config=self.filter_config, control_config=self.control_config,
-            with_filter=self.with_filter, cluster_ports=self.cluster_ports,
+            wasm=self.wasm, filter_defaults=self.filter_defaults, filter_config=self.filter_config,
+            control_config=self.control_config, with_filter=self.with_filter, cluster_ports=self.cluster_ports,
         )
 
     def prepare(self):

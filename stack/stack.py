@@ -12,8 +12,8 @@ given, and stop in reverse order, also when a test fails.
 
 from pathlib import Path
 
-from stack.companion import Companion, Store, Subscriber
-from stack.envoy import Envoy
+from stack.companion import PATIENT_STORE_ENV, Companion, Store, Subscriber
+from stack.envoy import PATIENT_FILTER_CONFIG, Envoy
 from stack.ports import free_port, wait_until
 from stack.postgres import Postgres
 from stack.redis import Redis, Webdis
@@ -51,13 +51,16 @@ class Stack:
     pid_dir          where pid files go (make run), default none
     log_dir          where every log goes, default each part's own directory
     log_levels       {"envoy": "info", "companion": "info", "webdis": 3}
+    patient          callout timeouts that hold on a loaded machine (PATIENT_FILTER_CONFIG
+                     under every filter_config, PATIENT_STORE_ENV for the store): test
+                     stacks; without it the committed configuration's timeouts apply
     """
 
     PORT_NAMES = PORT_NAMES
 
     def __init__(self, directory, *, ports=None, filter_config=None, control_config=None, envoy_env=None,
                  parts=ORDER, pg_dir=None, fast_pg=True, pid_dir=None, log_dir=None, concurrency=2,
-                 log_levels=None):
+                 log_levels=None, patient=False):
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = allocate_ports(ports, self.PORT_NAMES)
@@ -71,7 +74,8 @@ class Stack:
                                  **common)
         self.redis = Redis(self.dir / "redis", p["redis"], **common)
         self.webdis = Webdis(self.dir / "webdis", p["webdis"], p["redis"], verbosity=levels["webdis"], **common)
-        self.store = Store(self.dir / "store", p["store"], self.postgres.url, log_level=levels["companion"], **common)
+        self.store = Store(self.dir / "store", p["store"], self.postgres.url, log_level=levels["companion"],
+                           env=PATIENT_STORE_ENV if patient else None, **common)
         self.upstream = EchoUpstream(self.dir / "upstream", p["upstream"], **common)
         self.envoy_settings = {
             "filter_config": filter_config or {},
@@ -81,6 +85,7 @@ class Stack:
             "log_level": levels["envoy"],
             "cluster_ports": {},
         }
+        self.filter_defaults = PATIENT_FILTER_CONFIG if patient else {}
         self.envoy = self._make_envoy(**self.envoy_settings)
         self.subscriber = Subscriber(self.dir / "subscriber", p["subscriber"], self.redis.url,
                                      [self.envoy.control_url], log_level=levels["companion"], **common)
@@ -94,7 +99,8 @@ class Stack:
         p = self.ports
         return Envoy(self.dir / "envoy", data_port=p["data"], control_port=p["control"],
                      admin_port=p["admin"], upstream_port=p["upstream"], webdis_port=p["webdis"],
-                     store_port=p["store"], filter_config=filter_config, control_config=control_config,
+                     store_port=p["store"], filter_config=filter_config, filter_defaults=self.filter_defaults,
+                     control_config=control_config,
                      env=env, concurrency=concurrency, log_level=log_level, pid_dir=self.pid_dir,
                      log_dir=self.log_dir, cluster_ports=cluster_ports)
 
@@ -139,7 +145,8 @@ class Stack:
                       cluster_ports=None, concurrency=None):
         """Replace Envoy by one with other settings (same ports); returns the new Envoy.
 
-        Settings not given keep their current value. The subscriber keeps
+        Settings not given keep their current value; `filter_config` replaces
+        the previous one, over the stack's own defaults (`patient`). The subscriber keeps
         pointing at the same control port. `cluster_ports` ({cluster: port},
         e.g. {"ibex_redis": port}) points clusters away from the stack's own
         parts; `{}` points them back. `concurrency` sets Envoy's worker count.

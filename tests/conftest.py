@@ -26,7 +26,11 @@ _STACK_DIRS = {}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, request):
-    """Every real process, on free ports, in a temporary directory of the module."""
+    """Every real process, on free ports, in a temporary directory of the module.
+
+    `patient`: callout timeouts that hold on a loaded machine (stack/envoy.py
+    PATIENT_FILTER_CONFIG); a module's FILTER_CONFIG, or a test's
+    restart_envoy(filter_config=...), sets its own over them."""
     module = request.module
     name = module.__name__.rsplit(".", 1)[-1]
     directory = tmp_path_factory.mktemp(name)
@@ -37,6 +41,7 @@ def stack(tmp_path_factory, request):
         envoy_env=getattr(module, "ENVOY_ENV", {}),
         log_levels=getattr(module, "LOG_LEVELS", None),
         parts=getattr(module, "PARTS", ORDER),
+        patient=True,
     ) as running:
         yield running
 
