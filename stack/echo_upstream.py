@@ -10,7 +10,11 @@ The only stand-in of the stack: it plays the model behind Envoy so a person
 - GET /_demo/received        the last 100 requests (--keep N), newest last
 - GET /_demo/received?drain=1  the same, forgotten in the same step (no request
                              lost between reading and clearing)
-- DELETE /_demo/received     forget them
+- DELETE /_demo/received     forget them, and any failure armed below
+- POST /_demo/fail?status=503&count=1  the next `count` requests (not /_demo/)
+                             are recorded, then answered with `status` and an
+                             OpenAI-style error (`retry-after-ms: 10`): a
+                             failure an SDK retries
 
 The assistant text lists the messages received, in order, role and content,
 so the injected system message shows first. Request bodies are never
@@ -30,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 KEEP = 100
 DEMO_PATH = "/_demo/received"
+FAIL_PATH = "/_demo/fail"
 
 
 class Recorder:
@@ -70,6 +75,27 @@ class Recorder:
             items = list(self._items)
             self._items.clear()
             return items
+
+
+class Faults:
+    """Statuses to answer the next requests with, oldest first, thread-safe."""
+
+    def __init__(self):
+        self._statuses = collections.deque()
+        self._lock = threading.Lock()
+
+    def arm(self, status, count):
+        with self._lock:
+            self._statuses.extend([status] * count)
+
+    def clear(self):
+        with self._lock:
+            self._statuses.clear()
+
+    def take(self):
+        """The status the next request gets instead of its answer, or None."""
+        with self._lock:
+            return self._statuses.popleft() if self._statuses else None
 
 
 # -- rendering what was received --------------------------------------------
@@ -298,6 +324,7 @@ class EchoHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server_version = "ibex-echo-upstream/1"
     recorder = None  # set by make_server
+    faults = None  # set by make_server
 
     # Logging: method, path, status only. Never bodies or headers.
     def log_request(self, code="-", size="-"):
@@ -322,11 +349,13 @@ class EchoHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def send_json(self, status, payload):
+    def send_json(self, status, payload, headers=None):
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -368,8 +397,14 @@ class EchoHandler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == DEMO_PATH:
             return self.handle_demo()
+        if path == FAIL_PATH:
+            return self.handle_fail()
         body = self.read_body()
         self.recorder.add(self.command, self.path, self.headers, body)
+        status = self.faults.take()
+        if status is not None:
+            return self.send_json(status, openai_error(f"echo: failing this request with {status} as asked",
+                                                       "echo_fault"), headers={"retry-after-ms": "10"})
         if self.command == "POST" and path.endswith(("/chat/completions", "/responses", "/messages")):
             return self.handle_model(path, body)
         return self.send_json(200, {"echo": {"method": self.command, "path": self.path,
@@ -382,8 +417,21 @@ class EchoHandler(BaseHTTPRequestHandler):
             return self.send_json(200, {"requests": items})
         if self.command == "DELETE":
             self.recorder.clear()
+            self.faults.clear()
             return self.send_json(200, {"cleared": True})
         return self.send_json(405, openai_error("use GET or DELETE"))
+
+    def handle_fail(self):
+        self.read_body()
+        if self.command != "POST":
+            return self.send_json(405, openai_error("use POST"))
+        query = dict(item.partition("=")[::2] for item in self.path.partition("?")[2].split("&") if item)
+        try:
+            status, count = int(query.get("status", "503")), int(query.get("count", "1"))
+        except ValueError:
+            return self.send_json(400, openai_error("status and count are integers"))
+        self.faults.arm(status, count)
+        return self.send_json(200, {"armed": {"status": status, "count": count}})
 
     def handle_model(self, path, body):
         try:
@@ -413,7 +461,7 @@ class EchoHandler(BaseHTTPRequestHandler):
 
 def make_server(host, port, quiet=False, keep=KEEP):
     """A ready-to-serve echo server bound to host:port, remembering `keep` requests."""
-    handler = type("Handler", (EchoHandler,), {"recorder": Recorder(keep)})
+    handler = type("Handler", (EchoHandler,), {"recorder": Recorder(keep), "faults": Faults()})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     server.quiet = quiet

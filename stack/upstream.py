@@ -77,8 +77,15 @@ class EchoUpstream(PortProcess):
         items = self.received()
         return items[-1] if items else None
 
+    def fail_next(self, status=503, count=1):
+        """Answer the next `count` requests with `status` (an error an SDK retries); they are still recorded."""
+        request = urllib.request.Request(f"{self.url}/_demo/fail?status={int(status)}&count={int(count)}",
+                                         data=b"", method="POST")
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+
     def clear(self):
-        """Forget every recorded request."""
+        """Forget every recorded request and any failure armed by fail_next."""
         request = urllib.request.Request(self.url + "/_demo/received", method="DELETE")
         with urllib.request.urlopen(request, timeout=5):
             pass

@@ -114,6 +114,22 @@ def test_records_raw_bytes_and_clears(echo):
     assert echo.received() == []
 
 
+def test_fails_the_next_requests_when_asked(echo):
+    """fail_next: the next requests are recorded, then answered with the status
+    and a retry-after an SDK honours; clear() disarms what is left."""
+    echo.clear()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    echo.fail_next(429, count=2)
+    answers = [requests.post(echo.url + "/v1/chat/completions", json=body, timeout=5) for _ in range(3)]
+    assert [a.status_code for a in answers] == [429, 429, 200]
+    assert answers[0].json()["error"]["code"] == "echo_fault"
+    assert answers[0].headers["retry-after-ms"] == "10"
+    assert len(echo.received()) == 3
+    echo.fail_next(503)
+    echo.clear()
+    assert requests.post(echo.url + "/v1/chat/completions", json=body, timeout=5).status_code == 200
+
+
 def test_keeps_the_last_hundred(echo):
     echo.clear()
     session = requests.Session()

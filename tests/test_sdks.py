@@ -247,14 +247,36 @@ def test_sdk_sees_a_refusal_as_its_error_type_and_does_not_retry_it(stack, upstr
     assert upstream.received() == []
 
 
-def test_sdk_retry_headers_do_not_disturb_injection(stack, upstream, wire):
-    """With retries enabled the SDKs add retry bookkeeping headers
-    (x-stainless-retry-count, idempotency keys); the request is injected once."""
+@pytest.mark.parametrize("status", [429, 503])
+def test_sdk_retry_is_injected_again(stack, upstream, wire, status):
+    """The provider refuses the first attempt (the echo upstream answers it with
+    `status` once); the SDK retries with its retry bookkeeping headers
+    (x-stainless-retry-count) and both attempts reach the provider, each with
+    the directive inserted once into the bytes that attempt put on the wire."""
     directive = "Retries change nothing."
     agent = agent_with(stack, directive)
-    client = openai_client(stack, agent, wire, max_retries=3)
-    client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
-    received = only_request(upstream)
-    assert len(wire.requests) == 1
-    assert received.header("x-stainless-retry-count") == wire.last.headers.get("x-stainless-retry-count")
-    assert_chat_injected(wire.body, received.body, directive)
+    client = openai_client(stack, agent, wire, max_retries=2)
+    upstream.fail_next(status)
+    completion = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
+
+    attempts = upstream.received()
+    assert len(wire.requests) == 2, "the SDK did not retry"
+    assert len(attempts) == 2, "the provider did not see both attempts"
+    assert [a.header("x-stainless-retry-count") for a in attempts] == ["0", "1"]
+    for sent, received in zip(wire.requests, attempts):
+        assert_chat_injected(sent.content, received.body, directive)
+        assert_sdk_headers_arrived(sent, received)
+    assert completion.choices[0].message.content.splitlines()[1] == f"[1] system: {directive}"
+
+    anthropic_wire = Wire()
+    client = anthropic_client(stack, agent, anthropic_wire, max_retries=2)
+    upstream.clear()
+    upstream.fail_next(status)
+    message = client.messages.create(model="claude-demo", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    attempts = upstream.received()
+    assert len(anthropic_wire.requests) == 2 and len(attempts) == 2
+    assert [a.header("x-stainless-retry-count") for a in attempts] == ["0", "1"]
+    for sent, received in zip(anthropic_wire.requests, attempts):
+        assert_single_insertion(sent.content, received.body)
+        assert strict_json(received.body)["system"] == directive
+    assert message.content[0].text.splitlines()[1] == f"system: {directive}"
