@@ -81,14 +81,15 @@ def test_rendered_test_config_validates(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("bad", [
-    {"cache": {"ttl_seconds": "sixty"}},
-    {"unknown_field": 1},
-    {"agent": {"missing": "maybe"}},
-    {"failure_mode": "sideways"},
-])
-def test_invalid_filter_config_is_rejected(tmp_path, bad):
-    """An unknown or wrongly-typed field makes Envoy refuse the config (SPEC §3)."""
+@pytest.mark.parametrize("bad,field", [
+    ({"cache": {"ttl_seconds": "sixty"}}, "cache.ttl_seconds"),
+    ({"unknown_field": 1}, "unknown_field"),
+    ({"agent": {"missing": "maybe"}}, "agent.missing"),
+    ({"failure_mode": "sideways"}, "failure_mode"),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_invalid_filter_config_is_rejected(tmp_path, bad, field):
+    """An unknown or wrongly-typed field makes Envoy refuse the config (SPEC §3),
+    and Envoy's log says which field (the filter logs it when on_configure fails)."""
     paths.require_file(paths.wasm_path(), "build the filter first (make build)")
     rendered = render_config(
         load_template(), admin_port=1, data_port=2, control_port=3, upstream_port=4, webdis_port=5,
@@ -97,7 +98,9 @@ def test_invalid_filter_config_is_rejected(tmp_path, bad):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(rendered))
     result = validate(path)
+    log = result.stdout + result.stderr
     assert result.returncode != 0, f"Envoy accepted the invalid filter config {bad}"
+    assert f"invalid ibex_directive configuration: field `{field}`" in log, log[-2000:]
 
 
 def test_docker_compose_matches_its_envoy_config():
