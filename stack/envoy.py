@@ -134,6 +134,10 @@ def render_config(template, *, admin_port, data_port, control_port, upstream_por
     return config
 
 
+FILE_FLUSH_MS = 100
+"""How often Envoy writes its log files out (its default, 10 s, would leave the
+last lines of a test in memory)."""
+
 PATIENT_FILTER_CONFIG = {"redis": {"timeout_ms": 2000}, "store": {"timeout_ms": 5000}}
 """Callout timeouts of test stacks (`Stack(patient=True)`): a loaded 2-core
 machine answers well within them, where the committed 50 ms (Redis) and
@@ -151,6 +155,7 @@ def envoy_command(config_path, *, concurrency, log_level, log_path):
         "--use-dynamic-base-id",
         "-l", log_level,
         "--log-path", log_path,
+        "--file-flush-interval-msec", FILE_FLUSH_MS,
     ]
 
 
