@@ -1,0 +1,334 @@
+"""The phases of `make bench` besides the wrk variants: populate the tiers,
+check every listener forwards what it should, the cold-agent stampede, the
+invalidation delay and the shared-data memory per agent.
+
+Functions take the run (`bench`, a bench/run.py Bench) and return what goes
+into the results."""
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import time
+
+from bench.measure import counter_delta, envoy_memory, filter_counters, log, median, percentile, rss_bytes
+from bench.workload import CHAT_PATH, DIRECTIVE, ESCAPED, POP, agent_id
+from stack.contract import AGENT_HEADER, redis_key, updates_channel
+from stack.ports import wait_until
+from stack.postgres import quote_literal
+from stack.process import die_with_parent
+from stack.rawhttp import connect, read_response, request_bytes
+from stack.redis import encode_command
+
+# The memory phase's agents in Redis: half as many again as it caches, plus a
+# few seconds' worth at the rates seen, so that its whole-second wrk runs never
+# run out (quick mode caches only 5 000 at over 4 000 requests/s).
+MEM_HEADROOM = 20_000
+
+
+def mem_population(args):
+    return args.mem_agents * 3 // 2 + MEM_HEADROOM
+
+
+STORE_METRICS = ("ibex_store_lookups_total", "ibex_store_db_queries_total", "ibex_store_coalesced_total")
+
+
+def post(url, path, body, agent=None, timeout=10):
+    """One POST on a connection of its own: (status, body)."""
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    headers = {"content-type": "application/json"}
+    if agent:
+        headers[AGENT_HEADER] = agent
+    conn.request("POST", path, body=body, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data
+
+
+# --------------------------------------------------------------------------- populate
+
+def populate(bench):
+    """Agents in Redis (redis-cli --pipe) and in Postgres (one set-based batch);
+    returns what was written."""
+    populated = {"redis_keys": populate_redis(bench.stack, bench.args)}
+    populated["postgres_agents"] = populate_postgres(bench.stack, bench.args)
+    log(f"populated {populated}")
+    return populated
+
+
+def populate_redis(stack, args):
+    """The L1 agents (filled from Redis during warm-up), the L2 and memory populations,
+    and the agent without directive (""); returns the directive keys written."""
+    redis_sets = [("l1", 1), ("l1_10k", 10000), ("l2", args.l2_agents), ("mem", mem_population(args))]
+    proc = subprocess.Popen(["redis-cli", "-h", "127.0.0.1", "-p", str(stack.redis.port), "--pipe"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=die_with_parent)
+    value = DIRECTIVE.encode()
+    total = 0
+    for population, count in redis_sets:
+        chunk = []
+        for n in range(count):
+            chunk.append(encode_command("SET", redis_key(agent_id(population, n)), value, "EX", 7200))
+            if len(chunk) == 5000:
+                proc.stdin.write(b"".join(chunk))
+                chunk = []
+        proc.stdin.write(b"".join(chunk))
+        total += count
+    proc.stdin.write(encode_command("SET", redis_key(agent_id("none", 0)), "", "EX", 7200))  # "" = no directive
+    proc.stdin.close()
+    out = proc.stdout.read().decode()
+    if proc.wait(timeout=300) != 0 or "errors: 0" not in out:
+        raise RuntimeError(f"redis-cli --pipe: {out}")
+    return total
+
+
+def populate_postgres(stack, args):
+    """The L3 and stampede populations, set-based in one transaction; returns the
+    directives with an active version."""
+    batches = [("l3", args.l3_agents), ("stampede", 20)]
+    sql = ["BEGIN;"]
+    content = quote_literal(DIRECTIVE)
+    for population, count in batches:
+        prefix = POP[population]
+        agent = f"format('{prefix}-0000-4000-8000-%s', lpad(to_hex(n), 12, '0'))::uuid"
+        directive = f"format('{prefix}-0000-4000-9000-%s', lpad(to_hex(n), 12, '0'))::uuid"
+        series = f"generate_series(0, {count - 1}) AS n"
+        sql += [
+            f"INSERT INTO ibex_core.agents (id, org_id) SELECT {agent}, "
+            f"'0b000000-0000-4000-8000-000000000001'::uuid FROM {series};",
+            f"INSERT INTO ibex_core.directives (id, agent_id, is_active) SELECT {directive}, {agent}, true "
+            f"FROM {series};",
+            f"INSERT INTO ibex_core.directive_versions (directive_id, content) SELECT {directive}, {content} "
+            f"FROM {series};",
+        ]
+    sql += ["UPDATE ibex_core.directives d SET active_version_id = v.id FROM ibex_core.directive_versions v "
+            "WHERE v.directive_id = d.id AND d.active_version_id IS NULL;", "COMMIT;",
+            "ANALYZE ibex_core.agents; ANALYZE ibex_core.directives; ANALYZE ibex_core.directive_versions;"]
+    stack.postgres.psql("\n".join(sql))
+    count = stack.postgres.psql("SELECT count(*) FROM ibex_core.directives WHERE active_version_id IS NOT NULL")
+    return int(count.strip())
+
+
+# --------------------------------------------------------------------------- sanity
+
+def sanity(bench):
+    """Before measuring: bare forwards the body byte for byte, lua and ibex with
+    exactly the directive message inserted (through the echo upstream), and every
+    variant's listener reaches the sink."""
+    s = bench.stack
+    body = bench.bodies["1k"].read_bytes()
+    expected_first = {"role": "system", "content": DIRECTIVE}
+    inserted = json.dumps(expected_first, separators=(",", ":")).encode() + b","
+    for listener_name, agent, injected in (("bare", agent_id("l1", 0), False),
+                                           ("lua", agent_id("l1", 0), True),
+                                           ("ibex", agent_id("l1", 0), True),
+                                           ("ibex", agent_id("l3", 10**9), None)):
+        s.upstream.clear()
+        status, _ = post(s.url_of(listener_name), "/_echo" + CHAT_PATH, body, agent)
+        got = s.upstream.last()
+        if status != 200 or got is None:
+            raise RuntimeError(f"sanity: {listener_name} answered {status}")
+        first = got.json()["messages"][0]
+        if injected is True and first != expected_first:
+            raise RuntimeError(f"sanity: {listener_name} forwarded {first!r} first")
+        if injected is False and got.body != body:
+            raise RuntimeError(f"sanity: {listener_name} changed the body")
+        if injected and got.body.replace(inserted, b"", 1) != body:
+            raise RuntimeError(f"sanity: {listener_name} changed more than the inserted message")
+    for listener_name in ("bare", "lua", "ibex"):
+        status, data = post(s.url_of(listener_name), CHAT_PATH, body, agent_id("l1", 0))
+        if status != 200 or b"chatcmpl-bench" not in data:
+            raise RuntimeError(f"sanity: {listener_name} → sink answered {status} {data[:200]!r}")
+
+
+# --------------------------------------------------------------------------- stampede
+
+def stampede_trial(stack, agent, body, n):
+    """n connections opened first, then one request each for `agent`, back to back;
+    what the store, Redis and the filter counted meanwhile."""
+    request = request_bytes(CHAT_PATH, body, agent=agent, host="bench")
+    socks = [connect(stack.bench_ports["ibex"], timeout=30) for _ in range(n)]
+    before_store = {m: stack.store.metric(m) for m in STORE_METRICS}
+    before_redis = stack.redis.command_calls("get")
+    before = filter_counters(stack)
+    t0 = time.monotonic()
+    for sock in socks:  # every connection is open: fire all requests back to back
+        sock.sendall(request)
+    statuses = []
+    for sock in socks:
+        statuses.append(read_response(sock).status)
+        sock.close()
+    elapsed = time.monotonic() - t0
+    store = {m: int(stack.store.metric(m) - before_store[m]) for m in STORE_METRICS}
+    return {
+        "agent": agent,
+        "requests": n,
+        "ok": statuses.count(200),
+        "statuses": {str(k): statuses.count(k) for k in sorted(set(statuses))},
+        "store_lookups": store["ibex_store_lookups_total"],
+        "store_db_queries": store["ibex_store_db_queries_total"],
+        "store_coalesced": store["ibex_store_coalesced_total"],
+        "redis_gets": stack.redis.command_calls("get") - before_redis,
+        "filter_counters": counter_delta(before, filter_counters(stack)),
+        "elapsed_ms": round(elapsed * 1000, 1),
+    }
+
+
+def stampede(bench):
+    """--stampede concurrent requests for one cold agent, --stampede-trials times."""
+    n = bench.args.stampede
+    body = bench.bodies["1k"].read_bytes()
+    trials = []
+    for trial in range(bench.args.stampede_trials):
+        trials.append(stampede_trial(bench.stack, agent_id("stampede", trial), body, n))
+        log(f"stampede trial {trial}: {trials[-1]}")
+    return {
+        "concurrent_requests": n,
+        "trials": trials,
+        "store_calls_median": median([t["store_lookups"] for t in trials]),
+        "store_calls_max": max(t["store_lookups"] for t in trials),
+        "db_queries_median": median([t["store_db_queries"] for t in trials]),
+    }
+
+
+# --------------------------------------------------------------------------- invalidation
+
+class Poller:
+    """Requests for one agent on one keep-alive connection to the stack's data listener."""
+
+    BODY = b'{"model":"m","messages":[{"role":"user","content":"ping"}]}'
+
+    def __init__(self, stack, agent):
+        self.conn = http.client.HTTPConnection("127.0.0.1", stack.ports["data"], timeout=5)
+        self.headers = {"content-type": "application/json", AGENT_HEADER: agent}
+
+    def sees(self, marker):
+        """True when the next response carries `marker` (the directive it got)."""
+        self.conn.request("POST", CHAT_PATH, body=self.BODY, headers=self.headers)
+        response = self.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"invalidation poll answered {response.status}: {data[:200]!r}")
+        return marker.encode() in data
+
+    def close(self):
+        self.conn.close()
+
+
+def invalidation(bench):
+    """--updates times: the directive written to Postgres only (the old text still
+    served), then PUBLISH, then polling until a response carries the new text."""
+    s = bench.stack
+    agent = agent_id("inval", 0)
+    s.set_directive(agent, DIRECTIVE + " [rev-initial]")
+    poller = Poller(s, agent)
+    wait_until(lambda: poller.sees("[rev-initial]"), timeout=10, what="the initial directive")
+    redis = socket.create_connection(("127.0.0.1", s.redis.port), timeout=5)
+    stream = redis.makefile("rb")
+    samples, polls, failures, early = [], [], 0, 0
+    for i in range(bench.args.updates):
+        marker = f"[rev-{i}-{os.getpid()}]"
+        s.companion.set_directive(agent, DIRECTIVE + " " + marker, publish=False)  # Postgres only
+        if poller.sees(marker):  # the cache was not in the way (an expired entry): no sample
+            early += 1
+            continue
+        t0 = time.monotonic()
+        redis.sendall(encode_command("PUBLISH", updates_channel(agent), ""))
+        stream.readline()
+        count = 0
+        while True:
+            count += 1
+            if poller.sees(marker):
+                samples.append((time.monotonic() - t0) * 1000)
+                polls.append(count)
+                break
+            if time.monotonic() - t0 > 5:
+                failures += 1
+                log(f"invalidation {i}: new text not seen after 5 s")
+                break
+        # the response that saw the new text filled L1 again: the next update starts from a hit
+    redis.close()
+    poller.close()
+    return {
+        "updates": bench.args.updates, "measured": len(samples), "timeouts": failures,
+        "visible_before_publish": early,
+        "p50": round(percentile(samples, 50), 2), "p90": round(percentile(samples, 90), 2),
+        "p99": round(percentile(samples, 99), 2), "max": round(max(samples), 2),
+        "min": round(min(samples), 2), "polls_median": median(polls),
+    }
+
+
+# --------------------------------------------------------------------------- memory
+
+KEY_LEN = len("ibex:d:") + 36  # the filter's shared-data key: prefix and agent id
+ENTRY_HEADER = 18              # the encoded entry's bytes before the escaped directive
+
+
+def fill_l1(bench, target, before):
+    """wrk runs of new agents that Redis holds until `target` of them were filled
+    into L1 (counted by l2_hit since `before`)."""
+    s, a = bench.stack, bench.args
+    filled = 0
+    for _ in range(20):
+        if filled >= target:
+            break
+        rps = bench.last_rps.get(("l2-1k", "load"), 3000)
+        duration = max(1, min(30, int((target - filled) / max(rps, 500) * 1.05) + 1))
+        base = bench.ids_used["mem"]
+        w = bench.wrk.run(s.url_of("ibex"), "tiny", "fresh", "mem", base, 1, a.connections, duration)
+        bench.ids_used["mem"] = base + w["requests"] + a.connections + 16
+        if bench.ids_used["mem"] > mem_population(a):
+            raise RuntimeError("memory phase ran past the agents it populated")
+        filled = filter_counters(s)["l2_hit"] - before["l2_hit"]
+
+
+def memory(bench):
+    """Shared data cost per agent, in a fresh Envoy (restarted, same config) so that
+    nothing the other phases cached changes the hash table's growth."""
+    s = bench.stack
+    s.restart_envoy()
+    pid = s.envoy.pid
+    post(s.url_of("ibex"), CHAT_PATH, bench.bodies["tiny"].read_bytes(), agent_id("l1", 0))
+    time.sleep(1)  # settle: the first request's allocations (VM, buffers) are not the agents'
+    before_mem, before_rss, before = envoy_memory(s.envoy.admin_url), rss_bytes(pid), filter_counters(s)
+    fill_l1(bench, bench.args.mem_agents, before)
+    time.sleep(1)  # wrk's connections close; their buffers go back
+    after_mem, after_rss, after = envoy_memory(s.envoy.admin_url), rss_bytes(pid), filter_counters(s)
+    agents = after["l2_hit"] - before["l2_hit"]
+    value_len = ENTRY_HEADER + len(ESCAPED.encode())
+    return {
+        "agents_cached": agents,
+        "other_fills": {k: after[k] - before[k] for k in ("l3_hit", "l3_none", "l2_miss", "l2_error")},
+        "allocated_before": before_mem["allocated"], "allocated_after": after_mem["allocated"],
+        "heap_size_before": before_mem["heap_size"], "heap_size_after": after_mem["heap_size"],
+        "rss_before": before_rss, "rss_after": after_rss,
+        "allocated_bytes_per_agent": round((after_mem["allocated"] - before_mem["allocated"]) / agents, 1),
+        "rss_bytes_per_agent": round((after_rss - before_rss) / agents, 1),
+        "directive_bytes": len(DIRECTIVE.encode()),
+        "escaped_directive_bytes": len(ESCAPED.encode()),
+        "logical_bytes_per_agent": KEY_LEN + value_len,
+        "target_bytes_per_agent": len(ESCAPED.encode()) + 64,
+        "model": shared_data_model(KEY_LEN, value_len),
+    }
+
+
+def shared_data_model(key_len, value_len):
+    """Expected heap bytes of one shared-data entry in Envoy 1.40 (libc++, tcmalloc):
+    proxy-wasm-cpp-host keeps std::unordered_map<std::string, std::pair<std::string,
+    uint32_t>> per vm_id. A libc++ node is next + hash + key string (24) + value
+    string (24) + cas (4, padded to 8) = 72 B (tcmalloc class 80); strings longer than
+    22 bytes live on the heap (size + 1 rounded up to 16, then to a tcmalloc class);
+    the bucket array adds 8 B per bucket, 1-2 buckets per entry."""
+    def heap(n):
+        if n <= 22:
+            return 0
+        size = (n + 1 + 15) // 16 * 16
+        step = 16 if size <= 256 else 32 if size <= 512 else 64
+        return (size + step - 1) // step * step
+    node = 80
+    return {"node": node, "key_heap": heap(key_len), "value_heap": heap(value_len), "buckets": "8-16",
+            "total_low": node + heap(key_len) + heap(value_len) + 8,
+            "total_high": node + heap(key_len) + heap(value_len) + 16}

@@ -1,0 +1,314 @@
+"""The report of `make bench`: latest.json (`report_data`) and latest.md
+(`render_markdown`, one function per section), with the SPEC §8 targets and
+the CPU ladder from bare Envoy to an L1 hit."""
+
+import datetime
+import subprocess
+import time
+
+from bench.measure import median, percentile
+from bench.workload import CHAT_PATH, DIRECTIVE
+from stack import paths
+
+REPO = paths.REPO
+MEASURED_CODE = ("src", "Cargo.toml", "Cargo.lock", "companion/src", "envoy")
+
+
+def git(*args):
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout
+
+
+def report_data(bench):
+    """Everything latest.json holds, from a finished run."""
+    r, a = bench.results, bench.args
+    data = {
+        "generated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "git_commit": git("rev-parse", "--short", "HEAD").strip(),
+        # what was built and measured: the working tree, which may hold others' uncommitted work
+        "uncommitted_in_measured_code": git("status", "--porcelain", "--", *MEASURED_CODE).split("\n")[:-1],
+        "machine": {**bench.machine, "pinning": bench.pinning,
+                    "note": a.note or "shared machine: other engineers' test suites may be running"},
+        "settings": {
+            "rounds": a.rounds, "load_duration_s": a.duration, "latency_duration_s": a.latency_duration,
+            "warmup_s": a.warm, "wrk_threads": 1, "load_connections": a.connections, "latency_connections": 1,
+            "envoy_workers": a.workers, "directive_bytes": len(DIRECTIVE.encode()),
+            "ibex_filter_overrides": {"cache.ttl_seconds": 3600, "debug_headers": False},
+            "quick": a.quick,
+        },
+        "rounds": r.get("rounds"),
+        "variants": r["variants"],
+        "stampede_store_calls": r.get("stampede", {}).get("store_calls_median"),
+        "envoy_workers": a.workers,
+        "invalidation_ms": {k: r["invalidation"][k] for k in ("p50", "p99")} if "invalidation" in r else None,
+        "shared_data_bytes_per_agent": r.get("memory", {}).get("allocated_bytes_per_agent"),
+        "wasm_bytes": paths.wasm_path().stat().st_size,
+        "stampede": r.get("stampede"),
+        "invalidation": r.get("invalidation"),
+        "memory": r.get("memory"),
+        "micro": r.get("micro"),
+        "profile": r.get("profile"),
+        "perf": r.get("perf"),
+        "populated": r.get("populated"),
+        "phases_s": bench.phases,
+        "total_s": round(time.monotonic() - bench.t_start, 1),
+        "notes": bench.notes,
+        "runs": r["runs"],
+    }
+    foreign = [run["foreign_cpus"] for run in r["runs"]]
+    data["machine"]["foreign_cpus_during_runs"] = {
+        "median": median(foreign), "p90": percentile(foreign, 90), "max": max(foreign) if foreign else None}
+    data["targets"] = targets(data)
+    data["cpu_ladder"] = cpu_ladder(data["variants"])
+    return data
+
+
+# --------------------------------------------------------------------------- targets and ladder
+
+def targets(d):
+    """The SPEC §8 targets: goal, measured value, met (None when not measured)."""
+    v = d["variants"]
+    out = []
+
+    def add(name, goal, measured, ok):
+        out.append({"target": name, "goal": goal, "measured": measured,
+                    "met": None if measured is None else bool(ok(measured))})
+
+    l1, l2, l3 = v.get("l1-1k", {}), v.get("l2-1k", {}), v.get("l3-1k", {})
+    add("L1 hit, 1 KB: throughput ratio", "≥ 0.95", l1.get("throughput_ratio"), lambda x: x >= 0.95)
+    add("L1 hit, 1 KB: added p50", "≤ 50 µs", l1.get("added_p50_us"), lambda x: x <= 50)
+    add("L2 hit: added p99", "≤ 2000 µs", l2.get("added_p99_us"), lambda x: x <= 2000)
+    add("L3: added p99", "≤ 5000 µs", l3.get("added_p99_us"), lambda x: x <= 5000)
+    add("invalidation p99", "≤ 50 ms", (d.get("invalidation_ms") or {}).get("p99"), lambda x: x <= 50)
+    workers = d["envoy_workers"]
+    add(f"cold agent, {(d.get('stampede') or {}).get('concurrent_requests', 500)} concurrent: store calls",
+        f"≤ {workers} (1 per worker)", d.get("stampede_store_calls"), lambda x: x <= workers)
+    mem = d.get("memory") or {}
+    add("shared data per agent (Envoy heap)", f"≤ content + 64 = {mem.get('target_bytes_per_agent')} B",
+        mem.get("allocated_bytes_per_agent"), lambda x: x <= mem["target_bytes_per_agent"])
+    return out
+
+
+LADDER = (
+    ("bare-1k", "Envoy proxying a 1 KB POST, no filter"),
+    ("wasm-noop-1k", "+ a proxy-wasm filter that does nothing: Envoy's per-request wasm cost (stream context "
+                     "created and destroyed in the VM, one VM entry per callback)"),
+    ("wasm-pass-1k", "+ ibex_directive's own work on a request it forwards untouched (headers read, agent id "
+                     "parsed, path matched, counters)"),
+    ("l1-none-1k", "+ the L1 lookup (shared data get, entry decode) on an LLM path, agent without directive: "
+                   "body not buffered"),
+    ("l1-1k", "+ buffering the body, reading it into the VM, splicing, writing it back, dropping "
+              "content-length"),
+)
+
+
+def cpu_ladder(variants):
+    """Gateway CPU per request, step by step from bare Envoy to an L1 hit (1 KB)."""
+    out, previous = [], None
+    for name, what in LADDER:
+        v = variants.get(name)
+        if not v or v.get("cpu_us_per_request") is None:
+            continue
+        cpu = v["cpu_us_per_request"]
+        out.append({"variant": name, "what": what, "cpu_us_per_request": cpu,
+                    "step_us": None if previous is None else round(cpu - previous, 1)})
+        previous = cpu
+    return out
+
+
+# --------------------------------------------------------------------------- markdown
+
+def fmt(value, digits=0):
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}"
+
+
+def table(header, align, rows):
+    """A markdown table: header cells, alignment cells ("---", "---:"), rows of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
+def section(title, *lines):
+    return ["", f"## {title}", "", *lines]
+
+
+def render_markdown(d):
+    """latest.md: the header, variants and targets, then every optional section whose data the run has."""
+    lines = header_section(d) + variants_section(d) + targets_section(d)
+    for key, render in OPTIONAL_SECTIONS:
+        if d.get(key):
+            lines += render(d[key], d)
+    lines += ["", f"Phases (s): {', '.join(f'{k} {v}' for k, v in d['phases_s'].items())}.", ""]
+    return "\n".join(lines)
+
+
+def header_section(d):
+    m, s, rounds = d["machine"], d["settings"], d["rounds"]
+    foreign = m["foreign_cpus_during_runs"]
+    changed = d["uncommitted_in_measured_code"]
+    return [
+        "# ibex-directive benchmarks (`make bench`)",
+        "",
+        f"Run {d['generated']} at commit `{d['git_commit']}`"
+        + (f" (working tree: {', '.join(x.strip() for x in changed)})" if changed else "")
+        + f", {d['total_s']} s in all"
+        + (" — **quick mode (harness check, not a measurement)**" if s["quick"] else "") + ".",
+        f"Machine: {m['cores']} × {m['cpu_model']}, {m['memory_gb']} GB, Linux {m['kernel']}; "
+        f"load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. {m['note']}.",
+        f"Pinning: {m['pinning']}.",
+        f"Other work on the machine during the wrk runs (CPUs' worth, from /proc/stat minus this run's processes): "
+        f"median {fmt(foreign['median'], 2)}, p90 {fmt(foreign['p90'], 2)}, max {fmt(foreign['max'], 2)} of "
+        f"{m['cores']}.",
+        f"wrk: 1 thread; load runs {s['load_connections']} connections × {s['load_duration_s']} s, latency runs "
+        f"1 connection × {s['latency_duration_s']} s; variants interleaved, {rounds['run']} rounds run after a "
+        f"warm-up, medians over the {len(rounds['used'])} quietest (rounds {rounds['used']}; other work per "
+        f"round, CPUs: {', '.join(f'{k}: {v}' for k, v in rounds['noise_cpus'].items())}). "
+        f"Envoy {d['envoy_workers']} workers; directive {s['directive_bytes']} bytes.",
+    ]
+
+
+def variant_row(name, v):
+    tier = f"{v['tier_share_min']:.3f}" if "tier_share_min" in v else ""
+    if v.get("errors"):
+        tier += f" ⚠ {v['errors']} errors"
+    return [name, fmt(v["rps"]), fmt(v["throughput_ratio"], 3), fmt(v["p50_us"]), fmt(v["p99_us"]),
+            fmt(v["added_p50_us"]), fmt(v["added_p99_us"]), f"{fmt(v['loaded_p50_us'])} / {fmt(v['loaded_p99_us'])}",
+            fmt(v["cpu_us_per_request"], 1), fmt(v["added_cpu_us_per_request"], 1),
+            fmt(v.get("cpu_capacity_ratio"), 3), tier]
+
+
+def variants_section(d):
+    variants = d["variants"]
+    lines = section("Variants", *table(
+        ["variant", "rps (load)", "× bare", "p50 µs", "p99 µs", "added p50", "added p99", "loaded p50 / p99 µs",
+         "Envoy CPU µs/req", "added CPU µs/req", "CPU × bare", "tier check"],
+        ["---"] + ["---:"] * 10 + ["---"],
+        [variant_row(name, v) for name, v in variants.items()]))
+    lines += [
+        "",
+        "p50/p99 and *added* latency come from the one-connection runs (service time, no queueing); "
+        "*loaded* latency and rps from the load runs. Ratios and differences are paired per round with the bare "
+        "variant of the same body size, then the median is taken. *tier check*: smallest share, over all runs, of "
+        "requests counted by the tier the variant is meant to exercise (filter counters; 1.000 = every request). "
+        "*CPU × bare*: bare's Envoy CPU per request over the variant's — the throughput ratio where the gateway's "
+        "CPU is the only bottleneck, and less sensitive to other load on the machine than rps.",
+        "",
+    ]
+    util = {name: v.get("envoy_cpu_utilisation") for name, v in variants.items()}
+    if util.get("bare-1k") is not None:
+        lines += [
+            "Gateway CPU utilisation in the load runs (1.0 = its core saturated): "
+            + ", ".join(f"{name} {fmt(u, 2)}" for name, u in util.items() if u is not None)
+            + f". Below 1 the other core (wrk, the sink at {fmt(variants['bare-1k'].get('sink_cpu_us_per_request'), 1)}"
+              " µs/req, and whatever else ran) was the limit, and the rps ratio understates the filter's cost: "
+              "*CPU × bare* is the gateway-bound ratio.",
+            "",
+        ]
+    lines += [f"- **{name}**: {v['what']}" + (f" (path `{v['path']}`)" if v["path"] != CHAT_PATH else "")
+              for name, v in variants.items()]
+    return lines
+
+
+def targets_section(d):
+    rows = []
+    for t in d["targets"]:
+        met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        measured = fmt(t["measured"], 2) if isinstance(t["measured"], float) else fmt(t["measured"])
+        rows.append([t["target"], t["goal"], measured, met])
+    return section("Targets (SPEC §8)", *table(["target", "goal", "measured", "met"], ["---", "---", "---:", "---"],
+                                              rows))
+
+
+def stampede_section(st, d):
+    n = st["concurrent_requests"]
+    rows = [[i, t["ok"], t["store_lookups"], t["store_db_queries"], t["store_coalesced"], t["redis_gets"],
+             ", ".join(f"{k} {v}" for k, v in t["filter_counters"].items()), t["elapsed_ms"]]
+            for i, t in enumerate(st["trials"])]
+    return section(
+        "Cold-agent stampede",
+        f"{n} requests for one agent that only Postgres holds, sent back to back on {n} open connections; "
+        f"{d['envoy_workers']} Envoy workers.", "",
+        *table(["trial", "200s", "store lookups", "DB queries", "store coalesced", "Redis GETs", "filter counters",
+                "ms"], ["---", "---:", "---:", "---:", "---:", "---:", "---", "---:"], rows))
+
+
+def invalidation_section(inv, d):
+    return section(
+        "Invalidation delay",
+        f"{inv['measured']} updates (Postgres write, then PUBLISH; time from PUBLISH to the first response "
+        f"carrying the new text, polling one keep-alive connection): p50 {inv['p50']} ms, p90 {inv['p90']} ms, "
+        f"p99 {inv['p99']} ms, max {inv['max']} ms, min {inv['min']} ms; median polls {inv['polls_median']}; "
+        f"timeouts {inv['timeouts']}.")
+
+
+def memory_section(mem, d):
+    model = mem["model"]
+    return section(
+        "Memory",
+        f"{mem['agents_cached']:,} agents cached in L1 (filled from Redis): Envoy heap `allocated` "
+        f"+{mem['allocated_after'] - mem['allocated_before']:,} B = **{mem['allocated_bytes_per_agent']} B per "
+        f"agent**; RSS +{mem['rss_after'] - mem['rss_before']:,} B = {mem['rss_bytes_per_agent']} B per agent. "
+        f"Directive {mem['directive_bytes']} B ({mem['escaped_directive_bytes']} B escaped); key + entry "
+        f"(logical) {mem['logical_bytes_per_agent']} B; target content + 64 = {mem['target_bytes_per_agent']} B. "
+        f"Wasm binary: {d['wasm_bytes']:,} bytes.", "",
+        f"Where the bytes go (model of Envoy's map, libc++ and tcmalloc; see `shared_data_model` in "
+        f"bench/phases.py): hash node {model['node']} B + key on the heap {model['key_heap']} B "
+        f"(the 43-byte key is longer than libc++'s 22-byte inline string) + value on the heap "
+        f"{model['value_heap']} B (18-byte header + escaped directive, rounded by the allocator) + "
+        f"bucket array {model['buckets']} B = {model['total_low']}–{model['total_high']} B per agent.")
+
+
+def micro_section(micro, d):
+    rows = []
+    for name, v in micro.items():
+        t = v["median_ns"]
+        rows.append([name, f"{t / 1000:.2f} µs" if t >= 1000 else f"{t:.1f} ns", fmt(v.get("mb_per_s"), 0)])
+    return section("Micro-benchmarks (criterion, native)", *table(["benchmark", "median", "MB/s"],
+                                                                   ["---", "---:", "---:"], rows))
+
+
+def ladder_section(ladder, d):
+    rows = [[s["variant"], s["what"], s["cpu_us_per_request"], fmt(s["step_us"], 1)] for s in ladder]
+    return section("What an L1 hit costs, step by step (gateway CPU per request, 1 KB)",
+                   *table(["variant", "what it adds", "CPU µs/req", "step µs"], ["---", "---", "---:", "---:"], rows))
+
+
+def perf_section(perf, d):
+    rows = [[name, v["cpu_us_per_request"], "; ".join(f"{k} {us}" for k, us in v["by_object_us"].items())]
+            for name, v in perf.items()]
+    return section(
+        "Where the gateway's CPU goes (perf, cpu-clock)",
+        "Envoy CPU µs per request of one load run per variant, split by object: `envoy` is Envoy's own "
+        "code (HTTP, host functions of the wasm ABI, V8's runtime), anonymous memory (`[unknown]`/`//anon`, "
+        "`[JIT]`) is code V8 compiled (the filter's wasm), `[kernel.kallsyms]` is the kernel (sockets, "
+        "epoll).", "",
+        *table(["variant", "CPU µs/req", "by object (µs/req)"], ["---", "---:", "---"], rows))
+
+
+def profile_section(prof, d):
+    rows = [[name, f"{v['instructions_per_splice']:,}", v["instructions_per_byte"],
+             "; ".join(f"{f['function']} {f['share']:.0%}" for f in v["top_functions"][:4])]
+            for name, v in prof.items()]
+    return section("Profile (callgrind, native splice)",
+                   *table(["splice", "instructions", "per byte", "top functions (self share)"],
+                          ["---", "---:", "---:", "---"], rows))
+
+
+def notes_section(notes, d):
+    return section("Notes", *[f"- {n}" for n in notes])
+
+
+# (key of latest.json, section): rendered after the targets when the run has that data
+OPTIONAL_SECTIONS = (
+    ("stampede", stampede_section),
+    ("invalidation", invalidation_section),
+    ("memory", memory_section),
+    ("micro", micro_section),
+    ("cpu_ladder", ladder_section),
+    ("perf", perf_section),
+    ("profile", profile_section),
+    ("notes", notes_section),
+)
