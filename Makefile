@@ -3,7 +3,7 @@
 #   make run     install what is missing, build, run the stack in the foreground
 #   make test    cargo tests, fuzz, fmt, clippy, envoy validate, end-to-end tests
 #   make build   the filter (wasm32-wasip1) and the companion (release)
-#   make lint    fmt --check and clippy of both crates
+#   make lint    fmt --check and clippy of the whole workspace
 #   make fuzz    fuzz the JSON splicer for FUZZ_SECONDS (60); installs cargo-fuzz
 #   make e2e     only the end-to-end tests (PYTEST_ARGS="-k name" to pick)
 #   make clean   remove build outputs and .run/
@@ -23,8 +23,7 @@ PYTEST    := $(VENV)/bin/pytest
 ENVOY     := $(VENV)/bin/envoy
 VENV_STAMP := $(VENV)/.requirements.stamp
 WASM      := target/wasm32-wasip1/release/ibex_directive.wasm
-COMPANION := companion/target/release/ibex-companion
-COMPANION_MANIFEST := --manifest-path companion/Cargo.toml
+COMPANION := target/release/ibex-companion
 PG_BIN    := /usr/lib/postgresql/15/bin
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 60
@@ -78,11 +77,13 @@ $(VENV_STAMP): requirements.txt
 
 build: build-filter build-companion
 
+## Plain cargo commands mean the workspace's default members, the filter and the
+## wire crate it links; the companion is named with -p (it cannot build for wasm32).
 build-filter: rust-deps
 	cargo build --release --target wasm32-wasip1
 
 build-companion:
-	cargo build --release $(COMPANION_MANIFEST)
+	cargo build --release -p ibex-companion
 
 # ---------------------------------------------------------------- checks
 
@@ -90,16 +91,14 @@ test-filter:
 	cargo test
 
 test-companion:
-	cargo test $(COMPANION_MANIFEST)
+	cargo test -p ibex-companion
 
 fmt-check: rust-deps
-	cargo fmt --check
-	cargo fmt --check $(COMPANION_MANIFEST)
+	cargo fmt --all --check
 
 clippy: rust-deps
-	cargo clippy --target wasm32-wasip1 -- -D warnings
-	cargo clippy --all-targets -- -D warnings
-	cargo clippy --all-targets $(COMPANION_MANIFEST) -- -D warnings
+	cargo clippy --target wasm32-wasip1 -p ibex-directive -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 
 lint: fmt-check clippy
 
@@ -150,7 +149,6 @@ bench: deps build
 
 clean:
 	cargo clean
-	cargo clean $(COMPANION_MANIFEST)
 	rm -rf .run .pytest_cache
 
 distclean: clean

@@ -26,7 +26,7 @@ def companion_path():
     override = os.environ.get("IBEX_COMPANION")
     if override:
         return Path(override).resolve()
-    return REPO / "companion" / "target" / "release" / "ibex-companion"
+    return REPO / "target" / "release" / "ibex-companion"
 
 
 def envoy_path():
