@@ -9,6 +9,7 @@
 //!
 //! This module must never touch proxy-wasm: it is unit-tested natively.
 
+use ibex_wire::Redacted;
 use serde_json::{Map, Value};
 use std::fmt;
 
@@ -79,8 +80,9 @@ pub struct StoreConfig {
     pub timeout_ms: u64,
 }
 
-/// The validated, immutable plugin configuration.
-#[derive(Clone, PartialEq, Eq)]
+/// The validated, immutable plugin configuration. Its `Debug` shows the control
+/// token's length only.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// `role`: data or control.
     pub role: Role,
@@ -108,37 +110,12 @@ pub struct Config {
     /// `failure_mode`.
     pub failure_mode: FailureMode,
     /// `control.token`: bearer token the control role requires, if any.
-    pub control_token: Option<String>,
+    pub control_token: Option<Redacted<String>>,
     /// `debug_headers`: add `x-ibex-directive` to the upstream request.
     pub debug_headers: bool,
     /// Derived: `{"role":"<inject.role>","content":"` — the chat message prefix,
     /// built once so a request only appends the cached, already-escaped directive.
     pub chat_message_prefix: String,
-}
-
-impl fmt::Debug for Config {
-    // The control token is a secret: keep it out of any debug output.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("role", &self.role)
-            .field("agent_header", &self.agent_header)
-            .field("missing_agent", &self.missing_agent)
-            .field("ttl_seconds", &self.ttl_seconds)
-            .field("negative_ttl_seconds", &self.negative_ttl_seconds)
-            .field("stale_if_error_seconds", &self.stale_if_error_seconds)
-            .field("redis", &self.redis)
-            .field("store", &self.store)
-            .field("inject_role", &self.inject_role)
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("paths", &self.paths)
-            .field("failure_mode", &self.failure_mode)
-            .field(
-                "control_token",
-                &self.control_token.as_ref().map(|_| "<set>"),
-            )
-            .field("debug_headers", &self.debug_headers)
-            .finish()
-    }
 }
 
 /// A configuration that must be refused, with the field at fault.
@@ -470,7 +447,7 @@ impl Config {
             )?,
             key_prefix: key_prefix(
                 "redis.key_prefix",
-                &section.string("key_prefix", "directive:")?,
+                &section.string("key_prefix", ibex_wire::DEFAULT_KEY_PREFIX)?,
             )?,
             timeout_ms: section.integer("timeout_ms", 50, 1, MAX_TIMEOUT_MS)?,
         };
@@ -534,7 +511,7 @@ impl Config {
             max_body_bytes,
             paths,
             failure_mode,
-            control_token,
+            control_token: control_token.map(Redacted::new),
             debug_headers,
             chat_message_prefix,
         })
@@ -603,7 +580,10 @@ mod tests {
         assert_eq!(c.store.authority, "s.local");
         assert_eq!(c.max_body_bytes, 1000);
         assert_eq!(c.failure_mode, FailureMode::Open);
-        assert_eq!(c.control_token.as_deref(), Some("s3cret"));
+        assert_eq!(
+            c.control_token.as_ref().map(|t| t.expose().as_str()),
+            Some("s3cret")
+        );
         assert!(c.debug_headers);
         assert_eq!(c.chat_message_prefix, r#"{"role":"developer","content":""#);
         assert!(

@@ -2,7 +2,9 @@
 //! listener. It shares the data role's `vm_id`, so one call reaches the shared data
 //! that every worker of the data listener reads.
 //!
-//! Shared-data keys cannot be deleted in proxy-wasm, so:
+//! The paths and the error envelope are the wire contract (`ibex-wire`) the
+//! companion's subscriber POSTs to. Shared-data keys cannot be deleted in
+//! proxy-wasm, so:
 //! - `POST /ibex/v1/invalidate/{agent_id}` writes a tombstone over the agent's entry.
 //!   The write also changes the key's CAS version, so a fill that started before it
 //!   can no longer store its (possibly old) answer.
@@ -13,14 +15,13 @@
 //! other path or method, 400 for an agent id that is not a UUID, 503 if shared data
 //! cannot be written.
 
+use ibex_wire::InvalidateTarget;
+
 use crate::agent::AgentId;
 use crate::config::Config;
 use crate::entry::{self, Entry, Kind};
 use crate::host::{Host, HostError};
 use crate::metrics::Counter;
-
-/// Path prefix of the invalidation endpoint.
-pub const INVALIDATE_PATH: &str = "/ibex/v1/invalidate";
 
 /// What the control endpoint answers: status and JSON body (empty for 204).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +35,7 @@ pub struct ControlReply {
 fn error(status: u16, code: &str, message: &str) -> ControlReply {
     ControlReply {
         status,
-        body: serde_json::json!({"error": {"type": "control_error", "code": code, "message": message}})
-            .to_string(),
+        body: ibex_wire::error_envelope("control_error", code, message),
     }
 }
 
@@ -51,21 +51,21 @@ pub fn handle<H: Host>(
         let presented = authorization
             .and_then(|a| a.strip_prefix("Bearer "))
             .map(str::trim);
+        let token = token.expose();
         if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
             return error(401, "unauthorized", "a valid bearer token is required");
         }
     }
     let path = path.unwrap_or("").split('?').next().unwrap_or("");
-    let rest = match path.strip_prefix(INVALIDATE_PATH) {
-        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
-        _ => return error(404, "not_found", "no such control endpoint"),
+    let Some(target) = ibex_wire::parse_invalidate_path(path) else {
+        return error(404, "not_found", "no such control endpoint");
     };
     if method != Some("POST") {
         return error(404, "not_found", "no such control endpoint");
     }
-    let result = match rest {
-        "" | "/" => invalidate_all(host),
-        agent => match agent.strip_prefix('/').and_then(AgentId::parse) {
+    let result = match target {
+        InvalidateTarget::All => invalidate_all(host),
+        InvalidateTarget::Agent(agent) => match AgentId::parse(agent) {
             Some(agent) => invalidate_agent(&agent, host),
             None => return error(400, "invalid_agent_id", "agent id must be a UUID"),
         },

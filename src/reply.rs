@@ -80,16 +80,10 @@ impl Refusal {
         }
     }
 
-    /// The JSON body: `{"error":{"type":…,"code":…,"message":…}}`.
+    /// The JSON body: `{"error":{"type":…,"code":…,"message":…}}`, the envelope the
+    /// companion's errors share ([`ibex_wire::error_envelope`]).
     pub fn body(&self, agent_header: &str) -> String {
-        serde_json::json!({
-            "error": {
-                "type": self.error_type(),
-                "code": self.code(),
-                "message": self.message(agent_header),
-            }
-        })
-        .to_string()
+        ibex_wire::error_envelope(self.error_type(), self.code(), &self.message(agent_header))
     }
 }
 

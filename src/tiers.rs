@@ -4,17 +4,22 @@
 //!
 //! - L2, Redis behind Webdis: `GET /GET/{key}.raw` answers in Redis protocol
 //!   (`$-1` = no such key, `$0` = the empty string = "this agent has no directive").
-//!   A value starting with a NUL byte is a *tombstone* written by the subscriber
-//!   when the directive changed; Postgres text can never contain NUL, so no
-//!   directive is mistaken for one. A tombstone reads as "no key".
+//!   A value starting with a NUL byte is a *tombstone* ([`ibex_wire::TOMBSTONE`])
+//!   written by the subscriber when the directive changed; Postgres text can never
+//!   contain NUL, so no directive is mistaken for one. A tombstone reads as "no key".
 //! - L2 writes never overwrite: an `EVAL` sets the key (with its TTL) only if
-//!   neither the key nor the flush marker (`{prefix}__flush__`, set by the
-//!   subscriber for a while after "invalidate all") exists. A fill that read the old
+//!   neither the key nor the flush marker ([`ibex_wire::flush_marker_key`], set by
+//!   the subscriber for a while after "invalidate all") exists. A fill that read the old
 //!   directive before an invalidation therefore cannot put it back into Redis after
 //!   the subscriber's tombstone. The value travels as the PUT body (Webdis's last
 //!   argument); the empty string cannot, so it is sent as a trailing `/` instead.
 //! - L3, the companion store: `GET /v1/agents/{id}/directive` answers
 //!   `{"agent_id":…,"content":"…"|null}`.
+//!
+//! Key names, the tombstone and the flush marker are the wire contract shared with
+//! the companion's subscriber (`ibex-wire`); only the transport is written here.
+
+use ibex_wire::Redacted;
 
 use crate::agent::{AgentId, AGENT_ID_LEN};
 use crate::config::Config;
@@ -37,13 +42,14 @@ pub struct Callout {
 }
 
 impl std::fmt::Debug for Callout {
-    // A write-back body is directive text: never print it.
+    // A write-back body is directive text: only its length is printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Callout")
             .field("cluster", &self.cluster)
             .field("method", &self.method)
             .field("path", &self.path)
-            .field("body_len", &self.body.as_ref().map(Vec::len))
+            .field("authority", &self.authority)
+            .field("body", &self.body.as_deref().map(Redacted::new))
             .field("timeout_ms", &self.timeout_ms)
             .finish()
     }
@@ -75,7 +81,10 @@ impl std::fmt::Debug for Answer {
         match self {
             Answer::Unknown => f.write_str("Unknown"),
             Answer::NoDirective => f.write_str("NoDirective"),
-            Answer::Directive(d) => write!(f, "Directive(<{} bytes>)", d.len()),
+            Answer::Directive(d) => f
+                .debug_tuple("Directive")
+                .field(&Redacted::new(d.as_str()))
+                .finish(),
         }
     }
 }
@@ -87,8 +96,7 @@ pub struct TierError(pub &'static str);
 
 fn redis_key_path(config: &Config, agent: &AgentId) -> String {
     let mut buf = [0u8; AGENT_ID_LEN];
-    let id = agent.encode(&mut buf);
-    format!("{}{}", config.redis.key_prefix, id)
+    ibex_wire::redis_key(&config.redis.key_prefix, agent.encode(&mut buf))
 }
 
 /// L2 read of an agent's key.
@@ -102,9 +110,6 @@ pub fn redis_get(config: &Config, agent: &AgentId) -> Callout {
         timeout_ms: config.redis.timeout_ms,
     }
 }
-
-/// Suffix of the flush marker key: `{key_prefix}__flush__`.
-pub const FLUSH_MARKER_SUFFIX: &str = "__flush__";
 
 /// The conditional write, URL-encoded once (it never changes):
 /// `if redis.call('EXISTS',KEYS[1],KEYS[2])==0 then
@@ -120,7 +125,7 @@ pub fn redis_set(
     ttl_seconds: u64,
 ) -> Callout {
     let key = redis_key_path(config, agent);
-    let marker = format!("{}{}", config.redis.key_prefix, FLUSH_MARKER_SUFFIX);
+    let marker = ibex_wire::flush_marker_key(&config.redis.key_prefix);
     let base = format!("/EVAL/{SET_IF_ABSENT_SCRIPT}/2/{key}/{marker}/{ttl_seconds}");
     let (method, path, body) = match directive {
         Some(text) if !text.is_empty() => ("PUT", base, Some(text.as_bytes().to_vec())),
@@ -161,10 +166,11 @@ pub fn parse_redis_get(resp: &Response) -> Result<Answer, TierError> {
     if data.len() != len + 2 || &data[len..] != b"\r\n" {
         return Err(TierError("length mismatch"));
     }
-    if data.first() == Some(&0) {
+    let value = &data[..len];
+    if ibex_wire::is_tombstone(value) {
         return Ok(Answer::Unknown);
     }
-    let text = std::str::from_utf8(&data[..len]).map_err(|_| TierError("not UTF-8"))?;
+    let text = std::str::from_utf8(value).map_err(|_| TierError("not UTF-8"))?;
     if text.is_empty() {
         Ok(Answer::NoDirective)
     } else {
