@@ -160,7 +160,7 @@ pub async fn set_directive(
 ) -> Result<SetOutcome, AdminError> {
     let outcome = write_directive(database_url, agent_id, org_id, content).await?;
     if let Some(url) = redis_url {
-        publish(url, &crate::updates_channel(&agent_id))
+        publish(url, &ibex_wire::updates_channel(agent_id))
             .await
             .map_err(AdminError::Publish)?;
     }
@@ -176,7 +176,7 @@ pub async fn clear_directive(
 ) -> Result<u64, AdminError> {
     let n = deactivate_directive(database_url, agent_id).await?;
     if let Some(url) = redis_url {
-        publish(url, &crate::updates_channel(&agent_id))
+        publish(url, &ibex_wire::updates_channel(agent_id))
             .await
             .map_err(AdminError::Publish)?;
     }

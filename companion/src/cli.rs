@@ -213,7 +213,7 @@ pub struct SubscribeArgs {
     pub listen: SocketAddr,
     /// Prefix of the Redis directive keys (must match the filter's
     /// redis.key_prefix).
-    #[arg(long, env = "IBEX_KEY_PREFIX", default_value = "directive:")]
+    #[arg(long, env = "IBEX_KEY_PREFIX", default_value = ibex_wire::DEFAULT_KEY_PREFIX)]
     pub key_prefix: String,
     /// How long the Redis tombstone of an updated agent (a `"\0"` value) and the
     /// flush marker `{prefix}__flush__` of a full flush live. While they do, the

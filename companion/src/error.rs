@@ -6,9 +6,8 @@
 //! reduced to their SQLSTATE or transport cause in [`DbFailure`]. Clients of the
 //! HTTP API get only a fixed code and message per variant.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 
 /// A sanitised Postgres failure: safe to log, cheap to clone (the store shares
 /// one result among coalesced requests).
@@ -119,20 +118,6 @@ impl From<redis::RedisError> for Error {
     }
 }
 
-/// The JSON error envelope shared with the filter (SPEC §6).
-#[derive(Serialize)]
-struct Envelope {
-    error: Body,
-}
-
-#[derive(Serialize)]
-struct Body {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    code: &'static str,
-    message: &'static str,
-}
-
 impl Error {
     /// HTTP status, error type, code and client-facing message. The message is
     /// fixed per variant so no internal detail can leak to clients.
@@ -160,21 +145,24 @@ impl Error {
     }
 }
 
-/// Builds the JSON error response for a status/type/code/message tuple.
+/// Builds the JSON error response for a status/type/code/message tuple, in the
+/// envelope shared with the filter (SPEC §6, [`ibex_wire::error_envelope`]).
 pub fn json_error(
     status: StatusCode,
     kind: &'static str,
     code: &'static str,
     message: &'static str,
 ) -> Response {
-    let body = Envelope {
-        error: Body {
-            kind,
-            code,
-            message,
-        },
-    };
-    (status, axum::Json(body)).into_response()
+    let body = ibex_wire::error_envelope(kind, code, message);
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 impl IntoResponse for Error {

@@ -11,9 +11,14 @@
 //!   tests.
 //! - [`migrate`]: the embedded schema migrations.
 //!
+//! Key, channel and path names, the tombstone, the flush marker and the JSON
+//! error envelope are the wire contract shared with the filter: they come from
+//! `ibex-wire`, never spelled here.
+//!
 //! Privacy rule for the whole crate: directive content is never logged, never
 //! put into an error message and never printed by a `Debug` impl. Content
-//! travels only inside [`DirectiveText`], whose `Debug` redacts it.
+//! travels only inside [`DirectiveText`], whose `Debug` redacts it; secrets
+//! (tokens, URLs with passwords) inside [`ibex_wire::Redacted`].
 
 pub mod admin;
 pub mod cli;
@@ -32,14 +37,3 @@ pub use text::DirectiveText;
 
 /// Result type used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Redis channel an update for one agent is published on (suffix: agent id).
-pub const UPDATES_CHANNEL_PREFIX: &str = "ibex:directive:updates:";
-
-/// Redis channel that invalidates every cached directive.
-pub const FLUSH_CHANNEL: &str = "ibex:directive:flush";
-
-/// Channel name for an update of `agent_id`.
-pub fn updates_channel(agent_id: &uuid::Uuid) -> String {
-    format!("{UPDATES_CHANNEL_PREFIX}{}", agent_id.hyphenated())
-}

@@ -81,7 +81,7 @@ async fn run(command: Command) -> Result<(), AdminError> {
             println!("{n}");
         }
         Command::Flush(args) => {
-            admin::publish(&args.redis.redis_url, ibex_companion::FLUSH_CHANNEL).await?;
+            admin::publish(&args.redis.redis_url, ibex_wire::FLUSH_CHANNEL).await?;
         }
         Command::Subscribe(args) => {
             let mut config = subscribe::SubscribeConfig::new(

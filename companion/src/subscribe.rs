@@ -35,8 +35,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use ibex_wire::{Channel, TOMBSTONE};
+
 use crate::metrics::{Counter, Exposition, Gauge, CONTENT_TYPE};
-use crate::{Error, Result, FLUSH_CHANNEL, UPDATES_CHANNEL_PREFIX};
+use crate::{Error, Result};
 
 /// Backoff for one invalidation target.
 #[derive(Clone, Copy, Debug)]
@@ -192,11 +194,9 @@ pub enum Action {
 
 /// Classifies a message by its channel name (payloads are ignored).
 pub fn classify(channel: &str) -> Action {
-    if channel == FLUSH_CHANNEL {
-        return Action::Flush;
-    }
-    match channel.strip_prefix(UPDATES_CHANNEL_PREFIX) {
-        Some(id) => Uuid::try_parse(id).map_or(Action::Ignore, Action::Agent),
+    match ibex_wire::parse_channel(channel) {
+        Some(Channel::Flush) => Action::Flush,
+        Some(Channel::Update(id)) => Uuid::try_parse(id).map_or(Action::Ignore, Action::Agent),
         None => Action::Ignore,
     }
 }
@@ -437,7 +437,7 @@ impl Subscriber {
     /// Envoy.
     pub async fn invalidate_agent(&self, conn: MultiplexedConnection, agent_id: Uuid) {
         let started = Instant::now();
-        let key = format!("{}{}", self.config.key_prefix, agent_id.hyphenated());
+        let key = ibex_wire::redis_key(&self.config.key_prefix, agent_id);
         let tombstone_ttl = self.config.tombstone_ttl;
         let what = if tombstone_ttl.is_some() {
             "redis tombstone"
@@ -462,7 +462,7 @@ impl Subscriber {
             }
         })
         .await;
-        self.post_all(&format!("/ibex/v1/invalidate/{}", agent_id.hyphenated()))
+        self.post_all(&ibex_wire::invalidate_agent_path(agent_id))
             .await;
         tracing::debug!(agent_id = %agent_id, elapsed_us = started.elapsed().as_micros() as u64, "agent invalidated");
     }
@@ -474,7 +474,7 @@ impl Subscriber {
         let started = Instant::now();
         self.metrics.full_flushes.inc();
         let pattern = format!("{}*", glob_escape(&self.config.key_prefix));
-        let marker = format!("{}{FLUSH_MARKER_SUFFIX}", self.config.key_prefix);
+        let marker = ibex_wire::flush_marker_key(&self.config.key_prefix);
         let tombstone_ttl = self.config.tombstone_ttl;
         self.redis_step("redis SCAN+DEL", || {
             let mut conn = conn.clone();
@@ -498,7 +498,7 @@ impl Subscriber {
             }
         })
         .await;
-        self.post_all("/ibex/v1/invalidate").await;
+        self.post_all(ibex_wire::INVALIDATE_PATH).await;
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "full flush done"
@@ -513,9 +513,9 @@ impl Subscriber {
                 redis::RedisError::from((redis::ErrorKind::IoError, "connect timed out"))
             })??;
         pubsub
-            .psubscribe(format!("{UPDATES_CHANNEL_PREFIX}*"))
+            .psubscribe(ibex_wire::UPDATES_CHANNEL_PATTERN)
             .await?;
-        pubsub.subscribe(FLUSH_CHANNEL).await?;
+        pubsub.subscribe(ibex_wire::FLUSH_CHANNEL).await?;
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(timeout)
             .set_response_timeout(timeout);
@@ -671,17 +671,9 @@ impl Subscriber {
     }
 }
 
-/// Value of a Redis tombstone: starts with NUL, which Postgres text cannot
-/// contain, so the filter never mistakes it for a directive.
-pub const TOMBSTONE: &str = "\0";
-
 /// Default life of Redis tombstones and the flush marker: well above the
 /// longest fill the filter can run (its callout timeouts, 50 + 500 ms by default).
 pub const DEFAULT_TOMBSTONE_TTL: Duration = Duration::from_secs(10);
-
-/// Suffix of the flush marker key, `{prefix}__flush__` (shared with the
-/// filter).
-pub const FLUSH_MARKER_SUFFIX: &str = "__flush__";
 
 /// `SET key value EX ttl` (at least one second: Redis has no shorter `EX`).
 fn set_with_ttl(key: &str, value: &str, ttl: Duration) -> redis::Cmd {
