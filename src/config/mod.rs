@@ -7,6 +7,10 @@
 //! from the configuration (lower-cased header names, the JSON prefix of the injected
 //! chat message) is derived here, never per request.
 //!
+//! This file holds the types, every default and [`Config::parse`], which reads the
+//! document section by section; the JSON reader it uses (a field at a time, unknown
+//! fields refused, the checks of names and the `inject.paths` table) is `read`.
+//!
 //! This module must never touch proxy-wasm: it is unit-tested natively.
 
 use ibex_wire::Redacted;
@@ -15,6 +19,10 @@ use std::fmt;
 
 use crate::escape::escape_json_str;
 use crate::inject::{strip_query, Format};
+
+mod read;
+
+use read::{choice, err, header_name, key_prefix, plain_token, Section};
 
 /// Environment variable (passed through `vm_config.environment_variables`) that sets
 /// the default of `cache.ttl_seconds`.
@@ -47,22 +55,17 @@ pub enum FailureMode {
     Open,
 }
 
-/// Wire protocol of the Redis HTTP front.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RedisDialect {
-    /// Webdis: `GET /GET/key.raw`, `PUT /SETEX/key/ttl` with the value as body.
-    Webdis,
-}
-
 /// L2 settings: the Envoy cluster in front of Redis.
+///
+/// `redis.dialect` (the protocol of that front) is accepted only as `"webdis"`,
+/// which is what [`crate::tiers`] speaks; no field records it until a second
+/// dialect (`"upstash"`, SPEC §3) exists to choose from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// Envoy cluster name of the Redis HTTP front (`redis.cluster`).
     pub cluster: String,
     /// `:authority` sent on callouts (`redis.authority`).
     pub authority: String,
-    /// Protocol spoken by the front (`redis.dialect`).
-    pub dialect: RedisDialect,
     /// Redis key = prefix + agent id (`redis.key_prefix`).
     pub key_prefix: String,
     /// Per-callout timeout in milliseconds (`redis.timeout_ms`).
@@ -139,240 +142,10 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err(field: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.to_string(),
-        reason: reason.into(),
-    }
-}
-
 /// Longest TTL accepted, in seconds (one year): beyond it a typo is likelier than intent.
 const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
 /// Longest callout timeout accepted, in milliseconds.
 const MAX_TIMEOUT_MS: u64 = 60_000;
-
-/// Reads the fields of one JSON object, remembering which were consumed so that any
-/// field left over is reported as unknown.
-struct Section<'a> {
-    path: &'a str,
-    map: Map<String, Value>,
-}
-
-impl<'a> Section<'a> {
-    fn new(path: &'a str, value: Value) -> Result<Self, ConfigError> {
-        match value {
-            Value::Object(map) => Ok(Section { path, map }),
-            other => Err(err(
-                if path.is_empty() { "<root>" } else { path },
-                format!("expected an object, got {}", type_name(&other)),
-            )),
-        }
-    }
-
-    fn field_path(&self, name: &str) -> String {
-        if self.path.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{}", self.path, name)
-        }
-    }
-
-    /// Takes a field out; JSON `null` counts as absent so a default applies.
-    fn take(&mut self, name: &str) -> Option<Value> {
-        match self.map.remove(name) {
-            Some(Value::Null) | None => None,
-            Some(v) => Some(v),
-        }
-    }
-
-    fn string(&mut self, name: &str, default: &str) -> Result<String, ConfigError> {
-        match self.take(name) {
-            None => Ok(default.to_string()),
-            Some(Value::String(s)) => Ok(s),
-            Some(other) => Err(err(
-                &self.field_path(name),
-                format!("expected a string, got {}", type_name(&other)),
-            )),
-        }
-    }
-
-    fn opt_string(&mut self, name: &str) -> Result<Option<String>, ConfigError> {
-        match self.take(name) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(err(
-                &self.field_path(name),
-                format!("expected a string, got {}", type_name(&other)),
-            )),
-        }
-    }
-
-    fn boolean(&mut self, name: &str, default: bool) -> Result<bool, ConfigError> {
-        match self.take(name) {
-            None => Ok(default),
-            Some(Value::Bool(b)) => Ok(b),
-            Some(other) => Err(err(
-                &self.field_path(name),
-                format!("expected true or false, got {}", type_name(&other)),
-            )),
-        }
-    }
-
-    fn integer(
-        &mut self,
-        name: &str,
-        default: u64,
-        min: u64,
-        max: u64,
-    ) -> Result<u64, ConfigError> {
-        let value = match self.take(name) {
-            None => return Ok(default),
-            Some(v) => v,
-        };
-        let n = value.as_u64().ok_or_else(|| {
-            err(
-                &self.field_path(name),
-                format!("expected a non-negative integer, got {}", describe(&value)),
-            )
-        })?;
-        if n < min || n > max {
-            return Err(err(
-                &self.field_path(name),
-                format!("must be between {min} and {max}, got {n}"),
-            ));
-        }
-        Ok(n)
-    }
-
-    /// A nested object; absent means an empty one, so its defaults apply.
-    fn section(&mut self, name: &'a str) -> Result<Section<'a>, ConfigError> {
-        let value = self.take(name).unwrap_or(Value::Object(Map::new()));
-        Section::new(name, value)
-    }
-
-    /// `inject.paths`: an object of path suffix → format name.
-    fn paths(&mut self) -> Result<Vec<(String, Format)>, ConfigError> {
-        let field = self.field_path("paths");
-        let mut paths: Vec<(String, Format)> = match self.take("paths") {
-            None => Format::DEFAULT_PATHS
-                .iter()
-                .map(|(p, f)| (p.to_string(), *f))
-                .collect(),
-            Some(Value::Object(map)) => {
-                let mut out = Vec::with_capacity(map.len());
-                for (suffix, format) in map {
-                    let item = format!("{field}.{suffix}");
-                    if !suffix.starts_with('/') || suffix.contains(['?', '#']) {
-                        return Err(err(
-                            &item,
-                            "a path suffix must start with / and have no query",
-                        ));
-                    }
-                    let Value::String(name) = format else {
-                        return Err(err(
-                            &item,
-                            format!("expected a format name, got {}", type_name(&format)),
-                        ));
-                    };
-                    out.push((suffix, choice(&item, &name, Format::NAMES)?));
-                }
-                out
-            }
-            Some(other) => {
-                return Err(err(
-                    &field,
-                    format!("expected an object, got {}", type_name(&other)),
-                ))
-            }
-        };
-        // Longest suffix first, so "/v2/chat/completions" can override "/completions".
-        paths.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-        Ok(paths)
-    }
-
-    /// Fails if any field was not consumed: unknown fields are refused, not ignored.
-    fn finish(self) -> Result<(), ConfigError> {
-        match self.map.keys().next() {
-            None => Ok(()),
-            Some(unknown) => Err(err(&self.field_path(unknown), "unknown field")),
-        }
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn describe(v: &Value) -> String {
-    match v {
-        Value::Number(n) => n.to_string(),
-        other => type_name(other).to_string(),
-    }
-}
-
-/// One of a fixed set of strings.
-fn choice<T: Copy>(field: &str, value: &str, options: &[(&str, T)]) -> Result<T, ConfigError> {
-    options
-        .iter()
-        .find(|(name, _)| *name == value)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| {
-            let names: Vec<String> = options.iter().map(|(n, _)| format!("\"{n}\"")).collect();
-            err(
-                field,
-                format!("expected one of {}, got \"{}\"", names.join(", "), value),
-            )
-        })
-}
-
-/// An HTTP header name (RFC 9110 token), lower-cased for Envoy's header maps.
-fn header_name(field: &str, value: &str) -> Result<String, ConfigError> {
-    let ok = !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if !ok {
-        return Err(err(
-            field,
-            format!("\"{value}\" is not a valid header name"),
-        ));
-    }
-    Ok(value.to_ascii_lowercase())
-}
-
-/// Cluster names and authorities go into callout headers verbatim.
-fn plain_token(field: &str, value: &str) -> Result<String, ConfigError> {
-    let ok = !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b'?' | b'#' | b'"'));
-    if !ok {
-        return Err(err(field, format!("\"{value}\" is not a valid name")));
-    }
-    Ok(value.to_string())
-}
-
-/// The key prefix becomes part of a URL path segment on the Redis front, so it must
-/// not need escaping there.
-fn key_prefix(field: &str, value: &str) -> Result<String, ConfigError> {
-    let ok = value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b":_-.{}".contains(&b));
-    if !ok || value.len() > 64 {
-        return Err(err(
-            field,
-            "may only contain ASCII letters, digits and : _ - . { } (at most 64 characters)",
-        ));
-    }
-    Ok(value.to_string())
-}
 
 impl Config {
     /// The request format served at `path` (query string ignored), if any.
@@ -434,17 +207,20 @@ impl Config {
         cache.finish()?;
 
         let mut section = root.section("redis")?;
+        let cluster = plain_token("redis.cluster", &section.string("cluster", "ibex_redis")?)?;
+        let authority = plain_token(
+            "redis.authority",
+            &section.string("authority", "ibex_redis")?,
+        )?;
+        // Webdis is the only dialect tiers.rs speaks: anything else is refused.
+        choice(
+            "redis.dialect",
+            &section.string("dialect", "webdis")?,
+            &[("webdis", ())],
+        )?;
         let redis = RedisConfig {
-            cluster: plain_token("redis.cluster", &section.string("cluster", "ibex_redis")?)?,
-            authority: plain_token(
-                "redis.authority",
-                &section.string("authority", "ibex_redis")?,
-            )?,
-            dialect: choice(
-                "redis.dialect",
-                &section.string("dialect", "webdis")?,
-                &[("webdis", RedisDialect::Webdis)],
-            )?,
+            cluster,
+            authority,
             key_prefix: key_prefix(
                 "redis.key_prefix",
                 &section.string("key_prefix", ibex_wire::DEFAULT_KEY_PREFIX)?,
@@ -538,7 +314,6 @@ mod tests {
             assert_eq!(c.stale_if_error_seconds, 300);
             assert_eq!(c.redis.cluster, "ibex_redis");
             assert_eq!(c.redis.authority, "ibex_redis");
-            assert_eq!(c.redis.dialect, RedisDialect::Webdis);
             assert_eq!(c.redis.key_prefix, "directive:");
             assert_eq!(c.redis.timeout_ms, 50);
             assert_eq!(c.store.cluster, "ibex_store");
