@@ -15,7 +15,7 @@
 //! other path or method, 400 for an agent id that is not a UUID, 503 if shared data
 //! cannot be written.
 
-use ibex_wire::InvalidateTarget;
+use ibex_wire::{InvalidateTarget, Redacted};
 
 use crate::agent::AgentId;
 use crate::config::Config;
@@ -93,7 +93,7 @@ pub fn invalidate_agent<H: Host>(agent: &AgentId, host: &H) -> Result<(), HostEr
         kind: Kind::Tombstone,
         fresh_until_ms: 0,
         generation,
-        escaped: "",
+        escaped: Redacted::new(""),
     };
     host.shared_set(&entry::key_for(agent), &tombstone.encode(), None)
 }
@@ -140,7 +140,7 @@ mod tests {
             kind: Kind::Present,
             fresh_until_ms: u64::MAX,
             generation: 0,
-            escaped: "D",
+            escaped: Redacted::new("D"),
         };
         h.shared_set(&format!("ibex:d:{AGENT}"), &e.encode(), None)
             .unwrap();

@@ -16,6 +16,8 @@
 //! With the 43-byte key this keeps the overhead per agent under 64 bytes, as SPEC §8
 //! asks. Entries are never trusted blindly: anything that does not decode is a miss.
 
+use ibex_wire::Redacted;
+
 /// Version byte of the current layout; any other value decodes as a miss.
 const VERSION: u8 = 1;
 /// Size of the fixed header.
@@ -30,7 +32,7 @@ pub const GENERATION_KEY: &str = "ibex:gen";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// The agent has no active directive.
-    Absent,
+    NoDirective,
     /// The agent's directive follows the header.
     Present,
     /// The entry was invalidated; it only anchors a CAS version so that fills which
@@ -39,7 +41,7 @@ pub enum Kind {
 }
 
 /// A decoded L1 entry, borrowing the escaped directive from the raw bytes.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry<'a> {
     /// What the entry says.
     pub kind: Kind,
@@ -48,19 +50,7 @@ pub struct Entry<'a> {
     /// Global generation current when the fill started.
     pub generation: u64,
     /// The directive, JSON-escaped; empty unless `kind` is `Present`.
-    pub escaped: &'a str,
-}
-
-impl std::fmt::Debug for Entry<'_> {
-    // Directive text never reaches logs, not even through Debug.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry")
-            .field("kind", &self.kind)
-            .field("fresh_until_ms", &self.fresh_until_ms)
-            .field("generation", &self.generation)
-            .field("escaped_len", &self.escaped.len())
-            .finish()
-    }
+    pub escaped: Redacted<&'a str>,
 }
 
 impl<'a> Entry<'a> {
@@ -70,7 +60,7 @@ impl<'a> Entry<'a> {
             return None;
         }
         let kind = match raw[1] {
-            0 => Kind::Absent,
+            0 => Kind::NoDirective,
             1 => Kind::Present,
             2 => Kind::Tombstone,
             _ => return None,
@@ -85,23 +75,23 @@ impl<'a> Entry<'a> {
             kind,
             fresh_until_ms,
             generation,
-            escaped,
+            escaped: Redacted::new(escaped),
         })
     }
 
     /// Encodes into the shared-data layout.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + self.escaped.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + self.escaped.expose().len());
         out.push(VERSION);
         out.push(match self.kind {
-            Kind::Absent => 0,
+            Kind::NoDirective => 0,
             Kind::Present => 1,
             Kind::Tombstone => 2,
         });
         out.extend_from_slice(&self.fresh_until_ms.to_le_bytes());
         out.extend_from_slice(&self.generation.to_le_bytes());
         if self.kind == Kind::Present {
-            out.extend_from_slice(self.escaped.as_bytes());
+            out.extend_from_slice(self.escaped.expose().as_bytes());
         }
         out
     }
@@ -125,6 +115,29 @@ impl<'a> Entry<'a> {
         self.kind != Kind::Tombstone
             && self.generation >= current_generation
             && now_ms < self.fresh_until_ms.saturating_add(stale_window_ms)
+    }
+}
+
+/// What is known of an agent's directive, owned and already JSON-escaped: what an L1
+/// entry, a tier's answer or a stale fallback hands to the requests it answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Known {
+    /// The agent's directive, JSON-escaped (the inside of a string literal).
+    Directive(Redacted<String>),
+    /// The agent has no active directive.
+    NoDirective,
+}
+
+impl Entry<'_> {
+    /// What the entry says of its agent; `None` for a tombstone, which says nothing.
+    pub fn known(&self) -> Option<Known> {
+        match self.kind {
+            Kind::Present => Some(Known::Directive(Redacted::new(
+                (*self.escaped.expose()).to_owned(),
+            ))),
+            Kind::NoDirective => Some(Known::NoDirective),
+            Kind::Tombstone => None,
+        }
     }
 }
 
@@ -163,14 +176,14 @@ mod tests {
     fn round_trips_every_kind() {
         for (kind, escaped) in [
             (Kind::Present, "Be terse.\\n\\u0000 é"),
-            (Kind::Absent, ""),
+            (Kind::NoDirective, ""),
             (Kind::Tombstone, ""),
         ] {
             let e = Entry {
                 kind,
                 fresh_until_ms: 1_700_000_000_123,
                 generation: 42,
-                escaped,
+                escaped: Redacted::new(escaped),
             };
             let raw = e.encode();
             assert_eq!(raw.len(), HEADER_LEN + escaped.len());
@@ -184,7 +197,7 @@ mod tests {
             kind: Kind::Present,
             fresh_until_ms: 1,
             generation: 0,
-            escaped: "x",
+            escaped: Redacted::new("x"),
         }
         .encode();
         assert!(Entry::decode(&good[..HEADER_LEN - 1]).is_none());
@@ -208,7 +221,7 @@ mod tests {
             kind: Kind::Present,
             fresh_until_ms: 1000,
             generation: 3,
-            escaped: "d",
+            escaped: Redacted::new("d"),
         };
         assert!(e.is_fresh(999, 3));
         assert!(!e.is_fresh(1000, 3));

@@ -57,13 +57,7 @@ impl Root {
             let host = EnvoyHost {
                 metrics: &plugin.metrics,
             };
-            let ctx = Ctx {
-                host: &host,
-                config: &plugin.config,
-                worker: &self.worker,
-                id: self.id,
-            };
-            f(&ctx);
+            f(&Ctx::new(&host, &plugin.config, &self.worker, self.id));
         }
     }
 }
@@ -182,7 +176,7 @@ impl Host for EnvoyHost<'_> {
         hostcalls::dispatch_http_call(
             &call.cluster,
             headers,
-            call.body.as_deref(),
+            call.body.as_ref().map(|b| b.expose().as_slice()),
             vec![],
             Duration::from_millis(call.timeout_ms),
         )
@@ -265,12 +259,7 @@ impl DataFilter {
         let host = EnvoyHost {
             metrics: &self.plugin.metrics,
         };
-        let ctx = Ctx {
-            host: &host,
-            config: &self.plugin.config,
-            worker: &self.worker,
-            id: self.id,
-        };
+        let ctx = Ctx::new(&host, &self.plugin.config, &self.worker, self.id);
         let flow = self.flow.take().unwrap_or_default();
         let (next, action) = flow.on_event(event, &ctx);
         self.flow = Some(next);
@@ -312,7 +301,10 @@ impl HttpContext for DataFilter {
             self.get_http_request_headers(),
             &self.plugin.config.agent_header,
         );
-        wasm_action(self.step(Event::Headers(fields.head(end_of_stream))))
+        wasm_action(self.step(Event::Headers {
+            head: &fields,
+            end_of_stream,
+        }))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {

@@ -25,7 +25,7 @@ use crate::agent::{AgentId, AGENT_ID_LEN};
 use crate::config::Config;
 
 /// An HTTP callout to an Envoy cluster.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Callout {
     /// Envoy cluster name.
     pub cluster: String,
@@ -35,24 +35,11 @@ pub struct Callout {
     pub path: String,
     /// `:authority`.
     pub authority: String,
-    /// Request body, if any.
-    pub body: Option<Vec<u8>>,
+    /// Request body, if any: a write-back's is directive text, so `Debug` shows only
+    /// its length.
+    pub body: Option<Redacted<Vec<u8>>>,
     /// Timeout in milliseconds.
     pub timeout_ms: u64,
-}
-
-impl std::fmt::Debug for Callout {
-    // A write-back body is directive text: only its length is printed.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Callout")
-            .field("cluster", &self.cluster)
-            .field("method", &self.method)
-            .field("path", &self.path)
-            .field("authority", &self.authority)
-            .field("body", &self.body.as_deref().map(Redacted::new))
-            .field("timeout_ms", &self.timeout_ms)
-            .finish()
-    }
 }
 
 /// What came back from a callout. `status` is `None` when there was no HTTP answer at
@@ -66,27 +53,14 @@ pub struct Response {
 }
 
 /// The answer of a tier about one agent.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// The tier does not know (L2 only: no key).
     Unknown,
     /// The agent has no directive.
     NoDirective,
     /// The agent's directive, raw text.
-    Directive(String),
-}
-
-impl std::fmt::Debug for Answer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Answer::Unknown => f.write_str("Unknown"),
-            Answer::NoDirective => f.write_str("NoDirective"),
-            Answer::Directive(d) => f
-                .debug_tuple("Directive")
-                .field(&Redacted::new(d.as_str()))
-                .finish(),
-        }
-    }
+    Directive(Redacted<String>),
 }
 
 /// A tier failed to answer usefully (the reason is for counters and debug logs; it
@@ -128,7 +102,9 @@ pub fn redis_set(
     let marker = ibex_wire::flush_marker_key(&config.redis.key_prefix);
     let base = format!("/EVAL/{SET_IF_ABSENT_SCRIPT}/2/{key}/{marker}/{ttl_seconds}");
     let (method, path, body) = match directive {
-        Some(text) if !text.is_empty() => ("PUT", base, Some(text.as_bytes().to_vec())),
+        Some(text) if !text.is_empty() => {
+            ("PUT", base, Some(Redacted::new(text.as_bytes().to_vec())))
+        }
         // A trailing slash is Webdis's spelling of an empty last argument.
         _ => ("GET", format!("{base}/"), None),
     };
@@ -174,7 +150,7 @@ pub fn parse_redis_get(resp: &Response) -> Result<Answer, TierError> {
     if text.is_empty() {
         Ok(Answer::NoDirective)
     } else {
-        Ok(Answer::Directive(text.to_string()))
+        Ok(Answer::Directive(Redacted::new(text.to_owned())))
     }
 }
 
@@ -232,7 +208,7 @@ pub fn parse_store(resp: &Response, agent: &AgentId) -> Result<Answer, TierError
         None => Answer::NoDirective,
         // An empty directive injects nothing useful; treat it as none, like L2 does.
         Some(c) if c.is_empty() => Answer::NoDirective,
-        Some(c) => Answer::Directive(c),
+        Some(c) => Answer::Directive(Redacted::new(c)),
     })
 }
 
@@ -270,9 +246,12 @@ mod tests {
         assert_eq!(w.method, "PUT");
         assert!(w.path.starts_with("/EVAL/if%20redis.call"), "{}", w.path);
         assert!(w.path.ends_with(tail), "{}", w.path);
-        assert_eq!(w.body.as_deref(), Some(&b"Be terse."[..]));
+        assert_eq!(
+            w.body.as_ref().map(|b| b.expose().as_slice()),
+            Some(&b"Be terse."[..])
+        );
         let n = redis_set(&cfg(), &agent(), None, 10);
-        assert_eq!((n.method, n.body.as_deref()), ("GET", None));
+        assert_eq!((n.method, n.body), ("GET", None));
         assert!(n.path.ends_with("/directive:__flush__/10/"), "{}", n.path);
         assert!(!format!("{w:?}").contains("terse"));
     }

@@ -1,22 +1,25 @@
-//! State one worker VM shares between its requests: fills in flight (so concurrent
-//! misses for one agent make one fill), answers waiting to be picked up by the
-//! requests that took part in a fill, and the circuit breakers of the two remote tiers.
+//! State one worker VM shares between its requests, and the rules that keep it
+//! consistent: the fills in flight (so concurrent misses for one agent make one
+//! fill), which fill each callout answer belongs to, what finished fills delivered to
+//! requests that have not run since, the L2 write-backs the root context sends, and
+//! the circuit breakers of the two remote tiers.
 //!
 //! A worker VM runs on one Envoy thread, so this state needs no locking; it is owned
 //! by the root context and lent to each callback. It is never shared across workers
-//! (that is what L1 shared data is for).
+//! (that is what L1 shared data is for). Every field is private: the request flow
+//! (`crate::flow`) moves fills through the methods below, which keep the indexes
+//! (tokens, joinable fills) in step with the fills themselves.
+//!
+//! This module knows nothing of the flow's states and makes no host calls.
 
 use std::collections::{HashMap, HashSet};
 
 use crate::agent::AgentId;
+use crate::breaker::Breaker;
+use crate::entry::Known;
 use crate::inject::Format;
-
-/// Consecutive failures after which a tier's breaker opens.
-pub const BREAKER_THRESHOLD: u32 = 5;
-/// How long an open breaker skips its tier before letting one probe through. Short
-/// enough that a tier that came back is used again within seconds even if the first
-/// probe still failed; a probe every 3 s per worker costs nothing.
-pub const BREAKER_COOL_OFF_MS: u64 = 3_000;
+use crate::tiers::Callout;
+use ibex_wire::Redacted;
 
 /// The remote tier a callout goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,25 +53,32 @@ pub struct Participant {
 }
 
 /// An expired entry kept in case L2 and L3 both fail.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Stale {
-    /// The escaped directive, or `None` for "no directive".
-    pub escaped: Option<String>,
+    /// What the entry said.
+    pub known: Known,
     /// Usable until this instant (ms).
     pub usable_until_ms: u64,
 }
 
-impl std::fmt::Debug for Stale {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Stale")
-            .field("present", &self.escaped.is_some())
-            .field("usable_until_ms", &self.usable_until_ms)
-            .finish()
-    }
+/// What a fill is checked against: the L1 key's CAS version and the global
+/// generation when it started. An invalidation changes one of them, so a fill that
+/// it overtook can neither be joined nor write its answer over what came after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor {
+    /// CAS version of the L1 key (`None` if it could not be anchored).
+    pub cas: Option<u32>,
+    /// Global generation.
+    pub generation: u64,
 }
 
-/// Identifies a fill on its worker.
-pub type FillId = u64;
+impl Anchor {
+    /// Whether a request that found the key at `now` may share this fill's answer:
+    /// nothing invalidated the agent since the fill started.
+    fn admits(&self, now: &Anchor) -> bool {
+        self.cas.is_some() && self == now
+    }
+}
 
 /// One resolution of one agent in flight on this worker.
 #[derive(Debug)]
@@ -77,117 +87,91 @@ pub struct Fill {
     pub agent: AgentId,
     /// Its L1 key.
     pub key: String,
-    /// The tier asked now.
-    pub tier: Tier,
-    /// Token of the callout in flight.
-    pub token: u32,
-    /// CAS version of the L1 key when the fill started (see `flow`).
-    pub cas: Option<u32>,
-    /// Global generation when the fill started.
-    pub generation: u64,
+    /// What it is checked against.
+    pub anchor: Anchor,
     /// Expired entry to fall back on.
     pub stale: Option<Stale>,
     /// Requests waiting for the answer, the one that started the fill included.
     pub participants: Vec<Participant>,
-    /// The context whose callout answers arrive (Envoy routes an answer to the
-    /// context that dispatched it). `None` once that context is gone: the answer
-    /// will be dropped, and the root context asks again on its next tick.
-    pub owner: Option<u32>,
 }
 
-/// A circuit breaker for one remote tier.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Breaker {
-    failures: u32,
-    /// 0 = closed; otherwise the tier is skipped until then.
-    open_until_ms: u64,
-    /// One probe is in flight after the cool-off.
-    probing: bool,
-    /// A probe whose answer never came (its request went away and the SDK dropped
-    /// the answer) stops counting as in flight at this instant.
-    probe_deadline_ms: u64,
-}
+/// Identifies a fill on its worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FillId(u64);
 
-/// What a breaker did, for counters.
+/// Whether requests that arrive now may still join a fill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
-    /// It opened (or re-opened after a failed probe).
-    Opened,
-    /// It closed after a successful call.
+pub enum Joining {
+    /// Yes: it is the agent's current fill on this worker.
+    Open,
+    /// No: an invalidation overtook it (or a newer fill replaced it).
     Closed,
 }
 
-impl Breaker {
-    /// Whether a call may go to the tier now. After the cool-off exactly one call (the
-    /// probe) is let through until it reports back.
-    pub fn allow(&mut self, now_ms: u64) -> bool {
-        if self.open_until_ms == 0 {
-            return true;
-        }
-        if self.probing && now_ms >= self.probe_deadline_ms {
-            self.probing = false;
-        }
-        if now_ms < self.open_until_ms || self.probing {
-            return false;
-        }
-        self.probing = true;
-        self.probe_deadline_ms = now_ms.saturating_add(BREAKER_COOL_OFF_MS);
-        true
-    }
+/// A fill taken out of the worker to be moved on; gives it back under the same id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// The fill's id, which its participants wait on.
+    pub id: FillId,
+    /// Whether it was joinable when taken.
+    pub joining: Joining,
+}
 
-    /// The tier answered.
-    pub fn success(&mut self) -> Option<Transition> {
-        self.failures = 0;
-        self.probing = false;
-        if self.open_until_ms != 0 {
-            self.open_until_ms = 0;
-            return Some(Transition::Closed);
-        }
-        None
-    }
+/// Where a registered fill's callout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Callback {
+    /// In flight; its answer arrives in context `owner` (Envoy routes an answer to
+    /// the context that dispatched it).
+    Awaited { tier: Tier, token: u32, owner: u32 },
+    /// The owner went away, so the SDK will drop the answer; the root context asks
+    /// `tier` again on its next tick.
+    Orphaned { tier: Tier },
+}
 
-    /// The tier failed or timed out.
-    pub fn failure(&mut self, now_ms: u64) -> Option<Transition> {
-        self.failures = self.failures.saturating_add(1);
-        let reopen = self.probing;
-        self.probing = false;
-        if reopen || (self.open_until_ms == 0 && self.failures >= BREAKER_THRESHOLD) {
-            self.open_until_ms = now_ms.saturating_add(BREAKER_COOL_OFF_MS);
-            return Some(Transition::Opened);
-        }
-        None
-    }
+#[derive(Debug)]
+struct Slot {
+    fill: Fill,
+    callback: Callback,
+}
 
-    /// Whether the breaker is open (skipping its tier) at `now_ms`.
-    pub fn is_open(&self) -> bool {
-        self.open_until_ms != 0
-    }
+/// What a finished fill did for a request that has not run since; the request picks
+/// it up on its next callback.
+#[derive(Debug)]
+pub enum Delivered {
+    /// Resumed with nothing to splice.
+    Forwarded,
+    /// Answered with a local reply.
+    Refused,
+    /// Resumed; the directive goes into the body once it is complete.
+    Inject(Injection),
+}
+
+/// A directive waiting for its request's body.
+#[derive(Debug)]
+pub struct Injection {
+    /// Where it goes.
+    pub format: Format,
+    /// The directive, JSON-escaped.
+    pub escaped: Redacted<String>,
 }
 
 /// Per-worker shared state.
 #[derive(Debug, Default)]
 pub struct Worker {
-    /// Fills in flight.
-    pub fills: HashMap<FillId, Fill>,
-    /// The fill of each L1 key that new requests may still join. A fill stops being
-    /// joinable when an invalidation overtakes it: requests that arrive after an
-    /// invalidation start a fill of their own instead of sharing an old answer.
-    pub joinable: HashMap<String, FillId>,
+    fills: HashMap<FillId, Slot>,
+    /// The fill of each L1 key that new requests may still join.
+    joinable: HashMap<String, FillId>,
     /// Which fill a callout token belongs to.
-    pub tokens: HashMap<u32, FillId>,
-    next_fill: FillId,
-    /// L2 write-backs waiting for the root context to send them. The root sends
-    /// them (on its tick) so that their answers come back to a context that lives
-    /// as long as the VM and are always counted.
-    pub pending_writes: Vec<crate::tiers::Callout>,
+    tokens: HashMap<u32, FillId>,
+    next_fill: u64,
+    /// L2 write-backs waiting for the root context, which sends them on its tick so
+    /// that their answers come back to a context that lives as long as the VM.
+    queued_writes: Vec<Callout>,
     /// Tokens of L2 write-backs in flight, to count how they end.
-    pub writes: HashSet<u32>,
-    /// Outcomes of finished fills, waiting for their participants' next callback.
-    pub ready: HashMap<u32, crate::flow::Ready>,
-    /// L2 breaker.
-    pub redis: Breaker,
-    /// L3 breaker.
-    pub store: Breaker,
+    writes: HashSet<u32>,
+    delivered: HashMap<u32, Delivered>,
+    redis: Breaker,
+    store: Breaker,
 }
 
 impl Worker {
@@ -199,61 +183,185 @@ impl Worker {
         }
     }
 
-    /// Registers a new fill, joinable for its key, and returns its id.
-    pub fn add_fill(&mut self, fill: Fill) -> FillId {
-        self.next_fill = self.next_fill.wrapping_add(1);
-        let id = self.next_fill;
-        self.joinable.insert(fill.key.clone(), id);
-        self.fills.insert(id, fill);
+    /// Adds `p` to the agent's joinable fill if nothing invalidated the agent since
+    /// it started (`now` is what the request found); gives `p` back otherwise.
+    pub fn join(&mut self, key: &str, now: &Anchor, p: Participant) -> Result<FillId, Participant> {
+        let Some(&id) = self.joinable.get(key) else {
+            return Err(p);
+        };
+        match self.fills.get_mut(&id) {
+            Some(slot) if slot.fill.anchor.admits(now) => {
+                slot.fill.participants.push(p);
+                Ok(id)
+            }
+            _ => Err(p),
+        }
+    }
+
+    /// Registers a fill whose callout `token` to `tier` was dispatched by context
+    /// `owner`: a new fill (joinable for its key) without a ticket, else the fill the
+    /// ticket was given for, joinable as it was.
+    pub fn register(
+        &mut self,
+        fill: Fill,
+        ticket: Option<Ticket>,
+        tier: Tier,
+        token: u32,
+        owner: u32,
+    ) -> FillId {
+        let (id, joining) = match ticket {
+            Some(t) => (t.id, t.joining),
+            None => {
+                self.next_fill = self.next_fill.wrapping_add(1);
+                (FillId(self.next_fill), Joining::Open)
+            }
+        };
+        if joining == Joining::Open {
+            self.joinable.insert(fill.key.clone(), id);
+        }
+        self.tokens.insert(token, id);
+        let callback = Callback::Awaited { tier, token, owner };
+        self.fills.insert(id, Slot { fill, callback });
         id
     }
 
-    /// Takes a fill out (it finished, or it is being asked again).
-    pub fn take_fill(&mut self, id: FillId) -> Option<Fill> {
-        let fill = self.fills.remove(&id)?;
-        self.tokens.remove(&fill.token);
-        if self.joinable.get(&fill.key) == Some(&id) {
-            self.joinable.remove(&fill.key);
+    /// Takes out the fill that callout `token` belongs to, with the tier it asked.
+    pub fn take_answered(&mut self, token: u32) -> Option<(Fill, Ticket, Tier)> {
+        let id = self.tokens.get(&token).copied()?;
+        let (fill, ticket, callback) = self.take(id)?;
+        match callback {
+            Callback::Awaited { tier, .. } => Some((fill, ticket, tier)),
+            Callback::Orphaned { .. } => None,
         }
-        Some(fill)
     }
 
-    /// Puts a fill back under the same id with its new callout token.
-    pub fn put_fill(&mut self, id: FillId, fill: Fill, joinable: bool) {
-        self.tokens.insert(fill.token, id);
-        if joinable {
-            self.joinable.insert(fill.key.clone(), id);
+    /// Takes out every fill whose answer will never arrive (its owner is gone) but
+    /// that still has participants, with the tier to ask again.
+    pub fn take_orphans(&mut self) -> Vec<(Fill, Ticket, Tier)> {
+        let ids: Vec<FillId> = self
+            .fills
+            .iter()
+            .filter(|(_, s)| matches!(s.callback, Callback::Orphaned { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some((fill, ticket, Callback::Orphaned { tier })) = self.take(id) {
+                out.push((fill, ticket, tier));
+            }
         }
-        self.fills.insert(id, fill);
+        out
+    }
+
+    fn take(&mut self, id: FillId) -> Option<(Fill, Ticket, Callback)> {
+        let slot = self.fills.remove(&id)?;
+        if let Callback::Awaited { token, .. } = slot.callback {
+            self.tokens.remove(&token);
+        }
+        let joining = if self.joinable.get(&slot.fill.key) == Some(&id) {
+            self.joinable.remove(&slot.fill.key);
+            Joining::Open
+        } else {
+            Joining::Closed
+        };
+        Some((slot.fill, Ticket { id, joining }, slot.callback))
+    }
+
+    /// Request `ctx` stops waiting for fill `id` (it was refused meanwhile).
+    pub fn leave(&mut self, id: FillId, ctx: u32) {
+        if let Some(slot) = self.fills.get_mut(&id) {
+            slot.fill.participants.retain(|p| p.id != ctx);
+        }
+    }
+
+    /// Records how much body request `ctx` has while it waits for fill `id`; false if
+    /// the fill does not know the request (any more).
+    pub fn note_body(&mut self, id: FillId, ctx: u32, body: BodySeen) -> bool {
+        self.fills
+            .get_mut(&id)
+            .and_then(|s| s.fill.participants.iter_mut().find(|p| p.id == ctx))
+            .map(|p| p.body = body)
+            .is_some()
+    }
+
+    /// Leaves what a finished fill did for request `ctx`, for its next callback.
+    pub fn deliver(&mut self, ctx: u32, what: Delivered) {
+        self.delivered.insert(ctx, what);
+    }
+
+    /// What a finished fill left for request `ctx`, if anything.
+    pub fn take_delivered(&mut self, ctx: u32) -> Option<Delivered> {
+        self.delivered.remove(&ctx)
+    }
+
+    /// Queues an L2 write-back for the root context.
+    pub fn queue_write(&mut self, write: Callout) {
+        self.queued_writes.push(write);
+    }
+
+    /// The queued write-backs, emptied.
+    pub fn take_queued_writes(&mut self) -> Vec<Callout> {
+        std::mem::take(&mut self.queued_writes)
+    }
+
+    /// A write-back was dispatched under `token`.
+    pub fn track_write(&mut self, token: u32) {
+        self.writes.insert(token);
+    }
+
+    /// Whether `token` is a write-back's (it is forgotten: its answer has come).
+    pub fn finish_write(&mut self, token: u32) -> bool {
+        self.writes.remove(&token)
     }
 
     /// A request is gone (finished or the client went away): forget it everywhere so
-    /// that no fill waits on it or tries to resume it.
-    pub fn forget(&mut self, id: u32) {
-        self.ready.remove(&id);
+    /// that no fill waits on it or tries to resume it. A fill it dispatched becomes
+    /// an orphan if others still wait for it, and is dropped if nobody does.
+    pub fn forget(&mut self, ctx: u32) {
+        self.delivered.remove(&ctx);
         let mut emptied = Vec::new();
-        for (fill_id, fill) in self.fills.iter_mut() {
-            fill.participants.retain(|p| p.id != id);
-            if fill.owner == Some(id) {
-                fill.owner = None;
+        for (id, slot) in self.fills.iter_mut() {
+            slot.fill.participants.retain(|p| p.id != ctx);
+            if let Callback::Awaited { tier, token, owner } = slot.callback {
+                if owner == ctx {
+                    self.tokens.remove(&token);
+                    slot.callback = Callback::Orphaned { tier };
+                }
             }
-            if fill.participants.is_empty() && fill.owner.is_none() {
-                emptied.push(*fill_id);
+            if slot.fill.participants.is_empty()
+                && matches!(slot.callback, Callback::Orphaned { .. })
+            {
+                emptied.push(*id);
             }
         }
-        for fill_id in emptied {
-            self.take_fill(fill_id);
+        for id in emptied {
+            self.take(id);
         }
     }
 
-    /// Fills whose callout answer will never arrive (their owner is gone) but that
-    /// still have participants: the root context asks again for them.
-    pub fn orphans(&self) -> Vec<FillId> {
-        self.fills
-            .iter()
-            .filter(|(_, f)| f.owner.is_none() && !f.participants.is_empty())
-            .map(|(id, _)| *id)
-            .collect()
+    /// Whether no request is waiting for anything: no fill, no callout token of a
+    /// fill, nothing delivered and not picked up (write-backs aside).
+    pub fn is_idle(&self) -> bool {
+        self.fills.is_empty()
+            && self.tokens.is_empty()
+            && self.joinable.is_empty()
+            && self.delivered.is_empty()
+    }
+
+    /// How many fills are registered, and how many of them are orphans.
+    pub fn fill_counts(&self) -> (usize, usize) {
+        let orphans = self
+            .fills
+            .values()
+            .filter(|s| matches!(s.callback, Callback::Orphaned { .. }))
+            .count();
+        (self.fills.len(), orphans)
+    }
+
+    /// How many write-backs are queued for the root context, and how many are in
+    /// flight.
+    pub fn write_counts(&self) -> (usize, usize) {
+        (self.queued_writes.len(), self.writes.len())
     }
 }
 
@@ -261,62 +369,111 @@ impl Worker {
 mod tests {
     use super::*;
 
-    #[test]
-    fn breaker_opens_after_repeated_failures_and_probes_after_the_cool_off() {
-        let mut b = Breaker::default();
-        for _ in 0..BREAKER_THRESHOLD - 1 {
-            assert!(b.allow(0));
-            assert_eq!(b.failure(0), None);
+    const AGENT: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+
+    fn fill(participants: &[u32], cas: Option<u32>) -> Fill {
+        Fill {
+            agent: AgentId::parse(AGENT).unwrap(),
+            key: format!("ibex:d:{AGENT}"),
+            anchor: Anchor { cas, generation: 0 },
+            stale: None,
+            participants: participants
+                .iter()
+                .map(|&id| Participant {
+                    id,
+                    format: Format::OpenAiChat,
+                    body: BodySeen::NotYet,
+                })
+                .collect(),
         }
-        assert_eq!(b.failure(100), Some(Transition::Opened));
-        assert!(b.is_open());
-        assert!(
-            !b.allow(100 + BREAKER_COOL_OFF_MS - 1),
-            "skipped while cooling off"
-        );
-        assert!(b.allow(100 + BREAKER_COOL_OFF_MS), "one probe");
-        assert!(
-            !b.allow(100 + BREAKER_COOL_OFF_MS),
-            "only one probe at a time"
-        );
-        assert_eq!(
-            b.failure(6000),
-            Some(Transition::Opened),
-            "failed probe re-opens"
-        );
-        assert!(!b.allow(6001));
-        assert!(b.allow(6000 + BREAKER_COOL_OFF_MS));
-        assert_eq!(b.success(), Some(Transition::Closed));
-        assert!(!b.is_open());
-        assert!(b.allow(0));
-        assert_eq!(b.success(), None);
+    }
+
+    fn participant(id: u32) -> Participant {
+        fill(&[id], None).participants.remove(0)
     }
 
     #[test]
-    fn a_probe_that_never_reports_back_does_not_wedge_the_breaker() {
-        let mut b = Breaker::default();
-        for _ in 0..BREAKER_THRESHOLD {
-            b.failure(0);
-        }
-        assert!(b.allow(BREAKER_COOL_OFF_MS), "the probe");
-        // Its request went away; neither success() nor failure() ever runs.
-        assert!(!b.allow(BREAKER_COOL_OFF_MS + 1));
-        assert!(
-            b.allow(2 * BREAKER_COOL_OFF_MS),
-            "a new probe once the lost one expired"
-        );
-        assert_eq!(b.success(), Some(Transition::Closed));
+    fn joining_needs_the_same_anchor_and_an_open_fill() {
+        let mut w = Worker::default();
+        let key = format!("ibex:d:{AGENT}");
+        let anchor = Anchor {
+            cas: Some(7),
+            generation: 0,
+        };
+        let id = w.register(fill(&[1], Some(7)), None, Tier::Redis, 11, 1);
+        assert_eq!(w.join(&key, &anchor, participant(2)), Ok(id));
+        let moved = Anchor {
+            cas: Some(8),
+            generation: 0,
+        };
+        assert!(w.join(&key, &moved, participant(3)).is_err(), "CAS moved");
+        let flushed = Anchor {
+            cas: Some(7),
+            generation: 1,
+        };
+        assert!(w.join(&key, &flushed, participant(3)).is_err(), "flushed");
+        let unanchored = Anchor {
+            cas: None,
+            generation: 0,
+        };
+        let id2 = w.register(fill(&[4], None), None, Tier::Redis, 12, 4);
+        assert!(w.join(&key, &unanchored, participant(5)).is_err());
+        // The newer fill replaced the first as the joinable one; a ticket keeps that.
+        let (_, ticket, tier) = w.take_answered(11).unwrap();
+        assert_eq!((ticket.joining, tier), (Joining::Closed, Tier::Redis));
+        let (_, ticket, _) = w.take_answered(12).unwrap();
+        assert_eq!((ticket.id, ticket.joining), (id2, Joining::Open));
     }
 
     #[test]
-    fn a_success_resets_the_failure_count() {
-        let mut b = Breaker::default();
-        for _ in 0..10 {
-            for _ in 0..BREAKER_THRESHOLD - 1 {
-                b.failure(0);
-            }
-            b.success();
-        }
-        assert!(!b.is_open());
+    fn a_fill_asked_again_keeps_its_id_and_joinability() {
+        let mut w = Worker::default();
+        let id = w.register(fill(&[1], Some(1)), None, Tier::Redis, 11, 1);
+        let (f, ticket, _) = w.take_answered(11).unwrap();
+        assert!(w.take_answered(11).is_none(), "the token is gone with it");
+        assert_eq!(w.register(f, Some(ticket), Tier::Store, 12, 1), id);
+        let key = format!("ibex:d:{AGENT}");
+        let anchor = Anchor {
+            cas: Some(1),
+            generation: 0,
+        };
+        assert_eq!(w.join(&key, &anchor, participant(2)), Ok(id));
+    }
+
+    #[test]
+    fn forgetting_the_owner_orphans_the_fill_or_drops_it() {
+        let mut w = Worker::default();
+        w.register(fill(&[1, 2], Some(1)), None, Tier::Store, 11, 1);
+        w.forget(1);
+        assert_eq!(w.fill_counts(), (1, 1));
+        assert!(
+            w.take_answered(11).is_none(),
+            "the dropped answer maps to nothing"
+        );
+        let orphans = w.take_orphans();
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].2, Tier::Store);
+        assert_eq!(orphans[0].0.participants.len(), 1);
+        assert!(w.is_idle());
+
+        w.register(fill(&[1], Some(1)), None, Tier::Redis, 13, 1);
+        w.forget(1);
+        assert!(w.is_idle(), "nobody waits: dropped");
+    }
+
+    #[test]
+    fn deliveries_and_writes_are_taken_once() {
+        let mut w = Worker::default();
+        w.deliver(3, Delivered::Forwarded);
+        assert!(matches!(w.take_delivered(3), Some(Delivered::Forwarded)));
+        assert!(w.take_delivered(3).is_none());
+        w.track_write(9);
+        assert_eq!(w.write_counts(), (0, 1));
+        assert!(w.finish_write(9));
+        assert!(!w.finish_write(9));
+        assert_eq!(w.write_counts(), (0, 0));
+        w.deliver(4, Delivered::Refused);
+        w.forget(4);
+        assert!(w.is_idle());
     }
 }

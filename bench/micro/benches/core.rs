@@ -37,7 +37,7 @@ fn bench_entry(c: &mut Criterion) {
         kind: Kind::Present,
         fresh_until_ms: 1_900_000_000_000,
         generation: 7,
-        escaped: ESCAPED_DIRECTIVE,
+        escaped: ibex_wire::Redacted::new(ESCAPED_DIRECTIVE),
     };
     let raw = entry.encode();
     let mut group = c.benchmark_group("entry");

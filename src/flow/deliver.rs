@@ -1,0 +1,194 @@
+//! Delivery: a decided outcome applied to the requests it answers, each in its own
+//! context (headers set, resumed or refused), and the splice of the directive into a
+//! complete buffered body.
+//!
+//! Every request leaves here with its directive spliced in, or refused, or forwarded
+//! because it has none (or `failure_mode` is open): never forwarded with a body that
+//! was supposed to carry a directive and does not. No reply carries directive text.
+
+use super::{Ctx, Resume};
+use crate::entry::Known;
+use crate::host::Host;
+use crate::inject::{splice, Format};
+use crate::metrics::Counter;
+use crate::reply::Refusal;
+use crate::worker::{BodySeen, Delivered, Fill, Injection};
+
+use super::Action;
+
+/// The tier that produced the answer a request was served with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// L1 shared data.
+    Local,
+    /// L2 Redis.
+    Redis,
+    /// L3 store.
+    Store,
+    /// An expired L1 entry, while L2 and L3 failed.
+    Stale,
+    /// Nothing: forwarded without resolution (failure_mode open).
+    None,
+}
+
+impl Source {
+    /// Value of the debug header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Local => "local",
+            Source::Redis => "redis",
+            Source::Store => "store",
+            Source::Stale => "stale",
+            Source::None => "none",
+        }
+    }
+}
+
+/// What a finished resolution means for the requests that waited for it.
+#[derive(Debug, Clone)]
+pub(super) enum Outcome {
+    /// The directive, or that there is none.
+    Known(Known),
+    /// Unknowable, forwarded anyway (`failure_mode: open`).
+    FailOpen,
+    /// Refused.
+    Refuse(Refusal),
+}
+
+/// Applies a finished fill's outcome to every participant. Returns what it did for
+/// the current context if that took part; the others find theirs with the worker.
+pub(super) fn complete<H: Host>(
+    fill: Fill,
+    outcome: Outcome,
+    source: Source,
+    ctx: &Ctx<'_, H>,
+) -> Option<(Delivered, Action)> {
+    let mut own = None;
+    let mut switched = false;
+    for p in fill.participants {
+        if p.id == ctx.id {
+            own = Some(apply(outcome.clone(), source, p.format, p.body, ctx));
+            continue;
+        }
+        if ctx.host.switch_to(p.id).is_err() {
+            // Gone without telling us: nothing to resume.
+            continue;
+        }
+        switched = true;
+        // Another participant's headers are held: it goes on when resumed.
+        let theirs = Ctx {
+            id: p.id,
+            resume: Resume::ByCall,
+            ..*ctx
+        };
+        let (done, _) = apply(outcome.clone(), source, p.format, p.body, &theirs);
+        ctx.worker.borrow_mut().deliver(p.id, done);
+    }
+    if switched && ctx.host.switch_to(ctx.id).is_err() {
+        log::warn!(
+            "ibex_directive: could not switch back to context {}",
+            ctx.id
+        );
+    }
+    own
+}
+
+/// The answer is known for one request (the effective context). Its headers are
+/// still modifiable here.
+pub(super) fn apply<H: Host>(
+    outcome: Outcome,
+    source: Source,
+    format: Format,
+    body: BodySeen,
+    ctx: &Ctx<'_, H>,
+) -> (Delivered, Action) {
+    let escaped = match outcome {
+        Outcome::Refuse(refusal) => return refuse(refusal, ctx),
+        Outcome::FailOpen => {
+            ctx.host.count(Counter::FailedOpen);
+            set_debug_header(Source::None, ctx);
+            return go_on(Delivered::Forwarded, ctx);
+        }
+        Outcome::Known(Known::NoDirective) => {
+            if source == Source::Stale {
+                ctx.host.count(Counter::StaleServed);
+            }
+            ctx.host.count(Counter::NoDirective);
+            set_debug_header(source, ctx);
+            return go_on(Delivered::Forwarded, ctx);
+        }
+        Outcome::Known(Known::Directive(escaped)) => escaped,
+    };
+    if source == Source::Stale {
+        ctx.host.count(Counter::StaleServed);
+    }
+    set_debug_header(source, ctx);
+    // The body grows: its old length would be a lie. Envoy frames it anew.
+    let _ = ctx.host.set_request_header("content-length", None);
+    let injection = Injection { format, escaped };
+    match body {
+        BodySeen::Complete(size) => match inject(&injection, size, ctx) {
+            (Delivered::Forwarded, _) => go_on(Delivered::Forwarded, ctx),
+            refused => refused,
+        },
+        _ => go_on(Delivered::Inject(injection), ctx),
+    }
+}
+
+/// Splices the directive into the complete buffered body.
+pub(super) fn inject<H: Host>(i: &Injection, size: usize, ctx: &Ctx<'_, H>) -> (Delivered, Action) {
+    let body = match ctx.host.request_body(size) {
+        Ok(b) => b,
+        Err(_) => return refuse(Refusal::DirectiveUnavailable, ctx),
+    };
+    match splice(
+        i.format,
+        &body,
+        &ctx.config.chat_message_prefix,
+        i.escaped.expose(),
+    ) {
+        Ok(out) => {
+            if ctx.host.replace_request_body(body.len(), &out).is_err() {
+                return refuse(Refusal::DirectiveUnavailable, ctx);
+            }
+            ctx.host.count(Counter::Injected);
+            (Delivered::Forwarded, Action::Continue)
+        }
+        Err(e) => refuse(Refusal::InvalidBody(e), ctx),
+    }
+}
+
+/// Answers the request with a local reply.
+pub(super) fn refuse<H: Host>(refusal: Refusal, ctx: &Ctx<'_, H>) -> (Delivered, Action) {
+    ctx.host.count(refusal.counter());
+    let body = refusal.body(&ctx.config.agent_header);
+    if ctx.host.send_json_reply(refusal.status(), &body).is_err() {
+        log::warn!(
+            "ibex_directive: could not send local reply {}",
+            refusal.code()
+        );
+    }
+    (Delivered::Refused, Action::Pause)
+}
+
+/// Lets the request go on: from its headers callback by returning Continue, from
+/// anywhere else by resuming it.
+fn go_on<H: Host>(done: Delivered, ctx: &Ctx<'_, H>) -> (Delivered, Action) {
+    match ctx.resume {
+        Resume::ByReturning => (done, Action::Continue),
+        Resume::ByCall => {
+            if ctx.host.resume_request().is_err() {
+                log::warn!("ibex_directive: could not resume request");
+            }
+            (done, Action::Pause)
+        }
+    }
+}
+
+fn set_debug_header<H: Host>(source: Source, ctx: &Ctx<'_, H>) {
+    if ctx.config.debug_headers {
+        let _ = ctx
+            .host
+            .set_request_header(super::DEBUG_HEADER, Some(source.as_str()));
+    }
+}

@@ -1,0 +1,124 @@
+//! L1: reading and writing an agent's entry in Envoy shared data, with the rules
+//! that keep it coherent with invalidations (see the README's "Invalidation without
+//! resurrection"):
+//! - an entry is served only while fresh and not older than the global generation
+//!   (a flush says "everything changed": nothing from before it is served, not even
+//!   as stale);
+//! - a fill writes under the CAS version it read when it started, so a tombstone
+//!   written meanwhile by the control role wins;
+//! - a key that does not exist yet is anchored with a placeholder first, because
+//!   proxy-wasm checks CAS only for keys that exist.
+//!
+//! The entry's layout is `crate::entry`; this module only decides what to read and
+//! when a write may land. It never logs directive text.
+
+use crate::entry::{self, Entry, Kind, Known};
+use crate::host::{Host, HostError};
+use crate::metrics::Counter;
+use crate::worker::{Anchor, Fill, Stale};
+use ibex_wire::Redacted;
+
+/// What L1 says about an agent.
+pub(super) enum Lookup {
+    /// A fresh answer.
+    Fresh(Known),
+    /// Nothing fresh: what the key looked like, to anchor a fill on, and an expired
+    /// entry still within the stale window, if any.
+    Miss {
+        /// The key's CAS version and the global generation, as read now.
+        anchor: Anchor,
+        /// Fallback while L2 and L3 fail.
+        stale: Option<Stale>,
+    },
+}
+
+/// Reads the agent's entry at `now_ms`.
+pub(super) fn lookup<H: Host>(host: &H, key: &str, stale_window_ms: u64) -> Lookup {
+    let generation = entry::current_generation(host);
+    let (raw, cas) = host.shared_get(key).unwrap_or((None, None));
+    let now = host.now_ms();
+    let mut stale = None;
+    if let Some(e) = raw.as_deref().and_then(Entry::decode) {
+        if e.is_fresh(now, generation) {
+            if let Some(known) = e.known() {
+                return Lookup::Fresh(known);
+            }
+        }
+        if e.is_servable_stale(now, generation, stale_window_ms) {
+            stale = e.known().map(|known| Stale {
+                known,
+                usable_until_ms: e.fresh_until_ms.saturating_add(stale_window_ms),
+            });
+        }
+    }
+    Lookup::Miss {
+        anchor: Anchor { cas, generation },
+        stale,
+    }
+}
+
+/// Makes sure the key has a CAS version a fill can be checked against: a key that
+/// does not exist gets a tombstone placeholder (it reads as a miss), so an
+/// invalidation that lands while the fill runs changes its version.
+pub(super) fn anchor<H: Host>(host: &H, key: &str, found: Anchor) -> Anchor {
+    if found.cas.is_some() {
+        return found;
+    }
+    let placeholder = Entry {
+        kind: Kind::Tombstone,
+        fresh_until_ms: 0,
+        generation: found.generation,
+        escaped: Redacted::new(""),
+    };
+    let cas = match host.shared_set(key, &placeholder.encode(), None) {
+        Ok(()) => host.shared_get(key).ok().and_then(|(_, c)| c),
+        Err(_) => None,
+    };
+    Anchor { cas, ..found }
+}
+
+/// Writes a fill's answer, fresh for `ttl_seconds`, under the CAS version read when
+/// the fill started. Returns whether it was written; a fill an invalidation
+/// overtook is discarded (`fill_discarded`).
+pub(super) fn write<H: Host>(host: &H, fill: &Fill, known: &Known, ttl_seconds: u64) -> bool {
+    let (kind, escaped) = match known {
+        Known::Directive(escaped) => (Kind::Present, escaped.expose().as_str()),
+        Known::NoDirective => (Kind::NoDirective, ""),
+    };
+    let entry = Entry {
+        kind,
+        fresh_until_ms: host
+            .now_ms()
+            .saturating_add(ttl_seconds.saturating_mul(1000)),
+        generation: fill.anchor.generation,
+        escaped: Redacted::new(escaped),
+    };
+    let raw = entry.encode();
+    match host.shared_set(&fill.key, &raw, fill.anchor.cas) {
+        Ok(()) => true,
+        Err(HostError::CasMismatch) => {
+            // Someone wrote the key since this fill started. If it is an answer from
+            // a fill that started before the last flush (older generation, not a
+            // tombstone), it is stale anyway and this newer answer may replace it.
+            // Anything else (a tombstone, or an answer as new as ours) wins.
+            if let Ok((Some(current), Some(cas))) = host.shared_get(&fill.key) {
+                let older = Entry::decode(&current).is_some_and(|e| {
+                    e.kind != Kind::Tombstone && e.generation < fill.anchor.generation
+                });
+                if older && host.shared_set(&fill.key, &raw, Some(cas)).is_ok() {
+                    return true;
+                }
+            }
+            host.count(Counter::FillDiscarded);
+            false
+        }
+        Err(e) => {
+            log::warn!(
+                "ibex_directive: agent {} shared data write failed: {:?}",
+                fill.agent,
+                e
+            );
+            false
+        }
+    }
+}

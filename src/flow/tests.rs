@@ -1,0 +1,789 @@
+//! The request flow end to end over an in-memory host: every tier, coalescing,
+//! invalidation races, breakers, stale-if-error and delivery to participants.
+
+use super::*;
+use crate::breaker::{BREAKER_COOL_OFF_MS, BREAKER_THRESHOLD};
+use crate::entry::{Entry, Kind};
+use crate::host::fake::{FakeHost, SharedData};
+use crate::worker::Tier;
+
+const AGENT: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+const INJECTED: &str = r#"{"model":"m","messages":[{"role":"system","content":"Be \"terse\"."},{"role":"user","content":"hi"}]}"#;
+const ROOT: u32 = 99;
+
+fn config(extra: &str) -> Config {
+    Config::parse(
+        format!(r#"{{"debug_headers":true{extra}}}"#).as_bytes(),
+        None,
+    )
+    .unwrap()
+}
+
+fn ok(body: &str) -> Response {
+    Response {
+        status: Some(200),
+        body: body.as_bytes().to_vec(),
+    }
+}
+
+fn redis_hit(text: &str) -> Response {
+    ok(&format!("${}\r\n{}\r\n", text.len(), text))
+}
+
+fn redis_miss() -> Response {
+    ok("$-1\r\n")
+}
+
+fn store_answer(content: Option<&str>) -> Response {
+    ok(&serde_json::json!({"agent_id": AGENT, "content": content}).to_string())
+}
+
+fn failed() -> Response {
+    Response::default()
+}
+
+/// One fake worker: its host (request contexts), its shared state, the config.
+struct W {
+    host: FakeHost,
+    worker: RefCell<Worker>,
+    config: Config,
+}
+
+impl W {
+    fn new(shared: &SharedData, config: Config) -> W {
+        let host = FakeHost::with_shared(shared.clone());
+        host.add_request(ROOT, b"");
+        W {
+            host,
+            worker: RefCell::new(Worker::default()),
+            config,
+        }
+    }
+
+    fn ctx(&self, id: u32) -> Ctx<'_, FakeHost> {
+        self.host.current.set(id);
+        Ctx::new(&self.host, &self.config, &self.worker, id)
+    }
+
+    fn ev(&self, id: u32, flow: Flow, event: Event<'_>) -> (Flow, Action) {
+        flow.on_event(event, &self.ctx(id))
+    }
+
+    fn headers_with(&self, id: u32, (head, end_of_stream): (HeadFields, bool)) -> (Flow, Action) {
+        if !self.host.requests.borrow().contains_key(&id) || id == 1 {
+            self.host.add_request(id, BODY.as_bytes());
+        }
+        let event = Event::Headers {
+            head: &head,
+            end_of_stream,
+        };
+        self.ev(id, Flow::new(), event)
+    }
+
+    fn headers(&self, id: u32) -> (Flow, Action) {
+        self.headers_with(id, head(Some(AGENT)))
+    }
+
+    /// The last callout answers, in context `id` (the one that dispatched it).
+    fn answer(&self, id: u32, flow: Flow, response: Response) -> (Flow, Action) {
+        let (token, _) = self.host.last_callout();
+        self.ev(id, flow, Event::Callout { token, response })
+    }
+
+    fn body_end(&self, id: u32, flow: Flow) -> (Flow, Action) {
+        let size = self.host.req(id).body.len();
+        self.ev(
+            id,
+            flow,
+            Event::Body {
+                size,
+                end_of_stream: true,
+            },
+        )
+    }
+
+    fn body(&self, id: u32) -> String {
+        String::from_utf8(self.host.req(id).body.clone()).unwrap()
+    }
+
+    fn tier(&self, id: u32) -> Option<String> {
+        self.host.req(id).headers.get(DEBUG_HEADER).cloned()
+    }
+
+    fn reply_status(&self, id: u32) -> Option<u16> {
+        self.host.req(id).reply.as_ref().map(|r| r.0)
+    }
+
+    /// Headers, every callout answered in order by `answers`, then the body.
+    fn run(&self, id: u32, answers: Vec<Response>) -> Flow {
+        let (mut flow, mut action) = self.headers(id);
+        for answer in answers {
+            assert_eq!(action, Action::Pause, "headers are held while a fill runs");
+            let (f, _) = self.answer(id, flow, answer);
+            flow = f;
+            action = if flow.is_waiting() {
+                Action::Pause
+            } else {
+                Action::Continue
+            };
+        }
+        if matches!(flow.state, State::Replied) {
+            return flow;
+        }
+        let (flow, action) = self.body_end(id, flow);
+        if !matches!(flow.state, State::Replied) {
+            assert_eq!(action, Action::Continue);
+        }
+        flow
+    }
+}
+
+/// Headers of a chat request with a body, and whether it ends with them.
+fn head(agent: Option<&str>) -> (HeadFields, bool) {
+    let fields = HeadFields {
+        path: Some("/v1/chat/completions".into()),
+        agent: agent.map(String::from),
+        ..Default::default()
+    };
+    (fields, false)
+}
+
+#[test]
+fn cold_agent_goes_through_every_tier_and_is_cached_in_l1_and_l2() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let flow = w.run(1, vec![redis_miss(), store_answer(Some("Be \"terse\"."))]);
+    assert!(matches!(flow.state, State::Forward));
+    assert_eq!(
+        w.host.callouts.borrow().len(),
+        2,
+        "the write-back waits for the root"
+    );
+    on_root_tick(&w.ctx(ROOT));
+    assert_eq!(w.body(1), INJECTED);
+    assert_eq!(w.tier(1).as_deref(), Some("store"));
+    assert_eq!(w.host.req(1).resumed, 1);
+    let calls = w.host.callouts.borrow().clone();
+    assert_eq!(calls.len(), 3, "L2 get, L3 get, L2 write");
+    assert_eq!(calls[0].1.cluster, "ibex_redis");
+    assert_eq!(calls[1].1.cluster, "ibex_store");
+    assert!(calls[2]
+        .1
+        .path
+        .ends_with(&format!("/2/directive:{AGENT}/directive:__flush__/60")));
+    assert_eq!(
+        calls[2].1.body.as_ref().map(|b| b.expose().as_slice()),
+        Some(&b"Be \"terse\"."[..])
+    );
+    for c in [
+        Counter::L1Miss,
+        Counter::L2Miss,
+        Counter::L3Hit,
+        Counter::L2Write,
+        Counter::Injected,
+    ] {
+        assert_eq!(w.host.counter(c), 1, "{c:?}");
+    }
+    assert!(w.worker.borrow().is_idle());
+
+    // Next request, on another worker: served from L1, no callout.
+    let w2 = W::new(&shared, config(""));
+    let flow = w2.run(1, vec![]);
+    assert!(matches!(flow.state, State::Forward));
+    assert!(w2.host.callouts.borrow().is_empty());
+    assert_eq!(w2.host.counter(Counter::L1Hit), 1);
+    assert_eq!(w2.body(1), INJECTED);
+    assert_eq!(w2.tier(1).as_deref(), Some("local"));
+}
+
+#[test]
+fn redis_hit_fills_l1_without_asking_the_store() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    w.run(1, vec![redis_hit("Be \"terse\".")]);
+    assert_eq!(w.host.callouts.borrow().len(), 1);
+    assert_eq!(w.body(1), INJECTED);
+    assert_eq!(w.tier(1).as_deref(), Some("redis"));
+    assert_eq!(w.host.counter(Counter::L2Hit), 1);
+    let e = shared.get(&format!("ibex:d:{AGENT}")).unwrap();
+    assert_eq!(Entry::decode(&e).unwrap().kind, Kind::Present);
+}
+
+#[test]
+fn agent_without_directive_is_untouched_and_cached_negatively() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let (flow, _) = w.headers(1);
+    let (flow, _) = w.answer(1, flow, redis_miss());
+    let (flow, _) = w.answer(1, flow, store_answer(None));
+    assert!(matches!(flow.state, State::Forward));
+    assert_eq!(w.host.req(1).resumed, 1);
+    assert_eq!(w.body(1), BODY);
+    on_root_tick(&w.ctx(ROOT));
+    let (_, write) = w.host.last_callout();
+    assert_eq!(write.method, "GET");
+    assert!(write
+        .path
+        .ends_with(&format!("/2/directive:{AGENT}/directive:__flush__/10/")));
+    assert_eq!(w.host.counter(Counter::NoDirective), 1);
+
+    let w2 = W::new(&shared, config(""));
+    let (flow, action) = w2.headers(1);
+    assert_eq!(action, Action::Continue);
+    assert!(matches!(flow.state, State::Forward));
+    assert!(w2.host.callouts.borrow().is_empty());
+    assert!(!w2.host.req(1).headers.contains_key("content-length"));
+}
+
+#[test]
+fn l1_expiry_sends_the_next_request_to_redis() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(r#","cache":{"ttl_seconds":1}"#));
+    w.run(1, vec![redis_hit("D")]);
+    w.host.now.set(w.host.now.get() + 1_000);
+    let (_, action) = w.headers(2);
+    assert_eq!(action, Action::Pause);
+    assert_eq!(w.host.counter(Counter::L1Miss), 2);
+    assert_eq!(w.host.last_callout().1.cluster, "ibex_redis");
+}
+
+#[test]
+fn header_problems_are_refused_or_passed() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let (flow, _) = w.headers_with(1, head(Some("agent-7")));
+    assert!(matches!(flow.state, State::Replied));
+    let (status, body) = w.host.req(1).reply.clone().unwrap();
+    assert_eq!(status, 400);
+    assert!(body.contains("invalid_agent_id"));
+
+    let (flow, action) = w.headers_with(2, head(None));
+    assert!(matches!(flow.state, State::Forward));
+    assert_eq!(action, Action::Continue);
+    assert!(w.host.req(2).reply.is_none());
+
+    let w = W::new(&shared, config(r#","agent":{"missing":"reject"}"#));
+    w.headers_with(1, head(None));
+    assert_eq!(w.reply_status(1), Some(401));
+}
+
+#[test]
+fn oversized_and_encoded_bodies_are_refused_before_any_lookup() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(r#","inject":{"max_body_bytes":100}"#));
+    let mut hd = head(Some(AGENT));
+    hd.0.content_length = Some("101".into());
+    w.headers_with(1, hd);
+    assert_eq!(w.reply_status(1), Some(413));
+    let mut hd = head(Some(AGENT));
+    hd.0.content_encoding = Some("gzip".into());
+    w.headers_with(2, hd);
+    assert_eq!(w.reply_status(2), Some(415));
+    assert!(w.host.callouts.borrow().is_empty());
+}
+
+#[test]
+fn chunked_body_over_the_limit_is_refused_while_buffering() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(r#","inject":{"max_body_bytes":100}"#));
+    w.run(1, vec![redis_hit("D")]);
+    let (flow, action) = w.headers(2);
+    assert_eq!(action, Action::Continue);
+    let (flow, action) = w.ev(
+        2,
+        flow,
+        Event::Body {
+            size: 60,
+            end_of_stream: false,
+        },
+    );
+    assert_eq!(action, Action::Pause);
+    let (flow, _) = w.ev(
+        2,
+        flow,
+        Event::Body {
+            size: 120,
+            end_of_stream: false,
+        },
+    );
+    assert!(matches!(flow.state, State::Replied));
+    assert_eq!(w.reply_status(2), Some(413));
+}
+
+#[test]
+fn failures_follow_failure_mode() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let flow = w.run(
+        1,
+        vec![
+            failed(),
+            Response {
+                status: Some(503),
+                body: vec![],
+            },
+        ],
+    );
+    assert!(matches!(flow.state, State::Replied));
+    assert_eq!(w.reply_status(1), Some(503));
+    assert_eq!(w.host.counter(Counter::RejectedDirectiveUnavailable), 1);
+    assert_eq!(w.body(1), BODY);
+
+    let w = W::new(&shared, config(r#","failure_mode":"open""#));
+    let flow = w.run(1, vec![failed(), failed()]);
+    assert!(matches!(flow.state, State::Forward));
+    assert!(w.host.req(1).reply.is_none());
+    assert_eq!(w.body(1), BODY);
+    assert_eq!(w.tier(1).as_deref(), Some("none"));
+    assert_eq!(w.host.counter(Counter::FailedOpen), 1);
+}
+
+#[test]
+fn undispatchable_clusters_count_as_tier_errors() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    w.host
+        .fail_dispatch_to
+        .borrow_mut()
+        .push("ibex_redis".into());
+    let (_, action) = w.headers(1);
+    assert_eq!(action, Action::Pause);
+    assert_eq!(w.host.counter(Counter::L2Error), 1);
+    assert_eq!(w.host.last_callout().1.cluster, "ibex_store");
+
+    let w = W::new(&shared, config(""));
+    w.host
+        .fail_dispatch_to
+        .borrow_mut()
+        .extend(["ibex_redis".into(), "ibex_store".into()]);
+    let (flow, action) = w.headers(1);
+    assert!(matches!(flow.state, State::Replied));
+    assert_eq!(action, Action::Pause);
+    assert_eq!(w.reply_status(1), Some(503));
+    assert_eq!(
+        w.host.req(1).resumed,
+        0,
+        "answered from its own headers callback"
+    );
+}
+
+#[test]
+fn expired_entry_is_served_stale_only_while_tiers_fail_and_within_the_window() {
+    let shared = SharedData::default();
+    let c = r#","cache":{"ttl_seconds":1,"stale_if_error_seconds":5}"#;
+    let w = W::new(&shared, config(c));
+    w.run(1, vec![redis_hit("Be \"terse\".")]);
+    let t0 = w.host.now.get();
+
+    w.host.now.set(t0 + 3_000);
+    w.run(2, vec![failed(), failed()]);
+    assert_eq!(w.body(2), INJECTED);
+    assert_eq!(w.tier(2).as_deref(), Some("stale"));
+    assert_eq!(w.host.counter(Counter::StaleServed), 1);
+
+    w.host.now.set(t0 + 7_000);
+    w.run(3, vec![failed(), failed()]);
+    assert_eq!(w.reply_status(3), Some(503));
+}
+
+#[test]
+fn a_fill_overtaken_by_an_invalidation_writes_neither_l1_nor_l2() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let (flow, _) = w.headers(1);
+    let (flow, _) = w.answer(1, flow, redis_miss());
+    // An invalidation lands while the store answer is in flight.
+    let r = crate::control::handle(
+        Some("POST"),
+        Some(&format!("/ibex/v1/invalidate/{AGENT}")),
+        None,
+        &w.host,
+        &w.config,
+    );
+    assert_eq!(r.status, 204);
+    w.answer(1, flow, store_answer(Some("old")));
+    assert_eq!(w.host.counter(Counter::FillDiscarded), 1);
+    // Write-backs leave on the root's tick: run it, then look.
+    on_root_tick(&w.ctx(ROOT));
+    assert_eq!(
+        w.host.counter(Counter::L2Write),
+        0,
+        "no write-back to Redis"
+    );
+    assert_eq!(
+        w.host.callouts.borrow().len(),
+        2,
+        "L2 read and L3 read only"
+    );
+    assert_eq!(w.worker.borrow().write_counts(), (0, 0));
+    let raw = shared.get(&format!("ibex:d:{AGENT}")).unwrap();
+    assert_eq!(Entry::decode(&raw).unwrap().kind, Kind::Tombstone);
+}
+
+#[test]
+fn a_fill_overtaken_by_a_flush_is_stale_at_once() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let (flow, _) = w.headers(1);
+    crate::control::invalidate_all(&w.host).unwrap();
+    w.answer(1, flow, redis_hit("old"));
+    let (_, action) = w.headers(2);
+    assert_eq!(
+        action,
+        Action::Pause,
+        "the entry written under the old generation is not fresh"
+    );
+}
+
+#[test]
+fn body_delivered_while_headers_are_held_is_spliced_when_the_answer_arrives() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let (flow, _) = w.headers(1);
+    let (flow, action) = w.body_end(1, flow);
+    assert_eq!(action, Action::Pause);
+    let (flow, _) = w.answer(1, flow, redis_hit("Be \"terse\"."));
+    assert!(matches!(flow.state, State::Forward));
+    assert_eq!(w.host.req(1).resumed, 1);
+    assert_eq!(w.body(1), INJECTED);
+}
+
+#[test]
+fn unparseable_body_for_an_agent_with_a_directive_is_refused() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let (flow, _) = w.headers(1);
+    w.host.requests.borrow_mut().get_mut(&1).unwrap().body =
+        br#"{"messages":[],"messages":[]}"#.to_vec();
+    let (flow, _) = w.answer(1, flow, redis_hit("D"));
+    let (flow, _) = w.body_end(1, flow);
+    assert!(matches!(flow.state, State::Replied));
+    let (status, body) = w.host.req(1).reply.clone().unwrap();
+    assert_eq!(status, 400);
+    assert!(body.contains("invalid_body"));
+    assert_eq!(w.host.counter(Counter::RejectedInvalidBody), 1);
+}
+
+#[test]
+fn other_paths_and_bodiless_requests_pass() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let mut hd = head(Some(AGENT));
+    hd.0.path = Some("/v1/models".into());
+    assert_eq!(w.headers_with(1, hd).1, Action::Continue);
+    let mut hd = head(Some(AGENT));
+    hd.1 = true;
+    assert_eq!(w.headers_with(2, hd).1, Action::Continue);
+    assert!(w.host.callouts.borrow().is_empty());
+    assert_eq!(w.host.counter(Counter::PassedThrough), 2);
+}
+
+#[test]
+fn write_back_outcomes_are_counted_by_the_root_after_the_request_ended() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    w.run(1, vec![redis_miss(), store_answer(Some("D"))]);
+    w.worker.borrow_mut().forget(1);
+    on_root_tick(&w.ctx(ROOT));
+    assert_eq!(w.host.counter(Counter::L2Write), 1);
+    let (token, _) = w.host.last_callout();
+    on_root_callout(token, failed(), &w.ctx(ROOT));
+    assert_eq!(w.host.counter(Counter::L2WriteError), 1);
+    assert_eq!(
+        w.worker.borrow().write_counts(),
+        (0, 0),
+        "no token left behind"
+    );
+
+    let w = W::new(&SharedData::default(), config(""));
+    w.run(1, vec![redis_miss(), store_answer(Some("D"))]);
+    on_root_tick(&w.ctx(ROOT));
+    let (token, _) = w.host.last_callout();
+    on_root_callout(token, ok(r#"{"EVAL":0}"#), &w.ctx(ROOT));
+    assert_eq!(w.host.counter(Counter::L2WriteSkipped), 1);
+    assert_eq!(w.host.counter(Counter::L2WriteError), 0);
+}
+
+#[test]
+fn a_request_after_an_invalidation_does_not_join_a_fill_from_before_it() {
+    for flush in [false, true] {
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(""));
+        let (f1, _) = w.headers(1);
+        if flush {
+            crate::control::invalidate_all(&w.host).unwrap();
+        } else {
+            let path = format!("/ibex/v1/invalidate/{AGENT}");
+            crate::control::handle(Some("POST"), Some(&path), None, &w.host, &w.config);
+        }
+        let (f2, _) = w.headers(2);
+        assert_eq!(w.host.counter(Counter::Coalesced), 0, "flush={flush}");
+        assert_eq!(w.host.callouts.borrow().len(), 2, "a fill of its own");
+        let (second, _) = w.host.last_callout();
+        // The old fill answers with the old text; the new one with the new text.
+        let (first, _) = w.host.callouts.borrow()[0].clone();
+        let (f1, _) = w.ev(
+            1,
+            f1,
+            Event::Callout {
+                token: first,
+                response: redis_hit("old"),
+            },
+        );
+        let (f2, _) = w.ev(
+            2,
+            f2,
+            Event::Callout {
+                token: second,
+                response: redis_hit("new"),
+            },
+        );
+        let (_, _) = w.body_end(1, f1);
+        let (_, _) = w.body_end(2, f2);
+        assert!(w.body(1).contains(r#""content":"old""#));
+        assert!(w.body(2).contains(r#""content":"new""#));
+        // Only the fill that started after the invalidation was cached.
+        let raw = shared.get(&format!("ibex:d:{AGENT}")).unwrap();
+        assert_eq!(*Entry::decode(&raw).unwrap().escaped.expose(), "new");
+        let (_, action) = w.headers(3);
+        assert_eq!(action, Action::Continue, "served from L1");
+    }
+}
+
+#[test]
+fn requests_without_an_invalidation_in_between_still_join() {
+    let shared = SharedData::default();
+    // An expired entry exists: the fill keeps its CAS version, joiners see it too.
+    let w = W::new(&shared, config(r#","cache":{"ttl_seconds":1}"#));
+    w.run(1, vec![redis_hit("D")]);
+    w.host.now.set(w.host.now.get() + 2_000);
+    w.headers(2);
+    w.headers(3);
+    assert_eq!(w.host.counter(Counter::Coalesced), 1);
+}
+
+#[test]
+fn concurrent_misses_for_one_agent_make_one_fill_and_all_get_its_answer() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let (f1, _) = w.headers(1);
+    let (f2, a2) = w.headers(2);
+    let (f3, a3) = w.headers(3);
+    assert_eq!((a2, a3), (Action::Pause, Action::Pause));
+    assert_eq!(
+        w.host.callouts.borrow().len(),
+        1,
+        "one L2 read for three requests"
+    );
+    assert_eq!(w.host.counter(Counter::Coalesced), 2);
+    let (f1, _) = w.answer(1, f1, redis_miss());
+    assert_eq!(w.host.callouts.borrow().len(), 2, "one L3 read");
+    let (f1, _) = w.answer(1, f1, store_answer(Some("Be \"terse\".")));
+    for id in [1, 2, 3] {
+        assert_eq!(w.host.req(id).resumed, 1, "request {id} resumed");
+        assert_eq!(w.tier(id).as_deref(), Some("store"));
+    }
+    for (id, flow) in [(1, f1), (2, f2), (3, f3)] {
+        let (flow, action) = w.body_end(id, flow);
+        assert_eq!(action, Action::Continue);
+        assert!(matches!(flow.state, State::Forward));
+        assert_eq!(w.body(id), INJECTED);
+    }
+    assert_eq!(w.host.counter(Counter::Injected), 3);
+    assert_eq!(w.host.current.get(), 3);
+    assert!(w.worker.borrow().is_idle());
+}
+
+#[test]
+fn coalesced_requests_share_a_failure() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let (f1, _) = w.headers(1);
+    let (_f2, _) = w.headers(2);
+    let (f1, _) = w.answer(1, f1, failed());
+    w.answer(1, f1, failed());
+    assert_eq!(w.reply_status(1), Some(503));
+    assert_eq!(w.reply_status(2), Some(503));
+    assert_eq!(w.host.counter(Counter::RejectedDirectiveUnavailable), 2);
+}
+
+#[test]
+fn a_waiter_is_not_stranded_when_the_fill_owner_goes_away() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let (_f1, _) = w.headers(1);
+    let (f2, _) = w.headers(2);
+    // Client 1 disconnects: its context is gone, and with it the routing of the
+    // callout answer (the SDK drops answers for unknown contexts).
+    w.worker.borrow_mut().forget(1);
+    w.host.requests.borrow_mut().remove(&1);
+    assert_eq!(w.worker.borrow().fill_counts(), (1, 1));
+    on_root_tick(&w.ctx(ROOT));
+    assert_eq!(w.host.callouts.borrow().len(), 2, "the root asked again");
+    let (token, _) = w.host.last_callout();
+    on_root_callout(token, redis_hit("Be \"terse\"."), &w.ctx(ROOT));
+    assert_eq!(w.host.req(2).resumed, 1);
+    let (f2, _) = w.body_end(2, f2);
+    assert!(matches!(f2.state, State::Forward));
+    assert_eq!(w.body(2), INJECTED);
+    assert!(w.worker.borrow().is_idle());
+}
+
+#[test]
+fn a_fill_nobody_waits_for_is_dropped() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    w.headers(1);
+    w.worker.borrow_mut().forget(1);
+    assert!(w.worker.borrow().is_idle());
+}
+
+#[test]
+fn a_waiter_with_a_too_large_body_leaves_the_fill_for_the_others() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(r#","inject":{"max_body_bytes":100}"#));
+    let (f1, _) = w.headers(1);
+    let (f2, _) = w.headers(2);
+    let (_f2, _) = w.ev(
+        2,
+        f2,
+        Event::Body {
+            size: 500,
+            end_of_stream: false,
+        },
+    );
+    assert_eq!(w.reply_status(2), Some(413));
+    let (f1, _) = w.answer(1, f1, redis_hit("Be \"terse\"."));
+    assert_eq!(w.host.req(2).resumed, 0, "a refused request is not resumed");
+    let (f1, _) = w.body_end(1, f1);
+    assert!(matches!(f1.state, State::Forward));
+}
+
+#[test]
+fn redis_breaker_opens_skips_l2_then_probes() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    for i in 0..BREAKER_THRESHOLD {
+        let agent = format!("00000000-0000-4000-8000-{:012}", i);
+        let agent: &'static str = Box::leak(agent.into_boxed_str());
+        let (f, _) = w.headers_with(10 + i, head(Some(agent)));
+        let (f, _) = w.answer(10 + i, f, failed());
+        let store = ok(&serde_json::json!({"agent_id": agent, "content": null}).to_string());
+        w.answer(10 + i, f, store);
+    }
+    assert_eq!(w.host.counter(Counter::L2BreakerOpen), 1);
+    let before = w.host.callouts.borrow().len();
+    let (f, _) = w.headers(1);
+    assert_eq!(w.host.counter(Counter::L2Skipped), 1);
+    assert_eq!(
+        w.host.last_callout().1.cluster,
+        "ibex_store",
+        "straight to L3"
+    );
+    assert_eq!(w.host.callouts.borrow().len(), before + 1);
+    w.answer(1, f, store_answer(Some("D")));
+
+    w.host.now.set(w.host.now.get() + BREAKER_COOL_OFF_MS);
+    let (f, _) = w.headers_with(2, head(Some("00000000-0000-4000-8000-0000000000ff")));
+    assert_eq!(
+        w.host.last_callout().1.cluster,
+        "ibex_redis",
+        "one probe after the cool-off"
+    );
+    w.answer(2, f, redis_hit("D"));
+    assert_eq!(w.host.counter(Counter::L2BreakerClose), 1);
+}
+
+#[test]
+fn write_backs_are_not_sent_while_the_redis_breaker_is_open() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    w.run(1, vec![redis_miss(), store_answer(Some("D"))]);
+    for _ in 0..BREAKER_THRESHOLD {
+        w.worker
+            .borrow_mut()
+            .breaker(Tier::Redis)
+            .failure(w.host.now.get());
+    }
+    let before = w.host.callouts.borrow().len();
+    on_root_tick(&w.ctx(ROOT));
+    assert_eq!(w.host.callouts.borrow().len(), before);
+    assert_eq!(w.host.counter(Counter::L2WriteDropped), 1);
+    assert_eq!(w.worker.borrow().write_counts(), (0, 0));
+}
+
+#[test]
+fn store_breaker_open_fails_fast_without_a_callout() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    for _ in 0..BREAKER_THRESHOLD {
+        w.worker
+            .borrow_mut()
+            .breaker(Tier::Store)
+            .failure(w.host.now.get());
+    }
+    w.host
+        .fail_dispatch_to
+        .borrow_mut()
+        .push("ibex_redis".into());
+    let (flow, _) = w.headers(1);
+    assert!(matches!(flow.state, State::Replied));
+    assert_eq!(w.reply_status(1), Some(503));
+    assert!(w.host.callouts.borrow().is_empty());
+    assert_eq!(w.host.counter(Counter::L3Skipped), 1);
+}
+
+#[test]
+fn the_stale_window_is_checked_again_when_the_fill_ends() {
+    let shared = SharedData::default();
+    let c = r#","cache":{"ttl_seconds":1,"stale_if_error_seconds":5}"#;
+    let w = W::new(&shared, config(c));
+    w.run(1, vec![redis_hit("Be \"terse\".")]);
+    let t0 = w.host.now.get();
+    // Expired, inside the stale window when the fill starts (it ends at t0 + 6 s) ...
+    w.host.now.set(t0 + 3_000);
+    let (flow, _) = w.headers(2);
+    let (flow, _) = w.answer(2, flow, failed());
+    // ... but the window has closed by the time both tiers have failed.
+    w.host.now.set(t0 + 6_000);
+    let (flow, _) = w.answer(2, flow, failed());
+    assert!(matches!(flow.state, State::Replied));
+    assert_eq!(w.reply_status(2), Some(503));
+    assert_eq!(w.host.counter(Counter::StaleServed), 0);
+    assert_eq!(
+        w.body(2),
+        BODY,
+        "never forwarded with the stale text either"
+    );
+}
+
+#[test]
+fn a_flush_makes_every_earlier_entry_unservable_even_as_stale() {
+    // SPEC §4: a flush says "everything changed", so nothing read before it is
+    // served again: not fresh, and not as a stale fallback while the tiers fail.
+    let shared = SharedData::default();
+    let c = r#","cache":{"ttl_seconds":10,"stale_if_error_seconds":300}"#;
+    let w = W::new(&shared, config(c));
+    w.run(1, vec![redis_hit("old")]);
+    crate::control::invalidate_all(&w.host).unwrap();
+
+    let (flow, action) = w.headers(2);
+    assert_eq!(action, Action::Pause, "a fresh pre-flush entry is a miss");
+    assert_eq!(w.host.counter(Counter::L1Hit), 0);
+    let (flow, _) = w.answer(2, flow, failed());
+    let (flow, _) = w.answer(2, flow, failed());
+    assert!(matches!(flow.state, State::Replied), "not served stale");
+    assert_eq!(w.reply_status(2), Some(503));
+
+    w.host.now.set(w.host.now.get() + 20_000);
+    let (flow, _) = w.headers(3);
+    let (flow, _) = w.answer(3, flow, failed());
+    w.answer(3, flow, failed());
+    assert_eq!(
+        w.reply_status(3),
+        Some(503),
+        "expired pre-flush entry: not stale"
+    );
+    assert_eq!(w.host.counter(Counter::StaleServed), 0);
+}
