@@ -1,0 +1,82 @@
+//! The POSTs to every Envoy control listener (`/ibex/v1/invalidate[/{agent}]`,
+//! paths from `ibex-wire`), each retried per the policy, concurrently across
+//! listeners, and counted as sent or failed.
+//!
+//! The bearer token goes into the `authorization` header and nowhere else: never
+//! into a log line, an error or a `Debug` (it stays [`Redacted`]).
+
+use axum::http::{header, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use ibex_wire::Redacted;
+use std::time::Duration;
+
+use super::retry::{with_retry, Attempt, RetryPolicy};
+use super::{SubscribeConfig, SubscribeMetrics};
+
+/// A pooled HTTP/1 client for the control listeners. Cheap to clone.
+#[derive(Clone)]
+pub(super) struct ControlClient {
+    http: HttpClient<HttpConnector, Empty<Bytes>>,
+    urls: Vec<String>,
+    token: Option<Redacted<String>>,
+    request_timeout: Duration,
+    retry: RetryPolicy,
+}
+
+impl ControlClient {
+    /// A client for the control URLs, token and timeouts of `config`.
+    pub(super) fn new(config: &SubscribeConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.request_timeout));
+        Self {
+            http: HttpClient::builder(TokioExecutor::new()).build(connector),
+            urls: config.control_urls.clone(),
+            token: config.control_token.clone(),
+            request_timeout: config.request_timeout,
+            retry: config.retry,
+        }
+    }
+
+    /// POSTs `path` to every control URL concurrently, each with retries.
+    pub(super) async fn post_all(&self, path: &str, metrics: &SubscribeMetrics) {
+        let posts = self.urls.iter().map(|base| async move {
+            let url = format!("{base}{path}");
+            if with_retry(self.retry, &url, || self.post_once(&url)).await {
+                metrics.invalidations_sent.inc();
+            } else {
+                metrics.invalidation_failures.inc();
+            }
+        });
+        futures_util::future::join_all(posts).await;
+    }
+
+    async fn post_once(&self, url: &str) -> Result<(), Attempt> {
+        let mut req = hyper::Request::post(url).header(header::CONTENT_LENGTH, "0");
+        if let Some(token) = &self.token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {}", token.expose()));
+        }
+        let req = req
+            .body(Empty::new())
+            .map_err(|_| Attempt::Permanent("cannot build request".into()))?;
+        let resp = tokio::time::timeout(self.request_timeout, self.http.request(req))
+            .await
+            .map_err(|_| Attempt::Transient("timeout".into()))?
+            .map_err(|e| Attempt::Transient(format!("request failed: {e}")))?;
+        let status = resp.status();
+        if status.is_success() {
+            Ok(())
+        } else if status.is_client_error()
+            && status != StatusCode::REQUEST_TIMEOUT
+            && status != StatusCode::TOO_MANY_REQUESTS
+        {
+            Err(Attempt::Permanent(format!("status {status}")))
+        } else {
+            Err(Attempt::Transient(format!("status {status}")))
+        }
+    }
+}
