@@ -1,14 +1,15 @@
 //! Command-line interface: every flag can also come from the environment.
 //!
 //! Values that may hold secrets (database and Redis URLs, the control token)
-//! are hidden from `--help` output, and the argument structs that hold secrets
-//! or content have hand-written `Debug` impls that redact them.
+//! are hidden from `--help` output, and those values and directive text are
+//! parsed straight into [`Redacted`], so a `Debug` of any argument struct shows
+//! their length only.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use ibex_wire::Redacted;
 use uuid::Uuid;
 
 /// Companion of the ibex-directive Envoy filter.
@@ -46,7 +47,7 @@ pub struct DatabaseArgs {
 }
 
 /// Redis connection.
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Debug)]
 pub struct RedisArgs {
     /// Redis URL, e.g. redis://127.0.0.1:6379.
     #[arg(
@@ -55,7 +56,7 @@ pub struct RedisArgs {
         default_value = "redis://127.0.0.1:6379",
         hide_env_values = true
     )]
-    pub redis_url: String,
+    pub redis_url: Redacted<String>,
 }
 
 /// `migrate` arguments.
@@ -95,13 +96,13 @@ pub struct StoreArgs {
 }
 
 /// Where `set-directive` reads the text from.
-#[derive(Args)]
+#[derive(Args, Debug)]
 #[command(group(ArgGroup::new("source").required(true).args(["content", "content_file", "content_stdin"])))]
 pub struct ContentSource {
     /// The directive text itself (visible in the process list: prefer a file
     /// or stdin for anything sensitive).
     #[arg(long)]
-    pub content: Option<String>,
+    pub content: Option<Redacted<String>>,
     /// Read the directive text from this UTF-8 file, byte for byte.
     #[arg(long)]
     pub content_file: Option<PathBuf>,
@@ -116,7 +117,7 @@ impl ContentSource {
     pub fn read(&self) -> crate::Result<crate::DirectiveText> {
         use std::io::Read;
         let text = if let Some(text) = &self.content {
-            text.clone()
+            text.expose().clone()
         } else if let Some(path) = &self.content_file {
             std::fs::read_to_string(path).map_err(|e| {
                 crate::Error::InvalidInput(format!("cannot read {}: {e}", path.display()))
@@ -129,16 +130,6 @@ impl ContentSource {
             text
         };
         Ok(crate::DirectiveText::new(text))
-    }
-}
-
-impl fmt::Debug for ContentSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ContentSource")
-            .field("content", &self.content.as_ref().map(|_| "<redacted>"))
-            .field("content_file", &self.content_file)
-            .field("content_stdin", &self.content_stdin)
-            .finish()
     }
 }
 
@@ -155,6 +146,26 @@ pub struct SetDirectiveArgs {
     /// 00000000-0000-4000-8000-000000000001).
     #[arg(long, env = "IBEX_ORG_ID")]
     pub org_id: Option<Uuid>,
+    /// Where the change is written and published.
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// `clear-directive` arguments.
+#[derive(Args)]
+pub struct ClearDirectiveArgs {
+    /// Agent whose directive is deactivated.
+    #[arg(long, env = "IBEX_AGENT_ID")]
+    pub agent_id: Uuid,
+    /// Where the change is written and published.
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// Where a directive change is written (Postgres) and its update published
+/// (Redis): the flags `set-directive` and `clear-directive` share.
+#[derive(Args)]
+pub struct ChangeArgs {
     /// Do not publish the update to Redis.
     #[arg(long)]
     pub no_publish: bool,
@@ -166,21 +177,11 @@ pub struct SetDirectiveArgs {
     pub redis: RedisArgs,
 }
 
-/// `clear-directive` arguments.
-#[derive(Args)]
-pub struct ClearDirectiveArgs {
-    /// Agent whose directive is deactivated.
-    #[arg(long, env = "IBEX_AGENT_ID")]
-    pub agent_id: Uuid,
-    /// Do not publish the update to Redis.
-    #[arg(long)]
-    pub no_publish: bool,
-    /// Postgres connection.
-    #[command(flatten)]
-    pub db: DatabaseArgs,
-    /// Redis connection (for the publish).
-    #[command(flatten)]
-    pub redis: RedisArgs,
+impl ChangeArgs {
+    /// The Redis URL the update is published on, or `None` with `--no-publish`.
+    pub fn publish_url(&self) -> Option<&str> {
+        (!self.no_publish).then_some(self.redis.redis_url.expose().as_str())
+    }
 }
 
 /// `flush` arguments.
@@ -192,7 +193,7 @@ pub struct FlushArgs {
 }
 
 /// `subscribe` arguments.
-#[derive(Args)]
+#[derive(Args, Debug)]
 pub struct SubscribeArgs {
     /// Redis connection (pub/sub and key deletes).
     #[command(flatten)]
@@ -207,7 +208,7 @@ pub struct SubscribeArgs {
     pub control_urls: Vec<String>,
     /// Bearer token the control listeners require.
     #[arg(long, env = "IBEX_CONTROL_TOKEN", hide_env_values = true)]
-    pub control_token: Option<String>,
+    pub control_token: Option<Redacted<String>>,
     /// Address of the subscriber's /healthz, /readyz and /metrics server.
     #[arg(long, env = "IBEX_SUBSCRIBE_LISTEN", default_value = "127.0.0.1:8082")]
     pub listen: SocketAddr,
@@ -245,20 +246,6 @@ pub struct SubscribeArgs {
     /// Interval of the liveness PING on the subscription, in milliseconds.
     #[arg(long, env = "IBEX_SUBSCRIBE_PING_INTERVAL_MS", default_value_t = 5000)]
     pub ping_interval_ms: u64,
-}
-
-impl fmt::Debug for SubscribeArgs {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SubscribeArgs")
-            .field("control_urls", &self.control_urls)
-            .field(
-                "control_token",
-                &self.control_token.as_ref().map(|_| "<redacted>"),
-            )
-            .field("listen", &self.listen)
-            .field("key_prefix", &self.key_prefix)
-            .finish_non_exhaustive()
-    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use clap::Parser;
 use ibex_companion::admin::{self, AdminError};
 use ibex_companion::cli::{Cli, Command};
 use ibex_companion::{db, migrate, shutdown, store, subscribe, telemetry, Error};
+use ibex_wire::Redacted;
 
 /// Exit code when Postgres was changed but the invalidation was not published.
 const EXIT_PUBLISH_FAILED: u8 = 3;
@@ -64,10 +65,9 @@ async fn run(command: Command) -> Result<(), AdminError> {
         }
         Command::SetDirective(args) => {
             let content = args.source.read()?;
-            let redis = (!args.no_publish).then_some(args.redis.redis_url.as_str());
             let outcome = admin::set_directive(
-                &args.db.database_url,
-                redis,
+                &args.change.db.database_url,
+                args.change.publish_url(),
                 args.agent_id,
                 args.org_id.unwrap_or(admin::DEMO_ORG_ID),
                 &content,
@@ -76,18 +76,22 @@ async fn run(command: Command) -> Result<(), AdminError> {
             println!("{}", outcome.version_id);
         }
         Command::ClearDirective(args) => {
-            let redis = (!args.no_publish).then_some(args.redis.redis_url.as_str());
-            let n = admin::clear_directive(&args.db.database_url, redis, args.agent_id).await?;
+            let n = admin::clear_directive(
+                &args.change.db.database_url,
+                args.change.publish_url(),
+                args.agent_id,
+            )
+            .await?;
             println!("{n}");
         }
         Command::Flush(args) => {
-            admin::publish(&args.redis.redis_url, ibex_wire::FLUSH_CHANNEL).await?;
+            admin::publish(args.redis.redis_url.expose(), ibex_wire::FLUSH_CHANNEL).await?;
         }
         Command::Subscribe(args) => {
             let mut config = subscribe::SubscribeConfig::new(
-                args.redis.redis_url,
+                args.redis.redis_url.into_inner(),
                 args.control_urls,
-                args.control_token,
+                args.control_token.map(Redacted::into_inner),
                 args.key_prefix,
             )?;
             config.retry = subscribe::RetryPolicy {

@@ -1,48 +1,44 @@
 //! The one type that carries directive text through the companion.
 //!
 //! It exists so that content can never reach a log line by accident: it has no
-//! `Display`, its `Debug` prints only the length, and the only way to read the
-//! text is the explicit [`DirectiveText::expose`].
+//! `Display`, its `Debug` prints only the length (it is an
+//! [`ibex_wire::Redacted`]), and the only way to read the text is the explicit
+//! [`DirectiveText::expose`].
 
-use std::fmt;
 use std::sync::Arc;
 
+use ibex_wire::Redacted;
+
 /// Directive content (a system prompt). Cheap to clone; redacted in `Debug`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DirectiveText(Arc<str>);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectiveText(Redacted<Arc<str>>);
 
 impl DirectiveText {
     /// Wraps text read from Postgres or from an operator.
     pub fn new(text: impl Into<Arc<str>>) -> Self {
-        Self(text.into())
+        Self(Redacted::new(text.into()))
     }
 
     /// The raw text. Callers must send it only to Postgres or to an HTTP
     /// response body, never to a logger.
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose()
     }
 
     /// Length in bytes; safe to log.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.expose().len()
     }
 
     /// True for the empty string.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for DirectiveText {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DirectiveText(<redacted {} bytes>)", self.0.len())
+        self.expose().is_empty()
     }
 }
 
 impl serde::Serialize for DirectiveText {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
+        s.serialize_str(self.expose())
     }
 }
 
