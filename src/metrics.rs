@@ -54,7 +54,8 @@ counters! {
     Invalidations => "invalidations", "Invalidations applied by the control role.";
     RejectedInvalidAgentId => "rejected.invalid_agent_id", "400: agent header not a UUID.";
     RejectedMissingAgentId => "rejected.missing_agent_id", "401: agent header missing.";
-    RejectedInvalidBody => "rejected.invalid_body", "400: body malformed or ambiguous.";
+    RejectedUnsupportedPath => "rejected.unsupported_path", "404: a body on a path that is no format and not passed, or that cannot be read with certainty.";
+    RejectedInvalidBody => "rejected.invalid_body", "400: body malformed or ambiguous, or ended in trailers while a directive was due.";
     RejectedBodyTooLarge => "rejected.body_too_large", "413: body over inject.max_body_bytes.";
     RejectedUnsupportedEncoding => "rejected.unsupported_encoding", "415: content-encoding not identity.";
     RejectedDirectiveUnavailable => "rejected.directive_unavailable", "503: directive unknowable, failure_mode closed.";

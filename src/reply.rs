@@ -11,8 +11,15 @@ pub enum Refusal {
     InvalidAgentId,
     /// Agent header missing and `agent.missing = "reject"`.
     MissingAgentId,
+    /// A body on a path that is no injection format and not in `inject.pass_paths`
+    /// (with `inject.other_paths = "refuse"`), or on a path that cannot be read with
+    /// certainty (an invalid or double escape, a dot segment, a control byte).
+    UnsupportedPath,
     /// Body malformed, ambiguous or of the wrong shape.
     InvalidBody(BodyError),
+    /// The body ended in trailers while a directive was due: it cannot be spliced
+    /// from the trailers callback, and must not be released unspliced.
+    RequestTrailers,
     /// Body over `inject.max_body_bytes`.
     BodyTooLarge,
     /// A `content-encoding` the filter cannot read.
@@ -25,8 +32,9 @@ impl Refusal {
     /// HTTP status.
     pub fn status(&self) -> u16 {
         match self {
-            Refusal::InvalidAgentId | Refusal::InvalidBody(_) => 400,
+            Refusal::InvalidAgentId | Refusal::InvalidBody(_) | Refusal::RequestTrailers => 400,
             Refusal::MissingAgentId => 401,
+            Refusal::UnsupportedPath => 404,
             Refusal::BodyTooLarge => 413,
             Refusal::UnsupportedEncoding => 415,
             Refusal::DirectiveUnavailable => 503,
@@ -38,7 +46,8 @@ impl Refusal {
         match self {
             Refusal::InvalidAgentId => "invalid_agent_id",
             Refusal::MissingAgentId => "missing_agent_id",
-            Refusal::InvalidBody(_) => "invalid_body",
+            Refusal::UnsupportedPath => "unsupported_path",
+            Refusal::InvalidBody(_) | Refusal::RequestTrailers => "invalid_body",
             Refusal::BodyTooLarge => "body_too_large",
             Refusal::UnsupportedEncoding => "unsupported_encoding",
             Refusal::DirectiveUnavailable => "directive_unavailable",
@@ -50,7 +59,8 @@ impl Refusal {
         match self {
             Refusal::InvalidAgentId => Counter::RejectedInvalidAgentId,
             Refusal::MissingAgentId => Counter::RejectedMissingAgentId,
-            Refusal::InvalidBody(_) => Counter::RejectedInvalidBody,
+            Refusal::UnsupportedPath => Counter::RejectedUnsupportedPath,
+            Refusal::InvalidBody(_) | Refusal::RequestTrailers => Counter::RejectedInvalidBody,
             Refusal::BodyTooLarge => Counter::RejectedBodyTooLarge,
             Refusal::UnsupportedEncoding => Counter::RejectedUnsupportedEncoding,
             Refusal::DirectiveUnavailable => Counter::RejectedDirectiveUnavailable,
@@ -69,7 +79,15 @@ impl Refusal {
         match self {
             Refusal::InvalidAgentId => format!("header {agent_header} must be a UUID"),
             Refusal::MissingAgentId => format!("header {agent_header} is required"),
+            // Never the path itself: it is the client's text, and a reflected path
+            // is one more place for escapes and markup to go wrong.
+            Refusal::UnsupportedPath => {
+                "this gateway does not forward a request body on this path".into()
+            }
             Refusal::InvalidBody(e) => e.to_string(),
+            Refusal::RequestTrailers => {
+                "a request with trailers cannot carry a directive on this path".into()
+            }
             Refusal::BodyTooLarge => "request body is larger than this gateway accepts".into(),
             Refusal::UnsupportedEncoding => {
                 "request body must not be compressed (content-encoding must be identity)".into()
@@ -101,6 +119,8 @@ mod tests {
                 400,
                 "invalid_body",
             ),
+            (Refusal::UnsupportedPath, 404, "unsupported_path"),
+            (Refusal::RequestTrailers, 400, "invalid_body"),
             (Refusal::BodyTooLarge, 413, "body_too_large"),
             (Refusal::UnsupportedEncoding, 415, "unsupported_encoding"),
             (Refusal::DirectiveUnavailable, 503, "directive_unavailable"),
@@ -112,5 +132,25 @@ mod tests {
             assert!(v["error"]["type"].is_string());
             assert!(v["error"]["message"].is_string());
         }
+    }
+
+    #[test]
+    fn new_refusals_move_their_counters_and_say_why() {
+        assert_eq!(
+            Refusal::UnsupportedPath.counter(),
+            Counter::RejectedUnsupportedPath
+        );
+        assert_eq!(
+            Refusal::RequestTrailers.counter(),
+            Counter::RejectedInvalidBody
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&Refusal::RequestTrailers.body("x-agent-id")).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("trailers"));
+        let v: serde_json::Value =
+            serde_json::from_str(&Refusal::UnsupportedPath.body("x-agent-id")).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(!v["error"]["message"].as_str().unwrap().contains('/'));
     }
 }
