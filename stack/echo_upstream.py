@@ -459,10 +459,17 @@ class EchoHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = handle_any
 
 
+class EchoServer(ThreadingHTTPServer):
+    # Connections Envoy opens at once wait in the listen backlog: the standard
+    # library's 5 would drop the rest (Envoy's 0.25 s connect timeout, then 503)
+    # when many requests are released together (tests/test_coalescing.py).
+    request_queue_size = 1024
+
+
 def make_server(host, port, quiet=False, keep=KEEP):
     """A ready-to-serve echo server bound to host:port, remembering `keep` requests."""
     handler = type("Handler", (EchoHandler,), {"recorder": Recorder(keep), "faults": Faults()})
-    server = ThreadingHTTPServer((host, port), handler)
+    server = EchoServer((host, port), handler)
     server.daemon_threads = True
     server.quiet = quiet
     return server
