@@ -22,6 +22,7 @@ pub mod host;
 pub mod inject;
 pub mod json;
 pub mod metrics;
+pub mod path;
 pub mod reply;
 pub mod tiers;
 pub mod worker;

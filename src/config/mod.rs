@@ -9,7 +9,9 @@
 //!
 //! This file holds the types, every default and [`Config::parse`], which reads the
 //! document section by section; the JSON reader it uses (a field at a time, unknown
-//! fields refused, the checks of names and the `inject.paths` table) is `read`.
+//! fields refused, the checks of names) is `read`, and the path policy
+//! (`inject.paths`, `inject.pass_paths`, `inject.other_paths`: their defaults, how
+//! they are read and how a request path is matched) is `paths`.
 //!
 //! This module must never touch proxy-wasm: it is unit-tested natively.
 
@@ -18,9 +20,11 @@ use serde_json::{Map, Value};
 use std::fmt;
 
 use crate::escape::escape_json_str;
-use crate::inject::{strip_query, Format};
 
+mod paths;
 mod read;
+
+pub use paths::{OtherPaths, PathPolicy, Route, DEFAULT_FORMAT_PATHS, DEFAULT_PASS_PATHS};
 
 use read::{choice, err, header_name, key_prefix, plain_token, Section};
 
@@ -108,8 +112,9 @@ pub struct Config {
     pub inject_role: String,
     /// `inject.max_body_bytes`: larger request bodies are refused with 413.
     pub max_body_bytes: u64,
-    /// `inject.paths`: path suffix → request format, longest suffix first.
-    pub paths: Vec<(String, Format)>,
+    /// `inject.paths`, `inject.pass_paths` and `inject.other_paths`, normalised:
+    /// which paths get a directive, which pass untouched, what any other gets.
+    pub paths: PathPolicy,
     /// `failure_mode`.
     pub failure_mode: FailureMode,
     /// `control.token`: bearer token the control role requires, if any.
@@ -148,13 +153,10 @@ const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
 const MAX_TIMEOUT_MS: u64 = 60_000;
 
 impl Config {
-    /// The request format served at `path` (query string ignored), if any.
-    pub fn format_for(&self, path: &str) -> Option<Format> {
-        let path = strip_query(path);
-        self.paths
-            .iter()
-            .find(|(suffix, _)| path.ends_with(suffix.as_str()))
-            .map(|(_, f)| *f)
+    /// What the request path `raw` (`:path`, query included) is for this
+    /// configuration: normalised as the upstream will route it, then matched.
+    pub fn route(&self, raw: &str) -> Route {
+        self.paths.route(raw)
     }
 
     /// Parses the plugin configuration. `raw` is the `configuration` string (empty
@@ -245,7 +247,7 @@ impl Config {
             &[("system", ()), ("developer", ())],
         )?;
         let max_body_bytes = inject.integer("max_body_bytes", 1_048_576, 1, 64 * 1_048_576)?;
-        let paths = inject.paths()?;
+        let paths = paths::read(&mut inject)?;
         inject.finish()?;
 
         let failure_mode = choice(
@@ -297,6 +299,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inject::Format;
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::parse(s.as_bytes(), None)
@@ -449,45 +452,185 @@ mod tests {
     }
 
     #[test]
-    fn paths_map_to_formats_ignoring_the_query() {
+    fn paths_map_to_formats_as_the_upstream_routes_them() {
         let c = parse("{}").unwrap();
+        let chat = Route::Inject(Format::OpenAiChat);
+        for raw in [
+            "/v1/chat/completions",
+            "/openai/deployments/x/chat/completions?api-version=1",
+            "/v1/chat/completions/",
+            "/V1/Chat/Completions;x",
+        ] {
+            assert_eq!(c.route(raw), chat, "{raw}");
+        }
+        let responses = Route::Inject(Format::OpenAiResponses);
+        assert_eq!(c.route("/v1/responses"), responses);
+        assert_eq!(c.route("/v1/responses/input_tokens"), responses);
+        let messages = Route::Inject(Format::AnthropicMessages);
+        assert_eq!(c.route("/v1/messages?beta=true"), messages);
+        assert_eq!(c.route("/anthropic/v1/messages"), messages);
+        assert_eq!(c.route("/v1/messages/count_tokens"), messages);
+        assert_eq!(c.route("/v1/threads/t/messages"), Route::Other);
+        assert_eq!(c.route("/v1/messages/batches"), Route::Other);
+        assert_eq!(c.route("/v1/xchat/completions"), Route::Other);
+        assert_eq!(c.route("/v1/chat/completions/x"), Route::Other);
+        assert_eq!(c.route("/v1/x?p=/chat/completions"), Route::Other);
         assert_eq!(
-            c.format_for("/v1/chat/completions"),
-            Some(Format::OpenAiChat)
+            c.route("/v1/chat/completion%2573"),
+            Route::Unclear(crate::path::Unclear::EscapedPercent)
         );
-        assert_eq!(
-            c.format_for("/openai/deployments/x/chat/completions?api-version=1"),
-            Some(Format::OpenAiChat)
-        );
-        assert_eq!(c.format_for("/v1/responses"), Some(Format::OpenAiResponses));
-        assert_eq!(
-            c.format_for("/v1/messages?beta=true"),
-            Some(Format::AnthropicMessages)
-        );
-        assert_eq!(c.format_for("/v1/chat/completions/"), None);
-        assert_eq!(c.format_for("/v1/models"), None);
-        assert_eq!(c.format_for("/v1/x?p=/chat/completions"), None);
+    }
 
+    #[test]
+    fn pass_paths_match_by_suffix_and_not_their_sub_paths() {
+        let c = parse("{}").unwrap();
+        assert_eq!(c.paths.pass, ["/models", "/embeddings", "/moderations"]);
+        assert_eq!(c.paths.other, OtherPaths::Refuse);
+        for raw in [
+            "/v1/models",
+            "/v1/embeddings",
+            "/openai/deployments/d/embeddings?api-version=1",
+            "/v1/moderations/",
+            "/api/embeddings",
+            "/models",
+        ] {
+            assert_eq!(c.route(raw), Route::Pass, "{raw}");
+        }
+        for raw in [
+            "/v1/models/gpt-4o",
+            "/v1beta/models/gemini-pro:generateContent",
+            "/v1/models/o/m/predictions",
+            "/v1/embeddingsx",
+            "/v1/xmodels",
+        ] {
+            assert_eq!(c.route(raw), Route::Other, "{raw}");
+        }
+        assert_eq!(
+            c.route("/v1/models/x/chat/completions"),
+            Route::Inject(Format::OpenAiChat),
+            "an injection path wins over a pass path"
+        );
+    }
+
+    #[test]
+    fn configured_paths_replace_the_defaults_and_are_normalised() {
         let c = parse(
-            r#"{"inject":{"paths":{"/generate":"openai_chat","/chat/completions":"openai_chat"}}}"#,
+            r#"{"inject":{"paths":{"/Generate/":"openai_chat","/v2/chat%2Fcompletions":"openai_responses","/chat/completions":"openai_chat"},
+            "pass_paths":["/Tokenize//", "/detokenize;x"],"other_paths":"pass"}}"#,
         )
         .unwrap();
-        assert_eq!(c.format_for("/v1/generate"), Some(Format::OpenAiChat));
         assert_eq!(
-            c.format_for("/v1/messages"),
-            None,
+            c.paths.formats,
+            [
+                ("/v2/chat/completions".to_string(), Format::OpenAiResponses),
+                ("/chat/completions".to_string(), Format::OpenAiChat),
+                ("/generate".to_string(), Format::OpenAiChat),
+            ],
+            "normalised, longest first"
+        );
+        assert_eq!(c.route("/v1/GENERATE"), Route::Inject(Format::OpenAiChat));
+        assert_eq!(
+            c.route("/v2/chat/completions"),
+            Route::Inject(Format::OpenAiResponses)
+        );
+        assert_eq!(
+            c.route("/v1/messages"),
+            Route::Other,
             "a configured mapping replaces the defaults"
         );
-        for (raw, field) in [
-            (r#"{"inject":{"paths":{"/x":"soap"}}}"#, "inject.paths./x"),
+        assert_eq!(c.paths.pass, ["/tokenize", "/detokenize"]);
+        assert_eq!(c.route("/v1/models"), Route::Other, "and pass_paths too");
+        assert_eq!(c.route("/tokenize"), Route::Pass);
+        assert_eq!(c.paths.other, OtherPaths::Pass);
+
+        let c = parse(r#"{"inject":{"paths":{},"pass_paths":[]}}"#).unwrap();
+        assert!(c.paths.formats.is_empty() && c.paths.pass.is_empty());
+        assert_eq!(c.route("/v1/chat/completions"), Route::Other);
+    }
+
+    #[test]
+    fn bad_path_fields_are_refused_by_name() {
+        for (raw, field, reason) in [
+            (
+                r#"{"inject":{"paths":{"/x":"soap"}}}"#,
+                "inject.paths./x",
+                "one of",
+            ),
             (
                 r#"{"inject":{"paths":{"x":"openai_chat"}}}"#,
                 "inject.paths.x",
+                "start with /",
             ),
-            (r#"{"inject":{"paths":{"/x":1}}}"#, "inject.paths./x"),
-            (r#"{"inject":{"paths":["/x"]}}"#, "inject.paths"),
+            (
+                r#"{"inject":{"paths":{"/x?y":"openai_chat"}}}"#,
+                "inject.paths./x?y",
+                "no query",
+            ),
+            (
+                r#"{"inject":{"paths":{"/x":1}}}"#,
+                "inject.paths./x",
+                "format name",
+            ),
+            (r#"{"inject":{"paths":["/x"]}}"#, "inject.paths", "object"),
+            (
+                r#"{"inject":{"paths":{"//":"openai_chat"}}}"#,
+                "inject.paths.//",
+                "segment",
+            ),
+            (
+                r#"{"inject":{"paths":{"/a/../b":"openai_chat"}}}"#,
+                "inject.paths./a/../b",
+                ". or ..",
+            ),
+            (
+                r#"{"inject":{"paths":{"/a%zz":"openai_chat"}}}"#,
+                "inject.paths./a%zz",
+                "hex",
+            ),
+            (
+                r#"{"inject":{"paths":{"/A":"openai_chat","/a/":"openai_chat"}}}"#,
+                "inject.paths./a/",
+                "same path",
+            ),
+            (
+                r#"{"inject":{"pass_paths":"/models"}}"#,
+                "inject.pass_paths",
+                "array",
+            ),
+            (
+                r#"{"inject":{"pass_paths":["/m",2]}}"#,
+                "inject.pass_paths[1]",
+                "a number",
+            ),
+            (
+                r#"{"inject":{"pass_paths":["models"]}}"#,
+                "inject.pass_paths[0]",
+                "start with /",
+            ),
+            (
+                r#"{"inject":{"pass_paths":["/"]}}"#,
+                "inject.pass_paths[0]",
+                "segment",
+            ),
+            (
+                r#"{"inject":{"pass_paths":["/a%00"]}}"#,
+                "inject.pass_paths[0]",
+                "printable",
+            ),
+            (
+                r#"{"inject":{"other_paths":"forward"}}"#,
+                "inject.other_paths",
+                "one of",
+            ),
+            (
+                r#"{"inject":{"other_paths":false}}"#,
+                "inject.other_paths",
+                "string",
+            ),
         ] {
-            assert_eq!(parse(raw).unwrap_err().field, field, "{raw}");
+            let e = parse(raw).unwrap_err();
+            assert_eq!(e.field, field, "{raw}");
+            assert!(e.reason.contains(reason), "{raw}: {}", e.reason);
         }
     }
 
@@ -517,6 +660,12 @@ mod tests {
                     Just("open".to_string()),
                     Just("reject".to_string()),
                     Just("webdis".to_string()),
+                    Just("refuse".to_string()),
+                    Just("pass".to_string()),
+                    Just("openai_chat".to_string()),
+                    Just("/V1/Chat%2fCompletions/".to_string()),
+                    Just("/a/../b".to_string()),
+                    Just("/%zz".to_string()),
                     ".{0,12}",
                 ]
                 .prop_map(Value::String),
@@ -540,6 +689,10 @@ mod tests {
                 Just("inject"),
                 Just("max_body_bytes"),
                 Just("paths"),
+                Just("pass_paths"),
+                Just("other_paths"),
+                Just("/X/"),
+                Just("//"),
                 Just("failure_mode"),
                 Just("control"),
                 Just("token"),
@@ -568,7 +721,9 @@ mod tests {
                         prop_assert!(c.ttl_seconds >= 1 && c.negative_ttl_seconds >= 1);
                         prop_assert!(c.redis.timeout_ms >= 1 && c.store.timeout_ms >= 1);
                         prop_assert!(c.max_body_bytes >= 1);
-                        prop_assert!(!c.paths.is_empty() || v.pointer("/inject/paths").is_some());
+                        prop_assert!(!c.paths.formats.is_empty() || v.pointer("/inject/paths").is_some());
+                        let mut patterns = c.paths.formats.iter().map(|(p, _)| p).chain(&c.paths.pass);
+                        prop_assert!(patterns.all(|p| p.len() > 1 && crate::path::normalise(p).as_ref() == Ok(p)));
                     }
                     Err(e) => prop_assert!(!e.field.is_empty() && !e.reason.is_empty()),
                 }

@@ -2,7 +2,7 @@
 //! object read one named field at a time, each with its type, default and range, so
 //! that every refusal names its field (`cache.ttl_seconds`) and any field left over
 //! is refused as unknown; plus the checks of the string fields that go into headers
-//! and URLs, and the `inject.paths` table.
+//! and URLs. The path tables are read by `paths`, with [`Section::take`].
 //!
 //! It knows JSON and field paths, not what the fields mean: the defaults and the
 //! [`Config`](super::Config) they build are in the parent module. It must never touch
@@ -13,7 +13,6 @@
 use serde_json::{Map, Value};
 
 use super::ConfigError;
-use crate::inject::Format;
 
 /// The refusal of `field` (a dotted path, `<root>`, or an environment variable).
 pub(super) fn err(field: &str, reason: impl Into<String>) -> ConfigError {
@@ -41,7 +40,7 @@ impl<'a> Section<'a> {
         }
     }
 
-    fn field_path(&self, name: &str) -> String {
+    pub(super) fn field_path(&self, name: &str) -> String {
         if self.path.is_empty() {
             name.to_string()
         } else {
@@ -49,8 +48,9 @@ impl<'a> Section<'a> {
         }
     }
 
-    /// Takes a field out; JSON `null` counts as absent so a default applies.
-    fn take(&mut self, name: &str) -> Option<Value> {
+    /// Takes a field out; JSON `null` counts as absent so a default applies. For
+    /// fields of a shape the typed readers below do not cover (`inject.paths`).
+    pub(super) fn take(&mut self, name: &str) -> Option<Value> {
         match self.map.remove(name) {
             Some(Value::Null) | None => None,
             Some(v) => Some(v),
@@ -122,46 +122,6 @@ impl<'a> Section<'a> {
         Section::new(name, value)
     }
 
-    /// `inject.paths`: an object of path suffix → format name.
-    pub(super) fn paths(&mut self) -> Result<Vec<(String, Format)>, ConfigError> {
-        let field = self.field_path("paths");
-        let mut paths: Vec<(String, Format)> = match self.take("paths") {
-            None => Format::DEFAULT_PATHS
-                .iter()
-                .map(|(p, f)| (p.to_string(), *f))
-                .collect(),
-            Some(Value::Object(map)) => {
-                let mut out = Vec::with_capacity(map.len());
-                for (suffix, format) in map {
-                    let item = format!("{field}.{suffix}");
-                    if !suffix.starts_with('/') || suffix.contains(['?', '#']) {
-                        return Err(err(
-                            &item,
-                            "a path suffix must start with / and have no query",
-                        ));
-                    }
-                    let Value::String(name) = format else {
-                        return Err(err(
-                            &item,
-                            format!("expected a format name, got {}", type_name(&format)),
-                        ));
-                    };
-                    out.push((suffix, choice(&item, &name, Format::NAMES)?));
-                }
-                out
-            }
-            Some(other) => {
-                return Err(err(
-                    &field,
-                    format!("expected an object, got {}", type_name(&other)),
-                ))
-            }
-        };
-        // Longest suffix first, so "/v2/chat/completions" can override "/completions".
-        paths.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-        Ok(paths)
-    }
-
     /// Fails if any field was not consumed: unknown fields are refused, not ignored.
     pub(super) fn finish(self) -> Result<(), ConfigError> {
         match self.map.keys().next() {
@@ -171,7 +131,7 @@ impl<'a> Section<'a> {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(super) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -3,10 +3,19 @@
 //!
 //! Pure: no host calls, no counters, no state. The order of the checks is part of
 //! the contract (SPEC §6): the agent first (a request we cannot attribute is refused
-//! whatever its path), then the path, then what the body could be.
+//! whatever its path), then whether there is a body at all (a bodiless request is
+//! forwarded whatever its path: there is nothing a model could read), then the path
+//! (normalised as the upstream will route it, [`crate::path`]), then what the body
+//! could be.
+//!
+//! A body on a path that is no injection format and not an `inject.pass_paths` path
+//! is refused (404 `unsupported_path`) unless `inject.other_paths` is `"pass"`: an
+//! endpoint the filter does not know may be a generation endpoint. A body on a path
+//! that cannot be read with certainty is refused with the same answer whatever
+//! `inject.other_paths` says, since it could be an injection path read another way.
 
 use crate::agent::AgentId;
-use crate::config::{Config, MissingAgent};
+use crate::config::{Config, MissingAgent, OtherPaths, Route};
 use crate::inject::Format;
 use crate::reply::Refusal;
 
@@ -53,8 +62,8 @@ impl HeadFields {
 /// What to do with a request, decided from its headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Forward untouched: no agent in `pass` mode, a path that is no format, or no
-    /// body to put a directive into.
+    /// Forward untouched: no agent in `pass` mode, no body to put a directive into,
+    /// a pass path, or any other path with `inject.other_paths = "pass"`.
     Pass,
     /// Answer with this refusal.
     Refuse(Refusal),
@@ -69,41 +78,65 @@ pub enum Admission {
 
 /// Decides what to do with a request from its headers.
 pub fn admit(head: &HeadFields, end_of_stream: bool, config: &Config) -> Admission {
-    let agent = match head.agent.as_deref() {
-        None => {
-            return match config.missing_agent {
-                MissingAgent::Pass => Admission::Pass,
-                MissingAgent::Reject => Admission::Refuse(Refusal::MissingAgentId),
-            }
-        }
-        Some(value) => match AgentId::parse(value) {
-            Some(agent) => agent,
-            None => return Admission::Refuse(Refusal::InvalidAgentId),
-        },
-    };
-    let Some(format) = head.path.as_deref().and_then(|p| config.format_for(p)) else {
-        return Admission::Pass;
+    let agent = match agent_of(head, config) {
+        Ok(agent) => agent,
+        Err(decided) => return decided,
     };
     if end_of_stream {
         // No body: nothing a model could read, and nothing to put a directive into.
         return Admission::Pass;
     }
+    let format = match format_of(head.path.as_deref(), config) {
+        Ok(format) => format,
+        Err(decided) => return decided,
+    };
+    match body_refusal(head, config) {
+        Some(refusal) => Admission::Refuse(refusal),
+        None => Admission::Resolve { agent, format },
+    }
+}
+
+/// Whose request it is, or what a request without a usable agent gets.
+fn agent_of(head: &HeadFields, config: &Config) -> Result<AgentId, Admission> {
+    match head.agent.as_deref() {
+        None => Err(match config.missing_agent {
+            MissingAgent::Pass => Admission::Pass,
+            MissingAgent::Reject => Admission::Refuse(Refusal::MissingAgentId),
+        }),
+        Some(value) => AgentId::parse(value).ok_or(Admission::Refuse(Refusal::InvalidAgentId)),
+    }
+}
+
+/// The format a body on `path` is injected in, or what a body on any other path gets.
+fn format_of(path: Option<&str>, config: &Config) -> Result<Format, Admission> {
+    match path.map(|p| config.route(p)) {
+        Some(Route::Inject(format)) => Ok(format),
+        Some(Route::Pass) => Err(Admission::Pass),
+        Some(Route::Other) => Err(match config.paths.other {
+            OtherPaths::Pass => Admission::Pass,
+            OtherPaths::Refuse => Admission::Refuse(Refusal::UnsupportedPath),
+        }),
+        // No `:path` at all (CONNECT) is as unclear as a path that cannot be read.
+        Some(Route::Unclear(_)) | None => Err(Admission::Refuse(Refusal::UnsupportedPath)),
+    }
+}
+
+/// What the headers say about a body the directive would go into.
+fn body_refusal(head: &HeadFields, config: &Config) -> Option<Refusal> {
     if let Some(enc) = head.content_encoding.as_deref() {
         let enc = enc.trim();
         if !enc.is_empty() && !enc.eq_ignore_ascii_case("identity") {
-            return Admission::Refuse(Refusal::UnsupportedEncoding);
+            return Some(Refusal::UnsupportedEncoding);
         }
     }
-    if let Some(len) = head
+    let len = head
         .content_length
         .as_deref()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
-        if len > config.max_body_bytes {
-            return Admission::Refuse(Refusal::BodyTooLarge);
-        }
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match len {
+        Some(len) if len > config.max_body_bytes => Some(Refusal::BodyTooLarge),
+        _ => None,
     }
-    Admission::Resolve { agent, format }
 }
 
 #[cfg(test)]
@@ -219,5 +252,136 @@ mod tests {
             admit(&h, false, &c),
             Admission::Refuse(Refusal::UnsupportedEncoding)
         );
+    }
+
+    fn on(path: &str, end_of_stream: bool, c: &Config) -> Admission {
+        let mut h = head(Some(AGENT));
+        h.path = Some(path.into());
+        admit(&h, end_of_stream, c)
+    }
+
+    const UNSUPPORTED: Admission = Admission::Refuse(Refusal::UnsupportedPath);
+
+    /// Every spelling an upstream could route to chat completions gets the directive
+    /// or is refused, whatever `inject.other_paths` says; none is forwarded as is.
+    #[test]
+    fn aliases_of_an_injection_path_are_injected_or_refused() {
+        let injected = [
+            "/v1/chat/completions/",
+            "/v1//chat/completions",
+            "/v1/chat%2Fcompletions",
+            "/v1/chat/completion%73",
+            "/V1/CHAT/COMPLETIONS",
+            "/v1/chat/completions;x=1",
+            "/v1/chat\\completions",
+            "/openai/deployments/d/chat/completions?api-version=2024-10-21",
+        ];
+        let refused = [
+            "/v1/chat/completion%2573",
+            "/v1/chat/completion%zz",
+            "/v1/chat/completions%",
+            "/v1/chat/completions%00",
+            "/v1/chat/completions%3F",
+            "/v1/chat/completion\u{17f}",
+            "/v1/models/../chat/completions",
+            "/v1/./chat/completions",
+            "*",
+        ];
+        for c in [config(""), config(r#""inject":{"other_paths":"pass"}"#)] {
+            for path in injected {
+                match on(path, false, &c) {
+                    Admission::Resolve { format, .. } => {
+                        assert_eq!(format, Format::OpenAiChat, "{path}")
+                    }
+                    other => panic!("{path}: {other:?}"),
+                }
+            }
+            for path in refused {
+                assert_eq!(on(path, false, &c), UNSUPPORTED, "{path}");
+            }
+        }
+        let mut h = head(Some(AGENT));
+        h.path = None;
+        assert_eq!(admit(&h, false, &config("")), UNSUPPORTED, "no :path");
+    }
+
+    #[test]
+    fn unknown_endpoints_are_refused_unless_other_paths_is_pass() {
+        let unknown = [
+            "/v1/messages/batches",
+            "/v1/completions",
+            "/v1beta/models/gemini-2.0-flash:generateContent",
+            "/v1/projects/p/locations/l/publishers/google/models/g:streamGenerateContent",
+            "/model/anthropic.claude-3-haiku/converse",
+            "/api/chat",
+            "/api/generate",
+            "/v1/threads/thread_1/messages",
+            "/v1/threads/runs",
+            "/v1/models/gpt-4o",
+            "/",
+        ];
+        let refuse = config("");
+        let pass = config(r#""inject":{"other_paths":"pass"}"#);
+        for path in unknown {
+            assert_eq!(on(path, false, &refuse), UNSUPPORTED, "{path}");
+            assert_eq!(on(path, false, &pass), Admission::Pass, "{path}");
+        }
+    }
+
+    #[test]
+    fn openai_thread_messages_are_not_anthropic() {
+        let c = config("");
+        assert_eq!(on("/v1/threads/x/messages", false, &c), UNSUPPORTED);
+        assert!(matches!(
+            on("/v1/messages", false, &c),
+            Admission::Resolve {
+                format: Format::AnthropicMessages,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn pass_paths_and_bodiless_requests_are_forwarded_whatever_the_path() {
+        let c = config("");
+        for path in [
+            "/v1/embeddings",
+            "/v1/moderations",
+            "/v1/models",
+            "/api/embeddings",
+        ] {
+            assert_eq!(on(path, false, &c), Admission::Pass, "{path}");
+        }
+        for path in [
+            "/v1/models",
+            "/v1/models/gpt-4o",
+            "/v1/messages/batches/b1",
+            "/v1/chat/completions",
+            "/v1/chat/completion%2573",
+            "*",
+        ] {
+            assert_eq!(on(path, true, &c), Admission::Pass, "bodiless {path}");
+        }
+        let c = config(r#""inject":{"pass_paths":[]}"#);
+        assert_eq!(on("/v1/embeddings", false, &c), UNSUPPORTED);
+    }
+
+    #[test]
+    fn the_agent_is_checked_before_any_path_rule() {
+        let c = config(r#""agent":{"missing":"reject"}"#);
+        let mut h = head(None);
+        for path in ["/v1/completions", "/v1/chat/completion%2573"] {
+            h.path = Some(path.into());
+            h.agent = None;
+            assert_eq!(
+                admit(&h, false, &c),
+                Admission::Refuse(Refusal::MissingAgentId)
+            );
+            h.agent = Some("agent-7".into());
+            assert_eq!(
+                admit(&h, false, &c),
+                Admission::Refuse(Refusal::InvalidAgentId)
+            );
+        }
     }
 }
