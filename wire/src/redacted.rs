@@ -139,6 +139,26 @@ mod tests {
         assert!(dbg.contains("view: <redacted 3 bytes>"), "{dbg}");
     }
 
+    /// `Probe::<T>::DISPLAY` is the inherent constant (true) when `T: Display`, else
+    /// the blanket trait's (false): a `Display` added to `Redacted` fails this test.
+    #[test]
+    fn there_is_no_display() {
+        struct Probe<T>(std::marker::PhantomData<T>);
+        trait Fallback {
+            const DISPLAY: bool = false;
+        }
+        impl<T> Fallback for Probe<T> {}
+        impl<T: fmt::Display> Probe<T> {
+            const DISPLAY: bool = true;
+        }
+        let display = [
+            Probe::<String>::DISPLAY, // the probe itself works
+            Probe::<Redacted<String>>::DISPLAY,
+            Probe::<Redacted<&str>>::DISPLAY,
+        ];
+        assert_eq!(display, [true, false, false]);
+    }
+
     #[test]
     fn the_value_is_reachable_only_on_purpose() {
         let r: Redacted<String> = "s3cret".into();
