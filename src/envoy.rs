@@ -313,6 +313,10 @@ impl HttpContext for DataFilter {
             end_of_stream,
         }))
     }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> WasmAction {
+        wasm_action(self.step(Event::Trailers))
+    }
 }
 
 /// Control role: answers invalidation requests locally.

@@ -26,6 +26,13 @@
 //! participant's context to set its headers and resume it, and the worker keeps what
 //! was done ([`Delivered`]) for the participant's next callback.
 //!
+//! **A body is released only after it was spliced.** A request whose body ends in
+//! trailers (HTTP/2 HEADERS after DATA, or chunked HTTP/1.1 trailers) never gets an
+//! end-of-stream body callback, and the body cannot be rewritten from the trailers
+//! callback, so such a request is refused while a directive is (or may be) due; a
+//! request that is only forwarded (no agent in pass mode, a pass path, an agent
+//! without a directive) keeps its trailers.
+//!
 //! Headers are held (paused) only while a fill runs. Envoy's default for proxy-wasm
 //! 0.2 turns a paused header callback into "stop all", so the body reaches the filter
 //! only after `resume`; when the host does deliver the body while headers are held,
@@ -74,6 +81,9 @@ pub enum Event<'a> {
         /// This is the last of the body.
         end_of_stream: bool,
     },
+    /// Request trailers arrived (HTTP/2, or HTTP/1.1 chunked when the codec passes
+    /// them on): the body ended without an end-of-stream body callback.
+    Trailers,
     /// A callout answered (or failed: `response.status` is `None`).
     Callout {
         /// Token returned by [`Host::dispatch`].
@@ -220,6 +230,15 @@ impl Flow {
                     end_of_stream,
                 },
             ) => on_body_to_inject(i, size, end_of_stream, ctx),
+            (State::Waiting(fill), Event::Trailers) => {
+                ctx.worker.borrow_mut().leave(fill, ctx.id);
+                settled(deliver::refuse(Refusal::RequestTrailers, ctx))
+            }
+            // The body is buffered, not spliced: `set_buffer` is refused in the
+            // trailers callback, and continuing would release it unspliced.
+            (State::Injecting(_), Event::Trailers) => {
+                settled(deliver::refuse(Refusal::RequestTrailers, ctx))
+            }
             (State::Replied, _) => (State::Replied, Action::Pause),
             (state @ State::Forward, _) => (state, Action::Continue),
             // Headers twice, or body before headers: the host broke its contract.

@@ -787,3 +787,70 @@ fn a_flush_makes_every_earlier_entry_unservable_even_as_stale() {
     );
     assert_eq!(w.host.counter(Counter::StaleServed), 0);
 }
+
+#[test]
+fn trailers_after_a_buffered_body_are_refused_never_released_unspliced() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    w.run(1, vec![redis_hit("Be \"terse\".")]);
+    // L1 hit: headers go on at once, the body is buffered ...
+    let (flow, action) = w.headers(2);
+    assert_eq!(action, Action::Continue);
+    let size = w.host.req(2).body.len();
+    let (flow, action) = w.ev(
+        2,
+        flow,
+        Event::Body {
+            size,
+            end_of_stream: false,
+        },
+    );
+    assert_eq!(action, Action::Pause);
+    // ... and ends in trailers (HTTP/2 HEADERS after the last DATA frame).
+    let (flow, action) = w.ev(2, flow, Event::Trailers);
+    assert_eq!(action, Action::Pause);
+    assert!(matches!(flow.state, State::Replied));
+    let (status, reply) = w.host.req(2).reply.clone().unwrap();
+    assert_eq!(status, 400);
+    assert!(reply.contains("invalid_body"));
+    assert!(!reply.contains("terse"), "no directive text in a reply");
+    assert_eq!(
+        w.body(2),
+        BODY,
+        "the buffer was not spliced: it must not go"
+    );
+    assert_eq!(w.host.counter(Counter::RejectedInvalidBody), 1);
+    assert_eq!(w.host.counter(Counter::Injected), 1, "only request 1");
+}
+
+#[test]
+fn trailers_while_waiting_for_a_fill_are_refused_and_leave_the_fill() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let (f1, _) = w.headers(1);
+    let (f2, _) = w.headers(2);
+    let (f2, _) = w.ev(2, f2, Event::Trailers);
+    assert!(matches!(f2.state, State::Replied));
+    assert_eq!(w.reply_status(2), Some(400));
+    let (f1, _) = w.answer(1, f1, redis_hit("Be \"terse\"."));
+    assert_eq!(w.host.req(2).resumed, 0, "a refused request is not resumed");
+    let (f1, _) = w.body_end(1, f1);
+    assert!(matches!(f1.state, State::Forward));
+    assert_eq!(w.body(1), INJECTED);
+    assert!(w.worker.borrow().is_idle());
+}
+
+#[test]
+fn trailers_of_requests_that_carry_no_directive_pass() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    // An agent without a directive.
+    let (flow, _) = w.headers(1);
+    let (flow, _) = w.answer(1, flow, redis_hit(""));
+    assert!(matches!(flow.state, State::Forward));
+    assert_eq!(w.ev(1, flow, Event::Trailers).1, Action::Continue);
+    // No agent, in pass mode.
+    let (flow, _) = w.headers_with(2, head(None));
+    assert_eq!(w.ev(2, flow, Event::Trailers).1, Action::Continue);
+    assert_eq!(w.host.counter(Counter::RejectedInvalidBody), 0);
+}
