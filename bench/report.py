@@ -11,7 +11,7 @@ from bench.workload import CHAT_PATH, DIRECTIVE
 from stack import paths
 
 REPO = paths.REPO
-MEASURED_CODE = ("src", "Cargo.toml", "Cargo.lock", "companion/src", "envoy")
+MEASURED_CODE = ("src", "wire", "Cargo.toml", "Cargo.lock", "companion/src", "companion/Cargo.toml", "envoy")
 
 
 def git(*args):

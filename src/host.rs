@@ -1,6 +1,6 @@
 //! The one seam between the pure filter and Envoy: every host call the request flow
 //! needs, behind a small trait. The wasm build implements it with proxy-wasm calls
-//! (`crate::envoy`); tests implement it in memory ([`fake::FakeHost`]).
+//! (`crate::envoy`); tests implement it in memory (`fake::FakeHost`, compiled for tests only).
 //!
 //! proxy-wasm's `Status` never crosses this boundary: implementations turn it into
 //! [`HostError`].
