@@ -33,18 +33,6 @@ impl Format {
         ("openai_responses", Format::OpenAiResponses),
         ("anthropic_messages", Format::AnthropicMessages),
     ];
-
-    /// The default mapping of path suffixes to formats.
-    pub const DEFAULT_PATHS: &'static [(&'static str, Format)] = &[
-        ("/chat/completions", Format::OpenAiChat),
-        ("/responses", Format::OpenAiResponses),
-        ("/messages", Format::AnthropicMessages),
-    ];
-}
-
-/// The path of a request without its query string or fragment.
-pub fn strip_query(path: &str) -> &str {
-    path.split(['?', '#']).next().unwrap_or("")
 }
 
 /// Separator between the directive and text the client already had there.
