@@ -4,7 +4,7 @@
 #   make test    cargo tests, fuzz, fmt, clippy, envoy validate, end-to-end tests
 #   make build   the filter (wasm32-wasip1) and the companion (release)
 #   make lint    fmt --check and clippy of the whole workspace
-#   make fuzz    fuzz the JSON splicer for FUZZ_SECONDS (60); installs cargo-fuzz
+#   make fuzz    fuzz the splicer (FUZZ_SECONDS, 60) and tier answers (half); installs cargo-fuzz
 #   make e2e     only the end-to-end tests (PYTEST_ARGS="-k name" to pick)
 #   make clean   remove build outputs and .run/
 #   make bench   SPEC §8 benchmarks, side by side (bench/README.md; ~10 min)
@@ -114,15 +114,19 @@ validate: venv build-filter
 e2e: deps build
 	$(PYTEST) tests -p no:cacheprovider -ra $(PYTEST_ARGS)
 
-## The splicer's fuzz target (fuzz/fuzz_targets/splice.rs) for FUZZ_SECONDS: a crash
-## fails the build and leaves its input in fuzz/artifacts/splice/. cargo-fuzz passes
-## nightly-only flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. Starts
-## from the committed seeds (fuzz/seeds/) plus the local corpus (gitignored).
+## The fuzz targets (fuzz/fuzz_targets/): the JSON splicer (splice.rs) for FUZZ_SECONDS,
+## then the readers of Webdis, write-back and store answers (answers.rs) for half as
+## long (at least 1 s). A crash fails the build and leaves its input in
+## fuzz/artifacts/<target>/. cargo-fuzz passes nightly-only flags; RUSTC_BOOTSTRAP=1
+## lets the stable toolchain take them. Each starts from its committed seeds
+## (fuzz/seeds/<target>/) plus the local corpus (gitignored), with fuzz/<target>.dict.
 fuzz: system-deps
 	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
-	@mkdir -p fuzz/corpus/splice
+	@mkdir -p fuzz/corpus/splice fuzz/corpus/answers
 	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run splice corpus/splice seeds/splice -- \
 	  -max_total_time=$(FUZZ_SECONDS) -timeout=10 -dict=splice.dict
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run answers corpus/answers seeds/answers -- \
+	  -max_total_time=$$(( $(FUZZ_SECONDS) > 1 ? $(FUZZ_SECONDS) / 2 : 1 )) -timeout=10 -dict=answers.dict
 
 test: deps
 	$(MAKE) --no-print-directory test-filter

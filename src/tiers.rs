@@ -18,6 +18,46 @@
 //!
 //! Key names, the tombstone and the flush marker are the wire contract shared with
 //! the companion's subscriber (`ibex-wire`); only the transport is written here.
+//!
+//! # Hostile answers
+//!
+//! The readers ([`parse_redis_get`], [`redis_set_outcome`], [`parse_store`]) take
+//! bytes from the network and assume nothing about them: whoever controls a Redis
+//! value, Webdis or the store's answer (or sits between them and Envoy) chooses every
+//! byte. Every length and offset read from an answer is checked arithmetic over the
+//! target's `usize` (32 bits on wasm32, where `$4294967294` plus its CRLF wraps to 0)
+//! and every slice is a `get`/`split_at_checked`; the module denies clippy's
+//! `indexing_slicing` and `arithmetic_side_effects` outside its tests, and the
+//! length arithmetic is generic over the width (`Width`) so native tests run it
+//! over `u32` exactly as wasm32 does. The readers are strict: an answer is accepted
+//! only in its one canonical spelling, and anything else is a [`TierError`], which
+//! the flow treats as that tier failing (an L2 error asks the store; a store error
+//! serves stale or follows `failure_mode`).
+//!
+//! - L2 accepts exactly `$-1\r\n`, or `$`, a decimal length (ASCII digits, no sign,
+//!   no spaces, no leading zero), CRLF, exactly that many bytes, CRLF, and nothing
+//!   after. Other reply types (`:`, `*`, `+`, `-ERR`), negative lengths other than
+//!   the nil reply, lengths that overflow or do not match the body, a missing CRLF and
+//!   trailing bytes are errors. The directive is exactly the declared bytes, which must
+//!   be UTF-8 without NUL (a value starting with NUL is a tombstone; Postgres text never
+//!   holds NUL, so a NUL elsewhere is not a directive either).
+//! - A write-back's outcome is `Written` or `Skipped` only for Webdis's exact
+//!   `{"EVAL":1}` / `{"EVAL":0}` with status 200; anything else is `Failed`.
+//! - L3 accepts one JSON object with exactly the members `agent_id` and `content`:
+//!   a duplicate, unknown or missing member, an `agent_id` other than the asked
+//!   agent's canonical (lower-case, hyphenated) id, a `content` that is neither a
+//!   string nor `null`, or that holds NUL, is an error. (So the companion must not add
+//!   a member to its answer before the filters that read it accept it.)
+//!
+//! So a hostile answer can make its tier fail, hide a key (a tombstone: the store is
+//! asked) and — from the store, or by writing Redis — choose the text of a directive,
+//! which is escaped before it is spliced into a body. It cannot panic or trap the VM,
+//! make a reader touch bytes outside the body, have bytes outside the declared value
+//! read as the directive, pass an answer of another shape or for another agent as an
+//! answer, or have a second `content` chosen over the first (a duplicate member is
+//! refused, not resolved).
+
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use ibex_wire::Redacted;
 
@@ -118,40 +158,125 @@ pub fn redis_set(
     }
 }
 
-/// Reads an L2 GET answer.
+/// The nil bulk reply: no such key.
+const NIL_REPLY: &[u8] = b"$-1\r\n";
+
+/// Reads an L2 GET answer (see "Hostile answers" above).
 pub fn parse_redis_get(resp: &Response) -> Result<Answer, TierError> {
-    match resp.status {
-        None => return Err(TierError("no answer")),
-        Some(200) => {}
-        Some(_) => return Err(TierError("bad status")),
-    }
-    let b = resp.body.as_slice();
-    if b == b"$-1\r\n" {
+    check_status(resp)?;
+    let body = resp.body.as_slice();
+    if body == NIL_REPLY {
         return Ok(Answer::Unknown);
     }
-    let rest = b.strip_prefix(b"$").ok_or(TierError("not a bulk reply"))?;
-    let nl = rest
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .ok_or(TierError("truncated reply"))?;
-    let len: usize = std::str::from_utf8(&rest[..nl])
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or(TierError("bad length"))?;
-    let data = &rest[nl + 2..];
-    if data.len() != len + 2 || &data[len..] != b"\r\n" {
-        return Err(TierError("length mismatch"));
+    read_value(bulk_value::<usize>(body)?)
+}
+
+fn check_status(resp: &Response) -> Result<(), TierError> {
+    match resp.status {
+        None => Err(TierError("no answer")),
+        Some(200) => Ok(()),
+        Some(_) => Err(TierError("bad status")),
     }
-    let value = &data[..len];
+}
+
+/// What a Redis value means: a tombstone, no directive, or a directive.
+fn read_value(value: &[u8]) -> Result<Answer, TierError> {
     if ibex_wire::is_tombstone(value) {
         return Ok(Answer::Unknown);
     }
     let text = std::str::from_utf8(value).map_err(|_| TierError("not UTF-8"))?;
-    if text.is_empty() {
+    directive(text)
+}
+
+/// Text from a tier as an answer: empty is "no directive"; NUL (which Postgres text
+/// cannot hold) makes it no directive of ours.
+fn directive(text: impl AsRef<str> + Into<String>) -> Result<Answer, TierError> {
+    if text.as_ref().contains('\0') {
+        Err(TierError("NUL in directive"))
+    } else if text.as_ref().is_empty() {
         Ok(Answer::NoDirective)
     } else {
-        Ok(Answer::Directive(Redacted::new(text.to_owned())))
+        Ok(Answer::Directive(Redacted::new(text.into())))
     }
+}
+
+/// The unsigned integer that holds a length: `usize` in the filter, so 32 bits on
+/// wasm32 and 64 natively; tests also run the arithmetic over `u32` and `u64`
+/// explicitly, whatever the native width.
+pub(crate) trait Width: Copy + Eq + TryFrom<usize> + TryInto<usize> {
+    /// `self * 10 + digit`, or `None` when it overflows.
+    fn push_digit(self, digit: u8) -> Option<Self>;
+    /// `self + 2` (the CRLF after a bulk value), or `None` when it overflows.
+    fn plus_crlf(self) -> Option<Self>;
+    /// Zero.
+    const ZERO: Self;
+}
+
+macro_rules! width {
+    ($($t:ty),*) => {$(
+        impl Width for $t {
+            fn push_digit(self, digit: u8) -> Option<Self> {
+                self.checked_mul(10)?.checked_add(<$t>::from(digit))
+            }
+            fn plus_crlf(self) -> Option<Self> {
+                self.checked_add(2)
+            }
+            const ZERO: Self = 0;
+        }
+    )*};
+}
+width!(u32, u64, usize);
+
+/// A decimal length in its canonical spelling: ASCII digits only, no sign, no
+/// leading zero, within `W`.
+fn decimal<W: Width>(digits: &[u8]) -> Result<W, TierError> {
+    match digits {
+        [] => return Err(TierError("no length")),
+        [b'0', _, ..] => return Err(TierError("leading zero in length")),
+        _ => {}
+    }
+    digits.iter().try_fold(W::ZERO, |n, &d| {
+        if !d.is_ascii_digit() {
+            return Err(TierError("bad length"));
+        }
+        n.push_digit(d.wrapping_sub(b'0'))
+            .ok_or(TierError("length overflows"))
+    })
+}
+
+/// The value of a whole RESP bulk reply `$<len>\r\n<len bytes>\r\n`, its length
+/// checked with `W`'s arithmetic.
+pub(crate) fn bulk_value<W: Width>(body: &[u8]) -> Result<&[u8], TierError> {
+    let rest = match body.split_first() {
+        Some((b'$', rest)) => rest,
+        Some((b'-', _)) => return Err(TierError("error reply")),
+        Some(_) => return Err(TierError("not a bulk reply")),
+        None => return Err(TierError("empty reply")),
+    };
+    let digits_end = rest
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let (digits, after) = rest
+        .split_at_checked(digits_end)
+        .ok_or(TierError("bad length"))?;
+    let len: W = decimal(digits)?;
+    let data = after
+        .strip_prefix(b"\r\n")
+        .ok_or(TierError("bad length line"))?;
+    let expected = len.plus_crlf().ok_or(TierError("length overflows"))?;
+    let actual = W::try_from(data.len()).map_err(|_| TierError("length mismatch"))?;
+    if actual != expected {
+        return Err(TierError("length mismatch"));
+    }
+    let len: usize = len.try_into().map_err(|_| TierError("length mismatch"))?;
+    let (value, end) = data
+        .split_at_checked(len)
+        .ok_or(TierError("length mismatch"))?;
+    if end != b"\r\n" {
+        return Err(TierError("missing final CRLF"));
+    }
+    Ok(value)
 }
 
 /// Outcome of an L2 write.
@@ -187,34 +312,45 @@ pub fn store_get(config: &Config, agent: &AgentId) -> Callout {
     }
 }
 
+/// The store's answer: exactly these two members, each once.
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct StoreBody {
     agent_id: String,
+    /// Required: `null` is "no directive", a missing member is an error.
+    #[serde(deserialize_with = "required")]
     content: Option<String>,
 }
 
-/// Reads an L3 answer; the agent id in the body must be the one asked for.
+/// A member that must be present even though it may be `null` (serde reads a
+/// missing `Option` member as `None` unless told otherwise).
+fn required<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    serde::Deserialize::deserialize(d)
+}
+
+/// Reads an L3 answer; the agent id in the body must be the one asked for, spelled
+/// as the store spells it (see "Hostile answers" above).
 pub fn parse_store(resp: &Response, agent: &AgentId) -> Result<Answer, TierError> {
-    match resp.status {
-        None => return Err(TierError("no answer")),
-        Some(200) => {}
-        Some(_) => return Err(TierError("bad status")),
-    }
+    check_status(resp)?;
+    // serde's derived reader refuses a member named twice ("duplicate field"), even
+    // when one spelling uses escapes: keys are compared decoded.
     let body: StoreBody = serde_json::from_slice(&resp.body).map_err(|_| TierError("bad body"))?;
-    if AgentId::parse(&body.agent_id) != Some(*agent) {
+    let mut buf = [0u8; AGENT_ID_LEN];
+    if body.agent_id != agent.encode(&mut buf) {
         return Err(TierError("answer for another agent"));
     }
-    Ok(match body.content {
-        None => Answer::NoDirective,
-        // An empty directive injects nothing useful; treat it as none, like L2 does.
-        Some(c) if c.is_empty() => Answer::NoDirective,
-        Some(c) => Answer::Directive(Redacted::new(c)),
-    })
+    match body.content {
+        None => Ok(Answer::NoDirective),
+        // An empty directive injects nothing useful; it is none, as in L2.
+        Some(c) => directive(c),
+    }
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn cfg() -> Config {
         Config::parse(b"{}", None).unwrap()
@@ -367,5 +503,332 @@ mod tests {
             &agent()
         )
         .is_err());
+    }
+
+    fn webdis(body: &[u8]) -> Result<Answer, TierError> {
+        parse_redis_get(&ok(body))
+    }
+
+    const ID: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+
+    fn store(body: &str) -> Result<Answer, TierError> {
+        parse_store(&ok(body.as_bytes()), &agent())
+    }
+
+    /// The bug this module once had: on wasm32 `usize` is `u32`, so the old
+    /// `data.len() != len + 2` check wrapped `4294967294 + 2` to 0, matched the empty
+    /// rest of `$4294967294\r\n`, and `&data[len..]` then sliced out of bounds: a
+    /// panic, so a trap of the VM. The same arithmetic over `u32`, checked, refuses it.
+    #[test]
+    fn the_wasm32_length_wrap_is_an_error() {
+        let body = b"$4294967294\r\n";
+        let (len, rest_len) = (4_294_967_294u32, 0u32);
+        assert_eq!(len.wrapping_add(2), rest_len, "the unchecked check passed");
+        assert!(
+            b"".get(len as usize..).is_none(),
+            "and the slice was out of range"
+        );
+
+        assert_eq!(
+            bulk_value::<u32>(body),
+            Err(TierError("length overflows")),
+            "wasm32 arithmetic"
+        );
+        assert_eq!(
+            bulk_value::<u32>(b"$4294967295\r\n").map(<[u8]>::len),
+            Err(TierError("length overflows"))
+        );
+        assert_eq!(
+            bulk_value::<u32>(b"$4294967296\r\n"),
+            Err(TierError("length overflows"))
+        );
+        assert_eq!(bulk_value::<u64>(body), Err(TierError("length mismatch")));
+        // The 64-bit twins of the wrap, natively.
+        assert_eq!(
+            bulk_value::<u64>(b"$18446744073709551614\r\n"),
+            Err(TierError("length overflows"))
+        );
+        assert_eq!(
+            bulk_value::<u64>(b"$18446744073709551616\r\n"),
+            Err(TierError("length overflows"))
+        );
+        for hostile in [
+            &body[..],
+            b"$4294967295\r\n",
+            b"$4294967293\r\nab",
+            b"$18446744073709551614\r\n",
+            b"$18446744073709551615\r\n",
+            b"$99999999999999999999999999999999\r\n",
+        ] {
+            assert!(webdis(hostile).is_err(), "{hostile:?}");
+            assert!(bulk_value::<u32>(hostile).is_err(), "{hostile:?}");
+            assert!(bulk_value::<u64>(hostile).is_err(), "{hostile:?}");
+        }
+    }
+
+    #[test]
+    fn webdis_replies_are_read_strictly() {
+        assert_eq!(
+            webdis(b"$5\r\nhello\r\n"),
+            Ok(Answer::Directive("hello".into()))
+        );
+        // The declared bytes exactly, whatever they contain.
+        assert_eq!(
+            webdis(b"$11\r\n$3\r\nabc\r\n\r\n\r\n"),
+            Ok(Answer::Directive("$3\r\nabc\r\n\r\n".into()))
+        );
+        for (bad, why) in [
+            (&b"$+5\r\nhello\r\n"[..], "plus sign"),
+            (b"$ 5\r\nhello\r\n", "space"),
+            (b"$5 \r\nhello\r\n", "trailing space"),
+            (b"$05\r\nhello\r\n", "leading zero"),
+            (b"$00\r\n\r\n", "leading zero"),
+            (b"$-0\r\n\r\n", "negative zero"),
+            (b"$-2\r\n", "negative length"),
+            (b"$-1\r\n\r\n", "nil with trailing bytes"),
+            (b"$-1\r\nhello\r\n", "nil with a value"),
+            (b"$-1", "nil without CRLF"),
+            (b"$-1\n", "nil with LF only"),
+            (b"$5\nhello\r\n", "LF only after the length"),
+            (b"$5\rhello\r\n", "CR only after the length"),
+            (b"$5\r\nhello", "no final CRLF"),
+            (b"$5\r\nhello\n", "LF only at the end"),
+            (b"$5\r\nhelloXY", "other bytes where the CRLF goes"),
+            (b"$5\r\nhello\r\nX", "trailing bytes"),
+            (b"$5\r\nhello\r\n$5\r\nhello\r\n", "two replies"),
+            (b"$4\r\nhello\r\n", "length shorter than the value"),
+            (b"$6\r\nhello\r\n", "length longer than the value"),
+            (b"$100\r\nhello\r\n", "length longer than the body"),
+            (b"$", "no length"),
+            (b"$\r\n\r\n", "empty length"),
+            (b"$5", "no CRLF after the length"),
+            (b"$\xd9\xa5\r\nhello\r\n", "a non-ASCII digit"),
+            (b"$\xef\xbc\x95\r\nhello\r\n", "a fullwidth digit"),
+            (b":1\r\n", "an integer reply"),
+            (b"*1\r\n$5\r\nhello\r\n", "an array reply"),
+            (b"+OK\r\n", "a status reply"),
+            (b"-ERR wrong\r\n", "an error reply"),
+            (b"-WRONGTYPE Operation against a key\r\n", "an error reply"),
+            (b"_\r\n", "a RESP3 null"),
+            (b" $5\r\nhello\r\n", "leading space"),
+            (b"$5\r\nhel\0o\r\n", "NUL inside the value"),
+            (b"$5\r\nhello\0\r\n", "length off by the NUL"),
+            (b"$6\r\nhello\0\r\n", "NUL at the end"),
+            (b"$3\r\n\xc3\x28a\r\n", "not UTF-8"),
+            (b"$3\r\n\xed\xa0\x80\r\n", "a UTF-8 surrogate"),
+            (b"", "empty body"),
+        ] {
+            assert!(webdis(bad).is_err(), "{why}: {bad:?}");
+        }
+        // A tombstone is "no key", whatever follows its NUL.
+        assert_eq!(webdis(b"$2\r\n\0\xff\r\n"), Ok(Answer::Unknown));
+    }
+
+    #[test]
+    fn the_store_answer_is_read_strictly() {
+        let good = format!(r#"{{"agent_id":"{ID}","content":"D"}}"#);
+        assert_eq!(store(&good), Ok(Answer::Directive("D".into())));
+        assert_eq!(
+            store(&format!(r#" {{ "content" : "D" , "agent_id" : "{ID}" }} "#)),
+            Ok(Answer::Directive("D".into())),
+            "member order and whitespace do not matter"
+        );
+        assert_eq!(
+            store(&format!(r#"{{"agent_id":"{ID}","content":""}}"#)),
+            Ok(Answer::NoDirective)
+        );
+        for (bad, why) in [
+            (
+                format!(r#"{{"agent_id":"{ID}","content":"D","content":"E"}}"#),
+                "duplicate content",
+            ),
+            (
+                format!(r#"{{"agent_id":"{ID}","content":null,"content":"E"}}"#),
+                "duplicate content",
+            ),
+            (
+                format!(r#"{{"agent_id":"{ID}","content":"D","cont\u0065nt":"E"}}"#),
+                "escaped duplicate",
+            ),
+            (
+                format!(r#"{{"agent_id":"{ID}","agent_id":"{ID}","content":"D"}}"#),
+                "duplicate agent_id",
+            ),
+            (format!(r#"{{"agent_id":"{ID}"}}"#), "missing content"),
+            (r#"{"content":"D"}"#.to_owned(), "missing agent_id"),
+            (
+                format!(r#"{{"agent_id":"{ID}","content":"D","extra":1}}"#),
+                "unknown member",
+            ),
+            (
+                format!(r#"{{"agent_id":"{ID}","content":"D","Content":"E"}}"#),
+                "case variant",
+            ),
+            (
+                format!(r#"{{"agent_id":"{ID}","content":5}}"#),
+                "content a number",
+            ),
+            (
+                format!(r#"{{"agent_id":"{ID}","content":["D"]}}"#),
+                "content an array",
+            ),
+            (
+                format!(r#"{{"agent_id":"{ID}","content":"a\u0000b"}}"#),
+                "NUL inside",
+            ),
+            (
+                format!(r#"{{"agent_id":"{ID}","content":"\u0000"}}"#),
+                "a tombstone",
+            ),
+            (
+                format!(r#"{{"agent_id":"{ID}","content":"\ud800"}}"#),
+                "lone surrogate",
+            ),
+            (
+                format!(r#"{{"agent_id":"{ID}","content":"D"}}x"#),
+                "trailing bytes",
+            ),
+            (
+                format!(r#"{{"agent_id":"{ID}","content":"D"}}{{}}"#),
+                "two documents",
+            ),
+            (format!(r#"{{"agent_id":"{ID}","content":"D""#), "truncated"),
+            (
+                format!(r#"[{{"agent_id":"{ID}","content":"D"}}]"#),
+                "an array",
+            ),
+            (
+                format!(r#"{{"agent_id":" {ID}","content":"D"}}"#),
+                "padded id",
+            ),
+            (
+                format!(r#"{{"agent_id":"{}","content":"D"}}"#, ID.to_uppercase()),
+                "upper-case id",
+            ),
+            (
+                format!(r#"{{"agent_id":"{{{ID}}}","content":"D"}}"#),
+                "braced id",
+            ),
+            (
+                format!(r#"{{"agent_id":"{}","content":"D"}}"#, ID.replace('-', "")),
+                "simple id",
+            ),
+            (
+                r#"{"agent_id":"00000000-0000-4000-8000-000000000000","content":"D"}"#.to_owned(),
+                "another agent",
+            ),
+            (r#"{"agent_id":null,"content":"D"}"#.to_owned(), "null id"),
+            (String::new(), "empty"),
+        ] {
+            assert!(store(&bad).is_err(), "{why}: {bad}");
+        }
+        let mut not_utf8 = format!(r#"{{"agent_id":"{ID}","content":"D"}}"#).into_bytes();
+        let at = not_utf8.len() - 3;
+        not_utf8[at] = 0xff;
+        assert!(parse_store(&ok(&not_utf8), &agent()).is_err());
+        for status in [None, Some(201), Some(404), Some(500)] {
+            let resp = Response {
+                status,
+                body: good.clone().into_bytes(),
+            };
+            assert!(parse_store(&resp, &agent()).is_err(), "{status:?}");
+        }
+    }
+
+    #[test]
+    fn write_outcomes_are_exact() {
+        for body in [
+            &br#"{"EVAL":1} "#[..],
+            br#"{"EVAL": 1}"#,
+            br#"{"EVAL":1}{"EVAL":1}"#,
+            b"1",
+            b"",
+        ] {
+            assert_eq!(
+                redis_set_outcome(&ok(body)),
+                WriteOutcome::Failed,
+                "{body:?}"
+            );
+        }
+        let resp = Response {
+            status: Some(201),
+            body: br#"{"EVAL":1}"#.to_vec(),
+        };
+        assert_eq!(redis_set_outcome(&resp), WriteOutcome::Failed);
+    }
+
+    /// The canonical bulk reply of `value`, with its length off by `delta`.
+    fn bulk(value: &[u8], delta: i64) -> Vec<u8> {
+        let declared = value.len() as i64 + delta;
+        [format!("${declared}\r\n").as_bytes(), value, b"\r\n"].concat()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// No bytes make a reader panic, and the 32-bit arithmetic reads every
+        /// reply a 64-bit one does (bodies here are far below 4 GiB).
+        #[test]
+        fn arbitrary_answers_never_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..64),
+            status in prop_oneof![Just(Some(200u16)), any::<Option<u16>>()],
+        ) {
+            let resp = Response { status, body: body.clone() };
+            let _ = parse_redis_get(&resp);
+            let _ = redis_set_outcome(&resp);
+            let _ = parse_store(&resp, &agent());
+            prop_assert_eq!(bulk_value::<u32>(&body).ok(), bulk_value::<u64>(&body).ok());
+            prop_assert_eq!(bulk_value::<usize>(&body), bulk_value::<u64>(&body));
+        }
+
+        /// Replies shaped like Webdis's, with prefixes and suffixes that mutate them.
+        #[test]
+        fn reply_like_answers_never_panic(
+            head in prop_oneof![Just(""), Just("$"), Just("$-"), Just("$+"), Just("$0")],
+            digits in "[0-9]{0,24}",
+            sep in prop_oneof![Just(""), Just("\r\n"), Just("\n"), Just("\r")],
+            tail in proptest::collection::vec(any::<u8>(), 0..16),
+        ) {
+            let body = [head.as_bytes(), digits.as_bytes(), sep.as_bytes(), &tail].concat();
+            let _ = webdis(&body);
+            prop_assert_eq!(bulk_value::<u32>(&body).ok(), bulk_value::<u64>(&body).ok());
+        }
+
+        /// A bulk reply is read as exactly its value when its length is right, and
+        /// refused when it is not.
+        #[test]
+        fn bulk_replies_round_trip(
+            value in proptest::collection::vec(any::<u8>(), 0..48),
+            delta in prop_oneof![Just(0i64), -3i64..4, any::<i32>().prop_map(i64::from)],
+        ) {
+            let body = bulk(&value, delta);
+            let got = webdis(&body);
+            if delta != 0 {
+                prop_assert!(got.is_err());
+                return Ok(());
+            }
+            prop_assert_eq!(bulk_value::<u32>(&body), Ok(&value[..]));
+            let expected = match std::str::from_utf8(&value) {
+                _ if value.first() == Some(&0) => Ok(Answer::Unknown),
+                Ok(t) if t.contains('\0') => Err(TierError("NUL in directive")),
+                Ok("") => Ok(Answer::NoDirective),
+                Ok(t) => Ok(Answer::Directive(t.into())),
+                Err(_) => Err(TierError("not UTF-8")),
+            };
+            prop_assert_eq!(got, expected);
+        }
+
+        /// Any text the store sends (as JSON) is read back as itself.
+        #[test]
+        fn store_answers_round_trip(text in any::<String>(), other in any::<bool>()) {
+            let id = if other { "00000000-0000-4000-8000-000000000000" } else { ID };
+            let body = serde_json::json!({"agent_id": id, "content": text}).to_string();
+            let expected = if other {
+                Err(TierError("answer for another agent"))
+            } else {
+                directive(text.clone())
+            };
+            prop_assert_eq!(store(&body), expected);
+        }
     }
 }

@@ -1,0 +1,233 @@
+//! Fuzzes the readers of the remote tiers' answers (`ibex_directive::tiers`): Webdis
+//! raw replies (L2 GET), write-back outcomes (L2 EVAL) and the store's JSON (L3).
+//!
+//! Input: the first byte picks the reader and the HTTP status (`sel % 5` the mode,
+//! `sel / 5 % 4` the status: 200, 200, no answer, 201); the rest is the answer, or,
+//! in the two building modes, what an answer is built from:
+//! - 0: the bytes are a Webdis GET answer;
+//! - 1: byte 0 is a signed delta, the rest a Redis value, sent as the bulk reply
+//!   `$<len + delta>\r\n<value>\r\n` (most of the fuzzer's inputs are then replies
+//!   whose length is right or nearly so);
+//! - 2: the bytes are a write-back answer;
+//! - 3: the bytes are a store answer;
+//! - 4: byte 0 picks the agent id in the answer (the one asked, or another), the rest
+//!   (lossy UTF-8) is the `content` of a store answer serde_json writes.
+//!
+//! Properties, against references written independently of the readers (lengths in
+//! `u128`, JSON through `serde_json::Value` and a key lister that keeps duplicates):
+//! - nothing panics;
+//! - only status 200 is ever read;
+//! - a Webdis answer is read exactly when it is the canonical nil reply or the
+//!   canonical bulk reply of some value (`$`, a decimal length without sign or leading
+//!   zero, CRLF, exactly that many bytes, CRLF, nothing after); a directive's text is
+//!   then exactly the bytes between the header and the final CRLF, is UTF-8, and has
+//!   no NUL; a value starting with NUL is "no key"; a length that does not match the
+//!   value is an error;
+//! - a write-back is `Written`/`Skipped` only for the exact `{"EVAL":1}`/`{"EVAL":0}`;
+//! - a store answer is read exactly when it is one JSON object with the members
+//!   `agent_id` (the asked agent, canonical) and `content` (a string without NUL, or
+//!   null), each once and nothing else, and then as that content.
+//!
+//! `make fuzz` runs it from the committed seeds (`fuzz/seeds/answers/`) with the
+//! dictionary `fuzz/answers.dict`.
+#![no_main]
+
+use ibex_directive::agent::AgentId;
+use ibex_directive::tiers::{
+    parse_redis_get, parse_store, redis_set_outcome, Answer, Response, WriteOutcome,
+};
+use libfuzzer_sys::fuzz_target;
+use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+use serde_json::Value;
+
+const ASKED: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+const OTHER: &str = "00000000-0000-4000-8000-000000000000";
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    let status = match sel / 5 % 4 {
+        0 | 1 => Some(200),
+        2 => None,
+        _ => Some(201),
+    };
+    let agent = AgentId::parse(ASKED).expect("a UUID");
+    match sel % 5 {
+        0 => {
+            let _ = check_redis_get(status, rest);
+        }
+        1 => {
+            let Some((&delta, value)) = rest.split_first() else {
+                return;
+            };
+            let delta = i128::from(delta as i8);
+            let declared = value.len() as i128 + delta;
+            let body = [format!("${declared}\r\n").as_bytes(), value, b"\r\n"].concat();
+            let got = check_redis_get(status, &body);
+            if delta != 0 {
+                assert!(got.is_err(), "a length off by {delta} was read");
+            } else if status == Some(200) {
+                assert_eq!(got, expected_value(value), "a well-formed reply misread");
+            }
+        }
+        2 => {
+            let got = redis_set_outcome(&Response {
+                status,
+                body: rest.to_vec(),
+            });
+            let expected = match (status, rest) {
+                (Some(200), b"{\"EVAL\":1}") => WriteOutcome::Written,
+                (Some(200), b"{\"EVAL\":0}") => WriteOutcome::Skipped,
+                _ => WriteOutcome::Failed,
+            };
+            assert_eq!(got, expected);
+        }
+        3 => check_store(status, rest, &agent),
+        _ => {
+            let Some((&pick, content)) = rest.split_first() else {
+                return;
+            };
+            let content = String::from_utf8_lossy(content);
+            let id = if pick % 2 == 0 { ASKED } else { OTHER };
+            let body = serde_json::json!({ "agent_id": id, "content": content }).to_string();
+            check_store(status, body.as_bytes(), &agent);
+            if status == Some(200) && id == ASKED && !content.contains('\0') {
+                let got = parse_store(
+                    &Response {
+                        status,
+                        body: body.into_bytes(),
+                    },
+                    &agent,
+                );
+                let expected = if content.is_empty() {
+                    Answer::NoDirective
+                } else {
+                    Answer::Directive(content.into_owned().into())
+                };
+                assert_eq!(got, Ok(expected), "a well-formed store answer misread");
+            }
+        }
+    }
+});
+
+/// Reads `body` as a Webdis GET answer and checks it against the reference.
+fn check_redis_get(status: Option<u16>, body: &[u8]) -> Result<Answer, ()> {
+    let got = parse_redis_get(&Response {
+        status,
+        body: body.to_vec(),
+    })
+    .map_err(|_| ());
+    if status != Some(200) {
+        assert!(got.is_err(), "read an answer with status {status:?}");
+        return got;
+    }
+    let expected = if body == b"$-1\r\n" {
+        Ok(Answer::Unknown)
+    } else {
+        match canonical_bulk(body) {
+            Some(value) => expected_value(value),
+            None => Err(()),
+        }
+    };
+    assert_eq!(got, expected, "Webdis answer misread");
+    if let Ok(Answer::Directive(text)) = &got {
+        let text = text.expose();
+        let rebuilt = format!("${}\r\n{}\r\n", text.len(), text);
+        assert_eq!(
+            rebuilt.as_bytes(),
+            body,
+            "the directive is not the declared bytes"
+        );
+    }
+    got
+}
+
+/// The value of `body` when it is exactly a canonical RESP bulk reply.
+fn canonical_bulk(body: &[u8]) -> Option<&[u8]> {
+    let rest = body.strip_prefix(b"$")?;
+    let crlf = rest.windows(2).position(|w| w == b"\r\n")?;
+    let header = std::str::from_utf8(&rest[..crlf]).ok()?;
+    let len: u128 = header.parse().ok()?;
+    if len.to_string() != header {
+        return None; // a sign, a leading zero
+    }
+    let data = &rest[crlf + 2..];
+    if data.len() as u128 != len + 2 {
+        return None;
+    }
+    let (value, end) = data.split_at(data.len() - 2);
+    (end == b"\r\n").then_some(value)
+}
+
+/// What a Redis value means.
+fn expected_value(value: &[u8]) -> Result<Answer, ()> {
+    if value.first() == Some(&0) {
+        return Ok(Answer::Unknown);
+    }
+    match std::str::from_utf8(value) {
+        Ok("") => Ok(Answer::NoDirective),
+        Ok(text) if !text.contains('\0') => Ok(Answer::Directive(text.to_owned().into())),
+        _ => Err(()),
+    }
+}
+
+/// Reads `body` as a store answer and checks it against the reference.
+fn check_store(status: Option<u16>, body: &[u8], agent: &AgentId) {
+    let got = parse_store(
+        &Response {
+            status,
+            body: body.to_vec(),
+        },
+        agent,
+    )
+    .map_err(|_| ());
+    let expected = if status == Some(200) {
+        reference_store(body)
+    } else {
+        Err(())
+    };
+    assert_eq!(got, expected, "store answer misread");
+}
+
+fn reference_store(body: &[u8]) -> Result<Answer, ()> {
+    let mut keys = top_level_keys(body).ok_or(())?;
+    keys.sort();
+    if keys != ["agent_id", "content"] {
+        return Err(()); // duplicate, unknown or missing members
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|_| ())?;
+    if value["agent_id"] != ASKED {
+        return Err(());
+    }
+    match &value["content"] {
+        Value::Null => Ok(Answer::NoDirective),
+        Value::String(s) if s.is_empty() => Ok(Answer::NoDirective),
+        Value::String(s) if !s.contains('\0') => Ok(Answer::Directive(s.clone().into())),
+        _ => Err(()),
+    }
+}
+
+/// The top-level keys of an object, decoded, duplicates kept; None when `bytes` is
+/// not one JSON object.
+fn top_level_keys(bytes: &[u8]) -> Option<Vec<String>> {
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+            let mut keys = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                keys.push(key);
+            }
+            Ok(keys)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let keys = (&mut de).deserialize_map(Keys).ok()?;
+    de.end().ok()?;
+    Some(keys)
+}
