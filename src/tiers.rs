@@ -43,11 +43,12 @@
 //!   holds NUL, so a NUL elsewhere is not a directive either).
 //! - A write-back's outcome is `Written` or `Skipped` only for Webdis's exact
 //!   `{"EVAL":1}` / `{"EVAL":0}` with status 200; anything else is `Failed`.
-//! - L3 accepts one JSON object with exactly the members `agent_id` and `content`:
-//!   a duplicate, unknown or missing member, an `agent_id` other than the asked
-//!   agent's canonical (lower-case, hyphenated) id, a `content` that is neither a
-//!   string nor `null`, or that holds NUL, is an error. (So the companion must not add
-//!   a member to its answer before the filters that read it accept it.)
+//! - L3 accepts one JSON object with the members `agent_id` and `content`, each
+//!   exactly once: a duplicate (also spelled with escapes) or missing member, an
+//!   `agent_id` other than the asked agent's canonical (lower-case, hyphenated) id, a
+//!   `content` that is neither a string nor `null`, or that holds NUL, is an error.
+//!   Other members are ignored, so a newer store may add some (the audit trail's
+//!   `version_id`) without older filters failing every lookup.
 //!
 //! So a hostile answer can make its tier fail, hide a key (a tombstone: the store is
 //! asked) and — from the store, or by writing Redis — choose the text of a directive,
@@ -312,9 +313,9 @@ pub fn store_get(config: &Config, agent: &AgentId) -> Callout {
     }
 }
 
-/// The store's answer: exactly these two members, each once.
+/// The store's answer: these two members, each exactly once (serde refuses a
+/// duplicate); members it does not name are ignored.
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct StoreBody {
     agent_id: String,
     /// Required: `null` is "no directive", a missing member is an error.
@@ -633,6 +634,17 @@ mod tests {
             Ok(Answer::Directive("D".into())),
             "member order and whitespace do not matter"
         );
+        for extra in [
+            r#""version_id":"v1""#,
+            r#""Content":"E""#,
+            r#""x":{"content":"E"}"#,
+        ] {
+            assert_eq!(
+                store(&format!(r#"{{"agent_id":"{ID}","content":"D",{extra}}}"#)),
+                Ok(Answer::Directive("D".into())),
+                "other members are ignored: {extra}"
+            );
+        }
         assert_eq!(
             store(&format!(r#"{{"agent_id":"{ID}","content":""}}"#)),
             Ok(Answer::NoDirective)
@@ -656,14 +668,6 @@ mod tests {
             ),
             (format!(r#"{{"agent_id":"{ID}"}}"#), "missing content"),
             (r#"{"content":"D"}"#.to_owned(), "missing agent_id"),
-            (
-                format!(r#"{{"agent_id":"{ID}","content":"D","extra":1}}"#),
-                "unknown member",
-            ),
-            (
-                format!(r#"{{"agent_id":"{ID}","content":"D","Content":"E"}}"#),
-                "case variant",
-            ),
             (
                 format!(r#"{{"agent_id":"{ID}","content":5}}"#),
                 "content a number",
