@@ -5,7 +5,7 @@
 #   make build   the filter (wasm32-wasip1) and the companion (release)
 #   make lint    fmt --check and clippy of the whole workspace
 #   make fuzz    fuzz the splicer (FUZZ_SECONDS, 60) and tier answers (half); installs cargo-fuzz
-#   make e2e     only the end-to-end tests (PYTEST_ARGS="-k name" to pick)
+#   make e2e     only the end-to-end tests (E2E=tests/test_x.py, PYTEST_ARGS="-k name")
 #   make clean   remove build outputs and .run/
 #   make bench   SPEC §8 benchmarks, side by side (bench/README.md; ~10 min)
 #
@@ -26,6 +26,8 @@ WASM      := target/wasm32-wasip1/release/ibex_directive.wasm
 COMPANION := target/release/ibex-companion
 PG_BIN    := /usr/lib/postgresql/15/bin
 PYTEST_ARGS ?=
+## What `make e2e` runs: the whole suite, or E2E=tests/test_x.py (one module).
+E2E ?= tests
 FUZZ_SECONDS ?= 60
 
 # command -> Debian package that provides it
@@ -112,7 +114,7 @@ validate: venv build-filter
 	done
 
 e2e: deps build
-	$(PYTEST) tests -p no:cacheprovider -ra $(PYTEST_ARGS)
+	$(PYTEST) $(E2E) -p no:cacheprovider -ra $(PYTEST_ARGS)
 
 ## The fuzz targets (fuzz/fuzz_targets/): the JSON splicer (splice.rs) for FUZZ_SECONDS,
 ## then the readers of Webdis, write-back and store answers (answers.rs) for half as
