@@ -10,14 +10,14 @@
 //! ```
 //!
 //! Where each part lives:
-//! - [`admit`]: which requests are looked at at all (pure: headers and config in, a
+//! - `admit`: which requests are looked at at all (pure: headers and config in, a
 //!   decision out);
-//! - [`l1`]: the L1 lookup and write, against shared data with CAS;
-//! - [`fill`]: **the resolution flow**: start or join a fill, ask L2 then L3, read
+//! - `l1`: the L1 lookup and write, against shared data with CAS;
+//! - `fill`: **the resolution flow**: start or join a fill, ask L2 then L3, read
 //!   their answers, fall back on stale or `failure_mode`;
-//! - [`deliver`]: a known answer applied to every request that waited for it, and the
+//! - `deliver`: a known answer applied to every request that waited for it, and the
 //!   splice into the buffered body;
-//! - [`root`]: the root context's tick (L2 write-backs, orphaned fills).
+//! - `root`: the root context's tick (L2 write-backs, orphaned fills).
 //!
 //! **Fills are per agent and per worker, not per request.** The first request that
 //! misses L1 for an agent starts a fill; every other request for that agent arriving
