@@ -156,6 +156,8 @@ class Subscriber(_CompanionServer):
 
     Ready once /readyz is 200, which the subscriber answers only while it is
     subscribed: an update published after start() is never missed.
+    `control_token` (the control listeners' bearer token) reaches it as
+    IBEX_CONTROL_TOKEN, never on its command line, which any local user can read.
     """
 
     name = "subscriber"
@@ -168,16 +170,20 @@ class Subscriber(_CompanionServer):
         self.control_token = control_token
         self.extra_env.setdefault("REDIS_URL", redis_url)
 
+    def environment(self):
+        env = super().environment()
+        env.pop("IBEX_CONTROL_TOKEN", None)  # never one inherited from the harness
+        if self.control_token:
+            env["IBEX_CONTROL_TOKEN"] = self.control_token
+        return env
+
     def command(self):
-        argv = [
+        return [
             paths.companion_path(), "subscribe",
             "--redis-url", self.redis_url,
             "--control-urls", ",".join(self.control_urls),
             "--listen", f"127.0.0.1:{self.port}",
         ]
-        if self.control_token:
-            argv += ["--control-token", self.control_token]
-        return argv
 
     def settled_invalidations(self):
         """Control POSTs finished so far, acknowledged or given up on.

@@ -2,12 +2,14 @@
 
 The committed envoy/local.yaml is the template: this module loads it,
 points its ports, cluster endpoints and wasm path at the stack under test,
-merges per-test overrides into the filter's JSON configuration, writes the
-result next to the logs and runs Envoy on it.
+puts the stack's control token in the control listener's filter JSON, merges
+per-test overrides into the data listener's, writes the result (mode 0600: it
+holds the token) next to the logs and runs Envoy on it.
 """
 
 import copy
 import json
+import os
 import urllib.request
 
 import yaml
@@ -100,13 +102,20 @@ def set_cluster_port(config, name, port, address="127.0.0.1"):
     raise KeyError(f"no cluster {name!r} in the Envoy config")
 
 
+def control_token_config(token):
+    """The control listener's filter JSON layer that sets its bearer token."""
+    return {"control": {"token": token}}
+
+
 def render_config(template, *, admin_port, data_port, control_port, upstream_port, webdis_port, store_port,
-                  wasm, filter_config=None, filter_defaults=None, control_config=None, with_filter=True,
-                  cluster_ports=None):
+                  wasm, filter_config=None, filter_defaults=None, control_config=None, control_token=None,
+                  with_filter=True, cluster_ports=None):
     """A complete Envoy config for one stack; the template is not modified.
 
     The data listener's filter JSON is the template's, with `filter_defaults`
-    merged in, then `filter_config` (so a test's own values win).
+    merged in, then `filter_config` (so a test's own values win). The control
+    listener's gets `control_token` (over the template's placeholder), then
+    `control_config`.
     `cluster_ports` ({cluster name: port}) points clusters elsewhere after the
     stack's ports are set (failure tests aim ibex_redis at a server that hangs).
     """
@@ -126,8 +135,9 @@ def render_config(template, *, admin_port, data_port, control_port, upstream_por
     for layer in (filter_defaults, filter_config):
         if layer:
             set_filter_json(data, merge(filter_json(data), layer))
-    if control_config:
-        set_filter_json(control, merge(filter_json(control), control_config))
+    for layer in (control_token_config(control_token) if control_token else None, control_config):
+        if layer:
+            set_filter_json(control, merge(filter_json(control), layer))
     if not with_filter:
         filters = http_filters(data)
         filters[:] = [f for f in filters if f["name"] != WASM_FILTER]
@@ -144,6 +154,11 @@ machine answers well within them, where the committed 50 ms (Redis) and
 500 ms (store) may pass on a slow turn. Tests about timeouts set their own.
 Their sum stays below the companion's 10 s tombstone life (README, No
 resurrection)."""
+
+DEBUG_FILTER_CONFIG = {"debug_headers": True}
+"""Test stacks (`Stack(debug_headers=True)`): the upstream learns the tier that
+answered (`x-ibex-directive`, read by tests/helpers.py `tier`). The committed
+configs leave it off: a provider has no business knowing it."""
 
 
 def envoy_command(config_path, *, concurrency, log_level, log_path):
@@ -207,7 +222,12 @@ class EnvoyProcess(PortProcess):
         return [self.log_path, self.server_log_path]
 
     def prepare(self):
-        self.config_path.write_text(yaml.safe_dump(self.render(), sort_keys=False))
+        """Write the config, readable by its owner only (it may hold the control token)."""
+        text = yaml.safe_dump(self.render(), sort_keys=False)
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a config left by an older run keeps its mode otherwise
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
 
     def command(self):
         return envoy_command(self.config_path, concurrency=self.concurrency, log_level=self.log_level,
@@ -221,14 +241,15 @@ class Envoy(EnvoyProcess):
     `upstream_port`, `webdis_port` and `store_port` are the stack's servers.
     `filter_config` is merged into the data listener's filter JSON, over
     `filter_defaults` (the stack's own layer, e.g. PATIENT_FILTER_CONFIG);
-    `control_config` into the control listener's. `env` reaches Envoy's
+    `control_token` (the bearer token the subscriber presents), then
+    `control_config`, into the control listener's. `env` reaches Envoy's
     environment (IBEX_DIRECTIVE_CACHE_TTL is dropped unless given there).
     `cluster_ports` ({cluster: port}) overrides where a cluster points.
     """
 
     def __init__(self, directory, *, data_port, control_port, admin_port, upstream_port, webdis_port, store_port,
-                 filter_config=None, filter_defaults=None, control_config=None, template=None, wasm=None,
-                 with_filter=True, cluster_ports=None, **kwargs):
+                 filter_config=None, filter_defaults=None, control_config=None, control_token=None, template=None,
+                 wasm=None, with_filter=True, cluster_ports=None, **kwargs):
         super().__init__(directory, data_port, admin_port=admin_port, **kwargs)
         self.control_port = control_port
         self.upstream_port = upstream_port
@@ -237,6 +258,7 @@ class Envoy(EnvoyProcess):
         self.filter_config = filter_config or {}
         self.filter_defaults = filter_defaults or {}
         self.control_config = control_config or {}
+        self.control_token = control_token
         self.template_path = template or paths.LOCAL_ENVOY_CONFIG
         self.wasm = wasm or paths.wasm_path()
         self.with_filter = with_filter
@@ -258,6 +280,7 @@ class Envoy(EnvoyProcess):
         env = super().environment()
         if "IBEX_DIRECTIVE_CACHE_TTL" not in self.extra_env:
             env.pop("IBEX_DIRECTIVE_CACHE_TTL", None)
+        env.pop("IBEX_CONTROL_TOKEN", None)  # the token is in the config; nothing in Envoy reads this
         return env
 
     def render(self):
@@ -266,7 +289,8 @@ class Envoy(EnvoyProcess):
             admin_port=self.admin_port, data_port=self.data_port, control_port=self.control_port,
             upstream_port=self.upstream_port, webdis_port=self.webdis_port, store_port=self.store_port,
             wasm=self.wasm, filter_defaults=self.filter_defaults, filter_config=self.filter_config,
-            control_config=self.control_config, with_filter=self.with_filter, cluster_ports=self.cluster_ports,
+            control_config=self.control_config, control_token=self.control_token, with_filter=self.with_filter,
+            cluster_ports=self.cluster_ports,
         )
 
     def prepare(self):

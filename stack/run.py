@@ -5,11 +5,17 @@ Webdis, the companion store and subscriber, the echo upstream and Envoy with
 the filter; applies migrations; gives a demo agent a directive; writes
 .run/env; prints a curl to try; stops everything on Ctrl-C or SIGTERM.
 
+The control listener's bearer token is .run/control-token (mode 0600), made
+on the first run and kept: Envoy's config and the subscriber get it, nothing
+prints it.
+
 Run it through `make run`, which installs and builds what is missing first.
 """
 
 import json
 import os
+import re
+import secrets
 import signal
 import sys
 import time
@@ -25,6 +31,8 @@ RUN_DIR = paths.REPO / ".run"
 PID_DIR = RUN_DIR / "pids"
 LOG_DIR = RUN_DIR / "logs"
 ENV_FILE = RUN_DIR / "env"
+TOKEN_FILE = RUN_DIR / "control-token"
+TOKEN_SHAPE = re.compile(r"[A-Za-z0-9._~+/=-]{32,}")
 
 DEMO_AGENT_ID = "00000000-0000-4000-8000-00000000d0d0"
 DEMO_DIRECTIVE = (
@@ -107,6 +115,27 @@ def clean_stale_pid_files():
         pid_file.unlink()
 
 
+def control_token():
+    """The control token in TOKEN_FILE, made (random, mode 0600) when missing or unusable.
+
+    A file someone else could read is narrowed to 0600 before it is used.
+    """
+    try:
+        token = TOKEN_FILE.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    if TOKEN_SHAPE.fullmatch(token):
+        os.chmod(TOKEN_FILE, 0o600)
+        return token
+    token = secrets.token_urlsafe(32)
+    TOKEN_FILE.unlink(missing_ok=True)
+    fd = os.open(TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    say(f"made a control token in {TOKEN_FILE.relative_to(paths.REPO)}")
+    return token
+
+
 def ensure_demo_agent(stack):
     """Give the demo agent its directive unless the store already returns it."""
     status, body = stack.store.directive(DEMO_AGENT_ID)
@@ -123,6 +152,7 @@ def write_env_file(stack):
         "IBEX_GATEWAY_URL": stack.envoy.url,
         "ENVOY_ADMIN_URL": stack.envoy.admin_url,
         "IBEX_CONTROL_URL": stack.envoy.control_url,
+        "IBEX_CONTROL_TOKEN_FILE": TOKEN_FILE,
         "IBEX_STORE_URL": stack.store.url,
         "IBEX_UPSTREAM_URL": stack.upstream.url,
         "DATABASE_URL": stack.postgres.url,
@@ -141,7 +171,7 @@ ibex-directive is up in {seconds:.1f}s (Ctrl-C stops everything)
 
   gateway        {stack.envoy.url}
   envoy admin    {stack.envoy.admin_url}
-  control        {stack.envoy.control_url}
+  control        {stack.envoy.control_url}   (bearer token in {TOKEN_FILE.relative_to(paths.REPO)})
   store          {stack.store.url}
   echo upstream  {stack.upstream.url}   (GET /_demo/received shows what the model got)
   postgres       {stack.postgres.url}
@@ -153,6 +183,8 @@ Try it:
 
   . .run/env
   curl -s $IBEX_GATEWAY_URL/v1/chat/completions -H "{AGENT_HEADER}: $IBEX_DEMO_AGENT_ID" -H 'content-type: application/json' -d '{{"model":"demo","messages":[{{"role":"user","content":"hello"}}]}}'
+
+A request without {AGENT_HEADER} gets 401 missing_agent_id (agent.missing "reject").
 """
 
 
@@ -185,7 +217,7 @@ def main():
     if os.environ.get("IBEX_DIRECTIVE_CACHE_TTL"):
         envoy_env["IBEX_DIRECTIVE_CACHE_TTL"] = os.environ["IBEX_DIRECTIVE_CACHE_TTL"]
     stack = Stack(RUN_DIR, ports=ports, pg_dir=RUN_DIR / "pg", fast_pg=False, pid_dir=PID_DIR, log_dir=LOG_DIR,
-                  envoy_env=envoy_env, concurrency=2)
+                  envoy_env=envoy_env, concurrency=2, control_token=control_token())
     started = time.monotonic()
     code = 0
     try:

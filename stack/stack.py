@@ -10,10 +10,11 @@ echo upstream, Envoy, subscriber) on free loopback ports unless ports are
 given, and stop in reverse order, also when a test fails.
 """
 
+import secrets
 from pathlib import Path
 
 from stack.companion import PATIENT_STORE_ENV, Companion, Store, Subscriber
-from stack.envoy import PATIENT_FILTER_CONFIG, Envoy
+from stack.envoy import DEBUG_FILTER_CONFIG, PATIENT_FILTER_CONFIG, Envoy, merge
 from stack.ports import free_port, wait_until
 from stack.postgres import Postgres
 from stack.redis import Redis, Webdis
@@ -54,13 +55,17 @@ class Stack:
     patient          callout timeouts that hold on a loaded machine (PATIENT_FILTER_CONFIG
                      under every filter_config, PATIENT_STORE_ENV for the store): test
                      stacks; without it the committed configuration's timeouts apply
+    debug_headers    the upstream gets `x-ibex-directive` (DEBUG_FILTER_CONFIG under every
+                     filter_config): test stacks that read the tier; off in the committed configs
+    control_token    the control listener's bearer token, which the subscriber presents;
+                     default a new random one for this stack (make run passes its own)
     """
 
     PORT_NAMES = PORT_NAMES
 
     def __init__(self, directory, *, ports=None, filter_config=None, control_config=None, envoy_env=None,
                  parts=ORDER, pg_dir=None, fast_pg=True, pid_dir=None, log_dir=None, concurrency=2,
-                 log_levels=None, patient=False):
+                 log_levels=None, patient=False, debug_headers=False, control_token=None):
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = allocate_ports(ports, self.PORT_NAMES)
@@ -85,10 +90,13 @@ class Stack:
             "log_level": levels["envoy"],
             "cluster_ports": {},
         }
-        self.filter_defaults = PATIENT_FILTER_CONFIG if patient else {}
+        self.filter_defaults = merge(PATIENT_FILTER_CONFIG if patient else {},
+                                     DEBUG_FILTER_CONFIG if debug_headers else {})
+        self.control_token = control_token or secrets.token_urlsafe(32)
         self.envoy = self._make_envoy(**self.envoy_settings)
         self.subscriber = Subscriber(self.dir / "subscriber", p["subscriber"], self.redis.url,
-                                     [self.envoy.control_url], log_level=levels["companion"], **common)
+                                     [self.envoy.control_url], control_token=self.control_token,
+                                     log_level=levels["companion"], **common)
         self.companion = Companion(self.postgres.url, self.redis.url, directory=log_dir or self.dir,
                                    env={"RUST_LOG": levels["companion"]})
 
@@ -100,7 +108,7 @@ class Stack:
         return Envoy(self.dir / "envoy", data_port=p["data"], control_port=p["control"],
                      admin_port=p["admin"], upstream_port=p["upstream"], webdis_port=p["webdis"],
                      store_port=p["store"], filter_config=filter_config, filter_defaults=self.filter_defaults,
-                     control_config=control_config,
+                     control_config=control_config, control_token=self.control_token,
                      env=env, concurrency=concurrency, log_level=log_level, pid_dir=self.pid_dir,
                      log_dir=self.log_dir, cluster_ports=cluster_ports)
 
@@ -174,6 +182,10 @@ class Stack:
     @property
     def gateway_url(self):
         return self.envoy.url
+
+    def control_headers(self):
+        """Headers that authorise a request to the control listener (its bearer token)."""
+        return {"authorization": f"Bearer {self.control_token}"}
 
     def set_directive(self, agent_id, content, publish=True):
         """Set an agent's directive through the real companion CLI (Postgres, then PUBLISH).

@@ -20,6 +20,11 @@ import requests
 
 from helpers import CHAT, chat_body, json_headers, tier
 
+LOAD_AGENT_HEADER = "x-load-agent"
+"""The agent of a load request, as the upstream sees it: Envoy removes the
+agent header before the upstream (envoy/local.yaml), so the load repeats the
+agent in a header of its own."""
+
 
 @dataclass
 class Answer:
@@ -77,7 +82,7 @@ class Load:
                 answer = Answer(agent, time.time(), 0.0)
                 try:
                     response = session.post(self.url, data=self.body, timeout=self.timeout,
-                                            headers=json_headers(agent))
+                                            headers=json_headers(agent, {LOAD_AGENT_HEADER: agent}))
                     answer.status = response.status_code
                     answer.body = response.text
                 except requests.RequestException as exc:

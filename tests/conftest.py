@@ -6,6 +6,11 @@ A module tunes its stack with module-level constants:
     ENVOY_ENV = {...}       Envoy's extra environment
     LOG_LEVELS = {...}      {"envoy": "debug", "companion": "debug", "webdis": 8}
     PARTS = (...)           the parts to run (default: all)
+    DEBUG_HEADERS = False   the committed configs' debug_headers (default True: the
+                            upstream gets x-ibex-directive, which helpers.tier reads)
+
+Every stack has its own random control token (stack.control_token), which its
+subscriber presents; stack.control_headers() authorises a test's own POSTs.
 """
 
 import sys
@@ -42,6 +47,7 @@ def stack(tmp_path_factory, request):
         log_levels=getattr(module, "LOG_LEVELS", None),
         parts=getattr(module, "PARTS", ORDER),
         patient=True,
+        debug_headers=getattr(module, "DEBUG_HEADERS", True),
     ) as running:
         yield running
 

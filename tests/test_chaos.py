@@ -27,11 +27,10 @@ from collections import Counter
 
 import pytest
 
-from chaos_helpers import Load, UpstreamLog, counter_delta, fractions, tier_counts
+from chaos_helpers import LOAD_AGENT_HEADER, Load, UpstreamLog, counter_delta, fractions, tier_counts
 from conftest import _STACK_DIRS
 from helpers import new_agent, strict_json, tier
 from stack import Stack, wait_until
-from stack.contract import AGENT_HEADER
 from stack.procfs import rss_kb
 from stack.stack import ORDER
 
@@ -108,7 +107,7 @@ def warm(stack, directives):
 
 def agents_seen(received, tiers):
     """Agents for which the upstream saw a request answered by one of `tiers`."""
-    return {r.header(AGENT_HEADER) for r in received if tier(r) in tiers}
+    return {r.header(LOAD_AGENT_HEADER) for r in received if tier(r) in tiers}
 
 
 def degraded(part, directives, log, load, since):
@@ -310,7 +309,7 @@ def test_kill_and_restart_under_load(stack, fleet, everything_back, part):
         assert len(received) == len(answers), "the upstream saw exactly the requests that were answered"
     missing = []
     for item in received:
-        agent = item.header(AGENT_HEADER)
+        agent = item.header(LOAD_AGENT_HEADER)
         first = strict_json(item.body)["messages"][0]
         if first != {"role": "system", "content": directives[agent]}:
             missing.append((agent, tier(item)))

@@ -24,13 +24,16 @@ def restart(stack):
     stack.restart_envoy(filter_config={}, env={})
 
 
-def test_missing_agent_header_is_rejected_when_configured(stack, restart):
-    restart({"agent": {"missing": "reject"}})
-    response = send(stack, CHAT, chat_body())
-    assert response.status_code == 401
-    assert error_code(response) == "missing_agent_id"
-    assert stack.upstream.received() == []
-    assert stack.envoy.counter("rejected.missing_agent_id") == 1
+@pytest.mark.parametrize("missing", ["pass", REMOVE], ids=["pass", "filter_default"])
+def test_missing_agent_header_passes_untouched_when_configured(stack, restart, missing):
+    """agent.missing "pass" (also the filter's default; the committed configs reject:
+    test_injection.py) forwards a request without an agent untouched."""
+    restart({"agent": {"missing": missing}})
+    body = chat_body()
+    response = send(stack, CHAT, body)
+    assert response.status_code == 200
+    assert stack.upstream.last().body == body
+    assert stack.envoy.counter("rejected.missing_agent_id") == 0
 
 
 def test_custom_agent_header(stack, restart):

@@ -5,6 +5,9 @@ included, so this also proves the filter accepts the committed JSON. It runs
 from the repository root, where the configs' relative wasm path points.
 """
 
+import os
+import secrets
+import stat
 import subprocess
 
 import pytest
@@ -15,6 +18,7 @@ from stack.envoy import (
     CONTROL_LISTENER,
     DATA_LISTENER,
     filter_json,
+    http_connection_manager,
     listener,
     load_template,
     render_config,
@@ -22,6 +26,8 @@ from stack.envoy import (
 )
 
 CONFIGS = sorted(paths.ENVOY_DIR.glob("*.yaml"))
+TOKEN_PLACEHOLDER = "${IBEX_CONTROL_TOKEN}"
+COMPOSE_ENTRYPOINT = paths.ENVOY_DIR / "compose-entrypoint.sh"
 
 
 def validate(config_path):
@@ -65,6 +71,30 @@ def test_config_keeps_the_contract(config):
         assert plugin["vm_config"]["vm_id"] == "ibex_directive"
         assert plugin["vm_config"]["runtime"] == "envoy.wasm.runtime.v8"
         assert "IBEX_DIRECTIVE_CACHE_TTL" in plugin["vm_config"]["environment_variables"]["host_env_keys"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_has_safe_defaults(config):
+    """What a copied config must not get wrong (README, Threat model)."""
+    data = load_template(config)
+    assert data["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    data_listener = listener(data, DATA_LISTENER)
+    control_listener = listener(data, CONTROL_LISTENER)
+    assert control_listener["address"]["socket_address"]["address"] == "127.0.0.1"
+    for item in data["static_resources"]["listeners"]:
+        hcm = http_connection_manager(item)
+        # the filter matches the path the upstream routes
+        assert hcm["normalize_path"] is True, item["name"]
+        assert hcm["merge_slashes"] is True, item["name"]
+        assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST", item["name"]
+    data_json = filter_json(data_listener)
+    assert data_json["agent"]["missing"] == "reject"
+    assert data_json.get("debug_headers", False) is False
+    # the provider does not learn the agent: the router drops its header
+    removed = http_connection_manager(data_listener)["route_config"]["request_headers_to_remove"]
+    assert data_json["agent"].get("header", "x-agent-id") in removed
+    # whoever starts Envoy puts the token in (stack/envoy.py, envoy/compose-entrypoint.sh)
+    assert filter_json(control_listener)["control"]["token"] == TOKEN_PLACEHOLDER
 
 
 def test_rendered_test_config_validates(tmp_path):
@@ -116,8 +146,25 @@ def test_docker_compose_matches_its_envoy_config():
         assert address["address"] in services, f"cluster {cluster['name']} points at unknown service {address}"
         assert expected_ports[address["address"]] == address["port_value"]
     envoy = services["envoy"]
+    # sh compose-entrypoint.sh TEMPLATE OUTPUT envoy -c OUTPUT …: the template is the
+    # mounted compose.yaml, Envoy runs on what the script wrote
+    command = envoy["command"]
+    script_mount = next(v for v in envoy["volumes"] if v.startswith("./envoy/compose-entrypoint.sh:"))
+    assert command[:2] == ["sh", script_mount.split(":")[1]]
     config_mount = next(v for v in envoy["volumes"] if v.startswith("./envoy/compose.yaml:"))
-    assert config_mount.split(":")[1] == envoy["command"][envoy["command"].index("-c") + 1]
+    assert command[2] == config_mount.split(":")[1]
+    assert command[4] == "envoy" and command[command.index("-c") + 1] == command[3]
+    # the token reaches Envoy and the subscriber from the environment, and compose
+    # refuses to start without one
+    for name in ("envoy", "subscriber"):
+        assert services[name]["environment"]["IBEX_CONTROL_TOKEN"].startswith("${IBEX_CONTROL_TOKEN:?"), name
+    assert [n for n, s in services.items() if "IBEX_CONTROL_TOKEN" in (s.get("environment") or {})] == \
+        ["envoy", "subscriber"]
+    # admin stays on the container's loopback: not published, checked from inside
+    admin_port = envoy_config["admin"]["address"]["socket_address"]["port_value"]
+    assert all(not port.endswith(f":{admin_port}") for port in envoy["ports"])
+    assert f"/dev/tcp/127.0.0.1/{admin_port}" in " ".join(envoy["healthcheck"]["test"])
+    assert services["subscriber"]["depends_on"]["envoy"]["condition"] == "service_healthy"
     wasm = wasm_plugin_path(envoy_config)
     wasm_dir_mount = next(v for v in envoy["volumes"] if v.startswith("./target/wasm32-wasip1/release:"))
     assert envoy["working_dir"] + "/" + wasm.rsplit("/", 1)[0] == wasm_dir_mount.split(":")[1]
@@ -133,3 +180,49 @@ def test_docker_compose_matches_its_envoy_config():
 def wasm_plugin_path(config):
     """The wasm filename of the data listener's filter."""
     return wasm_plugin(listener(config, DATA_LISTENER))["vm_config"]["code"]["local"]["filename"]
+
+
+def run_compose_entrypoint(tmp_path, token, *command):
+    """envoy/compose-entrypoint.sh on envoy/compose.yaml, as the envoy service runs it."""
+    env = {key: value for key, value in os.environ.items() if key != "IBEX_CONTROL_TOKEN"}
+    if token is not None:
+        env["IBEX_CONTROL_TOKEN"] = token
+    output = tmp_path / "ibex" / "envoy.yaml"
+    result = subprocess.run(["sh", str(COMPOSE_ENTRYPOINT), str(paths.ENVOY_DIR / "compose.yaml"), str(output),
+                             *command], cwd=paths.REPO, env=env, capture_output=True, text=True, timeout=30)
+    return result, output
+
+
+def test_compose_entrypoint_renders_the_token(tmp_path):
+    """The envoy service's entrypoint writes compose.yaml with the token (0600),
+    which loads in Envoy, and runs its command without the token in the environment."""
+    paths.require_file(paths.wasm_path(), "build the filter first (make build)")
+    token = secrets.token_hex(32)
+    result, output = run_compose_entrypoint(tmp_path, token, "sh", "-c", 'echo "left:${IBEX_CONTROL_TOKEN:-none}"')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "left:none\n"
+    assert token not in result.stdout + result.stderr
+    assert stat.S_IMODE(output.stat().st_mode) == 0o600
+    rendered = load_template(output)
+    assert filter_json(listener(rendered, CONTROL_LISTENER))["control"]["token"] == token
+    assert TOKEN_PLACEHOLDER not in output.read_text()
+    # nothing else changed
+    template = load_template(paths.ENVOY_DIR / "compose.yaml")
+    control = listener(template, CONTROL_LISTENER)
+    wasm_plugin(control)["configuration"]["value"] = wasm_plugin(listener(rendered, CONTROL_LISTENER))[
+        "configuration"]["value"]
+    assert rendered == template
+    check = validate(output)
+    assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
+
+
+@pytest.mark.parametrize("token", [None, "", "short", "x" * 31, "a" * 40 + " b", "a" * 40 + "&", "a" * 40 + "|",
+                                   "a" * 40 + "\\", "a" * 40 + '"'],
+                         ids=["unset", "empty", "short", "31", "space", "ampersand", "pipe", "backslash", "quote"])
+def test_compose_entrypoint_refuses_a_missing_or_unusable_token(tmp_path, token):
+    result, output = run_compose_entrypoint(tmp_path, token, "true")
+    assert result.returncode == 64, result.stderr
+    assert "IBEX_CONTROL_TOKEN" in result.stderr
+    if token:
+        assert token not in result.stderr
+    assert not output.exists()

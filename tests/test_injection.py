@@ -190,11 +190,15 @@ def test_invalid_agent_id_is_rejected(stack, upstream):
     assert upstream.received() == []
 
 
-def test_missing_agent_header_passes_untouched_by_default(stack, upstream):
-    body = chat_body()
-    response = send(stack, CHAT, body)
-    assert response.status_code == 200
-    assert upstream.last().body == body
+def test_missing_agent_header_is_refused_by_the_committed_config(stack, upstream):
+    """envoy/local.yaml sets agent.missing "reject" (the filter's own default, pass:
+    test_config_variants.py)."""
+    before = stack.envoy.counter("rejected.missing_agent_id")
+    response = send(stack, CHAT, chat_body())
+    assert response.status_code == 401
+    assert error_code(response) == "missing_agent_id"
+    assert upstream.received() == []
+    assert stack.envoy.counter("rejected.missing_agent_id") == before + 1
 
 
 def test_malformed_body_is_refused(stack, upstream):

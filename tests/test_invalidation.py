@@ -22,10 +22,6 @@ from stack.contract import FLUSH_CHANNEL, FLUSH_MARKER, INVALIDATE_PATH, TOMBSTO
 from stack.contract import redis_key as key
 from stack.postgres import quote_literal
 
-CONTROL_TOKEN = "test-control-token"
-CONTROL_CONFIG = {"control": {"token": CONTROL_TOKEN}}
-
-
 def cached(stack, agent, directive):
     """Request once so the directive sits in L1 and L2; check the next one is local."""
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
@@ -59,22 +55,15 @@ def every_worker_carries(stack, agent, directive):
     return tiers
 
 
-def control(stack, path, token=CONTROL_TOKEN, authorization=None):
+def control(stack, path, token=None, authorization=None):
+    """POST to the control listener, with the stack's bearer token unless told otherwise
+    (`token`: another one, "" none; `authorization`: the header as it is)."""
+    if token is None:
+        token = stack.control_token
     if authorization is None and token:
         authorization = f"Bearer {token}"
     headers = {"authorization": authorization} if authorization else {}
     return requests.post(stack.envoy.control_url + path, headers=headers, timeout=10)
-
-
-@pytest.fixture()
-def control_token(stack):
-    """The control listener requires CONTROL_TOKEN for the test, and none afterwards.
-
-    The stack's subscriber has no token: while this holds, its POSTs are refused.
-    """
-    stack.restart_envoy(control_config=CONTROL_CONFIG)
-    yield CONTROL_TOKEN
-    stack.restart_envoy(control_config={})
 
 
 # -- a writer that is not ours: SQL, then PUBLISH ------------------------------
@@ -152,7 +141,9 @@ def test_control_invalidate_all(stack, upstream):
         assert injected_text(stack, agent) == "New text."
 
 
-def test_control_without_the_token_is_refused_and_invalidates_nothing(stack, upstream, control_token):
+def test_control_without_the_token_is_refused_and_invalidates_nothing(stack, upstream):
+    """Every stack's control listener wants its token (the subscriber presents it)."""
+    token = stack.control_token
     agent = agent_with(stack, "Still cached.")
     cached(stack, agent, "Still cached.")
     stack.set_directive(agent, "Not visible until invalidated.", publish=False)
@@ -160,17 +151,18 @@ def test_control_without_the_token_is_refused_and_invalidates_nothing(stack, ups
     lookups = stack.store.lookups()
     invalidations = stack.envoy.counter("invalidations")
     refused = [
-        {"token": None},
+        {"token": ""},
         {"token": "wrong"},
-        {"token": CONTROL_TOKEN + "x"},
-        {"authorization": CONTROL_TOKEN},  # no "Bearer "
-        {"authorization": f"Basic {CONTROL_TOKEN}"},
+        {"token": token + "x"},
+        {"token": token[:-1]},
+        {"authorization": token},  # no "Bearer "
+        {"authorization": f"Basic {token}"},
     ]
     for path in (f"{INVALIDATE_PATH}/{agent}", INVALIDATE_PATH):
         for credentials in refused:
             response = control(stack, path, **credentials)
-            assert response.status_code == 401, (path, credentials)
-            assert CONTROL_TOKEN not in response.text
+            assert response.status_code == 401, (path, list(credentials))
+            assert token not in response.text
     # nothing was invalidated: the entry is still served from L1, no store lookup
     assert injected_text(stack, agent) == "Still cached."
     assert tier(stack.upstream.last()) == "local"
@@ -183,7 +175,11 @@ def test_control_without_the_token_is_refused_and_invalidates_nothing(stack, ups
 
 
 def test_control_listener_does_not_proxy(stack, upstream):
+    """Without the token every path is refused (401), with it an unknown one is 404."""
     response = requests.post(stack.envoy.control_url + CHAT, data=chat_body(), timeout=10)
+    assert response.status_code == 401
+    response = requests.post(stack.envoy.control_url + CHAT, data=chat_body(), headers=stack.control_headers(),
+                             timeout=10)
     assert response.status_code == 404
     assert upstream.received() == []
 

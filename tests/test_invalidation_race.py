@@ -95,7 +95,8 @@ def injected(stack, agent):
 
 def control_invalidate(stack, agent):
     """Tombstone the agent's L1 entry through the control endpoint (forces a fill)."""
-    response = requests.post(f"{stack.envoy.control_url}{INVALIDATE_PATH}/{agent}", timeout=10)
+    response = requests.post(f"{stack.envoy.control_url}{INVALIDATE_PATH}/{agent}", headers=stack.control_headers(),
+                             timeout=10)
     assert response.status_code == 204
 
 
