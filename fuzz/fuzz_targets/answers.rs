@@ -37,7 +37,9 @@ use ibex_directive::tiers::{
     parse_redis_get, parse_store, redis_set_outcome, Answer, Response, WriteOutcome,
 };
 use libfuzzer_sys::fuzz_target;
-use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+
+mod json_keys;
+use json_keys::top_level_keys;
 use serde_json::Value;
 
 const ASKED: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
@@ -206,28 +208,4 @@ fn reference_store(body: &[u8]) -> Result<Answer, ()> {
         Value::String(s) if !s.contains('\0') => Ok(Answer::Directive(s.clone().into())),
         _ => Err(()),
     }
-}
-
-/// The top-level keys of an object, decoded, duplicates kept; None when `bytes` is
-/// not one JSON object.
-fn top_level_keys(bytes: &[u8]) -> Option<Vec<String>> {
-    struct Keys;
-    impl<'de> Visitor<'de> for Keys {
-        type Value = Vec<String>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
-            let mut keys = Vec::new();
-            while let Some(key) = map.next_key::<String>()? {
-                map.next_value::<IgnoredAny>()?;
-                keys.push(key);
-            }
-            Ok(keys)
-        }
-    }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let keys = (&mut de).deserialize_map(Keys).ok()?;
-    de.end().ok()?;
-    Some(keys)
 }

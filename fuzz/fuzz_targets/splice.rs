@@ -30,7 +30,10 @@ use ibex_directive::escape::escape_json_str;
 use ibex_directive::inject::{splice, Format};
 use ibex_directive::json::{fold_case, scan, BodyError, ValueKind};
 use libfuzzer_sys::fuzz_target;
-use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+
+mod json_keys;
+use json_keys::top_level_keys;
+use serde::de::IgnoredAny;
 use serde_json::{json, Value};
 
 const PREFIX: &str = r#"{"role":"system","content":""#;
@@ -216,29 +219,4 @@ fn unique(keys: &[String]) -> bool {
     let mut sorted: Vec<String> = keys.iter().map(|k| fold_case(k).into_owned()).collect();
     sorted.sort();
     sorted.windows(2).all(|w| w[0] != w[1])
-}
-
-/// The top-level keys of an object body as serde_json decodes them, duplicates
-/// kept; None when the body is not an object or a key does not decode (a lone
-/// surrogate escape) or a value is too deep for serde_json.
-fn top_level_keys(bytes: &[u8]) -> Option<Vec<String>> {
-    struct Keys;
-    impl<'de> Visitor<'de> for Keys {
-        type Value = Vec<String>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
-            let mut keys = Vec::new();
-            while let Some(key) = map.next_key::<String>()? {
-                map.next_value::<IgnoredAny>()?;
-                keys.push(key);
-            }
-            Ok(keys)
-        }
-    }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let keys = (&mut de).deserialize_map(Keys).ok()?;
-    de.end().ok()?;
-    Some(keys)
 }
