@@ -69,6 +69,9 @@ pub fn handle<H: Host>(
             Some(agent) => invalidate_agent(&agent, host),
             None => return error(400, "invalid_agent_id", "agent id must be a UUID"),
         },
+        // Key entries are not served by this role yet: answered like any other
+        // unknown path (the subscriber then falls back to invalidating all).
+        InvalidateTarget::Key(_) => return error(404, "not_found", "no such control endpoint"),
     };
     match result {
         Ok(()) => {

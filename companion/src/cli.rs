@@ -12,6 +12,8 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use ibex_wire::Redacted;
 use uuid::Uuid;
 
+use crate::keys::{ApiKey, KeySha256};
+
 /// Companion of the ibex-directive Envoy filter.
 #[derive(Parser)]
 #[command(name = "ibex-companion", version, about)]
@@ -36,6 +38,13 @@ pub enum Command {
     Flush(FlushArgs),
     /// Turn published updates into Redis deletes and Envoy invalidations.
     Subscribe(SubscribeArgs),
+    /// Issue a new gateway API key for an agent: prints the key once on stdout
+    /// (only its SHA-256 is stored).
+    IssueKey(IssueKeyArgs),
+    /// Revoke a gateway API key, then publish its update.
+    RevokeKey(RevokeKeyArgs),
+    /// List an agent's gateway API keys: SHA-256, dates, label (never a key).
+    ListKeys(ListKeysArgs),
 }
 
 /// Postgres connection.
@@ -184,6 +193,85 @@ impl ChangeArgs {
     }
 }
 
+/// `issue-key` arguments.
+#[derive(Args)]
+pub struct IssueKeyArgs {
+    /// Agent the key identifies (created when missing).
+    #[arg(long, env = "IBEX_AGENT_ID")]
+    pub agent_id: Uuid,
+    /// A note for `list-keys` (who or what holds the key); no control
+    /// characters, at most 200 bytes.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Org of the agent when it has to be created (default: the demo org
+    /// 00000000-0000-4000-8000-000000000001).
+    #[arg(long, env = "IBEX_ORG_ID")]
+    pub org_id: Option<Uuid>,
+    /// Postgres connection.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+}
+
+/// Which key `revoke-key` revokes.
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("key").required(true).args(["key_sha256", "key_stdin"])))]
+pub struct KeySelector {
+    /// The key's SHA-256, 64 lower-case hex characters (as `list-keys` prints).
+    /// Checked by [`KeySelector::resolve`], not by the parser, so that a key
+    /// pasted here by mistake is not echoed in the error.
+    #[arg(long)]
+    pub key_sha256: Option<String>,
+    /// Read the key itself from standard input (surrounding whitespace
+    /// dropped) and revoke its SHA-256.
+    #[arg(long)]
+    pub key_stdin: bool,
+}
+
+impl KeySelector {
+    /// The hash to revoke: the flag's, or that of the key read from stdin.
+    /// Errors never quote the input.
+    pub fn resolve(&self) -> crate::Result<KeySha256> {
+        use std::io::Read;
+        if let Some(raw) = &self.key_sha256 {
+            // The message never quotes the value: it might be the key itself.
+            return KeySha256::parse(raw).ok_or_else(|| {
+                crate::Error::InvalidInput(
+                    "--key-sha256 expects 64 lower-case hex characters (the key's SHA-256, \
+                     not the key; use --key-stdin to pass the key)"
+                        .into(),
+                )
+            });
+        }
+        let mut raw = String::new();
+        std::io::stdin()
+            .read_to_string(&mut raw)
+            .map_err(|e| crate::Error::InvalidInput(format!("cannot read stdin: {e}")))?;
+        Ok(ApiKey::from_input(&raw)?.sha256())
+    }
+}
+
+/// `revoke-key` arguments.
+#[derive(Args)]
+pub struct RevokeKeyArgs {
+    /// The key to revoke.
+    #[command(flatten)]
+    pub key: KeySelector,
+    /// Where the revocation is written and published.
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// `list-keys` arguments.
+#[derive(Args)]
+pub struct ListKeysArgs {
+    /// Agent whose keys are listed.
+    #[arg(long, env = "IBEX_AGENT_ID")]
+    pub agent_id: Uuid,
+    /// Postgres connection.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+}
+
 /// `flush` arguments.
 #[derive(Args)]
 pub struct FlushArgs {
@@ -280,6 +368,37 @@ mod tests {
             panic!("wrong subcommand")
         };
         assert!(!format!("{:?}", args.source).contains("\"a\""));
+    }
+
+    #[test]
+    fn revoke_key_takes_exactly_one_selector() {
+        let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let base = [
+            "ibex-companion",
+            "revoke-key",
+            "--database-url",
+            "postgres://x",
+        ];
+        assert!(Cli::try_parse_from(base).is_err());
+        let mut both = base.to_vec();
+        both.extend(["--key-sha256", hash, "--key-stdin"]);
+        assert!(Cli::try_parse_from(both).is_err());
+        let mut one = base.to_vec();
+        one.extend(["--key-sha256", hash]);
+        let cli = Cli::try_parse_from(one).unwrap();
+        let Command::RevokeKey(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(args.key.resolve().unwrap().hex(), hash);
+        // A key passed where the hash belongs is refused without being echoed.
+        let mut wrong = base.to_vec();
+        wrong.extend(["--key-sha256", "ibex_secretsecret"]);
+        let cli = Cli::try_parse_from(wrong).unwrap();
+        let Command::RevokeKey(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        let err = args.key.resolve().unwrap_err().to_string();
+        assert!(!err.contains("secretsecret"), "{err}");
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub enum Error {
     /// An agent id that is not a UUID.
     #[error("invalid agent id")]
     InvalidAgentId,
+    /// A key hash that is not 64 lower-case hex characters.
+    #[error("invalid key sha256")]
+    InvalidKeySha256,
     /// Postgres is unreachable, slow or failed.
     #[error(transparent)]
     Db(#[from] DbFailure),
@@ -128,6 +131,12 @@ impl Error {
                 "invalid_request_error",
                 "invalid_agent_id",
                 "agent id must be a UUID",
+            ),
+            Error::InvalidKeySha256 => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_key_sha256",
+                "key hash must be 64 lower-case hex characters",
             ),
             Error::Db(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -192,6 +201,13 @@ mod tests {
             Error::InvalidAgentId.http_parts().0,
             StatusCode::BAD_REQUEST
         );
+    }
+
+    #[test]
+    fn bad_key_hash_maps_to_400() {
+        let (status, _, code, _) = Error::InvalidKeySha256.http_parts();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(code, "invalid_key_sha256");
     }
 
     #[test]

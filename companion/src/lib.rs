@@ -8,7 +8,8 @@
 //! - [`subscribe`]: turns `PUBLISH ibex:directive:updates:{agent}` into a Redis
 //!   `DEL` plus a POST to every Envoy control listener.
 //! - [`admin`]: `set-directive`, `clear-directive` and `flush` for operators and
-//!   tests.
+//!   tests; `issue-key`, `revoke-key` and `list-keys` for gateway API keys
+//!   ([`keys`]: only their SHA-256 is ever stored, published or logged).
 //! - [`migrate`]: the embedded schema migrations.
 //!
 //! Key, channel and path names, the tombstone, the flush marker and the JSON
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod cli;
 pub mod db;
 pub mod error;
+pub mod keys;
 pub mod metrics;
 pub mod migrate;
 pub mod shutdown;

@@ -29,6 +29,14 @@ async fn main() -> ExitCode {
             );
             ExitCode::from(EXIT_PUBLISH_FAILED)
         }
+        Err(AdminError::KeyPublish(e)) => {
+            eprintln!(
+                "warning: the key is revoked in the database, but the invalidation was not \
+                 published ({e}); caches may accept the key until their TTL expires. \
+                 Run the revoke-key again or `ibex-companion flush` once Redis is reachable."
+            );
+            ExitCode::from(EXIT_PUBLISH_FAILED)
+        }
         Err(AdminError::Failed(e)) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -110,6 +118,47 @@ async fn run(command: Command) -> Result<(), AdminError> {
             subscribe::run(subscriber, Some(listener), shutdown::signal())
                 .await
                 .map_err(Error::from)?;
+        }
+        Command::IssueKey(args) => {
+            let issued = admin::issue_key(
+                &args.db.database_url,
+                args.agent_id,
+                args.org_id.unwrap_or(admin::DEMO_ORG_ID),
+                args.label.as_deref(),
+            )
+            .await?;
+            // The key, once, alone on stdout; everything else on stderr.
+            println!("{}", issued.key.expose());
+            eprintln!(
+                "agent_id={} key_sha256={}",
+                args.agent_id, issued.key_sha256
+            );
+            eprintln!("This key is shown once and cannot be recovered: store it now.");
+        }
+        Command::RevokeKey(args) => {
+            let key = args.key.resolve()?;
+            let outcome =
+                admin::revoke_key(&args.change.db.database_url, args.change.publish_url(), key)
+                    .await?;
+            println!("{key}");
+            if !outcome.newly_revoked {
+                eprintln!("note: the key was already revoked");
+            }
+        }
+        Command::ListKeys(args) => {
+            let rows = admin::list_keys(&args.db.database_url, args.agent_id).await?;
+            println!("key_sha256\tcreated_at\trevoked_at\tlabel");
+            for row in rows {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    row.key_sha256,
+                    row.created_at,
+                    row.revoked_at.as_deref().unwrap_or("-"),
+                    // Labels are checked on issue; a row written by other
+                    // means still cannot break the columns.
+                    row.label.unwrap_or_default().replace(char::is_control, " ")
+                );
+            }
         }
     }
     Ok(())

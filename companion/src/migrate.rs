@@ -20,10 +20,16 @@ pub struct Migration {
 
 /// All migrations, sorted by name. A unit test checks this list against the
 /// directory so a new file cannot be forgotten here.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    name: "0001_core_schema.sql",
-    sql: include_str!("../../migrations/0001_core_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "0001_core_schema.sql",
+        sql: include_str!("../../migrations/0001_core_schema.sql"),
+    },
+    Migration {
+        name: "0002_agent_api_keys.sql",
+        sql: include_str!("../../migrations/0002_agent_api_keys.sql"),
+    },
+];
 
 /// Arbitrary constant identifying the migration advisory lock.
 const LOCK_KEY: i64 = 0x1be7_d1ec_7001;

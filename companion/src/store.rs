@@ -6,6 +6,11 @@
 //! database trouble becomes a 503 rather than a hang. It must never write
 //! (its pool is read-only, see [`crate::db`]), never log or echo content other
 //! than in the 200 body, and never return database error text to a client.
+//!
+//! It also resolves gateway API keys (SPEC §3.1): `GET /v1/keys/{sha256hex}`
+//! answers the agent an active key belongs to, with the same deadlines, single
+//! flight and metrics style as the directive lookup. Only the key's SHA-256 ever
+//! reaches the store; it is logged at debug level at most.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,6 +31,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::error::json_error;
+use crate::keys::KeySha256;
 use crate::metrics::{Counter, Exposition, Histogram, CONTENT_TYPE, LATENCY_BUCKETS};
 use crate::{DbFailure, DirectiveText, Error};
 
@@ -35,6 +41,11 @@ FROM ibex_core.directives d
 JOIN ibex_core.directive_versions dv ON dv.id = d.active_version_id
 WHERE d.agent_id = $1 AND d.is_active = true AND dv.id IS NOT NULL
 LIMIT 1";
+
+/// The agent of an active gateway API key. No row means "unknown or revoked".
+pub const KEY_RESOLVE_SQL: &str = "SELECT k.agent_id
+FROM ibex_core.agent_api_keys k
+WHERE k.key_sha256 = $1 AND k.revoked_at IS NULL";
 
 /// Behaviour knobs of the store.
 #[derive(Clone, Debug)]
@@ -75,6 +86,20 @@ pub struct StoreMetrics {
     pub db_queries: Counter,
     /// End-to-end lookup latency, by request.
     pub latency: Histogram,
+    /// Key lookups of an active key.
+    pub key_found: Counter,
+    /// Key lookups answered with `agent_id: null` (unknown or revoked).
+    pub key_none: Counter,
+    /// Key lookups answered with 503.
+    pub key_error: Counter,
+    /// Key lookups rejected before lookup (malformed hash).
+    pub key_bad_requests: Counter,
+    /// Key lookups that joined a query for the same key not yet sent.
+    pub key_coalesced: Counter,
+    /// Key queries actually sent to Postgres.
+    pub key_db_queries: Counter,
+    /// End-to-end key lookup latency, by request.
+    pub key_latency: Histogram,
 }
 
 impl Default for StoreMetrics {
@@ -87,6 +112,13 @@ impl Default for StoreMetrics {
             coalesced: Counter::default(),
             db_queries: Counter::default(),
             latency: Histogram::new(LATENCY_BUCKETS),
+            key_found: Counter::default(),
+            key_none: Counter::default(),
+            key_error: Counter::default(),
+            key_bad_requests: Counter::default(),
+            key_coalesced: Counter::default(),
+            key_db_queries: Counter::default(),
+            key_latency: Histogram::new(LATENCY_BUCKETS),
         }
     }
 }
@@ -135,16 +167,60 @@ impl StoreMetrics {
             "Lookup latency as seen by the handler.",
             &self.latency,
         );
+        e.family(
+            "ibex_store_key_lookups_total",
+            "counter",
+            "Gateway API key lookups that reached the store with a valid hash, by result.",
+        )
+        .sample(
+            "ibex_store_key_lookups_total",
+            &[("result", "found")],
+            self.key_found.get(),
+        )
+        .sample(
+            "ibex_store_key_lookups_total",
+            &[("result", "none")],
+            self.key_none.get(),
+        )
+        .sample(
+            "ibex_store_key_lookups_total",
+            &[("result", "error")],
+            self.key_error.get(),
+        )
+        .counter(
+            "ibex_store_key_bad_requests_total",
+            "Key lookups rejected because the hash is not 64 lower-case hex characters.",
+            &self.key_bad_requests,
+        )
+        .counter(
+            "ibex_store_key_coalesced_total",
+            "Key lookups that shared a query for the same key that was waiting for a connection.",
+            &self.key_coalesced,
+        )
+        .counter(
+            "ibex_store_key_db_queries_total",
+            "Key resolution queries sent to Postgres.",
+            &self.key_db_queries,
+        )
+        .histogram(
+            "ibex_store_key_lookup_seconds",
+            "Key lookup latency as seen by the handler.",
+            &self.key_latency,
+        );
         e.finish()
     }
 }
 
 type LookupResult = Result<Option<DirectiveText>, DbFailure>;
 
-/// A query that lookups of one agent may still join.
-struct Flight {
+/// Result of a key lookup: the agent of an active key, `None` when unknown or
+/// revoked.
+pub type KeyLookupResult = Result<Option<Uuid>, DbFailure>;
+
+/// A query that lookups of one agent (or one key) may still join.
+struct Flight<R = LookupResult> {
     id: u64,
-    result: watch::Receiver<Option<LookupResult>>,
+    result: watch::Receiver<Option<R>>,
 }
 
 struct Inner {
@@ -159,6 +235,8 @@ struct Inner {
     // for a connection, which is exactly the pile-up to absorb when Postgres
     // is slow.
     flights: Mutex<HashMap<Uuid, Flight>>,
+    // The same, for key lookups, by key hash (same rule: never a sent query).
+    key_flights: Mutex<HashMap<KeySha256, Flight<KeyLookupResult>>>,
     next_flight: AtomicU64,
 }
 
@@ -177,6 +255,7 @@ impl StoreState {
                 options,
                 metrics: StoreMetrics::default(),
                 flights: Mutex::new(HashMap::new()),
+                key_flights: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(0),
             }),
         }
@@ -292,6 +371,101 @@ impl StoreState {
         }
     }
 
+    fn key_flights(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<KeySha256, Flight<KeyLookupResult>>> {
+        // As for `flights`: every critical section is a single map operation.
+        self.inner
+            .key_flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stops `key`'s flight `id` from accepting joiners, unless a newer flight
+    /// already replaced it.
+    fn close_key_flight(&self, key: KeySha256, id: u64) {
+        let mut flights = self.key_flights();
+        if flights.get(&key).is_some_and(|f| f.id == id) {
+            flights.remove(&key);
+        }
+    }
+
+    /// Resolves the agent of an active gateway API key by its SHA-256; `None`
+    /// for an unknown or revoked key. Single flight works as for
+    /// [`StoreState::lookup`]: only lookups that arrive while a query for the
+    /// same key is still waiting for a connection share it.
+    pub async fn lookup_key(&self, key: KeySha256) -> KeyLookupResult {
+        if !self.inner.options.single_flight {
+            return self.query_key(key, || {}).await;
+        }
+        let mut rx = {
+            let mut flights = self.key_flights();
+            match flights.get(&key) {
+                Some(flight) => {
+                    self.inner.metrics.key_coalesced.inc();
+                    flight.result.clone()
+                }
+                None => {
+                    let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(
+                        key,
+                        Flight {
+                            id,
+                            result: rx.clone(),
+                        },
+                    );
+                    let state = self.clone();
+                    tokio::spawn(async move {
+                        let result = state
+                            .query_key(key, || state.close_key_flight(key, id))
+                            .await;
+                        state.close_key_flight(key, id);
+                        let _ = tx.send(Some(result));
+                    });
+                    rx
+                }
+            }
+        };
+        let shared = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone(),
+            Err(_) => None,
+        };
+        shared.unwrap_or_else(|| Err(DbFailure::Connection("lookup task ended early".into())))
+    }
+
+    /// One key resolution query, bounded by the lookup deadline. `on_dispatch`
+    /// runs just before the statement is sent.
+    async fn query_key(&self, key: KeySha256, on_dispatch: impl FnOnce()) -> KeyLookupResult {
+        let deadline = tokio::time::Instant::now() + self.inner.options.lookup_timeout;
+        let client = match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
+            Err(_) => return Err(DbFailure::PoolTimeout),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(c)) => c,
+        };
+        let digest: &[u8] = &key.0;
+        let run = async {
+            let stmt = client.prepare_cached(KEY_RESOLVE_SQL).await?;
+            on_dispatch();
+            self.inner.metrics.key_db_queries.inc();
+            client.query_opt(&stmt, &[&digest]).await
+        };
+        match tokio::time::timeout_at(deadline, run).await {
+            Err(_) => {
+                drop(Object::take(client));
+                Err(DbFailure::QueryTimeout)
+            }
+            Ok(Err(e)) => {
+                if e.as_db_error().is_none() {
+                    drop(Object::take(client));
+                }
+                Err(e.into())
+            }
+            Ok(Ok(None)) => Ok(None),
+            Ok(Ok(Some(row))) => row.try_get::<_, Uuid>(0).map(Some).map_err(DbFailure::from),
+        }
+    }
+
     /// True when a trivial query succeeds within the readiness deadline.
     pub async fn ready(&self) -> Result<(), DbFailure> {
         let probe = async {
@@ -352,6 +526,56 @@ async fn get_directive(
     }
 }
 
+/// The 200 body of a key lookup: `agent_id` is null for an unknown or revoked
+/// key.
+#[derive(Serialize)]
+struct KeyBody {
+    key_sha256: KeySha256,
+    agent_id: Option<Uuid>,
+}
+
+async fn get_key(
+    State(state): State<StoreState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let key = match path.ok().and_then(|Path(raw)| KeySha256::parse(&raw)) {
+        Some(key) => key,
+        None => {
+            state.metrics().key_bad_requests.inc();
+            // Never echo the input: a client may have sent the key itself.
+            tracing::debug!("key lookup rejected: not a sha256 hex");
+            return Error::InvalidKeySha256.into_response();
+        }
+    };
+    let started = Instant::now();
+    let result = state.lookup_key(key).await;
+    let elapsed = started.elapsed();
+    let m = state.metrics();
+    m.key_latency.observe(elapsed);
+    match result {
+        Ok(agent_id) => {
+            let outcome = if agent_id.is_some() {
+                m.key_found.inc();
+                "found"
+            } else {
+                m.key_none.inc();
+                "none"
+            };
+            tracing::debug!(key_sha256 = %key, outcome, elapsed_us = elapsed.as_micros() as u64, "key lookup");
+            Json(KeyBody {
+                key_sha256: key,
+                agent_id,
+            })
+            .into_response()
+        }
+        Err(failure) => {
+            m.key_error.inc();
+            tracing::warn!(error = %failure, elapsed_us = elapsed.as_micros() as u64, "key lookup failed");
+            Error::Db(failure).into_response()
+        }
+    }
+}
+
 async fn healthz() -> impl IntoResponse {
     (StatusCode::OK, Json(serde_json::json!({"status": "ok"})))
 }
@@ -387,6 +611,10 @@ async fn not_found() -> Response {
 pub fn app(state: StoreState) -> Router {
     Router::new()
         .route("/v1/agents/{agent_id}/directive", get(get_directive))
+        .route(
+            &format!("{}/{{key_sha256}}", ibex_wire::STORE_KEYS_PATH),
+            get(get_key),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -1,6 +1,6 @@
-//! Directive content never reaches a log line, at any level, in any
-//! subcommand, on success or failure paths; the long-running subcommands exit
-//! 0 on SIGTERM.
+//! Directive content and gateway API keys never reach a log line, at any
+//! level, in any subcommand, on success or failure paths; the long-running
+//! subcommands exit 0 on SIGTERM.
 
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -176,6 +176,62 @@ async fn content_and_token_never_appear_in_logs() {
     assert!(out.status.success());
     control.wait_for("/ibex/v1/invalidate", 2).await;
 
+    // Gateway API keys: issued (stdout only), resolved by hash, revoked through
+    // stdin, listed; the key itself also thrown at the store's key path.
+    let out = run_logged(
+        &[
+            "issue-key",
+            "--agent-id",
+            &agent_s,
+            "--label",
+            "privacy",
+            "--database-url",
+            &url,
+        ],
+        None,
+        &mut logs,
+    );
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim_end()
+        .to_string();
+    assert!(key.starts_with("ibex_"), "{key}");
+    let hash = ibex_companion::keys::KeySha256::of(key.as_bytes()).hex();
+    let (status, body) = http_json(&format!("{store_base}/v1/keys/{hash}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["agent_id"], agent_s);
+    let (status, _) = http_get(&format!("{store_base}/v1/keys/{key}")).await;
+    assert_eq!(status, 400);
+    let out = run_logged(
+        &[
+            "revoke-key",
+            "--key-stdin",
+            "--database-url",
+            &url,
+            "--redis-url",
+            &redis_url,
+        ],
+        Some(&key),
+        &mut logs,
+    );
+    assert!(out.status.success());
+    // This stand-in does not know the key path: the subscriber falls back.
+    control.wait_for("/ibex/v1/invalidate", 3).await;
+    let out = run_logged(
+        &["revoke-key", "--key-sha256", &key, "--database-url", &url],
+        None,
+        &mut logs,
+    );
+    assert_eq!(out.status.code(), Some(1), "a key is not a hash");
+    let out = run_logged(
+        &["list-keys", "--agent-id", &agent_s, "--database-url", &url],
+        None,
+        &mut logs,
+    );
+    assert!(out.status.success());
+    logs.push_str(&String::from_utf8_lossy(&out.stdout));
+
     // Failure paths: Redis unreachable after commit, then Postgres down.
     let dead_redis = format!("redis://127.0.0.1:{}", free_port());
     let content = format!("{MARKER} three");
@@ -233,7 +289,13 @@ async fn content_and_token_never_appear_in_logs() {
     assert!(logs.contains(&agent_s), "{logs}");
     assert!(logs.contains("DEBUG"), "{logs}");
     assert!(logs.contains("lookup"), "{logs}");
+    assert!(logs.contains("key lookup"), "{logs}");
     // ...but never the content, nor the control token.
     assert!(!logs.contains(MARKER), "content leaked into logs:\n{logs}");
     assert!(!logs.contains(TOKEN), "token leaked into logs:\n{logs}");
+    let key_body = key.strip_prefix("ibex_").unwrap();
+    assert!(
+        !logs.contains(key_body),
+        "API key leaked into logs:\n{logs}"
+    );
 }

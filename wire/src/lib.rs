@@ -10,6 +10,10 @@
 //!   [`FLUSH_CHANNEL`], [`parse_channel`]).
 //! - The control endpoint of Envoy's control listener ([`INVALIDATE_PATH`],
 //!   [`parse_invalidate_path`]).
+//! - Gateway API keys (SPEC §3.1), known on the wire only by their SHA-256 in
+//!   lower-case hex ([`is_key_sha256_hex`], [`key_sha256_hex`]): the Redis key
+//!   [`agent_key_redis_key`], the update channel [`key_updates_channel`], the store
+//!   path [`store_key_path`] and the control path [`invalidate_key_path`].
 //! - The debug request header ([`DEBUG_HEADER`]) and the JSON error envelope of every
 //!   error answer ([`error_envelope`]).
 //! - [`Redacted`], the wrapper that keeps secrets and directive text out of `Debug`
@@ -90,13 +94,20 @@ pub enum Channel<'a> {
     Update(&'a str),
     /// Invalidate everything.
     Flush,
+    /// An update (revocation) of one gateway API key; the text after
+    /// [`KEY_UPDATES_CHANNEL_PREFIX`], not yet checked with [`is_key_sha256_hex`].
+    Key(&'a str),
 }
 
-/// Reads a channel name: an update (with its unchecked agent id), the flush
-/// channel, or `None` for a channel that is not part of the contract.
+/// Reads a channel name: an update (with its unchecked agent id), a key update
+/// (with its unchecked SHA-256 hex), the flush channel, or `None` for a channel
+/// that is not part of the contract.
 pub fn parse_channel(name: &str) -> Option<Channel<'_>> {
     if name == FLUSH_CHANNEL {
         return Some(Channel::Flush);
+    }
+    if let Some(hash) = name.strip_prefix(KEY_UPDATES_CHANNEL_PREFIX) {
+        return Some(Channel::Key(hash));
     }
     name.strip_prefix(UPDATES_CHANNEL_PREFIX)
         .map(Channel::Update)
@@ -120,15 +131,125 @@ pub enum InvalidateTarget<'a> {
     All,
     /// One agent; the last segment, not yet checked to be a UUID.
     Agent(&'a str),
+    /// One gateway API key (`/ibex/v1/invalidate/key/{sha256hex}`); the text after
+    /// [`INVALIDATE_KEY_PATH`]`/`, not yet checked with [`is_key_sha256_hex`].
+    Key(&'a str),
 }
 
 /// Reads a control path (query string already removed): the invalidation it names,
 /// or `None` when it is not an invalidation path at all (`/ibex/v1/invalidatex`).
+/// `/ibex/v1/invalidate/key/{x}` is always a [`InvalidateTarget::Key`], whatever
+/// `x` is; `/ibex/v1/invalidate/key` alone stays an (invalid) agent id.
 pub fn parse_invalidate_path(path: &str) -> Option<InvalidateTarget<'_>> {
     match path.strip_prefix(INVALIDATE_PATH)? {
         "" | "/" => Some(InvalidateTarget::All),
-        rest => rest.strip_prefix('/').map(InvalidateTarget::Agent),
+        rest => {
+            let rest = rest.strip_prefix('/')?;
+            match rest.strip_prefix(INVALIDATE_KEY_SEGMENT) {
+                Some(hash) => Some(InvalidateTarget::Key(hash)),
+                None => Some(InvalidateTarget::Agent(rest)),
+            }
+        }
     }
+}
+
+// ------------------------------------------------------------------ gateway API keys
+
+/// Length of a key's SHA-256 in hex: 64 characters.
+pub const KEY_SHA256_HEX_LEN: usize = 64;
+
+/// True when `s` is a key's SHA-256 as the wire spells it: exactly 64 lower-case
+/// hex characters (`0-9a-f`). Upper case is refused, so one key has one spelling
+/// in every cache, channel and path.
+pub fn is_key_sha256_hex(s: &str) -> bool {
+    s.len() == KEY_SHA256_HEX_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The wire spelling of a SHA-256 digest: 64 lower-case hex characters. The digest
+/// is SHA-256 over the exact bytes of the key as the client presents it (after
+/// `Bearer ` when it comes in `authorization`), nothing added or trimmed.
+pub fn key_sha256_hex(digest: &[u8; 32]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(KEY_SHA256_HEX_LEN);
+    for b in digest {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+/// The digest a [`is_key_sha256_hex`] string spells, or `None` when it is not one
+/// (wrong length, upper case, not hex).
+pub fn parse_key_sha256_hex(s: &str) -> Option<[u8; 32]> {
+    if !is_key_sha256_hex(s) {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+        let [hi, lo] = pair else { return None };
+        *byte = (nibble(*hi)? << 4) | nibble(*lo)?;
+    }
+    Some(out)
+}
+
+/// Redis key prefix of key-to-agent entries: `agent_key:{sha256hex}`. Fixed (not
+/// the directive's `redis.key_prefix`). The value is the agent id (lower-case
+/// hyphenated UUID), the empty string for "no such key, or revoked" (kept for the
+/// negative TTL), or a [`TOMBSTONE`] the subscriber wrote after a revocation.
+/// Every such key is written with a TTL. The flush marker of these entries is
+/// [`flush_marker_key`]`(AGENT_KEY_PREFIX)`, `agent_key:__flush__` (never a valid
+/// hash, so it cannot collide with an entry).
+pub const AGENT_KEY_PREFIX: &str = "agent_key:";
+
+/// The Redis key of one key's entry: `agent_key:{sha256hex}`.
+pub fn agent_key_redis_key(key_sha256_hex: &str) -> String {
+    format!("{AGENT_KEY_PREFIX}{key_sha256_hex}")
+}
+
+/// Channel prefix of key updates: `companion revoke-key` publishes
+/// `ibex:agent_key:updates:{sha256hex}` after revoking that key in Postgres (the
+/// payload is ignored).
+pub const KEY_UPDATES_CHANNEL_PREFIX: &str = "ibex:agent_key:updates:";
+
+/// The `PSUBSCRIBE` pattern that matches every key update channel. It does not
+/// overlap [`UPDATES_CHANNEL_PATTERN`].
+pub const KEY_UPDATES_CHANNEL_PATTERN: &str = "ibex:agent_key:updates:*";
+
+/// The update channel of one key: `ibex:agent_key:updates:{sha256hex}`.
+pub fn key_updates_channel(key_sha256_hex: &str) -> String {
+    format!("{KEY_UPDATES_CHANNEL_PREFIX}{key_sha256_hex}")
+}
+
+/// Store path prefix of key lookups. `GET /v1/keys/{sha256hex}` answers 200
+/// `{"key_sha256":"…","agent_id":"…"}` for an active key, 200
+/// `{"key_sha256":"…","agent_id":null}` for an unknown or revoked one, 400
+/// (`invalid_key_sha256`) for a malformed hash and 503 (`store_unavailable`) when
+/// Postgres is unreachable or slow.
+pub const STORE_KEYS_PATH: &str = "/v1/keys";
+
+/// The store path that resolves one key: `/v1/keys/{sha256hex}`.
+pub fn store_key_path(key_sha256_hex: &str) -> String {
+    format!("{STORE_KEYS_PATH}/{key_sha256_hex}")
+}
+
+/// The segment after [`INVALIDATE_PATH`]`/` that names a key invalidation.
+const INVALIDATE_KEY_SEGMENT: &str = "key/";
+
+/// Path prefix of the control listener's key invalidation:
+/// `POST /ibex/v1/invalidate/key/{sha256hex}` drops that key's L1 entry (answers
+/// 204, like the agent path). A control role that predates keys answers 404 (or
+/// 400, reading `key/…` as a bad agent id); the subscriber then falls back to
+/// `POST /ibex/v1/invalidate` on that listener once, without retrying the key path.
+pub const INVALIDATE_KEY_PATH: &str = "/ibex/v1/invalidate/key";
+
+/// The control path that invalidates one key: `/ibex/v1/invalidate/key/{sha256hex}`.
+pub fn invalidate_key_path(key_sha256_hex: &str) -> String {
+    format!("{INVALIDATE_KEY_PATH}/{key_sha256_hex}")
 }
 
 // ------------------------------------------------------------------ headers
@@ -202,6 +323,94 @@ mod tests {
         assert_eq!(parse_invalidate_path("/ibex/v1/invalidatex"), None);
         assert_eq!(parse_invalidate_path("/ibex/v1"), None);
         assert_eq!(parse_invalidate_path("/other"), None);
+    }
+
+    const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    #[test]
+    fn key_hash_validator() {
+        assert!(is_key_sha256_hex(HASH));
+        assert!(is_key_sha256_hex(&"0".repeat(64)));
+        assert!(!is_key_sha256_hex(&HASH.to_ascii_uppercase()));
+        assert!(!is_key_sha256_hex(&HASH[..63]));
+        assert!(!is_key_sha256_hex(&format!("{HASH}0")));
+        assert!(!is_key_sha256_hex(""));
+        assert!(!is_key_sha256_hex(&"g".repeat(64)));
+        assert!(!is_key_sha256_hex(FLUSH_MARKER_SUFFIX));
+        // 64 bytes but not 64 ASCII characters.
+        assert!(!is_key_sha256_hex(&"é".repeat(32)));
+    }
+
+    #[test]
+    fn key_hash_hex_round_trips() {
+        let mut digest = [0u8; 32];
+        for (i, b) in digest.iter_mut().enumerate() {
+            *b = u8::try_from(i * 8).unwrap_or(0) ^ 0xa5;
+        }
+        let hex = key_sha256_hex(&digest);
+        assert!(is_key_sha256_hex(&hex));
+        assert_eq!(parse_key_sha256_hex(&hex), Some(digest));
+        assert_eq!(key_sha256_hex(&[0xff; 32]), "f".repeat(64));
+        assert_eq!(parse_key_sha256_hex(&HASH.to_ascii_uppercase()), None);
+        assert_eq!(parse_key_sha256_hex("ab"), None);
+    }
+
+    #[test]
+    fn key_names() {
+        assert_eq!(agent_key_redis_key(HASH), format!("agent_key:{HASH}"));
+        assert_eq!(flush_marker_key(AGENT_KEY_PREFIX), "agent_key:__flush__");
+        assert_eq!(
+            key_updates_channel(HASH),
+            format!("ibex:agent_key:updates:{HASH}")
+        );
+        assert_eq!(
+            KEY_UPDATES_CHANNEL_PATTERN.strip_suffix('*'),
+            Some(KEY_UPDATES_CHANNEL_PREFIX)
+        );
+        assert!(!KEY_UPDATES_CHANNEL_PREFIX.starts_with(UPDATES_CHANNEL_PREFIX));
+        assert_eq!(store_key_path(HASH), format!("/v1/keys/{HASH}"));
+        assert_eq!(
+            invalidate_key_path(HASH),
+            format!("/ibex/v1/invalidate/key/{HASH}")
+        );
+    }
+
+    #[test]
+    fn key_channels_parse() {
+        assert_eq!(
+            parse_channel(&key_updates_channel(HASH)),
+            Some(Channel::Key(HASH))
+        );
+        assert_eq!(
+            parse_channel("ibex:agent_key:updates:"),
+            Some(Channel::Key(""))
+        );
+        assert_eq!(parse_channel("ibex:agent_key:updatesx"), None);
+        // The agent channel is unaffected.
+        assert_eq!(
+            parse_channel(&updates_channel(AGENT)),
+            Some(Channel::Update(AGENT))
+        );
+    }
+
+    #[test]
+    fn key_invalidate_paths_parse() {
+        assert_eq!(
+            parse_invalidate_path(&invalidate_key_path(HASH)),
+            Some(InvalidateTarget::Key(HASH))
+        );
+        assert_eq!(
+            parse_invalidate_path("/ibex/v1/invalidate/key/"),
+            Some(InvalidateTarget::Key(""))
+        );
+        assert_eq!(
+            parse_invalidate_path("/ibex/v1/invalidate/key"),
+            Some(InvalidateTarget::Agent("key"))
+        );
+        assert_eq!(
+            parse_invalidate_path(&invalidate_agent_path(AGENT)),
+            Some(InvalidateTarget::Agent(AGENT))
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub struct SubscribeMetrics {
     pub messages_update: Counter,
     /// Flush messages.
     pub messages_flush: Counter,
-    /// Messages ignored (agent id not a UUID).
+    /// Key update messages for a valid key hash.
+    pub messages_key: Counter,
+    /// Messages ignored (agent id not a UUID, key hash malformed).
     pub messages_invalid: Counter,
     /// Control POSTs answered with 2xx.
     pub invalidations_sent: Counter,
@@ -27,6 +29,9 @@ pub struct SubscribeMetrics {
     pub full_flushes: Counter,
     /// Liveness PINGs answered on the subscription.
     pub pings: Counter,
+    /// Key invalidations a control listener did not know (404 or 400: a filter
+    /// from before keys), replaced by a full invalidation of that listener.
+    pub key_fallbacks: Counter,
     /// 1 while subscribed to Redis.
     pub connected: Gauge,
 }
@@ -54,6 +59,11 @@ impl SubscribeMetrics {
             "ibex_subscribe_messages_total",
             &[("kind", "invalid")],
             self.messages_invalid.get(),
+        )
+        .sample(
+            "ibex_subscribe_messages_total",
+            &[("kind", "key")],
+            self.messages_key.get(),
         )
         .counter(
             "ibex_subscribe_invalidations_sent_total",
@@ -84,6 +94,16 @@ impl SubscribeMetrics {
             "ibex_subscribe_pings_total",
             "Liveness PINGs answered on the Redis subscription.",
             &self.pings,
+        )
+        .family(
+            "ibex_subscribe_control_fallbacks_total",
+            "counter",
+            "Invalidations a control endpoint did not know (404 or 400), replaced by a full invalidation of that endpoint, by kind.",
+        )
+        .sample(
+            "ibex_subscribe_control_fallbacks_total",
+            &[("kind", "key")],
+            self.key_fallbacks.get(),
         )
         .gauge(
             "ibex_subscribe_connected",

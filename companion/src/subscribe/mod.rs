@@ -11,6 +11,16 @@
 //! `/ibex/v1/invalidate` everywhere. Every target is retried with exponential
 //! backoff until a deadline, then counted as a failure.
 //!
+//! Gateway API keys (SPEC §3.1) go the same way: for
+//! `ibex:agent_key:updates:{sha256hex}` (published by `revoke-key`) it tombstones
+//! (or deletes) `agent_key:{sha256hex}`, then POSTs
+//! `/ibex/v1/invalidate/key/{sha256hex}` everywhere; a control listener that
+//! answers that path 404 or 400 (a filter from before keys) gets one
+//! `/ibex/v1/invalidate` instead, with the same retries, and the key path is not
+//! retried. A flush also sweeps every `agent_key:*` key (the marker
+//! `agent_key:__flush__` spared, in tombstone mode). Only the key's SHA-256 is
+//! ever seen here; it is logged at debug level at most.
+//!
 //! This file is the task: the loop that connects, `select!`s on messages, pings
 //! and shutdown, and turns each message into an invalidation. Its seams, one
 //! module each: `config` ([`SubscribeConfig`]), `metrics` ([`SubscribeMetrics`]),
@@ -35,6 +45,7 @@ use uuid::Uuid;
 
 use ibex_wire::Channel;
 
+use crate::keys::KeySha256;
 use crate::{Error, Result};
 
 mod config;
@@ -60,6 +71,8 @@ pub enum Action {
     Agent(Uuid),
     /// Invalidate everything.
     Flush,
+    /// Invalidate one gateway API key's entries (it was revoked).
+    Key(KeySha256),
     /// Not for us or malformed: count and ignore.
     Ignore,
 }
@@ -69,6 +82,7 @@ pub fn classify(channel: &str) -> Action {
     match ibex_wire::parse_channel(channel) {
         Some(Channel::Flush) => Action::Flush,
         Some(Channel::Update(id)) => Uuid::try_parse(id).map_or(Action::Ignore, Action::Agent),
+        Some(Channel::Key(hash)) => KeySha256::parse(hash).map_or(Action::Ignore, Action::Key),
         None => Action::Ignore,
     }
 }
@@ -143,17 +157,51 @@ impl Subscriber {
         tracing::debug!(agent_id = %agent_id, elapsed_us = started.elapsed().as_micros() as u64, "agent invalidated");
     }
 
-    /// Invalidates everything: every `{prefix}*` key, then every Envoy. In
-    /// tombstone mode the flush marker is set first (and spared), so no
-    /// write-back lands between the sweep and the marker.
+    /// Invalidates one gateway API key: `agent_key:{sha256hex}` first (DEL or
+    /// tombstone, exactly like a directive key), then every Envoy, on the key
+    /// path (falling back to "invalidate all" where that path is unknown).
+    pub async fn invalidate_key(&self, conn: MultiplexedConnection, key: KeySha256) {
+        let started = Instant::now();
+        let hex = key.hex();
+        let redis_key = ibex_wire::agent_key_redis_key(&hex);
+        let tombstone_ttl = self.config.tombstone_ttl;
+        let what = if tombstone_ttl.is_some() {
+            "redis key tombstone"
+        } else {
+            "redis key DEL"
+        };
+        self.redis_step(what, || {
+            redis_ops::invalidate_key(conn.clone(), &redis_key, tombstone_ttl)
+        })
+        .await;
+        self.control
+            .post_all_key(&ibex_wire::invalidate_key_path(&hex), &self.metrics)
+            .await;
+        tracing::debug!(key_sha256 = %hex, elapsed_us = started.elapsed().as_micros() as u64, "key invalidated");
+    }
+
+    /// Invalidates everything: every `{prefix}*` key and every `agent_key:*`
+    /// key, then every Envoy. In tombstone mode each flush marker is set first
+    /// (and spared), so no write-back lands between the sweep and the marker.
     pub async fn flush_all(&self, conn: MultiplexedConnection) {
         let started = Instant::now();
         self.metrics.full_flushes.inc();
         let pattern = format!("{}*", glob_escape(&self.config.key_prefix));
         let marker = ibex_wire::flush_marker_key(&self.config.key_prefix);
+        let key_pattern = format!("{}*", glob_escape(ibex_wire::AGENT_KEY_PREFIX));
+        let key_marker = ibex_wire::flush_marker_key(ibex_wire::AGENT_KEY_PREFIX);
         let tombstone_ttl = self.config.tombstone_ttl;
+        // One step (one count, one retry unit) for both sweeps; the directive
+        // sweep first, so a prefix that also matches `agent_key:` cannot delete
+        // the key marker after it was set.
         self.redis_step("redis SCAN+DEL", || {
-            redis_ops::sweep(conn.clone(), &pattern, &marker, tombstone_ttl)
+            let conn = conn.clone();
+            let (pattern, marker) = (&pattern, &marker);
+            let (key_pattern, key_marker) = (&key_pattern, &key_marker);
+            async move {
+                redis_ops::sweep(conn.clone(), pattern, marker, tombstone_ttl).await?;
+                redis_ops::sweep(conn, key_pattern, key_marker, tombstone_ttl).await
+            }
         })
         .await;
         self.control
@@ -285,9 +333,12 @@ impl Subscriber {
         match action {
             Action::Agent(_) => self.metrics.messages_update.inc(),
             Action::Flush => self.metrics.messages_flush.inc(),
+            Action::Key(_) => self.metrics.messages_key.inc(),
             Action::Ignore => {
                 self.metrics.messages_invalid.inc();
-                tracing::debug!("ignoring message on a channel without a valid agent id");
+                tracing::debug!(
+                    "ignoring message on a channel without a valid agent id or key hash"
+                );
                 return;
             }
         }
@@ -310,6 +361,12 @@ impl Subscriber {
             Action::Flush => {
                 tracing::info!("flush message");
                 self.spawn_flush(tasks, conn);
+            }
+            Action::Key(key) => {
+                tracing::debug!(key_sha256 = %key, "key update message");
+                let this = self.clone();
+                let conn = conn.clone();
+                tasks.spawn(async move { this.invalidate_key(conn, key).await });
             }
             Action::Ignore => {}
         }
@@ -378,5 +435,22 @@ mod tests {
         assert_eq!(classify("ibex:directive:updates:nope"), Action::Ignore);
         assert_eq!(classify("ibex:directive:updates:"), Action::Ignore);
         assert_eq!(classify("other"), Action::Ignore);
+        let key = KeySha256::of(b"ibex_test");
+        assert_eq!(
+            classify(&format!("ibex:agent_key:updates:{key}")),
+            Action::Key(key)
+        );
+        assert_eq!(
+            classify(&format!(
+                "ibex:agent_key:updates:{}",
+                key.hex().to_ascii_uppercase()
+            )),
+            Action::Ignore
+        );
+        assert_eq!(classify("ibex:agent_key:updates:"), Action::Ignore);
+        assert_eq!(
+            classify("ibex:agent_key:updates:ibex_a-key-by-mistake"),
+            Action::Ignore
+        );
     }
 }

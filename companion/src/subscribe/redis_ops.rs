@@ -1,6 +1,7 @@
 //! The subscriber's Redis side: the subscription itself, and the commands that
-//! invalidate L2 — one agent's key (a tombstone or a `DEL`) and the flush sweep
-//! (the flush marker, then every `{prefix}*` key). Each function is one attempt;
+//! invalidate L2 — one agent's (or one API key's `agent_key:…`) key (a tombstone
+//! or a `DEL`) and the flush sweep (the flush marker, then every `{prefix}*`
+//! key; likewise for `agent_key:*`). Each function is one attempt;
 //! the caller retries.
 //!
 //! Key names, channels, the tombstone and the marker come from `ibex-wire`. It
@@ -25,7 +26,8 @@ pub fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Subscribes to every agent's update channel and to the flush channel, and opens
+/// Subscribes to every agent's and every key's update channel and to the flush
+/// channel, and opens
 /// the connection the invalidations run on; `timeout` bounds connecting and
 /// every answer.
 pub(super) async fn connect(
@@ -37,6 +39,9 @@ pub(super) async fn connect(
         .map_err(|_| redis::RedisError::from((redis::ErrorKind::IoError, "connect timed out")))??;
     pubsub
         .psubscribe(ibex_wire::UPDATES_CHANNEL_PATTERN)
+        .await?;
+    pubsub
+        .psubscribe(ibex_wire::KEY_UPDATES_CHANNEL_PATTERN)
         .await?;
     pubsub.subscribe(ibex_wire::FLUSH_CHANNEL).await?;
     let config = redis::AsyncConnectionConfig::new()

@@ -329,6 +329,31 @@ async fn record(State(s): State<ControlState>, uri: Uri, headers: HeaderMap) -> 
     StatusCode::from_u16(code).unwrap()
 }
 
+/// What a [`FakeControl`] does with the key invalidation path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyRoute {
+    /// Not routed (axum's 404, not recorded): the existing tests' listener.
+    Absent,
+    /// Recorded and answered like the other paths (a filter that knows keys).
+    Serve,
+    /// Recorded and answered 404 (a filter from before keys).
+    NotFound,
+}
+
+async fn record_not_found(
+    State(s): State<ControlState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> StatusCode {
+    s.seen.lock().unwrap().push(Seen {
+        path: uri.path().to_string(),
+        authorization: headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_string()),
+    });
+    StatusCode::NOT_FOUND
+}
+
 impl FakeControl {
     pub async fn start() -> FakeControl {
         Self::start_scripted(&[]).await
@@ -336,16 +361,29 @@ impl FakeControl {
 
     /// Answers `statuses` in order to the first requests, then 204.
     pub async fn start_scripted(statuses: &[u16]) -> FakeControl {
+        Self::start_with(statuses, KeyRoute::Absent).await
+    }
+
+    /// Like [`FakeControl::start_scripted`], with `keys` deciding what the key
+    /// invalidation path `/ibex/v1/invalidate/key/{hash}` does.
+    pub async fn start_with(statuses: &[u16], keys: KeyRoute) -> FakeControl {
         let state = ControlState::default();
         state
             .script
             .lock()
             .unwrap()
             .extend(statuses.iter().copied());
-        let app = Router::new()
+        let mut app = Router::new()
             .route("/ibex/v1/invalidate", post(record))
-            .route("/ibex/v1/invalidate/{agent}", post(record))
-            .with_state(state.clone());
+            .route("/ibex/v1/invalidate/{agent}", post(record));
+        match keys {
+            KeyRoute::Absent => {}
+            KeyRoute::Serve => app = app.route("/ibex/v1/invalidate/key/{hash}", post(record)),
+            KeyRoute::NotFound => {
+                app = app.route("/ibex/v1/invalidate/key/{hash}", post(record_not_found))
+            }
+        }
+        let app = app.with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
