@@ -66,11 +66,11 @@ impl Context for Root {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
-        _headers: usize,
+        num_headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
-        let response = callout_response(body_size);
+        let response = callout_response(num_headers, body_size);
         self.with_ctx(|ctx| flow::on_root_callout(token_id, response, ctx));
     }
 }
@@ -229,7 +229,15 @@ fn wasm_action(action: Action) -> WasmAction {
 }
 
 /// The answer of the callout being delivered (no `:status`: it failed or timed out).
-fn callout_response(body_size: usize) -> Response {
+///
+/// Envoy reports a failed callout (reset, timeout, even after response headers had
+/// arrived) with no headers, and then has no response map at all: reading it would
+/// make the SDK panic on the `BadArgument`, so a callout without headers is read as
+/// failed without asking.
+fn callout_response(num_headers: usize, body_size: usize) -> Response {
+    if num_headers == 0 {
+        return Response::default();
+    }
     let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
         .ok()
         .flatten()
@@ -281,11 +289,11 @@ impl Context for DataFilter {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
-        _headers: usize,
+        num_headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
-        let response = callout_response(body_size);
+        let response = callout_response(num_headers, body_size);
         self.step(Event::Callout {
             token: token_id,
             response,
@@ -298,7 +306,9 @@ impl HttpContext for DataFilter {
         // One host call for all headers: every call that returns data re-enters the VM
         // to allocate, so four single-header reads cost several times more.
         let fields = HeadFields::pick(
-            self.get_http_request_headers(),
+            // Bytes, not strings: the SDK's string variant panics on a value that
+            // is not UTF-8, which any client can send.
+            self.get_http_request_headers_bytes(),
             &self.plugin.config.agent_header,
         );
         wasm_action(self.step(Event::Headers {
@@ -331,9 +341,15 @@ impl HttpContext for ControlFilter {
         let host = EnvoyHost {
             metrics: &self.plugin.metrics,
         };
-        let method = self.get_http_request_header(":method");
-        let path = self.get_http_request_header(":path");
-        let auth = self.get_http_request_header("authorization");
+        // Bytes, not strings: the SDK's string variant panics on a value that is not
+        // UTF-8. A lossy value matches no method, path or token, so it is refused.
+        let header = |name| {
+            self.get_http_request_header_bytes(name)
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+        };
+        let method = header(":method");
+        let path = header(":path");
+        let auth = header("authorization");
         let reply = control::handle(
             method.as_deref(),
             path.as_deref(),

@@ -191,10 +191,14 @@ class HangingServer:
 
     Runs in a thread of the test process; close() drops every connection.
     `port` 0 picks a free port; a given port stands in for a part that was
-    killed (a server that hangs where the part was).
+    killed (a server that hangs where the part was). With `answer`, the first
+    bytes of each connection are answered with it once, then the connection
+    hangs: e.g. response headers whose body never comes.
     """
 
-    def __init__(self, port=0):
+    def __init__(self, port=0, answer=b""):
+        self._answer = answer
+        self._answered = set()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", port))
@@ -229,7 +233,11 @@ class HangingServer:
                     data = b""
                 if data == b"":  # the peer gave up: forget the socket
                     self._selector.unregister(sock)
+                    self._answered.discard(sock)
                     sock.close()
+                elif self._answer and sock not in self._answered:
+                    self._answered.add(sock)
+                    sock.sendall(self._answer)
 
     def close(self):
         self._stop.set()

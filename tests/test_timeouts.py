@@ -23,6 +23,7 @@ the probe hangs) must not keep its breaker open for good.
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -105,6 +106,27 @@ def test_hanging_webdis_costs_its_timeout_then_is_skipped(stack, upstream, hangi
     assert stack.envoy.counter("l2_skipped") == 1
     assert stack.envoy.counter("l2_error") == THRESHOLD
     print(f"\nWebdis hangs: {took_all} s while failing, {took:.3f} s once skipped")
+
+
+def test_a_callout_that_fails_after_its_headers_is_a_tier_error_not_a_crash(stack, upstream, client, restore):
+    """Webdis answers headers, then the body never comes and the callout times out:
+    Envoy reports the failure with no response headers, and reading them anyway
+    made the SDK panic (the VM crashed, the request hung). It is an L2 error now,
+    answered by the store."""
+    stalled = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n$5\r\n"
+    with HangingServer(answer=stalled) as webdis:
+        stack.restart_envoy(filter_config=FILTER_CONFIG, concurrency=1, cluster_ports={"ibex_redis": webdis.port})
+        for attempt in range(1, 4):
+            directive = f"Through the store after a stalled Redis answer, {attempt}."
+            agent = agent_with(stack, directive)
+            body = chat_body()
+            response, _ = client(agent, body)
+            assert response.status_code == 200, response.text
+            assert_chat_injected(body, upstream.last().body, directive)
+            assert tier(upstream.last()) == "store"
+            assert stack.envoy.counter("l2_error") == attempt
+        assert webdis.accepted >= 1
+    assert "panicked" not in Path(stack.envoy.server_log_path).read_text(errors="replace")
 
 
 def test_hanging_store_fails_closed_within_its_timeout_then_is_skipped(stack, upstream, hanging, client, restore):

@@ -36,7 +36,12 @@ pub struct HeadFields {
 
 impl HeadFields {
     /// Picks the fields out of all request headers (names are lower case in Envoy).
-    pub fn pick(headers: Vec<(String, String)>, agent_header: &str) -> HeadFields {
+    ///
+    /// Values arrive as bytes: a client may send any byte but NUL, CR and LF in a
+    /// header value, and a value that is not UTF-8 must not stop the filter. Invalid
+    /// sequences become U+FFFD, which no field accepts (no UUID, no ASCII path, no
+    /// number, no `identity`), so such a request is refused, never matched loosely.
+    pub fn pick(headers: Vec<(String, Vec<u8>)>, agent_header: &str) -> HeadFields {
         let mut out = HeadFields::default();
         for (name, value) in headers {
             let slot = match name.as_str() {
@@ -45,6 +50,10 @@ impl HeadFields {
                 "content-encoding" => &mut out.content_encoding,
                 n if n == agent_header => &mut out.agent,
                 _ => continue,
+            };
+            let value = match String::from_utf8(value) {
+                Ok(text) => text,
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
             };
             match slot {
                 None => *slot = Some(value),
@@ -145,10 +154,52 @@ mod tests {
 
     const AGENT: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
 
-    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
         v.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .map(|(a, b)| (a.to_string(), b.as_bytes().to_vec()))
             .collect()
+    }
+
+    #[test]
+    fn header_values_that_are_not_utf8_are_refused_not_matched() {
+        let c = config("");
+        let raw = |fields: &[(&str, &[u8])]| {
+            let headers = fields
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_vec()))
+                .collect();
+            HeadFields::pick(headers, "x-agent-id")
+        };
+        let agent = AGENT.as_bytes();
+        let chat = b"/v1/chat/completions".as_slice();
+        // An unrelated header never matters.
+        let h = raw(&[
+            (":path", chat),
+            ("x-agent-id", agent),
+            ("x-junk", b"caf\xe9"),
+        ]);
+        assert!(matches!(admit(&h, false, &c), Admission::Resolve { .. }));
+        let mut bad_agent = agent.to_vec();
+        bad_agent[0] = 0xff;
+        let h = raw(&[(":path", chat), ("x-agent-id", &bad_agent)]);
+        assert_eq!(
+            admit(&h, false, &c),
+            Admission::Refuse(Refusal::InvalidAgentId)
+        );
+        let h = raw(&[(":path", b"/v1/chat/completion\xf3"), ("x-agent-id", agent)]);
+        assert_eq!(
+            admit(&h, false, &c),
+            Admission::Refuse(Refusal::UnsupportedPath)
+        );
+        let h = raw(&[
+            (":path", chat),
+            ("x-agent-id", agent),
+            ("content-encoding", b"identit\xff"),
+        ]);
+        assert_eq!(
+            admit(&h, false, &c),
+            Admission::Refuse(Refusal::UnsupportedEncoding)
+        );
     }
 
     fn head(agent: Option<&str>) -> HeadFields {

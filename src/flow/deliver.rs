@@ -131,7 +131,12 @@ pub(super) fn apply<H: Host>(
             (Delivered::Forwarded, _) => go_on(Delivered::Forwarded, ctx),
             refused => refused,
         },
-        _ => go_on(Delivered::Inject(injection), ctx),
+        BodySeen::NotYet => go_on(Delivered::Inject(injection), ctx),
+        // Part of the body is buffered already (a host that delivers body data while
+        // headers are held, e.g. with allow_on_headers_stop_iteration): resuming now
+        // would release that part unspliced. The request stays held; the end of its
+        // body splices and continues headers and body together.
+        BodySeen::Partial => (Delivered::Inject(injection), Action::Pause),
     }
 }
 

@@ -854,3 +854,27 @@ fn trailers_of_requests_that_carry_no_directive_pass() {
     assert_eq!(w.ev(2, flow, Event::Trailers).1, Action::Continue);
     assert_eq!(w.host.counter(Counter::RejectedInvalidBody), 0);
 }
+
+#[test]
+fn a_partly_delivered_body_is_not_released_before_it_is_spliced() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    let (flow, _) = w.headers(1);
+    // The host delivers part of the body while headers are held ...
+    let (flow, action) = w.ev(
+        1,
+        flow,
+        Event::Body {
+            size: 10,
+            end_of_stream: false,
+        },
+    );
+    assert_eq!(action, Action::Pause);
+    // ... then the answer comes: resuming now would let those 10 bytes go unspliced.
+    let (flow, _) = w.answer(1, flow, redis_hit("Be \"terse\"."));
+    assert_eq!(w.host.req(1).resumed, 0, "held until the body is complete");
+    let (flow, action) = w.body_end(1, flow);
+    assert_eq!(action, Action::Continue, "headers and body go on together");
+    assert!(matches!(flow.state, State::Forward));
+    assert_eq!(w.body(1), INJECTED);
+}
