@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +29,8 @@ use deadpool_postgres::{Object, Pool};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 use crate::error::json_error;
@@ -55,7 +58,7 @@ pub struct StoreOptions {
     /// Deadline for the `/readyz` probe query.
     pub ready_timeout: Duration,
     /// Whether concurrent lookups of one agent share a query that has not been
-    /// sent to Postgres yet (see `Inner::flights` for why never a sent one).
+    /// sent to Postgres yet (see `SingleFlight` for why never a sent one).
     pub single_flight: bool,
 }
 
@@ -218,26 +221,146 @@ type LookupResult = Result<Option<DirectiveText>, DbFailure>;
 pub type KeyLookupResult = Result<Option<Uuid>, DbFailure>;
 
 /// A query that lookups of one agent (or one key) may still join.
-struct Flight<R = LookupResult> {
+struct Flight<V> {
     id: u64,
-    result: watch::Receiver<Option<R>>,
+    result: watch::Receiver<Option<Result<V, DbFailure>>>,
+}
+
+/// Single flight for one kind of lookup: joinable queries, by what is looked
+/// up (an agent id, a key hash).
+///
+/// An entry is removed the moment its query is sent to Postgres: a lookup that
+/// arrives later may be answering a request made after a directive (or key)
+/// update, so it must get a snapshot taken after its own arrival, i.e. a query
+/// of its own. Sharing is therefore limited to lookups that arrived while the
+/// first one was still waiting for a connection, which is exactly the pile-up
+/// to absorb when Postgres is slow.
+struct SingleFlight<K, V> {
+    /// Off: every lookup runs its own query.
+    enabled: bool,
+    flights: Mutex<HashMap<K, Flight<V>>>,
+    next_flight: AtomicU64,
+}
+
+/// Handed to a lookup's query: closes the flight it runs for, if any, just
+/// before the statement is sent.
+struct OnDispatch<K, V>(Option<FlightRef<K, V>>);
+
+/// Which flight an [`OnDispatch`] closes.
+struct FlightRef<K, V> {
+    flights: Arc<SingleFlight<K, V>>,
+    key: K,
+    id: u64,
+}
+
+impl<K: Copy + Eq + Hash, V> OnDispatch<K, V> {
+    fn fire(self) {
+        if let Some(f) = self.0 {
+            f.flights.close(f.key, f.id);
+        }
+    }
+}
+
+impl<K: Copy + Eq + Hash, V> SingleFlight<K, V> {
+    fn new(enabled: bool) -> Arc<Self> {
+        Arc::new(Self {
+            enabled,
+            flights: Mutex::new(HashMap::new()),
+            next_flight: AtomicU64::new(0),
+        })
+    }
+
+    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<K, Flight<V>>> {
+        // The map stays consistent even if a holder panicked: every critical
+        // section is a single insert, lookup or remove.
+        self.flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stops `key`'s flight `id` from accepting joiners, unless a newer flight
+    /// already replaced it.
+    fn close(&self, key: K, id: u64) {
+        let mut flights = self.flights();
+        if flights.get(&key).is_some_and(|f| f.id == id) {
+            flights.remove(&key);
+        }
+    }
+}
+
+impl<K, V> SingleFlight<K, V>
+where
+    K: Copy + Eq + Hash + Send + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Answers a lookup of `key` with `query`, or, while a query for the same
+    /// key is still waiting for a connection, with that query's result
+    /// (counted in `coalesced`). `query` must fire its [`OnDispatch`] just
+    /// before it sends the statement.
+    async fn lookup<Q, Fut>(
+        self: &Arc<Self>,
+        key: K,
+        coalesced: &Counter,
+        query: Q,
+    ) -> Result<V, DbFailure>
+    where
+        Q: FnOnce(OnDispatch<K, V>) -> Fut,
+        Fut: Future<Output = Result<V, DbFailure>> + Send + 'static,
+    {
+        if !self.enabled {
+            return query(OnDispatch(None)).await;
+        }
+        let mut rx = {
+            let mut flights = self.flights();
+            match flights.get(&key) {
+                Some(flight) => {
+                    coalesced.inc();
+                    flight.result.clone()
+                }
+                None => {
+                    let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(
+                        key,
+                        Flight {
+                            id,
+                            result: rx.clone(),
+                        },
+                    );
+                    // The query runs in its own task so that a leader whose
+                    // client disconnects does not cancel it for the others.
+                    let run = query(OnDispatch(Some(FlightRef {
+                        flights: Arc::clone(self),
+                        key,
+                        id,
+                    })));
+                    let this = Arc::clone(self);
+                    tokio::spawn(async move {
+                        let result = run.await;
+                        // Also closes flights that failed before dispatch.
+                        this.close(key, id);
+                        let _ = tx.send(Some(result));
+                    });
+                    rx
+                }
+            }
+        };
+        let shared = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone(),
+            Err(_) => None,
+        };
+        shared.unwrap_or_else(|| Err(DbFailure::Connection("lookup task ended early".into())))
+    }
 }
 
 struct Inner {
     pool: Pool,
     options: StoreOptions,
     metrics: StoreMetrics,
-    // Joinable queries, by agent. An entry is removed the moment its query is
-    // sent to Postgres: a lookup that arrives later may be answering a
-    // request made after a directive update, so it must get a snapshot taken
-    // after its own arrival, i.e. a query of its own. Sharing is therefore
-    // limited to lookups that arrived while the first one was still waiting
-    // for a connection, which is exactly the pile-up to absorb when Postgres
-    // is slow.
-    flights: Mutex<HashMap<Uuid, Flight>>,
-    // The same, for key lookups, by key hash (same rule: never a sent query).
-    key_flights: Mutex<HashMap<KeySha256, Flight<KeyLookupResult>>>,
-    next_flight: AtomicU64,
+    /// Directive lookups, by agent.
+    flights: Arc<SingleFlight<Uuid, Option<DirectiveText>>>,
+    /// Key lookups, by key hash (same rule: never a sent query).
+    key_flights: Arc<SingleFlight<KeySha256, Option<Uuid>>>,
 }
 
 /// Shared state of the store; cheap to clone.
@@ -249,14 +372,14 @@ pub struct StoreState {
 impl StoreState {
     /// State over a pool built by [`crate::db::read_only_pool`].
     pub fn new(pool: Pool, options: StoreOptions) -> Self {
+        let single_flight = options.single_flight;
         Self {
             inner: Arc::new(Inner {
                 pool,
                 options,
                 metrics: StoreMetrics::default(),
-                flights: Mutex::new(HashMap::new()),
-                key_flights: Mutex::new(HashMap::new()),
-                next_flight: AtomicU64::new(0),
+                flights: SingleFlight::new(single_flight),
+                key_flights: SingleFlight::new(single_flight),
             }),
         }
     }
@@ -271,73 +394,60 @@ impl StoreState {
         &self.inner.pool
     }
 
-    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Flight>> {
-        // The map stays consistent even if a holder panicked: every critical
-        // section is a single insert, lookup or remove.
-        self.inner
-            .flights
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Stops `agent_id`'s flight `id` from accepting joiners, unless a newer
-    /// flight already replaced it.
-    fn close_flight(&self, agent_id: Uuid, id: u64) {
-        let mut flights = self.flights();
-        if flights.get(&agent_id).is_some_and(|f| f.id == id) {
-            flights.remove(&agent_id);
-        }
-    }
-
     /// Resolves the active directive of `agent_id`. With single flight on,
     /// lookups that arrive while a query for the same agent is still waiting
     /// for a connection share its result.
     pub async fn lookup(&self, agent_id: Uuid) -> LookupResult {
-        if !self.inner.options.single_flight {
-            return self.query(agent_id, || {}).await;
-        }
-        let mut rx = {
-            let mut flights = self.flights();
-            match flights.get(&agent_id) {
-                Some(flight) => {
-                    self.inner.metrics.coalesced.inc();
-                    flight.result.clone()
-                }
-                None => {
-                    let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
-                    let (tx, rx) = watch::channel(None);
-                    flights.insert(
-                        agent_id,
-                        Flight {
-                            id,
-                            result: rx.clone(),
-                        },
-                    );
-                    // The query runs in its own task so that a leader whose
-                    // client disconnects does not cancel it for the others.
-                    let state = self.clone();
-                    tokio::spawn(async move {
-                        let result = state
-                            .query(agent_id, || state.close_flight(agent_id, id))
-                            .await;
-                        // Also closes flights that failed before dispatch.
-                        state.close_flight(agent_id, id);
-                        let _ = tx.send(Some(result));
-                    });
-                    rx
-                }
-            }
-        };
-        let shared = match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone(),
-            Err(_) => None,
-        };
-        shared.unwrap_or_else(|| Err(DbFailure::Connection("lookup task ended early".into())))
+        let state = self.clone();
+        let m = &self.inner.metrics;
+        self.inner
+            .flights
+            .lookup(agent_id, &m.coalesced, move |on_dispatch| async move {
+                let sent = &state.inner.metrics.db_queries;
+                state
+                    .query(RESOLVE_SQL, &agent_id, sent, on_dispatch, |row| {
+                        row.try_get::<_, String>(0).map(DirectiveText::new)
+                    })
+                    .await
+            })
+            .await
     }
 
-    /// One resolution query, bounded by the lookup deadline. `on_dispatch`
-    /// runs just before the statement is sent.
-    async fn query(&self, agent_id: Uuid, on_dispatch: impl FnOnce()) -> LookupResult {
+    /// Resolves the agent of an active gateway API key by its SHA-256; `None`
+    /// for an unknown or revoked key. Single flight works as for
+    /// [`StoreState::lookup`]: only lookups that arrive while a query for the
+    /// same key is still waiting for a connection share it.
+    pub async fn lookup_key(&self, key: KeySha256) -> KeyLookupResult {
+        let state = self.clone();
+        let m = &self.inner.metrics;
+        self.inner
+            .key_flights
+            .lookup(key, &m.key_coalesced, move |on_dispatch| async move {
+                let sent = &state.inner.metrics.key_db_queries;
+                let digest: &[u8] = &key.0;
+                state
+                    .query(KEY_RESOLVE_SQL, &digest, sent, on_dispatch, |row| {
+                        row.try_get::<_, Uuid>(0)
+                    })
+                    .await
+            })
+            .await
+    }
+
+    /// One resolution query (`sql` with the single parameter `param`, at most
+    /// one row, decoded by `decode`), bounded by the lookup deadline.
+    /// `on_dispatch` fires and `sent` counts just before the statement is sent.
+    async fn query<K, V, T>(
+        &self,
+        sql: &str,
+        param: &(dyn ToSql + Sync),
+        sent: &Counter,
+        on_dispatch: OnDispatch<K, V>,
+        decode: impl FnOnce(&Row) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<Option<T>, DbFailure>
+    where
+        K: Copy + Eq + Hash,
+    {
         let deadline = tokio::time::Instant::now() + self.inner.options.lookup_timeout;
         let client = match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
             Err(_) => return Err(DbFailure::PoolTimeout),
@@ -345,10 +455,10 @@ impl StoreState {
             Ok(Ok(c)) => c,
         };
         let run = async {
-            let stmt = client.prepare_cached(RESOLVE_SQL).await?;
-            on_dispatch();
-            self.inner.metrics.db_queries.inc();
-            client.query_opt(&stmt, &[&agent_id]).await
+            let stmt = client.prepare_cached(sql).await?;
+            on_dispatch.fire();
+            sent.inc();
+            client.query_opt(&stmt, &[param]).await
         };
         match tokio::time::timeout_at(deadline, run).await {
             Err(_) => {
@@ -364,105 +474,7 @@ impl StoreState {
                 Err(e.into())
             }
             Ok(Ok(None)) => Ok(None),
-            Ok(Ok(Some(row))) => row
-                .try_get::<_, String>(0)
-                .map(|s| Some(DirectiveText::new(s)))
-                .map_err(DbFailure::from),
-        }
-    }
-
-    fn key_flights(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<KeySha256, Flight<KeyLookupResult>>> {
-        // As for `flights`: every critical section is a single map operation.
-        self.inner
-            .key_flights
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Stops `key`'s flight `id` from accepting joiners, unless a newer flight
-    /// already replaced it.
-    fn close_key_flight(&self, key: KeySha256, id: u64) {
-        let mut flights = self.key_flights();
-        if flights.get(&key).is_some_and(|f| f.id == id) {
-            flights.remove(&key);
-        }
-    }
-
-    /// Resolves the agent of an active gateway API key by its SHA-256; `None`
-    /// for an unknown or revoked key. Single flight works as for
-    /// [`StoreState::lookup`]: only lookups that arrive while a query for the
-    /// same key is still waiting for a connection share it.
-    pub async fn lookup_key(&self, key: KeySha256) -> KeyLookupResult {
-        if !self.inner.options.single_flight {
-            return self.query_key(key, || {}).await;
-        }
-        let mut rx = {
-            let mut flights = self.key_flights();
-            match flights.get(&key) {
-                Some(flight) => {
-                    self.inner.metrics.key_coalesced.inc();
-                    flight.result.clone()
-                }
-                None => {
-                    let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
-                    let (tx, rx) = watch::channel(None);
-                    flights.insert(
-                        key,
-                        Flight {
-                            id,
-                            result: rx.clone(),
-                        },
-                    );
-                    let state = self.clone();
-                    tokio::spawn(async move {
-                        let result = state
-                            .query_key(key, || state.close_key_flight(key, id))
-                            .await;
-                        state.close_key_flight(key, id);
-                        let _ = tx.send(Some(result));
-                    });
-                    rx
-                }
-            }
-        };
-        let shared = match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone(),
-            Err(_) => None,
-        };
-        shared.unwrap_or_else(|| Err(DbFailure::Connection("lookup task ended early".into())))
-    }
-
-    /// One key resolution query, bounded by the lookup deadline. `on_dispatch`
-    /// runs just before the statement is sent.
-    async fn query_key(&self, key: KeySha256, on_dispatch: impl FnOnce()) -> KeyLookupResult {
-        let deadline = tokio::time::Instant::now() + self.inner.options.lookup_timeout;
-        let client = match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
-            Err(_) => return Err(DbFailure::PoolTimeout),
-            Ok(Err(e)) => return Err(e.into()),
-            Ok(Ok(c)) => c,
-        };
-        let digest: &[u8] = &key.0;
-        let run = async {
-            let stmt = client.prepare_cached(KEY_RESOLVE_SQL).await?;
-            on_dispatch();
-            self.inner.metrics.key_db_queries.inc();
-            client.query_opt(&stmt, &[&digest]).await
-        };
-        match tokio::time::timeout_at(deadline, run).await {
-            Err(_) => {
-                drop(Object::take(client));
-                Err(DbFailure::QueryTimeout)
-            }
-            Ok(Err(e)) => {
-                if e.as_db_error().is_none() {
-                    drop(Object::take(client));
-                }
-                Err(e.into())
-            }
-            Ok(Ok(None)) => Ok(None),
-            Ok(Ok(Some(row))) => row.try_get::<_, Uuid>(0).map(Some).map_err(DbFailure::from),
+            Ok(Ok(Some(row))) => decode(&row).map(Some).map_err(DbFailure::from),
         }
     }
 
