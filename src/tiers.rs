@@ -335,7 +335,10 @@ pub fn parse_store(resp: &Response, agent: &AgentId) -> Result<Answer, TierError
     check_status(resp)?;
     // serde's derived reader refuses a member named twice ("duplicate field"), even
     // when one spelling uses escapes: keys are compared decoded.
-    let body: StoreBody = serde_json::from_slice(&resp.body).map_err(|_| TierError("bad body"))?;
+    // The whole body must be UTF-8, ignored members included: serde_json skips an
+    // unread string without validating it.
+    let text = std::str::from_utf8(&resp.body).map_err(|_| TierError("not UTF-8"))?;
+    let body: StoreBody = serde_json::from_str(text).map_err(|_| TierError("bad body"))?;
     let mut buf = [0u8; AGENT_ID_LEN];
     if body.agent_id != agent.encode(&mut buf) {
         return Err(TierError("answer for another agent"));
@@ -633,6 +636,14 @@ mod tests {
             store(&format!(r#" {{ "content" : "D" , "agent_id" : "{ID}" }} "#)),
             Ok(Answer::Directive("D".into())),
             "member order and whitespace do not matter"
+        );
+        let mut unread_bad_utf8 =
+            format!(r#"{{"agent_id":"{ID}","content":"A","x":"?"}}"#).into_bytes();
+        let at = unread_bad_utf8.len() - 3;
+        unread_bad_utf8[at] = 0x8a;
+        assert!(
+            parse_store(&ok(&unread_bad_utf8), &agent()).is_err(),
+            "an ignored member is still read as UTF-8"
         );
         for extra in [
             r#""version_id":"v1""#,
