@@ -140,6 +140,15 @@ pub async fn deactivate_directive(database_url: &str, agent_id: Uuid) -> Result<
     Ok(n)
 }
 
+/// Publishes on `channel` when a Redis URL is given; `None` publishes nothing (the
+/// caller's writer announces the change itself).
+async fn publish_if(redis_url: Option<&str>, channel: &str) -> Result<()> {
+    if let Some(url) = redis_url {
+        publish(url, channel).await?;
+    }
+    Ok(())
+}
+
 /// `PUBLISH channel ""`; returns the number of subscribers that received it.
 pub async fn publish(redis_url: &str, channel: &str) -> Result<i64> {
     let client = redis::Client::open(redis_url)
@@ -169,11 +178,9 @@ pub async fn set_directive(
     content: &DirectiveText,
 ) -> Result<SetOutcome, AdminError> {
     let outcome = write_directive(database_url, agent_id, org_id, content).await?;
-    if let Some(url) = redis_url {
-        publish(url, &ibex_wire::updates_channel(agent_id))
-            .await
-            .map_err(AdminError::Publish)?;
-    }
+    publish_if(redis_url, &ibex_wire::updates_channel(agent_id))
+        .await
+        .map_err(AdminError::Publish)?;
     Ok(outcome)
 }
 
@@ -185,11 +192,9 @@ pub async fn clear_directive(
     agent_id: Uuid,
 ) -> Result<u64, AdminError> {
     let n = deactivate_directive(database_url, agent_id).await?;
-    if let Some(url) = redis_url {
-        publish(url, &ibex_wire::updates_channel(agent_id))
-            .await
-            .map_err(AdminError::Publish)?;
-    }
+    publish_if(redis_url, &ibex_wire::updates_channel(agent_id))
+        .await
+        .map_err(AdminError::Publish)?;
     Ok(n)
 }
 
@@ -290,11 +295,9 @@ pub async fn revoke_key(
     key: KeySha256,
 ) -> Result<RevokeOutcome, AdminError> {
     let outcome = deactivate_key(database_url, key).await?;
-    if let Some(url) = redis_url {
-        publish(url, &ibex_wire::key_updates_channel(&key.hex()))
-            .await
-            .map_err(AdminError::KeyPublish)?;
-    }
+    publish_if(redis_url, &ibex_wire::key_updates_channel(&key.hex()))
+        .await
+        .map_err(AdminError::KeyPublish)?;
     Ok(outcome)
 }
 
