@@ -502,9 +502,21 @@ mod tests {
             "/v1/models/o/m/predictions",
             "/v1/embeddingsx",
             "/v1/xmodels",
+            // under a generation path: a prefix-routing upstream would generate
+            "/v1/chat/completions/models",
+            "/v1/chat/completions;/models",
+            "/v1/chat/completions%3B/models",
+            "/v1/chat/completions/embeddings",
+            "/v1/responses/models",
+            "/v1/messages/moderations",
         ] {
             assert_eq!(c.route(raw), Route::Other, "{raw}");
         }
+        assert_eq!(
+            c.route("/v1/chat/completionsx/models"),
+            Route::Pass,
+            "not at a boundary"
+        );
         assert_eq!(
             c.route("/v1/models/x/chat/completions"),
             Route::Inject(Format::OpenAiChat),

@@ -85,11 +85,27 @@ impl PathPolicy {
         if let Some((_, format)) = self.formats.iter().find(|(p, _)| path.ends_with(p)) {
             return Route::Inject(*format);
         }
-        if self.pass.iter().any(|p| path.ends_with(p.as_str())) {
+        // `/v1/chat/completions/models` is no models listing: an upstream that
+        // routes by prefix (a Go ServeMux subtree, an Express mount) would run it as
+        // a generation. A pass path under an injection pattern is not passed.
+        let under_a_format = self
+            .formats
+            .iter()
+            .any(|(p, _)| contains_segments(&path, p));
+        if !under_a_format && self.pass.iter().any(|p| path.ends_with(p.as_str())) {
             return Route::Pass;
         }
         Route::Other
     }
+}
+
+/// Whether `pattern` (a normalised path starting with `/`) stands in `path` at
+/// segment boundaries: followed by `/` or the end.
+fn contains_segments(path: &str, pattern: &str) -> bool {
+    path.match_indices(pattern).any(|(at, _)| {
+        let end = at.saturating_add(pattern.len());
+        matches!(path.as_bytes().get(end), None | Some(b'/'))
+    })
 }
 
 /// Reads `paths`, `pass_paths` and `other_paths` of the `inject` section.
