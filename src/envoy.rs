@@ -219,6 +219,12 @@ impl Host for EnvoyHost<'_> {
             let _ = hostcalls::increment_metric(*id, 1);
         }
     }
+
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+        // Envoy answers Ok, NotFound (mapped to `None`), SerializationFailure or
+        // InternalFailure here, which the SDK all returns: nothing it would panic on.
+        hostcalls::get_property(path.to_vec()).map_err(host_error)
+    }
 }
 
 fn wasm_action(action: Action) -> WasmAction {

@@ -49,6 +49,10 @@ pub trait Host {
     fn switch_to(&self, context_id: u32) -> Result<(), HostError>;
     /// Increments a counter.
     fn count(&self, counter: Counter);
+    /// Reads a property of the current request (`["metadata", "filter_metadata",
+    /// namespace, key, …]`): `None` when it does not exist. A string comes back as its
+    /// raw bytes; anything else as the host serializes it.
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError>;
 }
 
 #[cfg(test)]
@@ -100,6 +104,10 @@ pub mod fake {
         pub requests: RefCell<HashMap<u32, FakeRequest>>,
         pub current: Cell<u32>,
         pub counters: RefCell<HashMap<&'static str, u64>>,
+        /// Properties by path (`metadata.filter_metadata…` joined by `.`), and the
+        /// paths that were read.
+        pub properties: RefCell<HashMap<String, Vec<u8>>>,
+        pub properties_read: RefCell<Vec<String>>,
     }
 
     impl FakeHost {
@@ -214,6 +222,11 @@ pub mod fake {
                 .borrow_mut()
                 .entry(counter.name())
                 .or_default() += 1;
+        }
+        fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+            let key = path.join(".");
+            self.properties_read.borrow_mut().push(key.clone());
+            Ok(self.properties.borrow().get(&key).cloned())
         }
     }
 }

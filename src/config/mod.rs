@@ -50,6 +50,47 @@ pub enum MissingAgent {
     Reject,
 }
 
+/// Where a request's agent comes from (`agent.source`, SPEC §3.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentSource {
+    /// `"header"`: the agent header, set by a trusted hop in front of Envoy.
+    Header,
+    /// `"jwt"`: a claim of the payload Envoy's `jwt_authn` filter verified; the agent
+    /// header is never consulted and is removed before forwarding.
+    Jwt(JwtSource),
+}
+
+/// Where the verified JWT payload is and which claim of it names the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtSource {
+    /// `agent.jwt.provider`: the dynamic-metadata key under
+    /// `envoy.filters.http.jwt_authn` where `jwt_authn` writes the verified payload,
+    /// that is the provider's `payload_in_metadata` value (by convention the provider
+    /// name, so set `payload_in_metadata` to it).
+    pub provider: String,
+    /// `agent.jwt.claim`, split at dots: the path of the claim inside the payload
+    /// (`"agent_id"` → `["agent_id"]`, `"ibex.agent"` → `["ibex", "agent"]`).
+    pub claim: Vec<String>,
+}
+
+impl JwtSource {
+    /// The property path of the claim, as the host's property access reads it:
+    /// `metadata.filter_metadata."envoy.filters.http.jwt_authn".<provider>.<claim…>`.
+    pub fn property_path(&self) -> Vec<&str> {
+        let mut path = vec![
+            "metadata",
+            "filter_metadata",
+            JWT_AUTHN_NAMESPACE,
+            self.provider.as_str(),
+        ];
+        path.extend(self.claim.iter().map(String::as_str));
+        path
+    }
+}
+
+/// Dynamic-metadata namespace Envoy's `jwt_authn` filter writes verified payloads in.
+pub const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
+
 /// What to do when the directive cannot be known (L2 and L3 failed, nothing stale).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureMode {
@@ -95,8 +136,11 @@ pub struct Config {
     pub role: Role,
     /// `agent.header`, lower-cased: where the agent id is read.
     pub agent_header: String,
-    /// `agent.missing`: what a request without the header gets.
+    /// `agent.missing`: what a request without the header gets (header source only:
+    /// with `jwt`, a request without a verified claim is always refused).
     pub missing_agent: MissingAgent,
+    /// `agent.source` with `agent.jwt.*`: where the agent comes from.
+    pub agent_source: AgentSource,
     /// `cache.ttl_seconds`: freshness of positive entries in L1 and L2.
     pub ttl_seconds: u64,
     /// `cache.negative_ttl_seconds`: freshness of "no directive" entries.
@@ -187,6 +231,7 @@ impl Config {
                 ("reject", MissingAgent::Reject),
             ],
         )?;
+        let agent_source = agent_source(&mut agent)?;
         agent.finish()?;
 
         let ttl_default = match env_ttl {
@@ -280,6 +325,7 @@ impl Config {
             role,
             agent_header,
             missing_agent,
+            agent_source,
             ttl_seconds,
             negative_ttl_seconds,
             stale_if_error_seconds,
@@ -293,6 +339,53 @@ impl Config {
             debug_headers,
             chat_message_prefix,
         })
+    }
+}
+
+/// `agent.source` and `agent.jwt`. The `jwt` section is checked whenever it is given;
+/// its provider is required only when the source is `"jwt"`.
+fn agent_source(agent: &mut Section<'_>) -> Result<AgentSource, ConfigError> {
+    let source = agent.string("source", "header")?;
+    let mut jwt = Section::new(
+        "agent.jwt",
+        agent.take("jwt").unwrap_or(Value::Object(Map::new())),
+    )?;
+    let provider = jwt.opt_string("provider")?;
+    let claim = jwt.string("claim", "agent_id")?;
+    jwt.finish()?;
+    if let Some(p) = &provider {
+        if p.is_empty() || p.chars().any(char::is_control) {
+            return Err(err(
+                "agent.jwt.provider",
+                "must be a non-empty string without control characters",
+            ));
+        }
+    }
+    let segments: Vec<String> = claim.split('.').map(String::from).collect();
+    if segments
+        .iter()
+        .any(|s| s.is_empty() || s.chars().any(char::is_control))
+    {
+        return Err(err(
+            "agent.jwt.claim",
+            "must be a claim name or a dotted path of them (`ibex.agent`), each part non-empty and without control characters",
+        ));
+    }
+    match source.as_str() {
+        "header" => Ok(AgentSource::Header),
+        "jwt" => match provider {
+            Some(provider) => Ok(AgentSource::Jwt(JwtSource {
+                provider,
+                claim: segments,
+            })),
+            None => Err(err(
+                "agent.jwt.provider",
+                "required when agent.source is \"jwt\"",
+            )),
+        },
+        "api_key" => Err(err("agent.source", "\"api_key\" is not supported yet")),
+        other => choice("agent.source", other, &[("header", ()), ("jwt", ())])
+            .map(|()| AgentSource::Header),
     }
 }
 
@@ -312,6 +405,7 @@ mod tests {
             assert_eq!(c.role, Role::Data);
             assert_eq!(c.agent_header, "x-agent-id");
             assert_eq!(c.missing_agent, MissingAgent::Pass);
+            assert_eq!(c.agent_source, AgentSource::Header);
             assert_eq!(c.ttl_seconds, 60);
             assert_eq!(c.negative_ttl_seconds, 10);
             assert_eq!(c.stale_if_error_seconds, 300);
@@ -437,6 +531,104 @@ mod tests {
             let e = parse(raw).unwrap_err();
             assert_eq!(e.field, field, "for {raw}");
             assert!(e.reason.contains(reason), "for {raw}: {}", e.reason);
+            assert!(e.to_string().contains(field));
+        }
+    }
+
+    #[test]
+    fn the_agent_can_come_from_a_verified_jwt() {
+        let c = parse(r#"{"agent":{"source":"jwt","jwt":{"provider":"idp"}}}"#).unwrap();
+        let AgentSource::Jwt(jwt) = &c.agent_source else {
+            panic!("{:?}", c.agent_source)
+        };
+        assert_eq!(jwt.provider, "idp");
+        assert_eq!(jwt.claim, ["agent_id"]);
+        assert_eq!(
+            jwt.property_path(),
+            [
+                "metadata",
+                "filter_metadata",
+                "envoy.filters.http.jwt_authn",
+                "idp",
+                "agent_id"
+            ]
+        );
+        let c =
+            parse(r#"{"agent":{"source":"jwt","jwt":{"provider":"idp","claim":"ibex.agent"}}}"#)
+                .unwrap();
+        let AgentSource::Jwt(jwt) = &c.agent_source else {
+            panic!()
+        };
+        assert_eq!(jwt.claim, ["ibex", "agent"]);
+        let c = parse(r#"{"agent":{"source":"header"}}"#).unwrap();
+        assert_eq!(c.agent_source, AgentSource::Header);
+    }
+
+    #[test]
+    fn bad_agent_sources_are_refused_by_name() {
+        for (raw, field, reason) in [
+            (
+                r#"{"agent":{"source":"jwt"}}"#,
+                "agent.jwt.provider",
+                "required",
+            ),
+            (
+                r#"{"agent":{"source":"jwt","jwt":{}}}"#,
+                "agent.jwt.provider",
+                "required",
+            ),
+            (
+                r#"{"agent":{"source":"jwt","jwt":{"provider":""}}}"#,
+                "agent.jwt.provider",
+                "non-empty",
+            ),
+            (
+                r#"{"agent":{"source":"jwt","jwt":{"provider":7}}}"#,
+                "agent.jwt.provider",
+                "string",
+            ),
+            (
+                r#"{"agent":{"source":"jwt","jwt":{"provider":"a\u0000b"}}}"#,
+                "agent.jwt.provider",
+                "control",
+            ),
+            (
+                r#"{"agent":{"source":"jwt","jwt":{"provider":"p","claim":""}}}"#,
+                "agent.jwt.claim",
+                "non-empty",
+            ),
+            (
+                r#"{"agent":{"source":"jwt","jwt":{"provider":"p","claim":"a..b"}}}"#,
+                "agent.jwt.claim",
+                "non-empty",
+            ),
+            (
+                r#"{"agent":{"source":"jwt","jwt":{"provider":"p","claim":"a."}}}"#,
+                "agent.jwt.claim",
+                "non-empty",
+            ),
+            (
+                r#"{"agent":{"source":"jwt","jwt":{"provider":"p","claim":["a"]}}}"#,
+                "agent.jwt.claim",
+                "string",
+            ),
+            (
+                r#"{"agent":{"source":"jwt","jwt":{"provider":"p","issuer":"x"}}}"#,
+                "agent.jwt.issuer",
+                "unknown",
+            ),
+            (r#"{"agent":{"jwt":"p"}}"#, "agent.jwt", "object"),
+            (
+                r#"{"agent":{"source":"api_key"}}"#,
+                "agent.source",
+                "not supported yet",
+            ),
+            (r#"{"agent":{"source":"cookie"}}"#, "agent.source", "one of"),
+            (r#"{"agent":{"source":1}}"#, "agent.source", "string"),
+        ] {
+            let e = parse(raw).unwrap_err();
+            assert_eq!(e.field, field, "{raw}");
+            assert!(e.reason.contains(reason), "{raw}: {}", e.reason);
             assert!(e.to_string().contains(field));
         }
     }
@@ -671,6 +863,8 @@ mod tests {
                     Just("closed".to_string()),
                     Just("open".to_string()),
                     Just("reject".to_string()),
+                    Just("jwt".to_string()),
+                    Just("header".to_string()),
                     Just("webdis".to_string()),
                     Just("refuse".to_string()),
                     Just("pass".to_string()),
@@ -687,6 +881,10 @@ mod tests {
                 Just("agent"),
                 Just("header"),
                 Just("missing"),
+                Just("source"),
+                Just("jwt"),
+                Just("provider"),
+                Just("claim"),
                 Just("cache"),
                 Just("ttl_seconds"),
                 Just("negative_ttl_seconds"),

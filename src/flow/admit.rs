@@ -8,6 +8,11 @@
 //! (normalised as the upstream will route it, [`crate::path`]), then what the body
 //! could be.
 //!
+//! With `agent.source = "jwt"` the agent is the claim of the verified JWT payload the
+//! host layer read for it (`verified`), never the agent header: no claim (no verified
+//! payload, or no such claim in it) is 401 `missing_agent_id` whatever
+//! `agent.missing` says, and a claim that is no UUID string is 400 `invalid_agent_id`.
+//!
 //! A body on a path that is no injection format and not an `inject.pass_paths` path
 //! is refused (404 `unsupported_path`) unless `inject.other_paths` is `"pass"`: an
 //! endpoint the filter does not know may be a generation endpoint. A body on a path
@@ -15,7 +20,7 @@
 //! `inject.other_paths` says, since it could be an injection path read another way.
 
 use crate::agent::AgentId;
-use crate::config::{Config, MissingAgent, OtherPaths, Route};
+use crate::config::{AgentSource, Config, MissingAgent, OtherPaths, Route};
 use crate::inject::Format;
 use crate::reply::Refusal;
 
@@ -85,9 +90,20 @@ pub enum Admission {
     },
 }
 
-/// Decides what to do with a request from its headers.
-pub fn admit(head: &HeadFields, end_of_stream: bool, config: &Config) -> Admission {
-    let agent = match agent_of(head, config) {
+/// Decides what to do with a request from its headers and, with the `jwt` source,
+/// the agent claim of its verified token as the host returned it (`None` when there
+/// is no verified payload or no such claim; ignored with the `header` source).
+pub fn admit(
+    head: &HeadFields,
+    verified: Option<&[u8]>,
+    end_of_stream: bool,
+    config: &Config,
+) -> Admission {
+    let agent = match &config.agent_source {
+        AgentSource::Header => agent_of(head, config),
+        AgentSource::Jwt(_) => agent_of_claim(verified),
+    };
+    let agent = match agent {
         Ok(agent) => agent,
         Err(decided) => return decided,
     };
@@ -114,6 +130,17 @@ fn agent_of(head: &HeadFields, config: &Config) -> Result<AgentId, Admission> {
         }),
         Some(value) => AgentId::parse(value).ok_or(Admission::Refuse(Refusal::InvalidAgentId)),
     }
+}
+
+/// Whose request it is by its verified token. The claim is what the host's property
+/// access returned: a string claim comes back as its raw bytes, anything else (a
+/// number, an object) comes back serialized and is no UUID.
+fn agent_of_claim(claim: Option<&[u8]>) -> Result<AgentId, Admission> {
+    let claim = claim.ok_or(Admission::Refuse(Refusal::MissingAgentId))?;
+    std::str::from_utf8(claim)
+        .ok()
+        .and_then(AgentId::parse)
+        .ok_or(Admission::Refuse(Refusal::InvalidAgentId))
 }
 
 /// The format a body on `path` is injected in, or what a body on any other path gets.
@@ -178,17 +205,20 @@ mod tests {
             ("x-agent-id", agent),
             ("x-junk", b"caf\xe9"),
         ]);
-        assert!(matches!(admit(&h, false, &c), Admission::Resolve { .. }));
+        assert!(matches!(
+            admit(&h, None, false, &c),
+            Admission::Resolve { .. }
+        ));
         let mut bad_agent = agent.to_vec();
         bad_agent[0] = 0xff;
         let h = raw(&[(":path", chat), ("x-agent-id", &bad_agent)]);
         assert_eq!(
-            admit(&h, false, &c),
+            admit(&h, None, false, &c),
             Admission::Refuse(Refusal::InvalidAgentId)
         );
         let h = raw(&[(":path", b"/v1/chat/completion\xf3"), ("x-agent-id", agent)]);
         assert_eq!(
-            admit(&h, false, &c),
+            admit(&h, None, false, &c),
             Admission::Refuse(Refusal::UnsupportedPath)
         );
         let h = raw(&[
@@ -197,7 +227,7 @@ mod tests {
             ("content-encoding", b"identit\xff"),
         ]);
         assert_eq!(
-            admit(&h, false, &c),
+            admit(&h, None, false, &c),
             Admission::Refuse(Refusal::UnsupportedEncoding)
         );
     }
@@ -255,7 +285,7 @@ mod tests {
         );
         h.path = Some("/v1/chat/completions".into());
         assert_eq!(
-            admit(&h, false, &config("")),
+            admit(&h, None, false, &config("")),
             Admission::Refuse(Refusal::InvalidAgentId)
         );
     }
@@ -266,24 +296,27 @@ mod tests {
         let mut h = head(None);
         h.path = Some("/v1/models".into());
         assert_eq!(
-            admit(&h, true, &c),
+            admit(&h, None, true, &c),
             Admission::Refuse(Refusal::MissingAgentId)
         );
         h.agent = Some("agent-7".into());
         assert_eq!(
-            admit(&h, true, &c),
+            admit(&h, None, true, &c),
             Admission::Refuse(Refusal::InvalidAgentId)
         );
-        assert_eq!(admit(&head(None), false, &config("")), Admission::Pass);
+        assert_eq!(
+            admit(&head(None), None, false, &config("")),
+            Admission::Pass
+        );
     }
 
     #[test]
     fn other_paths_and_bodiless_requests_pass() {
         let c = config("");
         let mut h = head(Some(AGENT));
-        assert_eq!(admit(&h, true, &c), Admission::Pass, "no body");
+        assert_eq!(admit(&h, None, true, &c), Admission::Pass, "no body");
         h.path = Some("/v1/models".into());
-        assert_eq!(admit(&h, false, &c), Admission::Pass, "no format");
+        assert_eq!(admit(&h, None, false, &c), Admission::Pass, "no format");
     }
 
     #[test]
@@ -292,15 +325,18 @@ mod tests {
         let mut h = head(Some(AGENT));
         h.content_encoding = Some(" Identity ".into());
         h.content_length = Some("100".into());
-        assert!(matches!(admit(&h, false, &c), Admission::Resolve { .. }));
+        assert!(matches!(
+            admit(&h, None, false, &c),
+            Admission::Resolve { .. }
+        ));
         h.content_length = Some("101".into());
         assert_eq!(
-            admit(&h, false, &c),
+            admit(&h, None, false, &c),
             Admission::Refuse(Refusal::BodyTooLarge)
         );
         h.content_encoding = Some("identity, gzip".into());
         assert_eq!(
-            admit(&h, false, &c),
+            admit(&h, None, false, &c),
             Admission::Refuse(Refusal::UnsupportedEncoding)
         );
     }
@@ -308,7 +344,7 @@ mod tests {
     fn on(path: &str, end_of_stream: bool, c: &Config) -> Admission {
         let mut h = head(Some(AGENT));
         h.path = Some(path.into());
-        admit(&h, end_of_stream, c)
+        admit(&h, None, end_of_stream, c)
     }
 
     const UNSUPPORTED: Admission = Admission::Refuse(Refusal::UnsupportedPath);
@@ -353,7 +389,7 @@ mod tests {
         }
         let mut h = head(Some(AGENT));
         h.path = None;
-        assert_eq!(admit(&h, false, &config("")), UNSUPPORTED, "no :path");
+        assert_eq!(admit(&h, None, false, &config("")), UNSUPPORTED, "no :path");
     }
 
     #[test]
@@ -425,14 +461,93 @@ mod tests {
             h.path = Some(path.into());
             h.agent = None;
             assert_eq!(
-                admit(&h, false, &c),
+                admit(&h, None, false, &c),
                 Admission::Refuse(Refusal::MissingAgentId)
             );
             h.agent = Some("agent-7".into());
             assert_eq!(
-                admit(&h, false, &c),
+                admit(&h, None, false, &c),
                 Admission::Refuse(Refusal::InvalidAgentId)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod jwt_source {
+    use super::*;
+
+    const AGENT: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+    const OTHER: &str = "00000000-0000-4000-8000-000000000001";
+
+    fn jwt(extra: &str) -> Config {
+        Config::parse(
+            format!(r#"{{"agent":{{"source":"jwt","jwt":{{"provider":"idp"}}{extra}}}}}"#)
+                .as_bytes(),
+            None,
+        )
+        .unwrap()
+    }
+
+    fn head(agent: Option<&str>) -> HeadFields {
+        HeadFields {
+            path: Some("/v1/chat/completions".into()),
+            agent: agent.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_verified_claim_is_the_agent_and_the_header_is_not_consulted() {
+        let c = jwt("");
+        for header in [None, Some(OTHER), Some("not-a-uuid")] {
+            match admit(&head(header), Some(AGENT.as_bytes()), false, &c) {
+                Admission::Resolve { agent, .. } => assert_eq!(agent.to_string(), AGENT),
+                other => panic!("{header:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn no_claim_is_401_whatever_agent_missing_says() {
+        for c in [
+            jwt(""),
+            jwt(r#","missing":"pass""#),
+            jwt(r#","missing":"reject""#),
+        ] {
+            for eos in [false, true] {
+                assert_eq!(
+                    admit(&head(Some(AGENT)), None, eos, &c),
+                    Admission::Refuse(Refusal::MissingAgentId)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_claim_that_is_no_uuid_string_is_400() {
+        let c = jwt("");
+        for claim in [
+            b"agent-7".as_slice(),
+            b"",
+            &42f64.to_le_bytes(),
+            b"\xff\xfe",
+            b"\n\x08\n\x06agent",
+        ] {
+            assert_eq!(
+                admit(&head(None), Some(claim), false, &c),
+                Admission::Refuse(Refusal::InvalidAgentId),
+                "{claim:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_header_source_ignores_any_claim() {
+        let c = Config::parse(b"{}", None).unwrap();
+        assert_eq!(
+            admit(&head(None), Some(AGENT.as_bytes()), false, &c),
+            Admission::Pass
+        );
     }
 }

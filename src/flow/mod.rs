@@ -50,7 +50,7 @@ mod root;
 
 use std::cell::RefCell;
 
-use crate::config::Config;
+use crate::config::{AgentSource, Config};
 use crate::host::Host;
 use crate::metrics::Counter;
 use crate::reply::Refusal;
@@ -266,7 +266,16 @@ fn on_headers<H: Host>(
     ctx: &Ctx<'_, H>,
 ) -> (State, Action) {
     ctx.host.count(Counter::Requests);
-    match admit::admit(head, end_of_stream, ctx.config) {
+    let verified = match &ctx.config.agent_source {
+        AgentSource::Header => None,
+        AgentSource::Jwt(jwt) => {
+            // The client's agent header is never consulted and never forwarded,
+            // whatever happens to the request next. Neither token nor claim is logged.
+            let _ = ctx.host.set_request_header(&ctx.config.agent_header, None);
+            ctx.host.property(&jwt.property_path()).ok().flatten()
+        }
+    };
+    match admit::admit(head, verified.as_deref(), end_of_stream, ctx.config) {
         admit::Admission::Pass => {
             ctx.host.count(Counter::PassedThrough);
             (State::Forward, Action::Continue)

@@ -878,3 +878,150 @@ fn a_partly_delivered_body_is_not_released_before_it_is_spliced() {
     assert!(matches!(flow.state, State::Forward));
     assert_eq!(w.body(1), INJECTED);
 }
+
+mod jwt_source {
+    //! `agent.source = "jwt"`: the agent is the verified claim jwt_authn left in the
+    //! dynamic metadata; the client's agent header is never consulted nor forwarded.
+
+    use super::*;
+
+    const OTHER: &str = "00000000-0000-4000-8000-000000000001";
+    const PAYLOAD: &str = "metadata.filter_metadata.envoy.filters.http.jwt_authn.idp";
+
+    fn jwt_config(claim: &str) -> Config {
+        config(&format!(
+            r#","agent":{{"source":"jwt","jwt":{{"provider":"idp","claim":"{claim}"}}}}"#
+        ))
+    }
+
+    /// Request `id` with a body, the client's agent header `header` (both in the host's
+    /// request and in what admission sees), and the verified claim at `claim_path`.
+    fn start(
+        w: &W,
+        id: u32,
+        header: &str,
+        claim: Option<(&str, &[u8])>,
+        eos: bool,
+    ) -> (Flow, Action) {
+        if let Some((path, value)) = claim {
+            w.host
+                .properties
+                .borrow_mut()
+                .insert(format!("{PAYLOAD}.{path}"), value.to_vec());
+        }
+        w.host.add_request(id, BODY.as_bytes());
+        w.host
+            .requests
+            .borrow_mut()
+            .get_mut(&id)
+            .unwrap()
+            .headers
+            .insert("x-agent-id".into(), header.into());
+        let (head, _) = head(Some(header));
+        let event = Event::Headers {
+            head: &head,
+            end_of_stream: eos,
+        };
+        w.ev(id, Flow::new(), event)
+    }
+
+    fn header_gone(w: &W, id: u32) -> bool {
+        !w.host.req(id).headers.contains_key("x-agent-id")
+    }
+
+    #[test]
+    fn the_verified_claim_names_the_agent_not_the_header() {
+        let w = W::new(&SharedData::default(), jwt_config("agent_id"));
+        let (flow, action) = start(&w, 1, OTHER, Some(("agent_id", AGENT.as_bytes())), false);
+        assert_eq!(action, Action::Pause);
+        let (_, l2) = w.host.last_callout();
+        assert!(l2.path.contains(AGENT), "{}", l2.path);
+        assert!(!l2.path.contains(OTHER));
+        let (flow, _) = w.answer(1, flow, redis_miss());
+        let (flow, _) = w.answer(1, flow, store_answer(Some("Be \"terse\".")));
+        let (flow, _) = w.body_end(1, flow);
+        assert!(matches!(flow.state, State::Forward));
+        assert_eq!(w.body(1), INJECTED);
+        assert!(header_gone(&w, 1));
+        assert_eq!(
+            *w.host.properties_read.borrow(),
+            [format!("{PAYLOAD}.agent_id")],
+            "read once"
+        );
+    }
+
+    #[test]
+    fn a_dotted_claim_path_is_followed() {
+        let w = W::new(&SharedData::default(), jwt_config("ibex.agent"));
+        let (_, action) = start(&w, 1, OTHER, Some(("ibex.agent", AGENT.as_bytes())), false);
+        assert_eq!(action, Action::Pause);
+        assert!(w.host.last_callout().1.path.contains(AGENT));
+        assert_eq!(
+            *w.host.properties_read.borrow(),
+            [format!("{PAYLOAD}.ibex.agent")]
+        );
+        assert!(header_gone(&w, 1));
+    }
+
+    #[test]
+    fn no_verified_payload_is_401_and_the_header_is_not_used() {
+        for missing in ["pass", "reject"] {
+            let c = config(&format!(
+                r#","agent":{{"source":"jwt","missing":"{missing}","jwt":{{"provider":"idp"}}}}"#
+            ));
+            let w = W::new(&SharedData::default(), c);
+            let (flow, _) = start(&w, 1, AGENT, None, false);
+            assert!(matches!(flow.state, State::Replied));
+            assert_eq!(w.reply_status(1), Some(401));
+            assert!(w
+                .host
+                .req(1)
+                .reply
+                .as_ref()
+                .unwrap()
+                .1
+                .contains("missing_agent_id"));
+            assert!(w.host.callouts.borrow().is_empty());
+            assert!(header_gone(&w, 1));
+        }
+        // A payload without that claim is the same.
+        let w = W::new(&SharedData::default(), jwt_config("agent_id"));
+        start(&w, 1, AGENT, Some(("sub", AGENT.as_bytes())), true);
+        assert_eq!(w.reply_status(1), Some(401));
+    }
+
+    #[test]
+    fn a_claim_that_is_no_uuid_is_400() {
+        let w = W::new(&SharedData::default(), jwt_config("agent_id"));
+        start(&w, 1, AGENT, Some(("agent_id", b"agent-7")), false);
+        assert_eq!(w.reply_status(1), Some(400));
+        assert!(w
+            .host
+            .req(1)
+            .reply
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("invalid_agent_id"));
+        assert!(w.host.callouts.borrow().is_empty());
+        assert!(header_gone(&w, 1));
+    }
+
+    #[test]
+    fn the_client_header_is_removed_on_pass_through_too() {
+        let w = W::new(&SharedData::default(), jwt_config("agent_id"));
+        // Bodiless: forwarded untouched, but without the client's agent header.
+        let (flow, action) = start(&w, 1, OTHER, Some(("agent_id", AGENT.as_bytes())), true);
+        assert!(matches!(flow.state, State::Forward));
+        assert_eq!(action, Action::Continue);
+        assert!(header_gone(&w, 1));
+    }
+
+    #[test]
+    fn the_header_source_reads_no_property_and_keeps_the_header() {
+        let w = W::new(&SharedData::default(), config(""));
+        start(&w, 1, AGENT, None, true);
+        assert!(w.host.properties_read.borrow().is_empty());
+        assert!(!header_gone(&w, 1));
+    }
+}
