@@ -107,7 +107,7 @@ lint: fmt-check clippy
 ## Every committed Envoy config must load, filter configuration included
 ## (validate mode starts the wasm VM), so the filter is built first.
 validate: venv build-filter
-	@for f in envoy/*.yaml; do \
+	@for f in envoy/*.yaml envoy/examples/*.yaml; do \
 	  $(ENVOY) --mode validate -c "$$f" -l error >/dev/null || { echo "envoy validate FAILED: $$f"; \
 	    $(ENVOY) --mode validate -c "$$f" -l warning 2>&1 | tail -5; exit 1; }; \
 	  echo "envoy validate OK: $$f"; \

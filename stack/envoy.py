@@ -109,7 +109,7 @@ def control_token_config(token):
 
 def render_config(template, *, admin_port, data_port, control_port, upstream_port, webdis_port, store_port,
                   wasm, filter_config=None, filter_defaults=None, control_config=None, control_token=None,
-                  with_filter=True, cluster_ports=None):
+                  with_filter=True, cluster_ports=None, http_filters_before=None):
     """A complete Envoy config for one stack; the template is not modified.
 
     The data listener's filter JSON is the template's, with `filter_defaults`
@@ -118,6 +118,8 @@ def render_config(template, *, admin_port, data_port, control_port, upstream_por
     `control_config`.
     `cluster_ports` ({cluster name: port}) points clusters elsewhere after the
     stack's ports are set (failure tests aim ibex_redis at a server that hangs).
+    `http_filters_before` (a list of Envoy HTTP filter configs) goes into the data
+    listener's chain just before the wasm filter (test_jwt puts jwt_authn there).
     """
     config = copy.deepcopy(template)
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
@@ -138,6 +140,10 @@ def render_config(template, *, admin_port, data_port, control_port, upstream_por
     for layer in (control_token_config(control_token) if control_token else None, control_config):
         if layer:
             set_filter_json(control, merge(filter_json(control), layer))
+    if http_filters_before:
+        filters = http_filters(data)
+        at = next(i for i, f in enumerate(filters) if f["name"] == WASM_FILTER)
+        filters[at:at] = copy.deepcopy(list(http_filters_before))
     if not with_filter:
         filters = http_filters(data)
         filters[:] = [f for f in filters if f["name"] != WASM_FILTER]
@@ -245,11 +251,12 @@ class Envoy(EnvoyProcess):
     `control_config`, into the control listener's. `env` reaches Envoy's
     environment (IBEX_DIRECTIVE_CACHE_TTL is dropped unless given there).
     `cluster_ports` ({cluster: port}) overrides where a cluster points.
+    `http_filters_before` goes into the data listener's chain before the wasm filter.
     """
 
     def __init__(self, directory, *, data_port, control_port, admin_port, upstream_port, webdis_port, store_port,
                  filter_config=None, filter_defaults=None, control_config=None, control_token=None, template=None,
-                 wasm=None, with_filter=True, cluster_ports=None, **kwargs):
+                 wasm=None, with_filter=True, cluster_ports=None, http_filters_before=None, **kwargs):
         super().__init__(directory, data_port, admin_port=admin_port, **kwargs)
         self.control_port = control_port
         self.upstream_port = upstream_port
@@ -263,6 +270,7 @@ class Envoy(EnvoyProcess):
         self.wasm = wasm or paths.wasm_path()
         self.with_filter = with_filter
         self.cluster_ports = dict(cluster_ports or {})
+        self.http_filters_before = list(http_filters_before or [])
 
     @property
     def data_port(self):
@@ -290,7 +298,7 @@ class Envoy(EnvoyProcess):
             upstream_port=self.upstream_port, webdis_port=self.webdis_port, store_port=self.store_port,
             wasm=self.wasm, filter_defaults=self.filter_defaults, filter_config=self.filter_config,
             control_config=self.control_config, control_token=self.control_token, with_filter=self.with_filter,
-            cluster_ports=self.cluster_ports,
+            cluster_ports=self.cluster_ports, http_filters_before=self.http_filters_before,
         )
 
     def prepare(self):

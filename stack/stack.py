@@ -59,13 +59,16 @@ class Stack:
                      filter_config): test stacks that read the tier; off in the committed configs
     control_token    the control listener's bearer token, which the subscriber presents;
                      default a new random one for this stack (make run passes its own)
+    http_filters_before  Envoy HTTP filters put before the wasm filter on the data listener
+                     (test_jwt: jwt_authn); default none
     """
 
     PORT_NAMES = PORT_NAMES
 
     def __init__(self, directory, *, ports=None, filter_config=None, control_config=None, envoy_env=None,
                  parts=ORDER, pg_dir=None, fast_pg=True, pid_dir=None, log_dir=None, concurrency=2,
-                 log_levels=None, patient=False, debug_headers=False, control_token=None):
+                 log_levels=None, patient=False, debug_headers=False, control_token=None,
+                 http_filters_before=None):
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = allocate_ports(ports, self.PORT_NAMES)
@@ -89,6 +92,7 @@ class Stack:
             "concurrency": concurrency,
             "log_level": levels["envoy"],
             "cluster_ports": {},
+            "http_filters_before": list(http_filters_before or []),
         }
         self.filter_defaults = merge(PATIENT_FILTER_CONFIG if patient else {},
                                      DEBUG_FILTER_CONFIG if debug_headers else {})
@@ -102,7 +106,8 @@ class Stack:
 
     # -- lifecycle --------------------------------------------------------------
 
-    def _make_envoy(self, filter_config, control_config, env, concurrency, log_level, cluster_ports=None):
+    def _make_envoy(self, filter_config, control_config, env, concurrency, log_level, cluster_ports=None,
+                    http_filters_before=None):
         """An Envoy wired to this stack's ports with the given settings (not started)."""
         p = self.ports
         return Envoy(self.dir / "envoy", data_port=p["data"], control_port=p["control"],
@@ -110,7 +115,8 @@ class Stack:
                      store_port=p["store"], filter_config=filter_config, filter_defaults=self.filter_defaults,
                      control_config=control_config, control_token=self.control_token,
                      env=env, concurrency=concurrency, log_level=log_level, pid_dir=self.pid_dir,
-                     log_dir=self.log_dir, cluster_ports=cluster_ports)
+                     log_dir=self.log_dir, cluster_ports=cluster_ports,
+                     http_filters_before=http_filters_before)
 
     def part(self, name):
         """The process object of part `name`."""
@@ -150,7 +156,7 @@ class Stack:
             raise RuntimeError("stopping the stack: " + "; ".join(errors))
 
     def restart_envoy(self, *, filter_config=None, control_config=None, env=None, log_level=None,
-                      cluster_ports=None, concurrency=None):
+                      cluster_ports=None, concurrency=None, http_filters_before=None):
         """Replace Envoy by one with other settings (same ports); returns the new Envoy.
 
         Settings not given keep their current value; `filter_config` replaces
@@ -158,11 +164,12 @@ class Stack:
         pointing at the same control port. `cluster_ports` ({cluster: port},
         e.g. {"ibex_redis": port}) points clusters away from the stack's own
         parts; `{}` points them back. `concurrency` sets Envoy's worker count.
+        `http_filters_before` replaces the filters put before ours (`[]`: none).
         """
         settings = dict(self.envoy_settings)
         for key, value in (("filter_config", filter_config), ("control_config", control_config),
                            ("env", env), ("log_level", log_level), ("cluster_ports", cluster_ports),
-                           ("concurrency", concurrency)):
+                           ("concurrency", concurrency), ("http_filters_before", http_filters_before)):
             if value is not None:
                 settings[key] = value
         self.envoy.stop()
