@@ -12,11 +12,9 @@
 //! flight and metrics style as the directive lookup. Only the key's SHA-256 ever
 //! reaches the store; it is logged at debug level at most.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::PathRejection;
@@ -28,15 +26,23 @@ use axum::{Json, Router};
 use deadpool_postgres::{Object, Pool};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
 use crate::error::json_error;
 use crate::keys::KeySha256;
-use crate::metrics::{Counter, Exposition, Histogram, CONTENT_TYPE, LATENCY_BUCKETS};
+use crate::metrics::{Counter, CONTENT_TYPE};
 use crate::{DbFailure, DirectiveText, Error};
+
+mod flight;
+mod metrics;
+
+use flight::{OnDispatch, SingleFlight};
+pub use metrics::StoreMetrics;
+
+/// Result of a directive lookup: the active content, `None` when there is none.
+type LookupResult = Result<Option<DirectiveText>, DbFailure>;
 
 /// SPEC §4's resolution query, verbatim. No row means "no directive".
 pub const RESOLVE_SQL: &str = "SELECT dv.content
@@ -72,286 +78,9 @@ impl Default for StoreOptions {
     }
 }
 
-/// Counters of the store, exported on `/metrics`.
-#[derive(Debug)]
-pub struct StoreMetrics {
-    /// Lookups answered with content.
-    pub found: Counter,
-    /// Lookups answered with `content: null`.
-    pub none: Counter,
-    /// Lookups answered with 503.
-    pub error: Counter,
-    /// Requests rejected before lookup (bad agent id).
-    pub bad_requests: Counter,
-    /// Lookups that joined a query for the same agent not yet sent.
-    pub coalesced: Counter,
-    /// Queries actually sent to Postgres.
-    pub db_queries: Counter,
-    /// End-to-end lookup latency, by request.
-    pub latency: Histogram,
-    /// Key lookups of an active key.
-    pub key_found: Counter,
-    /// Key lookups answered with `agent_id: null` (unknown or revoked).
-    pub key_none: Counter,
-    /// Key lookups answered with 503.
-    pub key_error: Counter,
-    /// Key lookups rejected before lookup (malformed hash).
-    pub key_bad_requests: Counter,
-    /// Key lookups that joined a query for the same key not yet sent.
-    pub key_coalesced: Counter,
-    /// Key queries actually sent to Postgres.
-    pub key_db_queries: Counter,
-    /// End-to-end key lookup latency, by request.
-    pub key_latency: Histogram,
-}
-
-impl Default for StoreMetrics {
-    fn default() -> Self {
-        Self {
-            found: Counter::default(),
-            none: Counter::default(),
-            error: Counter::default(),
-            bad_requests: Counter::default(),
-            coalesced: Counter::default(),
-            db_queries: Counter::default(),
-            latency: Histogram::new(LATENCY_BUCKETS),
-            key_found: Counter::default(),
-            key_none: Counter::default(),
-            key_error: Counter::default(),
-            key_bad_requests: Counter::default(),
-            key_coalesced: Counter::default(),
-            key_db_queries: Counter::default(),
-            key_latency: Histogram::new(LATENCY_BUCKETS),
-        }
-    }
-}
-
-impl StoreMetrics {
-    /// Prometheus text of all store metrics.
-    pub fn render(&self) -> String {
-        let mut e = Exposition::new();
-        e.family(
-            "ibex_store_lookups_total",
-            "counter",
-            "Directive lookups that reached the store with a valid agent id, by result.",
-        )
-        .sample(
-            "ibex_store_lookups_total",
-            &[("result", "found")],
-            self.found.get(),
-        )
-        .sample(
-            "ibex_store_lookups_total",
-            &[("result", "none")],
-            self.none.get(),
-        )
-        .sample(
-            "ibex_store_lookups_total",
-            &[("result", "error")],
-            self.error.get(),
-        )
-        .counter(
-            "ibex_store_bad_requests_total",
-            "Lookups rejected because the agent id is not a UUID.",
-            &self.bad_requests,
-        )
-        .counter(
-            "ibex_store_coalesced_total",
-            "Lookups that shared a query for the same agent that was waiting for a connection.",
-            &self.coalesced,
-        )
-        .counter(
-            "ibex_store_db_queries_total",
-            "Resolution queries sent to Postgres.",
-            &self.db_queries,
-        )
-        .histogram(
-            "ibex_store_lookup_seconds",
-            "Lookup latency as seen by the handler.",
-            &self.latency,
-        );
-        e.family(
-            "ibex_store_key_lookups_total",
-            "counter",
-            "Gateway API key lookups that reached the store with a valid hash, by result.",
-        )
-        .sample(
-            "ibex_store_key_lookups_total",
-            &[("result", "found")],
-            self.key_found.get(),
-        )
-        .sample(
-            "ibex_store_key_lookups_total",
-            &[("result", "none")],
-            self.key_none.get(),
-        )
-        .sample(
-            "ibex_store_key_lookups_total",
-            &[("result", "error")],
-            self.key_error.get(),
-        )
-        .counter(
-            "ibex_store_key_bad_requests_total",
-            "Key lookups rejected because the hash is not 64 lower-case hex characters.",
-            &self.key_bad_requests,
-        )
-        .counter(
-            "ibex_store_key_coalesced_total",
-            "Key lookups that shared a query for the same key that was waiting for a connection.",
-            &self.key_coalesced,
-        )
-        .counter(
-            "ibex_store_key_db_queries_total",
-            "Key resolution queries sent to Postgres.",
-            &self.key_db_queries,
-        )
-        .histogram(
-            "ibex_store_key_lookup_seconds",
-            "Key lookup latency as seen by the handler.",
-            &self.key_latency,
-        );
-        e.finish()
-    }
-}
-
-type LookupResult = Result<Option<DirectiveText>, DbFailure>;
-
 /// Result of a key lookup: the agent of an active key, `None` when unknown or
 /// revoked.
 pub type KeyLookupResult = Result<Option<Uuid>, DbFailure>;
-
-/// A query that lookups of one agent (or one key) may still join.
-struct Flight<V> {
-    id: u64,
-    result: watch::Receiver<Option<Result<V, DbFailure>>>,
-}
-
-/// Single flight for one kind of lookup: joinable queries, by what is looked
-/// up (an agent id, a key hash).
-///
-/// An entry is removed the moment its query is sent to Postgres: a lookup that
-/// arrives later may be answering a request made after a directive (or key)
-/// update, so it must get a snapshot taken after its own arrival, i.e. a query
-/// of its own. Sharing is therefore limited to lookups that arrived while the
-/// first one was still waiting for a connection, which is exactly the pile-up
-/// to absorb when Postgres is slow.
-struct SingleFlight<K, V> {
-    /// Off: every lookup runs its own query.
-    enabled: bool,
-    flights: Mutex<HashMap<K, Flight<V>>>,
-    next_flight: AtomicU64,
-}
-
-/// Handed to a lookup's query: closes the flight it runs for, if any, just
-/// before the statement is sent.
-struct OnDispatch<K, V>(Option<FlightRef<K, V>>);
-
-/// Which flight an [`OnDispatch`] closes.
-struct FlightRef<K, V> {
-    flights: Arc<SingleFlight<K, V>>,
-    key: K,
-    id: u64,
-}
-
-impl<K: Copy + Eq + Hash, V> OnDispatch<K, V> {
-    fn fire(self) {
-        if let Some(f) = self.0 {
-            f.flights.close(f.key, f.id);
-        }
-    }
-}
-
-impl<K: Copy + Eq + Hash, V> SingleFlight<K, V> {
-    fn new(enabled: bool) -> Arc<Self> {
-        Arc::new(Self {
-            enabled,
-            flights: Mutex::new(HashMap::new()),
-            next_flight: AtomicU64::new(0),
-        })
-    }
-
-    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<K, Flight<V>>> {
-        // The map stays consistent even if a holder panicked: every critical
-        // section is a single insert, lookup or remove.
-        self.flights
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Stops `key`'s flight `id` from accepting joiners, unless a newer flight
-    /// already replaced it.
-    fn close(&self, key: K, id: u64) {
-        let mut flights = self.flights();
-        if flights.get(&key).is_some_and(|f| f.id == id) {
-            flights.remove(&key);
-        }
-    }
-}
-
-impl<K, V> SingleFlight<K, V>
-where
-    K: Copy + Eq + Hash + Send + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    /// Answers a lookup of `key` with `query`, or, while a query for the same
-    /// key is still waiting for a connection, with that query's result
-    /// (counted in `coalesced`). `query` must fire its [`OnDispatch`] just
-    /// before it sends the statement.
-    async fn lookup<Q, Fut>(
-        self: &Arc<Self>,
-        key: K,
-        coalesced: &Counter,
-        query: Q,
-    ) -> Result<V, DbFailure>
-    where
-        Q: FnOnce(OnDispatch<K, V>) -> Fut,
-        Fut: Future<Output = Result<V, DbFailure>> + Send + 'static,
-    {
-        if !self.enabled {
-            return query(OnDispatch(None)).await;
-        }
-        let mut rx = {
-            let mut flights = self.flights();
-            match flights.get(&key) {
-                Some(flight) => {
-                    coalesced.inc();
-                    flight.result.clone()
-                }
-                None => {
-                    let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
-                    let (tx, rx) = watch::channel(None);
-                    flights.insert(
-                        key,
-                        Flight {
-                            id,
-                            result: rx.clone(),
-                        },
-                    );
-                    // The query runs in its own task so that a leader whose
-                    // client disconnects does not cancel it for the others.
-                    let run = query(OnDispatch(Some(FlightRef {
-                        flights: Arc::clone(self),
-                        key,
-                        id,
-                    })));
-                    let this = Arc::clone(self);
-                    tokio::spawn(async move {
-                        let result = run.await;
-                        // Also closes flights that failed before dispatch.
-                        this.close(key, id);
-                        let _ = tx.send(Some(result));
-                    });
-                    rx
-                }
-            }
-        };
-        let shared = match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone(),
-            Err(_) => None,
-        };
-        shared.unwrap_or_else(|| Err(DbFailure::Connection("lookup task ended early".into())))
-    }
-}
 
 struct Inner {
     pool: Pool,
