@@ -8,16 +8,20 @@
 //! - `POST /ibex/v1/invalidate/{agent_id}` writes a tombstone over the agent's entry.
 //!   The write also changes the key's CAS version, so a fill that started before it
 //!   can no longer store its (possibly old) answer.
+//! - `POST /ibex/v1/invalidate/key/{sha256hex}` does the same for a gateway key's
+//!   entry (after `companion revoke-key`): the key is known here only by its hash.
 //! - `POST /ibex/v1/invalidate` bumps the global generation counter: every entry
-//!   filled under an older generation is stale at once, in one write.
+//!   (agents' and keys') filled under an older generation is stale at once, in one
+//!   write.
 //!
 //! Answers: 204 on success, 401 without the configured bearer token, 404 for any
-//! other path or method, 400 for an agent id that is not a UUID, 503 if shared data
-//! cannot be written.
+//! other path or method, 400 for an agent id that is not a UUID or a hash that is not
+//! 64 lower-case hex characters, 503 if shared data cannot be written.
 
 use ibex_wire::{InvalidateTarget, Redacted};
 
 use crate::agent::AgentId;
+use crate::apikey::KeyHash;
 use crate::config::Config;
 use crate::entry::{self, Entry, Kind};
 use crate::host::{Host, HostError};
@@ -69,9 +73,16 @@ pub fn handle<H: Host>(
             Some(agent) => invalidate_agent(&agent, host),
             None => return error(400, "invalid_agent_id", "agent id must be a UUID"),
         },
-        // Key entries are not served by this role yet: answered like any other
-        // unknown path (the subscriber then falls back to invalidating all).
-        InvalidateTarget::Key(_) => return error(404, "not_found", "no such control endpoint"),
+        InvalidateTarget::Key(hex) => match KeyHash::parse_hex(hex) {
+            Some(key) => invalidate_key(&key, host),
+            None => {
+                return error(
+                    400,
+                    "invalid_key_sha256",
+                    "key hash must be 64 lower-case hex characters",
+                )
+            }
+        },
     };
     match result {
         Ok(()) => {
@@ -91,6 +102,15 @@ pub fn handle<H: Host>(
 
 /// Writes a tombstone over one agent's entry.
 pub fn invalidate_agent<H: Host>(agent: &AgentId, host: &H) -> Result<(), HostError> {
+    tombstone(&entry::key_for(agent), host)
+}
+
+/// Writes a tombstone over one gateway key's entry.
+pub fn invalidate_key<H: Host>(key: &KeyHash, host: &H) -> Result<(), HostError> {
+    tombstone(&entry::key_for_api_key(key), host)
+}
+
+fn tombstone<H: Host>(key: &str, host: &H) -> Result<(), HostError> {
     let generation = entry::current_generation(host);
     let tombstone = Entry {
         kind: Kind::Tombstone,
@@ -98,7 +118,7 @@ pub fn invalidate_agent<H: Host>(agent: &AgentId, host: &H) -> Result<(), HostEr
         generation,
         escaped: Redacted::new(""),
     };
-    host.shared_set(&entry::key_for(agent), &tombstone.encode(), None)
+    host.shared_set(key, &tombstone.encode(), None)
 }
 
 /// Bumps the global generation (compare-and-swap, retried on contention).
@@ -234,5 +254,38 @@ mod tests {
             handle(Some("POST"), Some("/ibex/v1/invalidate/nope"), None, &h, &c).status,
             400
         );
+        for bad in ["", "ABC", &"A".repeat(64), &"0".repeat(63)] {
+            let r = handle(
+                Some("POST"),
+                Some(&format!("/ibex/v1/invalidate/key/{bad}")),
+                None,
+                &h,
+                &c,
+            );
+            assert_eq!(r.status, 400, "{bad}");
+            assert!(r.body.contains("invalid_key_sha256"));
+        }
+    }
+
+    #[test]
+    fn invalidating_a_key_tombstones_its_entry_only() {
+        let h = FakeHost::with_shared(SharedData::default());
+        fresh_entry(&h);
+        let key = KeyHash::of(b"ibex_k");
+        let entry_key = entry::key_for_api_key(&key);
+        let e = Entry {
+            kind: Kind::Agent,
+            fresh_until_ms: u64::MAX,
+            generation: 0,
+            escaped: Redacted::new(AGENT),
+        };
+        h.shared_set(&entry_key, &e.encode(), None).unwrap();
+        let path = ibex_wire::invalidate_key_path(&key.hex());
+        let r = handle(Some("POST"), Some(&path), None, &h, &cfg(None));
+        assert_eq!(r.status, 204);
+        let raw = h.shared.get(&entry_key).unwrap();
+        assert_eq!(Entry::decode(&raw).unwrap().kind, Kind::Tombstone);
+        assert_eq!(Entry::decode(&entry_of(&h)).unwrap().kind, Kind::Present);
+        assert_eq!(h.counter(Counter::Invalidations), 1);
     }
 }

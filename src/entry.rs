@@ -6,17 +6,26 @@
 //!
 //! ```text
 //! 0      version (1)
-//! 1      kind: 0 = no directive, 1 = directive, 2 = tombstone (invalidated)
+//! 1      kind: 0 = no directive, 1 = directive, 2 = tombstone (invalidated),
+//!        3 = a gateway key's agent, 4 = no such key (unknown or revoked)
 //! 2..10  fresh until, ms since the Unix epoch, little endian
 //! 10..18 generation: the value of the global generation counter when the fill
 //!        that produced this entry started; older than the counter = flushed
-//! 18..   escaped directive (kind 1 only)
+//! 18..   kind 1: the escaped directive; kind 3: the agent id (36 bytes, canonical)
 //! ```
 //!
 //! With the 43-byte key this keeps the overhead per agent under 64 bytes, as SPEC §8
-//! asks. Entries are never trusted blindly: anything that does not decode is a miss.
+//! asks. Entries are never trusted blindly: anything that does not decode is a miss,
+//! and a key entry (kinds 3 and 4) never decodes as an agent's answer or the other
+//! way round, because each lives under its own key prefix and reads only its kinds.
+//!
+//! Gateway keys (`agent.source = "api_key"`) have entries of their own under
+//! [`KEY_ENTRY_PREFIX`] + the key's SHA-256 in hex; the key itself is never stored.
 
 use ibex_wire::Redacted;
+
+use crate::agent::{AgentId, AGENT_ID_LEN};
+use crate::apikey::KeyHash;
 
 /// Version byte of the current layout; any other value decodes as a miss.
 const VERSION: u8 = 1;
@@ -38,6 +47,10 @@ pub enum Kind {
     /// The entry was invalidated; it only anchors a CAS version so that fills which
     /// started before the invalidation cannot write over it.
     Tombstone,
+    /// A gateway key's entry: the agent id follows the header.
+    Agent,
+    /// A gateway key's entry: no active key has this hash.
+    NoAgent,
 }
 
 /// A decoded L1 entry, borrowing the escaped directive from the raw bytes.
@@ -49,7 +62,8 @@ pub struct Entry<'a> {
     pub fresh_until_ms: u64,
     /// Global generation current when the fill started.
     pub generation: u64,
-    /// The directive, JSON-escaped; empty unless `kind` is `Present`.
+    /// The directive, JSON-escaped, with `Present`; the agent id with `Agent`; empty
+    /// otherwise.
     pub escaped: Redacted<&'a str>,
 }
 
@@ -63,13 +77,24 @@ impl<'a> Entry<'a> {
             0 => Kind::NoDirective,
             1 => Kind::Present,
             2 => Kind::Tombstone,
+            3 => Kind::Agent,
+            4 => Kind::NoAgent,
             _ => return None,
         };
         let fresh_until_ms = u64::from_le_bytes(raw[2..10].try_into().ok()?);
         let generation = u64::from_le_bytes(raw[10..18].try_into().ok()?);
         let escaped = std::str::from_utf8(&raw[HEADER_LEN..]).ok()?;
-        if kind != Kind::Present && !escaped.is_empty() {
-            return None;
+        match kind {
+            Kind::Present => {}
+            // Only the canonical spelling: one agent, one byte string.
+            Kind::Agent => {
+                let mut buf = [0u8; AGENT_ID_LEN];
+                if AgentId::parse(escaped)?.encode(&mut buf) != escaped {
+                    return None;
+                }
+            }
+            _ if !escaped.is_empty() => return None,
+            _ => {}
         }
         Some(Entry {
             kind,
@@ -87,10 +112,12 @@ impl<'a> Entry<'a> {
             Kind::NoDirective => 0,
             Kind::Present => 1,
             Kind::Tombstone => 2,
+            Kind::Agent => 3,
+            Kind::NoAgent => 4,
         });
         out.extend_from_slice(&self.fresh_until_ms.to_le_bytes());
         out.extend_from_slice(&self.generation.to_le_bytes());
-        if self.kind == Kind::Present {
+        if matches!(self.kind, Kind::Present | Kind::Agent) {
             out.extend_from_slice(self.escaped.expose().as_bytes());
         }
         out
@@ -118,14 +145,19 @@ impl<'a> Entry<'a> {
     }
 }
 
-/// What is known of an agent's directive, owned and already JSON-escaped: what an L1
-/// entry, a tier's answer or a stale fallback hands to the requests it answers.
+/// What is known of an agent's directive (owned and already JSON-escaped), or of a
+/// gateway key's agent: what an L1 entry, a tier's answer or a stale fallback hands
+/// to the requests it answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Known {
     /// The agent's directive, JSON-escaped (the inside of a string literal).
     Directive(Redacted<String>),
     /// The agent has no active directive.
     NoDirective,
+    /// The gateway key belongs to this agent.
+    Agent(AgentId),
+    /// No active key has this hash: unknown, or revoked.
+    NoAgent,
 }
 
 impl Entry<'_> {
@@ -136,14 +168,27 @@ impl Entry<'_> {
                 (*self.escaped.expose()).to_owned(),
             ))),
             Kind::NoDirective => Some(Known::NoDirective),
+            Kind::Agent => AgentId::parse(self.escaped.expose()).map(Known::Agent),
+            Kind::NoAgent => Some(Known::NoAgent),
             Kind::Tombstone => None,
         }
     }
 }
 
+/// Shared-data key prefix of gateway key entries: `ibex:k:{sha256hex}`.
+pub const KEY_ENTRY_PREFIX: &str = "ibex:k:";
+
+/// Shared-data key of a gateway key: [`KEY_ENTRY_PREFIX`] + its SHA-256 in hex.
+pub fn key_for_api_key(hash: &KeyHash) -> String {
+    let mut key = String::with_capacity(KEY_ENTRY_PREFIX.len() + ibex_wire::KEY_SHA256_HEX_LEN);
+    key.push_str(KEY_ENTRY_PREFIX);
+    key.push_str(&hash.hex());
+    key
+}
+
 /// Shared-data key of an agent: [`KEY_PREFIX`] + canonical agent id.
-pub fn key_for(agent: &crate::agent::AgentId) -> String {
-    let mut buf = [0u8; crate::agent::AGENT_ID_LEN];
+pub fn key_for(agent: &AgentId) -> String {
+    let mut buf = [0u8; AGENT_ID_LEN];
     let id = agent.encode(&mut buf);
     let mut key = String::with_capacity(KEY_PREFIX.len() + id.len());
     key.push_str(KEY_PREFIX);
@@ -241,8 +286,48 @@ mod tests {
     }
 
     #[test]
+    fn key_entries_round_trip_and_hold_only_canonical_agent_ids() {
+        let agent = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+        let e = Entry {
+            kind: Kind::Agent,
+            fresh_until_ms: 5,
+            generation: 1,
+            escaped: Redacted::new(agent),
+        };
+        let raw = e.encode();
+        assert_eq!(Entry::decode(&raw), Some(e));
+        assert_eq!(
+            e.known(),
+            Some(Known::Agent(AgentId::parse(agent).unwrap()))
+        );
+        for bad in ["", "6F1C1A3E-5B7D-4C2A-9E0F-123456789ABC", "not-a-uuid"] {
+            let raw = Entry {
+                escaped: Redacted::new(bad),
+                ..e
+            }
+            .encode();
+            assert!(Entry::decode(&raw).is_none(), "{bad:?}");
+        }
+        let none = Entry {
+            kind: Kind::NoAgent,
+            escaped: Redacted::new(""),
+            ..e
+        };
+        assert_eq!(Entry::decode(&none.encode()), Some(none));
+        assert_eq!(none.known(), Some(Known::NoAgent));
+        let mut with_text = none.encode();
+        with_text.push(b'x');
+        assert!(Entry::decode(&with_text).is_none());
+        let k = key_for_api_key(&KeyHash::of(b"test"));
+        assert_eq!(
+            k,
+            "ibex:k:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        );
+    }
+
+    #[test]
     fn overhead_per_agent_stays_under_64_bytes() {
-        let agent = crate::agent::AgentId::parse("6f1c1a3e-5b7d-4c2a-9e0f-123456789abc").unwrap();
+        let agent = AgentId::parse("6f1c1a3e-5b7d-4c2a-9e0f-123456789abc").unwrap();
         assert!(key_for(&agent).len() + HEADER_LEN <= 64);
     }
 

@@ -316,6 +316,7 @@ impl HttpContext for DataFilter {
             // is not UTF-8, which any client can send.
             self.get_http_request_headers_bytes(),
             &self.plugin.config.agent_header,
+            self.plugin.config.agent_source.key_header(),
         );
         wasm_action(self.step(Event::Headers {
             head: &fields,

@@ -12,6 +12,7 @@
 //! Nothing in this crate may log directive text, at any level.
 
 pub mod agent;
+pub mod apikey;
 pub mod breaker;
 pub mod config;
 pub mod control;

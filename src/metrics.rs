@@ -51,9 +51,16 @@ counters! {
     L2BreakerClose => "l2_breaker_close", "L2 circuit breaker closed (a probe succeeded).";
     L3BreakerOpen => "l3_breaker_open", "L3 circuit breaker opened.";
     L3BreakerClose => "l3_breaker_close", "L3 circuit breaker closed.";
+    KeyL1Hit => "key_l1_hit", "api_key source: the key's agent was answered from shared data.";
+    KeyL1Miss => "key_l1_miss", "api_key source: shared data had no fresh entry for the key.";
+    KeyL2Hit => "key_l2_hit", "api_key source: Redis answered for the key.";
+    KeyL2Miss => "key_l2_miss", "api_key source: Redis had no entry for the key.";
+    KeyL3Hit => "key_l3_hit", "api_key source: the store named the key's agent (an active key).";
+    KeyL3None => "key_l3_none", "api_key source: the store knows no active key of that hash (unknown or revoked).";
     Invalidations => "invalidations", "Invalidations applied by the control role.";
     RejectedInvalidAgentId => "rejected.invalid_agent_id", "400: agent header not a UUID.";
     RejectedMissingAgentId => "rejected.missing_agent_id", "401: agent header missing.";
+    RejectedInvalidApiKey => "rejected.invalid_api_key", "401: api_key source, key malformed, unknown or revoked.";
     RejectedUnsupportedPath => "rejected.unsupported_path", "404: a body on a path that is no format and not passed, or that cannot be read with certainty.";
     RejectedInvalidBody => "rejected.invalid_body", "400: body malformed or ambiguous, or ended in trailers while a directive was due.";
     RejectedBodyTooLarge => "rejected.body_too_large", "413: body over inject.max_body_bytes.";

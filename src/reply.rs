@@ -9,8 +9,11 @@ use crate::metrics::Counter;
 pub enum Refusal {
     /// Agent header present but not a UUID.
     InvalidAgentId,
-    /// Agent header missing and `agent.missing = "reject"`.
+    /// Agent header missing and `agent.missing = "reject"`; with the `jwt` source no
+    /// verified claim, with `api_key` no key header.
     MissingAgentId,
+    /// `api_key` source: the key is malformed, unknown or revoked.
+    InvalidApiKey,
     /// A body on a path that is no injection format and not in `inject.pass_paths`
     /// (with `inject.other_paths = "refuse"`), or on a path that cannot be read with
     /// certainty (an invalid or double escape, a dot segment, a control byte).
@@ -33,7 +36,7 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::InvalidAgentId | Refusal::InvalidBody(_) | Refusal::RequestTrailers => 400,
-            Refusal::MissingAgentId => 401,
+            Refusal::MissingAgentId | Refusal::InvalidApiKey => 401,
             Refusal::UnsupportedPath => 404,
             Refusal::BodyTooLarge => 413,
             Refusal::UnsupportedEncoding => 415,
@@ -46,6 +49,7 @@ impl Refusal {
         match self {
             Refusal::InvalidAgentId => "invalid_agent_id",
             Refusal::MissingAgentId => "missing_agent_id",
+            Refusal::InvalidApiKey => "invalid_api_key",
             Refusal::UnsupportedPath => "unsupported_path",
             Refusal::InvalidBody(_) | Refusal::RequestTrailers => "invalid_body",
             Refusal::BodyTooLarge => "body_too_large",
@@ -59,6 +63,7 @@ impl Refusal {
         match self {
             Refusal::InvalidAgentId => Counter::RejectedInvalidAgentId,
             Refusal::MissingAgentId => Counter::RejectedMissingAgentId,
+            Refusal::InvalidApiKey => Counter::RejectedInvalidApiKey,
             Refusal::UnsupportedPath => Counter::RejectedUnsupportedPath,
             Refusal::InvalidBody(_) | Refusal::RequestTrailers => Counter::RejectedInvalidBody,
             Refusal::BodyTooLarge => Counter::RejectedBodyTooLarge,
@@ -69,16 +74,20 @@ impl Refusal {
 
     fn error_type(&self) -> &'static str {
         match self {
-            Refusal::MissingAgentId => "authentication_error",
+            Refusal::MissingAgentId | Refusal::InvalidApiKey => "authentication_error",
             Refusal::DirectiveUnavailable => "service_unavailable",
             _ => "invalid_request_error",
         }
     }
 
+    /// `agent_header` is the header a request without an agent lacks: the agent
+    /// header, or the key header with the `api_key` source.
     fn message(&self, agent_header: &str) -> String {
         match self {
             Refusal::InvalidAgentId => format!("header {agent_header} must be a UUID"),
             Refusal::MissingAgentId => format!("header {agent_header} is required"),
+            // Never the key, nor its hash: the client knows what it sent.
+            Refusal::InvalidApiKey => "the API key is not valid".into(),
             // Never the path itself: it is the client's text, and a reflected path
             // is one more place for escapes and markup to go wrong.
             Refusal::UnsupportedPath => {
@@ -114,6 +123,7 @@ mod tests {
         let cases = [
             (Refusal::InvalidAgentId, 400, "invalid_agent_id"),
             (Refusal::MissingAgentId, 401, "missing_agent_id"),
+            (Refusal::InvalidApiKey, 401, "invalid_api_key"),
             (
                 Refusal::InvalidBody(BodyError::Malformed(3)),
                 400,

@@ -63,6 +63,7 @@
 use ibex_wire::Redacted;
 
 use crate::agent::{AgentId, AGENT_ID_LEN};
+use crate::apikey::KeyHash;
 use crate::config::Config;
 
 /// An HTTP callout to an Envoy cluster.
@@ -141,11 +142,26 @@ pub fn redis_set(
 ) -> Callout {
     let key = redis_key_path(config, agent);
     let marker = ibex_wire::flush_marker_key(&config.redis.key_prefix);
+    conditional_set(
+        config,
+        &key,
+        &marker,
+        directive.map(str::as_bytes),
+        ttl_seconds,
+    )
+}
+
+/// The conditional `EVAL` of `value` at `key`, unless `key` or `marker` exists.
+fn conditional_set(
+    config: &Config,
+    key: &str,
+    marker: &str,
+    value: Option<&[u8]>,
+    ttl_seconds: u64,
+) -> Callout {
     let base = format!("/EVAL/{SET_IF_ABSENT_SCRIPT}/2/{key}/{marker}/{ttl_seconds}");
-    let (method, path, body) = match directive {
-        Some(text) if !text.is_empty() => {
-            ("PUT", base, Some(Redacted::new(text.as_bytes().to_vec())))
-        }
+    let (method, path, body) = match value {
+        Some(bytes) if !bytes.is_empty() => ("PUT", base, Some(Redacted::new(bytes.to_vec()))),
         // A trailing slash is Webdis's spelling of an empty last argument.
         _ => ("GET", format!("{base}/"), None),
     };
@@ -156,6 +172,114 @@ pub fn redis_set(
         authority: config.redis.authority.clone(),
         body,
         timeout_ms: config.redis.timeout_ms,
+    }
+}
+
+/// What a tier says about a gateway key (`agent.source = "api_key"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAnswer {
+    /// The tier does not know (L2 only: no entry, or a tombstone).
+    Unknown,
+    /// No active key has this hash (unknown or revoked).
+    NoAgent,
+    /// The key belongs to this agent.
+    Agent(AgentId),
+}
+
+/// L2 read of a gateway key's entry, `agent_key:{sha256hex}`.
+pub fn redis_get_key(config: &Config, key: &KeyHash) -> Callout {
+    Callout {
+        cluster: config.redis.cluster.clone(),
+        method: "GET",
+        path: format!("/GET/{}.raw", ibex_wire::agent_key_redis_key(&key.hex())),
+        authority: config.redis.authority.clone(),
+        body: None,
+        timeout_ms: config.redis.timeout_ms,
+    }
+}
+
+/// L2 write of a gateway key's agent (`None`: no such key) with its TTL, under the
+/// same no-overwrite rule as directives and the key entries' own flush marker.
+pub fn redis_set_key(
+    config: &Config,
+    key: &KeyHash,
+    agent: Option<&AgentId>,
+    ttl_seconds: u64,
+) -> Callout {
+    let mut buf = [0u8; AGENT_ID_LEN];
+    let value = agent.map(|a| a.encode(&mut buf).as_bytes());
+    conditional_set(
+        config,
+        &ibex_wire::agent_key_redis_key(&key.hex()),
+        &ibex_wire::flush_marker_key(ibex_wire::AGENT_KEY_PREFIX),
+        value,
+        ttl_seconds,
+    )
+}
+
+/// Reads an L2 answer for a gateway key: nil or a tombstone is unknown, the empty
+/// string is "no such key", and anything else must be an agent id in its canonical
+/// spelling (lower-case, hyphenated) or it is an error.
+pub fn parse_redis_key_get(resp: &Response) -> Result<KeyAnswer, TierError> {
+    check_status(resp)?;
+    let body = resp.body.as_slice();
+    if body == NIL_REPLY {
+        return Ok(KeyAnswer::Unknown);
+    }
+    let value = bulk_value::<usize>(body)?;
+    if ibex_wire::is_tombstone(value) {
+        return Ok(KeyAnswer::Unknown);
+    }
+    if value.is_empty() {
+        return Ok(KeyAnswer::NoAgent);
+    }
+    let text = std::str::from_utf8(value).map_err(|_| TierError("not UTF-8"))?;
+    canonical_agent(text).map(KeyAnswer::Agent)
+}
+
+/// An agent id exactly as the companion spells it.
+fn canonical_agent(text: &str) -> Result<AgentId, TierError> {
+    let agent = AgentId::parse(text).ok_or(TierError("not an agent id"))?;
+    let mut buf = [0u8; AGENT_ID_LEN];
+    if agent.encode(&mut buf) != text {
+        return Err(TierError("agent id not canonical"));
+    }
+    Ok(agent)
+}
+
+/// L3 read of a gateway key: `GET /v1/keys/{sha256hex}`.
+pub fn store_get_key(config: &Config, key: &KeyHash) -> Callout {
+    Callout {
+        cluster: config.store.cluster.clone(),
+        method: "GET",
+        path: ibex_wire::store_key_path(&key.hex()),
+        authority: config.store.authority.clone(),
+        body: None,
+        timeout_ms: config.store.timeout_ms,
+    }
+}
+
+/// The store's key answer: these two members, each exactly once; others ignored.
+#[derive(serde::Deserialize)]
+struct StoreKeyBody {
+    key_sha256: String,
+    /// Required: `null` is "no such key", a missing member is an error.
+    #[serde(deserialize_with = "required")]
+    agent_id: Option<String>,
+}
+
+/// Reads an L3 key answer; the hash in the body must be the one asked for, and the
+/// agent id canonical (see "Hostile answers" above).
+pub fn parse_store_key(resp: &Response, key: &KeyHash) -> Result<KeyAnswer, TierError> {
+    check_status(resp)?;
+    let text = std::str::from_utf8(&resp.body).map_err(|_| TierError("not UTF-8"))?;
+    let body: StoreKeyBody = serde_json::from_str(text).map_err(|_| TierError("bad body"))?;
+    if body.key_sha256 != key.hex() {
+        return Err(TierError("answer for another key"));
+    }
+    match body.agent_id {
+        None => Ok(KeyAnswer::NoAgent),
+        Some(agent) => canonical_agent(&agent).map(KeyAnswer::Agent),
     }
 }
 

@@ -1,6 +1,6 @@
 //! State one worker VM shares between its requests, and the rules that keep it
-//! consistent: the fills in flight (so concurrent misses for one agent make one
-//! fill), which fill each callout answer belongs to, what finished fills delivered to
+//! consistent: the fills in flight (so concurrent misses for one agent, or for one
+//! gateway key, make one fill), which fill each callout answer belongs to, what finished fills delivered to
 //! requests that have not run since, the L2 write-backs the root context sends, and
 //! the circuit breakers of the two remote tiers.
 //!
@@ -15,9 +15,11 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::agent::AgentId;
+use crate::apikey::KeyHash;
 use crate::breaker::Breaker;
 use crate::entry::Known;
 use crate::inject::Format;
+use crate::reply::Refusal;
 use crate::tiers::Callout;
 use ibex_wire::Redacted;
 
@@ -41,13 +43,47 @@ pub enum BodySeen {
     Complete(usize),
 }
 
+/// What a fill resolves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// An agent's directive.
+    Directive(AgentId),
+    /// Which agent a gateway key belongs to (`agent.source = "api_key"`); the key is
+    /// known only by its hash.
+    Key(KeyHash),
+}
+
+/// Logs name the agent, or the key's hash prefix; never a directive or a key.
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Directive(agent) => write!(f, "agent {agent}"),
+            Subject::Key(key) => write!(f, "key {key}"),
+        }
+    }
+}
+
+/// What a request does once the answer it waits for is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Then {
+    /// Its directive goes into the body in this format. A request waiting for its
+    /// key's agent resolves that agent's directive next.
+    Inject(Format),
+    /// It is forwarded untouched (its headers said so: no body, a pass path), once
+    /// its key is known to be good.
+    Pass,
+    /// It is refused with this (its headers said so), once its key is known to be
+    /// good: a bad key is answered as a bad key first.
+    Refuse(Refusal),
+}
+
 /// A request waiting for a fill.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Participant {
     /// Its context id.
     pub id: u32,
-    /// Where its directive goes.
-    pub format: Format,
+    /// What it does with the answer.
+    pub then: Then,
     /// How much of its body it has.
     pub body: BodySeen,
 }
@@ -80,11 +116,12 @@ impl Anchor {
     }
 }
 
-/// One resolution of one agent in flight on this worker.
+/// One resolution of one agent's directive, or of one key's agent, in flight on
+/// this worker.
 #[derive(Debug)]
 pub struct Fill {
-    /// The agent.
-    pub agent: AgentId,
+    /// What it resolves.
+    pub subject: Subject,
     /// Its L1 key.
     pub key: String,
     /// What it is checked against.
@@ -144,6 +181,8 @@ pub enum Delivered {
     Refused,
     /// Resumed; the directive goes into the body once it is complete.
     Inject(Injection),
+    /// Its key's agent is known; it now waits for that agent's directive fill.
+    Waiting(FillId),
 }
 
 /// A directive waiting for its request's body.
@@ -373,7 +412,7 @@ mod tests {
 
     fn fill(participants: &[u32], cas: Option<u32>) -> Fill {
         Fill {
-            agent: AgentId::parse(AGENT).unwrap(),
+            subject: Subject::Directive(AgentId::parse(AGENT).unwrap()),
             key: format!("ibex:d:{AGENT}"),
             anchor: Anchor { cas, generation: 0 },
             stale: None,
@@ -381,7 +420,7 @@ mod tests {
                 .iter()
                 .map(|&id| Participant {
                     id,
-                    format: Format::OpenAiChat,
+                    then: Then::Inject(Format::OpenAiChat),
                     body: BodySeen::NotYet,
                 })
                 .collect(),

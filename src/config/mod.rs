@@ -58,6 +58,30 @@ pub enum AgentSource {
     /// `"jwt"`: a claim of the payload Envoy's `jwt_authn` filter verified; the agent
     /// header is never consulted and is removed before forwarding.
     Jwt(JwtSource),
+    /// `"api_key"`: a gateway key the client presents, resolved to its agent through
+    /// the tiers by its SHA-256; the key header and the agent header are removed
+    /// before forwarding and the agent header is never consulted.
+    ApiKey(ApiKeySource),
+}
+
+/// Where the gateway key is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeySource {
+    /// `agent.api_key.header`, lower-cased.
+    pub header: String,
+    /// Derived: the header is `authorization`, whose value is `Bearer <key>`; any
+    /// other header holds the key itself.
+    pub bearer: bool,
+}
+
+impl AgentSource {
+    /// The header holding the gateway key, with the `api_key` source.
+    pub fn key_header(&self) -> Option<&str> {
+        match self {
+            AgentSource::ApiKey(k) => Some(&k.header),
+            _ => None,
+        }
+    }
 }
 
 /// Where the verified JWT payload is and which claim of it names the agent.
@@ -139,7 +163,8 @@ pub struct Config {
     /// `agent.missing`: what a request without the header gets (header source only:
     /// with `jwt`, a request without a verified claim is always refused).
     pub missing_agent: MissingAgent,
-    /// `agent.source` with `agent.jwt.*`: where the agent comes from.
+    /// `agent.source` with `agent.jwt.*` / `agent.api_key.*`: where the agent comes
+    /// from.
     pub agent_source: AgentSource,
     /// `cache.ttl_seconds`: freshness of positive entries in L1 and L2.
     pub ttl_seconds: u64,
@@ -231,7 +256,7 @@ impl Config {
                 ("reject", MissingAgent::Reject),
             ],
         )?;
-        let agent_source = agent_source(&mut agent)?;
+        let agent_source = agent_source(&mut agent, &agent_header)?;
         agent.finish()?;
 
         let ttl_default = match env_ttl {
@@ -342,9 +367,9 @@ impl Config {
     }
 }
 
-/// `agent.source` and `agent.jwt`. The `jwt` section is checked whenever it is given;
-/// its provider is required only when the source is `"jwt"`.
-fn agent_source(agent: &mut Section<'_>) -> Result<AgentSource, ConfigError> {
+/// `agent.source`, `agent.jwt` and `agent.api_key`. Each section is checked whenever
+/// it is given; the jwt provider is required only when the source is `"jwt"`.
+fn agent_source(agent: &mut Section<'_>, agent_header: &str) -> Result<AgentSource, ConfigError> {
     let source = agent.string("source", "header")?;
     let mut jwt = Section::new(
         "agent.jwt",
@@ -353,6 +378,15 @@ fn agent_source(agent: &mut Section<'_>) -> Result<AgentSource, ConfigError> {
     let provider = jwt.opt_string("provider")?;
     let claim = jwt.string("claim", "agent_id")?;
     jwt.finish()?;
+    let mut key = Section::new(
+        "agent.api_key",
+        agent.take("api_key").unwrap_or(Value::Object(Map::new())),
+    )?;
+    let key_header = header_name(
+        "agent.api_key.header",
+        &key.string("header", "authorization")?,
+    )?;
+    key.finish()?;
     if let Some(p) = &provider {
         if p.is_empty() || p.chars().any(char::is_control) {
             return Err(err(
@@ -371,6 +405,15 @@ fn agent_source(agent: &mut Section<'_>) -> Result<AgentSource, ConfigError> {
             "must be a claim name or a dotted path of them (`ibex.agent`), each part non-empty and without control characters",
         ));
     }
+    // The key header is removed before forwarding, and admission reads these
+    // headers for other purposes: sharing one would make a key of an agent id or
+    // drop the body's framing.
+    if key_header == agent_header || RESERVED_KEY_HEADERS.contains(&key_header.as_str()) {
+        return Err(err(
+            "agent.api_key.header",
+            format!("\"{key_header}\" cannot hold the key (it is agent.header or a header the request needs)"),
+        ));
+    }
     match source.as_str() {
         "header" => Ok(AgentSource::Header),
         "jwt" => match provider {
@@ -383,11 +426,30 @@ fn agent_source(agent: &mut Section<'_>) -> Result<AgentSource, ConfigError> {
                 "required when agent.source is \"jwt\"",
             )),
         },
-        "api_key" => Err(err("agent.source", "\"api_key\" is not supported yet")),
-        other => choice("agent.source", other, &[("header", ()), ("jwt", ())])
-            .map(|()| AgentSource::Header),
+        "api_key" => Ok(AgentSource::ApiKey(ApiKeySource {
+            bearer: key_header == "authorization",
+            header: key_header,
+        })),
+        other => choice(
+            "agent.source",
+            other,
+            &[("header", ()), ("jwt", ()), ("api_key", ())],
+        )
+        .map(|()| AgentSource::Header),
     }
 }
+
+/// Headers that can never carry the gateway key.
+const RESERVED_KEY_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-encoding",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+];
 
 #[cfg(test)]
 mod tests {
@@ -565,6 +627,29 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_can_come_from_a_gateway_key() {
+        let c = parse(r#"{"agent":{"source":"api_key"}}"#).unwrap();
+        assert_eq!(
+            c.agent_source,
+            AgentSource::ApiKey(ApiKeySource {
+                header: "authorization".into(),
+                bearer: true
+            })
+        );
+        assert_eq!(c.agent_source.key_header(), Some("authorization"));
+        let c =
+            parse(r#"{"agent":{"source":"api_key","api_key":{"header":"X-Api-Key"}}}"#).unwrap();
+        assert_eq!(
+            c.agent_source,
+            AgentSource::ApiKey(ApiKeySource {
+                header: "x-api-key".into(),
+                bearer: false
+            })
+        );
+        assert_eq!(AgentSource::Header.key_header(), None);
+    }
+
+    #[test]
     fn bad_agent_sources_are_refused_by_name() {
         for (raw, field, reason) in [
             (
@@ -619,9 +704,24 @@ mod tests {
             ),
             (r#"{"agent":{"jwt":"p"}}"#, "agent.jwt", "object"),
             (
-                r#"{"agent":{"source":"api_key"}}"#,
-                "agent.source",
-                "not supported yet",
+                r#"{"agent":{"source":"api_key","api_key":{"header":"x agent"}}}"#,
+                "agent.api_key.header",
+                "valid header name",
+            ),
+            (
+                r#"{"agent":{"source":"api_key","api_key":{"header":"X-Agent-Id"}}}"#,
+                "agent.api_key.header",
+                "cannot hold the key",
+            ),
+            (
+                r#"{"agent":{"api_key":{"header":"content-length"}}}"#,
+                "agent.api_key.header",
+                "cannot hold the key",
+            ),
+            (
+                r#"{"agent":{"api_key":{"prefix":"sk-"}}}"#,
+                "agent.api_key.prefix",
+                "unknown",
             ),
             (r#"{"agent":{"source":"cookie"}}"#, "agent.source", "one of"),
             (r#"{"agent":{"source":1}}"#, "agent.source", "string"),

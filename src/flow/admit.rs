@@ -13,16 +13,28 @@
 //! payload, or no such claim in it) is 401 `missing_agent_id` whatever
 //! `agent.missing` says, and a claim that is no UUID string is 400 `invalid_agent_id`.
 //!
+//! With `agent.source = "api_key"` the agent is whoever the presented gateway key
+//! belongs to, which only the tiers know: admission checks the key's form (no key
+//! header is 401 `missing_agent_id`, a malformed one 401 `invalid_api_key`), hashes
+//! it, and decides everything else the headers decide ([`Then`]) for the flow to
+//! apply once the key is known good. The key is checked on every request, bodiless
+//! and pass paths included: the upstream gets the operator's provider key, so a
+//! request without a good gateway key must never reach it.
+//!
 //! A body on a path that is no injection format and not an `inject.pass_paths` path
 //! is refused (404 `unsupported_path`) unless `inject.other_paths` is `"pass"`: an
 //! endpoint the filter does not know may be a generation endpoint. A body on a path
 //! that cannot be read with certainty is refused with the same answer whatever
 //! `inject.other_paths` says, since it could be an injection path read another way.
 
+use ibex_wire::Redacted;
+
 use crate::agent::AgentId;
-use crate::config::{AgentSource, Config, MissingAgent, OtherPaths, Route};
+use crate::apikey::{self, KeyHash, Presented};
+use crate::config::{AgentSource, ApiKeySource, Config, MissingAgent, OtherPaths, Route};
 use crate::inject::Format;
 use crate::reply::Refusal;
+use crate::worker::Then;
 
 /// The request headers admission looks at, picked out of all of them (one host call
 /// for all headers is much cheaper than one per header).
@@ -37,6 +49,9 @@ pub struct HeadFields {
     pub content_length: Option<String>,
     /// `content-encoding`, several headers joined by `, ` as HTTP reads them.
     pub content_encoding: Option<String>,
+    /// The gateway key header (`api_key` source only), several headers joined by
+    /// `, ` (which no key contains, so two keys are refused). Kept out of `Debug`.
+    pub api_key: Option<Redacted<String>>,
 }
 
 impl HeadFields {
@@ -46,14 +61,21 @@ impl HeadFields {
     /// header value, and a value that is not UTF-8 must not stop the filter. Invalid
     /// sequences become U+FFFD, which no field accepts (no UUID, no ASCII path, no
     /// number, no `identity`), so such a request is refused, never matched loosely.
-    pub fn pick(headers: Vec<(String, Vec<u8>)>, agent_header: &str) -> HeadFields {
+    /// `key_header` is the gateway key header with the `api_key` source.
+    pub fn pick(
+        headers: Vec<(String, Vec<u8>)>,
+        agent_header: &str,
+        key_header: Option<&str>,
+    ) -> HeadFields {
         let mut out = HeadFields::default();
+        let mut key: Option<String> = None;
         for (name, value) in headers {
             let slot = match name.as_str() {
                 ":path" => &mut out.path,
                 "content-length" => &mut out.content_length,
                 "content-encoding" => &mut out.content_encoding,
                 n if n == agent_header => &mut out.agent,
+                n if Some(n) == key_header => &mut key,
                 _ => continue,
             };
             let value = match String::from_utf8(value) {
@@ -69,6 +91,7 @@ impl HeadFields {
                 Some(_) => {}
             }
         }
+        out.api_key = key.map(Redacted::new);
         out
     }
 }
@@ -88,6 +111,20 @@ pub enum Admission {
         /// Where the directive goes.
         format: Format,
     },
+    /// Resolve which agent the gateway key belongs to (an unknown or revoked key is
+    /// 401 `invalid_api_key`), then do what the headers decided.
+    Identify {
+        /// The key's hash.
+        key: KeyHash,
+        /// What the request gets once its key is known good.
+        then: Then,
+    },
+}
+
+/// Whose request it is, as far as the headers tell.
+enum Who {
+    Agent(AgentId),
+    Key(KeyHash),
 }
 
 /// Decides what to do with a request from its headers and, with the `jwt` source,
@@ -99,25 +136,49 @@ pub fn admit(
     end_of_stream: bool,
     config: &Config,
 ) -> Admission {
-    let agent = match &config.agent_source {
-        AgentSource::Header => agent_of(head, config),
-        AgentSource::Jwt(_) => agent_of_claim(verified),
+    let who = match &config.agent_source {
+        AgentSource::Header => agent_of(head, config).map(Who::Agent),
+        AgentSource::Jwt(_) => agent_of_claim(verified).map(Who::Agent),
+        AgentSource::ApiKey(source) => key_of(head, source).map(Who::Key),
     };
-    let agent = match agent {
-        Ok(agent) => agent,
+    let who = match who {
+        Ok(who) => who,
         Err(decided) => return decided,
     };
+    match (who, then(head, end_of_stream, config)) {
+        (Who::Key(key), then) => Admission::Identify { key, then },
+        (Who::Agent(agent), Then::Inject(format)) => Admission::Resolve { agent, format },
+        (Who::Agent(_), Then::Pass) => Admission::Pass,
+        (Who::Agent(_), Then::Refuse(refusal)) => Admission::Refuse(refusal),
+    }
+}
+
+/// What the request gets once its agent is known, by its headers alone.
+fn then(head: &HeadFields, end_of_stream: bool, config: &Config) -> Then {
     if end_of_stream {
         // No body: nothing a model could read, and nothing to put a directive into.
-        return Admission::Pass;
+        return Then::Pass;
     }
     let format = match format_of(head.path.as_deref(), config) {
         Ok(format) => format,
-        Err(decided) => return decided,
+        Err(Admission::Refuse(refusal)) => return Then::Refuse(refusal),
+        Err(_) => return Then::Pass,
     };
     match body_refusal(head, config) {
-        Some(refusal) => Admission::Refuse(refusal),
-        None => Admission::Resolve { agent, format },
+        Some(refusal) => Then::Refuse(refusal),
+        None => Then::Inject(format),
+    }
+}
+
+/// The gateway key of the request, hashed, or what a request without a usable one
+/// gets. `agent.missing` does not apply: a credential source never passes a request
+/// it cannot attribute.
+fn key_of(head: &HeadFields, source: &ApiKeySource) -> Result<KeyHash, Admission> {
+    let value = head.api_key.as_ref().map(|v| v.expose().as_str());
+    match apikey::read(value, source.bearer) {
+        Presented::Key(key) => Ok(key),
+        Presented::Missing => Err(Admission::Refuse(Refusal::MissingAgentId)),
+        Presented::Malformed => Err(Admission::Refuse(Refusal::InvalidApiKey)),
     }
 }
 
@@ -195,7 +256,7 @@ mod tests {
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_vec()))
                 .collect();
-            HeadFields::pick(headers, "x-agent-id")
+            HeadFields::pick(headers, "x-agent-id", None)
         };
         let agent = AGENT.as_bytes();
         let chat = b"/v1/chat/completions".as_slice();
@@ -254,6 +315,7 @@ mod tests {
                 ("accept", "*/*"),
             ]),
             "x-agent-id",
+            None,
         );
         assert_eq!(h.path.as_deref(), Some("/v1/chat/completions"));
         assert_eq!(h.agent.as_deref(), Some(AGENT));
@@ -267,6 +329,7 @@ mod tests {
                 ("x-agent-id", AGENT),
             ]),
             "x-agent-id",
+            None,
         );
         assert_eq!(h.content_encoding.as_deref(), Some("identity, gzip"));
         assert_eq!(
@@ -282,6 +345,7 @@ mod tests {
         let mut h = HeadFields::pick(
             pairs(&[("x-agent-id", AGENT), ("x-agent-id", other)]),
             "x-agent-id",
+            None,
         );
         h.path = Some("/v1/chat/completions".into());
         assert_eq!(

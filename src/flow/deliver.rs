@@ -9,10 +9,10 @@
 use super::{Ctx, Resume};
 use crate::entry::Known;
 use crate::host::Host;
-use crate::inject::{splice, Format};
+use crate::inject::splice;
 use crate::metrics::Counter;
 use crate::reply::Refusal;
-use crate::worker::{BodySeen, Delivered, Fill, Injection};
+use crate::worker::{BodySeen, Delivered, Injection, Participant, Then};
 
 use super::Action;
 
@@ -57,17 +57,19 @@ pub(super) enum Outcome {
 
 /// Applies a finished fill's outcome to every participant. Returns what it did for
 /// the current context if that took part; the others find theirs with the worker.
+/// Makes no callout: the host would tie it to the context switched to, while the
+/// SDK routes its answer to the context whose callback runs.
 pub(super) fn complete<H: Host>(
-    fill: Fill,
+    participants: Vec<Participant>,
     outcome: Outcome,
     source: Source,
     ctx: &Ctx<'_, H>,
 ) -> Option<(Delivered, Action)> {
     let mut own = None;
     let mut switched = false;
-    for p in fill.participants {
+    for p in participants {
         if p.id == ctx.id {
-            own = Some(apply(outcome.clone(), source, p.format, p.body, ctx));
+            own = Some(apply(outcome.clone(), source, p.then, p.body, ctx));
             continue;
         }
         if ctx.host.switch_to(p.id).is_err() {
@@ -81,7 +83,7 @@ pub(super) fn complete<H: Host>(
             resume: Resume::ByCall,
             ..*ctx
         };
-        let (done, _) = apply(outcome.clone(), source, p.format, p.body, &theirs);
+        let (done, _) = apply(outcome.clone(), source, p.then, p.body, &theirs);
         ctx.worker.borrow_mut().deliver(p.id, done);
     }
     if switched && ctx.host.switch_to(ctx.id).is_err() {
@@ -95,13 +97,30 @@ pub(super) fn complete<H: Host>(
 
 /// The answer is known for one request (the effective context). Its headers are
 /// still modifiable here.
+///
+/// With a key's agent (`Known::Agent`) only what the headers decided is left to do
+/// (`Then::Pass`, `Then::Refuse`); a request that wants a directive was moved on to
+/// its agent's directive before this, so an agent's answer under `Then::Inject` is
+/// a broken flow, refused rather than forwarded without its directive.
 pub(super) fn apply<H: Host>(
     outcome: Outcome,
     source: Source,
-    format: Format,
+    then: Then,
     body: BodySeen,
     ctx: &Ctx<'_, H>,
 ) -> (Delivered, Action) {
+    let (outcome, format) = match (outcome, then) {
+        (Outcome::Refuse(refusal), _) => return refuse(refusal, ctx),
+        (_, Then::Refuse(refusal)) => return refuse(refusal, ctx),
+        (Outcome::Known(Known::Agent(_)), Then::Pass) => {
+            ctx.host.count(Counter::PassedThrough);
+            return go_on(Delivered::Forwarded, ctx);
+        }
+        (Outcome::Known(Known::Agent(_) | Known::NoAgent), _) | (_, Then::Pass) => {
+            return refuse(Refusal::DirectiveUnavailable, ctx)
+        }
+        (outcome, Then::Inject(format)) => (outcome, format),
+    };
     let escaped = match outcome {
         Outcome::Refuse(refusal) => return refuse(refusal, ctx),
         Outcome::FailOpen => {
@@ -118,6 +137,9 @@ pub(super) fn apply<H: Host>(
             return go_on(Delivered::Forwarded, ctx);
         }
         Outcome::Known(Known::Directive(escaped)) => escaped,
+        Outcome::Known(Known::Agent(_) | Known::NoAgent) => {
+            return refuse(Refusal::DirectiveUnavailable, ctx)
+        }
     };
     if source == Source::Stale {
         ctx.host.count(Counter::StaleServed);
@@ -166,7 +188,13 @@ pub(super) fn inject<H: Host>(i: &Injection, size: usize, ctx: &Ctx<'_, H>) -> (
 /// Answers the request with a local reply.
 pub(super) fn refuse<H: Host>(refusal: Refusal, ctx: &Ctx<'_, H>) -> (Delivered, Action) {
     ctx.host.count(refusal.counter());
-    let body = refusal.body(&ctx.config.agent_header);
+    // A request without an agent lacks the key header with the api_key source.
+    let header = ctx
+        .config
+        .agent_source
+        .key_header()
+        .unwrap_or(&ctx.config.agent_header);
+    let body = refusal.body(header);
     if ctx.host.send_json_reply(refusal.status(), &body).is_err() {
         log::warn!(
             "ibex_directive: could not send local reply {}",

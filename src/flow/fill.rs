@@ -24,17 +24,15 @@
 use super::deliver::{self, Outcome, Source};
 use super::l1::{self, Lookup};
 use super::{settled, Action, Ctx, State};
-use crate::agent::AgentId;
 use crate::breaker::Transition;
 use crate::config::FailureMode;
 use crate::entry::{self, Known};
 use crate::escape::escape_json_str;
 use crate::host::Host;
-use crate::inject::Format;
 use crate::metrics::Counter;
 use crate::reply::Refusal;
-use crate::tiers::{self, Answer, Response, WriteOutcome};
-use crate::worker::{BodySeen, Delivered, Fill, FillId, Participant, Ticket, Tier};
+use crate::tiers::{self, Answer, KeyAnswer, Response, WriteOutcome};
+use crate::worker::{BodySeen, Delivered, Fill, FillId, Participant, Subject, Then, Ticket, Tier};
 use ibex_wire::Redacted;
 
 /// Where a fill's resolution stands.
@@ -55,57 +53,174 @@ enum Progress {
     Finished(Option<(Delivered, Action)>),
 }
 
-/// A request admitted for `agent`: served from L1, or it waits for a fill.
-pub(super) fn resolve<H: Host>(
-    agent: AgentId,
-    format: Format,
+/// A request admitted for `subject` (its agent's directive, or its key's agent):
+/// served from L1, or it waits for a fill.
+pub(super) fn resolve<H: Host>(subject: Subject, then: Then, ctx: &Ctx<'_, H>) -> (State, Action) {
+    let me = Participant {
+        id: ctx.id,
+        then,
+        body: BodySeen::NotYet,
+    };
+    settled(
+        resolve_for(subject, vec![me], ctx)
+            .unwrap_or_else(|| deliver::refuse(Refusal::DirectiveUnavailable, ctx)),
+    )
+}
+
+/// Resolves `subject` for requests that wait for nothing else (one request from its
+/// headers, or every request whose key's agent just became known): answered from
+/// L1, joined to the fill in flight, or a new fill started from the current
+/// context. Returns what it did for the current context, if that is one of them;
+/// the others find theirs with the worker.
+fn resolve_for<H: Host>(
+    subject: Subject,
+    participants: Vec<Participant>,
     ctx: &Ctx<'_, H>,
-) -> (State, Action) {
+) -> Option<(Delivered, Action)> {
     let host = ctx.host;
-    let key = entry::key_for(&agent);
+    let counters = Counters::of(&subject);
+    let key = match &subject {
+        Subject::Directive(agent) => entry::key_for(agent),
+        Subject::Key(hash) => entry::key_for_api_key(hash),
+    };
     let stale_window_ms = ctx.config.stale_if_error_seconds.saturating_mul(1000);
     let (found, stale) = match l1::lookup(host, &key, stale_window_ms) {
         Lookup::Fresh(known) => {
-            host.count(Counter::L1Hit);
-            let outcome = Outcome::Known(known);
-            return settled(deliver::apply(
-                outcome,
+            for _ in &participants {
+                host.count(counters.l1_hit);
+            }
+            return finish(
+                &subject,
+                participants,
+                Outcome::Known(known),
                 Source::Local,
-                format,
-                BodySeen::NotYet,
                 ctx,
-            ));
+            );
         }
         Lookup::Miss { anchor, stale } => (anchor, stale),
     };
-    host.count(Counter::L1Miss);
-    let me = Participant {
-        id: ctx.id,
-        format,
-        body: BodySeen::NotYet,
-    };
-    // A request that arrives after an invalidation must not be answered with what
-    // was read before it: `join` checks the fill's anchor against what we found.
-    let me = match ctx.worker.borrow_mut().join(&key, &found, me) {
-        Ok(id) => {
-            host.count(Counter::Coalesced);
-            return (State::Waiting(id), Action::Pause);
+    let mut own = None;
+    let mut starting = Vec::new();
+    for p in participants {
+        host.count(counters.l1_miss);
+        let id = p.id;
+        // A request that arrives after an invalidation must not be answered with
+        // what was read before it: `join` checks the fill's anchor against what we
+        // found.
+        match ctx.worker.borrow_mut().join(&key, &found, p) {
+            Ok(fill) => {
+                host.count(Counter::Coalesced);
+                waits(id, fill, &mut own, ctx);
+            }
+            Err(p) => starting.push(p),
         }
-        Err(me) => me,
-    };
+    }
+    if starting.is_empty() {
+        return own;
+    }
+    let ids: Vec<u32> = starting.iter().map(|p| p.id).collect();
     let fill = Fill {
-        agent,
+        subject,
         anchor: l1::anchor(host, &key, found),
         key,
         stale,
-        participants: vec![me],
+        participants: starting,
     };
     match drive(fill, None, Step::Ask(Tier::Redis), ctx) {
-        Progress::InFlight(id) => (State::Waiting(id), Action::Pause),
-        Progress::Finished(own) => {
-            settled(own.unwrap_or_else(|| deliver::refuse(Refusal::DirectiveUnavailable, ctx)))
+        Progress::InFlight(fill) => {
+            for id in ids {
+                waits(id, fill, &mut own, ctx);
+            }
+            own
+        }
+        Progress::Finished(mine) => own.or(mine),
+    }
+}
+
+/// Request `id` now waits for `fill`: the current context by its state, any other
+/// by what the worker keeps for its next callback.
+fn waits<H: Host>(id: u32, fill: FillId, own: &mut Option<(Delivered, Action)>, ctx: &Ctx<'_, H>) {
+    if id == ctx.id {
+        *own = Some((Delivered::Waiting(fill), Action::Pause));
+    } else {
+        ctx.worker
+            .borrow_mut()
+            .deliver(id, Delivered::Waiting(fill));
+    }
+}
+
+/// The counters of one subject's lookups: directive lookups and key lookups are
+/// counted apart, so each keeps its meaning. Errors, skips and breakers are the
+/// tier's and shared.
+struct Counters {
+    l1_hit: Counter,
+    l1_miss: Counter,
+    l2_hit: Counter,
+    l2_miss: Counter,
+    l3_hit: Counter,
+    l3_none: Counter,
+}
+
+impl Counters {
+    fn of(subject: &Subject) -> Counters {
+        match subject {
+            Subject::Directive(_) => Counters {
+                l1_hit: Counter::L1Hit,
+                l1_miss: Counter::L1Miss,
+                l2_hit: Counter::L2Hit,
+                l2_miss: Counter::L2Miss,
+                l3_hit: Counter::L3Hit,
+                l3_none: Counter::L3None,
+            },
+            Subject::Key(_) => Counters {
+                l1_hit: Counter::KeyL1Hit,
+                l1_miss: Counter::KeyL1Miss,
+                l2_hit: Counter::KeyL2Hit,
+                l2_miss: Counter::KeyL2Miss,
+                l3_hit: Counter::KeyL3Hit,
+                l3_none: Counter::KeyL3None,
+            },
         }
     }
+}
+
+/// A decided outcome for `subject`, handed to the requests that waited for it. A
+/// directive is delivered to each; a key's agent moves the requests that want a
+/// directive on to that agent's directive, and settles the others.
+fn finish<H: Host>(
+    subject: &Subject,
+    participants: Vec<Participant>,
+    outcome: Outcome,
+    source: Source,
+    ctx: &Ctx<'_, H>,
+) -> Option<(Delivered, Action)> {
+    if let Subject::Directive(_) = subject {
+        return deliver::complete(participants, outcome, source, ctx);
+    }
+    let agent = match outcome {
+        Outcome::Known(Known::Agent(agent)) => agent,
+        // No such key, or (never produced for keys) an answer of the wrong kind.
+        Outcome::Known(_) => {
+            let refused = Outcome::Refuse(Refusal::InvalidApiKey);
+            return deliver::complete(participants, refused, source, ctx);
+        }
+        // Identity never fails open: the request would reach the provider's key.
+        Outcome::FailOpen => {
+            let refused = Outcome::Refuse(Refusal::DirectiveUnavailable);
+            return deliver::complete(participants, refused, source, ctx);
+        }
+        Outcome::Refuse(_) => return deliver::complete(participants, outcome, source, ctx),
+    };
+    let (onward, settled): (Vec<_>, Vec<_>) = participants
+        .into_iter()
+        .partition(|p| matches!(p.then, Then::Inject(_)));
+    // Settled first: `complete` switches contexts and back, and the directive's fill
+    // below must be dispatched from the context this callback runs in.
+    let own = deliver::complete(settled, Outcome::Known(Known::Agent(agent)), source, ctx);
+    if onward.is_empty() {
+        return own;
+    }
+    own.or(resolve_for(Subject::Directive(agent), onward, ctx))
 }
 
 /// A callout answered in context `ctx.id`: a write-back's outcome is counted, a
@@ -135,8 +250,8 @@ pub(super) fn on_callout<H: Host>(token: u32, response: &Response, ctx: &Ctx<'_,
 /// Asks `tier` again for a fill whose callout answer was lost (the root context).
 pub(super) fn ask_again<H: Host>(fill: Fill, ticket: Ticket, tier: Tier, ctx: &Ctx<'_, H>) {
     log::debug!(
-        "ibex_directive: agent {} fill re-asked for waiting requests",
-        fill.agent
+        "ibex_directive: {} fill re-asked for waiting requests",
+        fill.subject
     );
     // The root context takes part in no fill, so nothing comes back for it.
     let _ = drive(fill, Some(ticket), Step::Ask(tier), ctx);
@@ -163,7 +278,12 @@ fn drive<H: Host>(
             },
             Step::Unknowable => unknowable(&fill, ctx),
             Step::Done(outcome, source) => {
-                return Progress::Finished(deliver::complete(fill, outcome, source, ctx));
+                let Fill {
+                    subject,
+                    participants,
+                    ..
+                } = fill;
+                return Progress::Finished(finish(&subject, participants, outcome, source, ctx));
             }
         }
     }
@@ -180,9 +300,11 @@ fn dispatch<H: Host>(fill: &Fill, tier: Tier, ctx: &Ctx<'_, H>) -> Option<u32> {
         host.count(skipped);
         return None;
     }
-    let call = match tier {
-        Tier::Redis => tiers::redis_get(ctx.config, &fill.agent),
-        Tier::Store => tiers::store_get(ctx.config, &fill.agent),
+    let call = match (tier, &fill.subject) {
+        (Tier::Redis, Subject::Directive(agent)) => tiers::redis_get(ctx.config, agent),
+        (Tier::Store, Subject::Directive(agent)) => tiers::store_get(ctx.config, agent),
+        (Tier::Redis, Subject::Key(key)) => tiers::redis_get_key(ctx.config, key),
+        (Tier::Store, Subject::Key(key)) => tiers::store_get_key(ctx.config, key),
     };
     match host.dispatch(&call) {
         Ok(token) => Some(token),
@@ -217,57 +339,89 @@ fn report<H: Host>(tier: Tier, ok: bool, ctx: &Ctx<'_, H>) {
 }
 
 fn on_redis_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) -> Step {
-    let host = ctx.host;
-    let parsed = tiers::parse_redis_get(response);
+    let (host, config) = (ctx.host, ctx.config);
+    let counters = Counters::of(&fill.subject);
+    let parsed = match fill.subject {
+        Subject::Directive(_) => tiers::parse_redis_get(response).map(|answer| match answer {
+            Answer::Directive(text) => Some((
+                Known::Directive(Redacted::new(escape_json_str(text.expose()))),
+                config.ttl_seconds,
+            )),
+            Answer::NoDirective => Some((Known::NoDirective, config.negative_ttl_seconds)),
+            Answer::Unknown => None,
+        }),
+        Subject::Key(_) => tiers::parse_redis_key_get(response).map(|answer| match answer {
+            KeyAnswer::Agent(agent) => Some((Known::Agent(agent), config.ttl_seconds)),
+            KeyAnswer::NoAgent => Some((Known::NoAgent, config.negative_ttl_seconds)),
+            KeyAnswer::Unknown => None,
+        }),
+    };
     report(Tier::Redis, parsed.is_ok(), ctx);
     let (known, ttl) = match parsed {
-        Ok(Answer::Directive(text)) => (
-            Known::Directive(Redacted::new(escape_json_str(text.expose()))),
-            ctx.config.ttl_seconds,
-        ),
-        Ok(Answer::NoDirective) => (Known::NoDirective, ctx.config.negative_ttl_seconds),
-        Ok(Answer::Unknown) => {
-            host.count(Counter::L2Miss);
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            host.count(counters.l2_miss);
             return Step::Ask(Tier::Store);
         }
         Err(e) => {
             host.count(Counter::L2Error);
-            log::debug!("ibex_directive: agent {} redis: {}", fill.agent, e.0);
+            log::debug!("ibex_directive: {} redis: {}", fill.subject, e.0);
             return Step::Ask(Tier::Store);
         }
     };
-    host.count(Counter::L2Hit);
+    host.count(counters.l2_hit);
     l1::write(host, fill, &known, ttl);
     Step::Done(Outcome::Known(known), Source::Redis)
 }
 
 fn on_store_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) -> Step {
     let (host, config) = (ctx.host, ctx.config);
-    let parsed = tiers::parse_store(response, &fill.agent);
+    let counters = Counters::of(&fill.subject);
+    // What the store said, and the L2 write-back that caches it.
+    let parsed = match fill.subject {
+        Subject::Directive(agent) => tiers::parse_store(response, &agent).map(|answer| {
+            let (text, ttl) = match &answer {
+                Answer::Directive(text) => (Some(text.expose().as_str()), config.ttl_seconds),
+                _ => (None, config.negative_ttl_seconds),
+            };
+            let known = match text {
+                Some(text) => Known::Directive(Redacted::new(escape_json_str(text))),
+                None => Known::NoDirective,
+            };
+            let write = tiers::redis_set(config, &agent, text, ttl);
+            (known, ttl, write)
+        }),
+        Subject::Key(key) => tiers::parse_store_key(response, &key).map(|answer| match answer {
+            KeyAnswer::Agent(agent) => {
+                let write = tiers::redis_set_key(config, &key, Some(&agent), config.ttl_seconds);
+                (Known::Agent(agent), config.ttl_seconds, write)
+            }
+            KeyAnswer::NoAgent | KeyAnswer::Unknown => {
+                let ttl = config.negative_ttl_seconds;
+                (
+                    Known::NoAgent,
+                    ttl,
+                    tiers::redis_set_key(config, &key, None, ttl),
+                )
+            }
+        }),
+    };
     report(Tier::Store, parsed.is_ok(), ctx);
-    let (text, ttl) = match &parsed {
-        Ok(Answer::Directive(text)) => {
-            host.count(Counter::L3Hit);
-            (Some(text.expose().as_str()), config.ttl_seconds)
-        }
-        Ok(_) => {
-            host.count(Counter::L3None);
-            (None, config.negative_ttl_seconds)
-        }
+    let (known, ttl, write) = match parsed {
+        Ok(found) => found,
         Err(e) => {
             host.count(Counter::L3Error);
-            log::debug!("ibex_directive: agent {} store: {}", fill.agent, e.0);
+            log::debug!("ibex_directive: {} store: {}", fill.subject, e.0);
             return Step::Unknowable;
         }
     };
-    let known = match text {
-        Some(text) => Known::Directive(Redacted::new(escape_json_str(text))),
-        None => Known::NoDirective,
-    };
+    host.count(match known {
+        Known::Directive(_) | Known::Agent(_) => counters.l3_hit,
+        Known::NoDirective | Known::NoAgent => counters.l3_none,
+    });
     // Redis is written only when L1 accepted the fill: a fill that an invalidation
     // overtook must not put its old answer back into L2. The root context sends it.
     if l1::write(host, fill, &known, ttl) {
-        let write = tiers::redis_set(config, &fill.agent, text, ttl);
         ctx.worker.borrow_mut().queue_write(write);
     }
     Step::Done(Outcome::Known(known), Source::Store)
@@ -281,9 +435,10 @@ fn unknowable<H: Host>(fill: &Fill, ctx: &Ctx<'_, H>) -> Step {
             return Step::Done(Outcome::Known(stale.known.clone()), Source::Stale);
         }
     }
-    let outcome = match ctx.config.failure_mode {
-        FailureMode::Closed => Outcome::Refuse(Refusal::DirectiveUnavailable),
-        FailureMode::Open => Outcome::FailOpen,
+    // A key's agent is identity, not a directive: it never fails open.
+    let outcome = match (ctx.config.failure_mode, &fill.subject) {
+        (FailureMode::Open, Subject::Directive(_)) => Outcome::FailOpen,
+        _ => Outcome::Refuse(Refusal::DirectiveUnavailable),
     };
     Step::Done(outcome, Source::None)
 }

@@ -12,6 +12,7 @@
 //! The entry's layout is `crate::entry`; this module only decides what to read and
 //! when a write may land. It never logs directive text.
 
+use crate::agent::AGENT_ID_LEN;
 use crate::entry::{self, Entry, Kind, Known};
 use crate::host::{Host, HostError};
 use crate::metrics::Counter;
@@ -81,9 +82,12 @@ pub(super) fn anchor<H: Host>(host: &H, key: &str, found: Anchor) -> Anchor {
 /// the fill started. Returns whether it was written; a fill an invalidation
 /// overtook is discarded (`fill_discarded`).
 pub(super) fn write<H: Host>(host: &H, fill: &Fill, known: &Known, ttl_seconds: u64) -> bool {
+    let mut buf = [0u8; AGENT_ID_LEN];
     let (kind, escaped) = match known {
         Known::Directive(escaped) => (Kind::Present, escaped.expose().as_str()),
         Known::NoDirective => (Kind::NoDirective, ""),
+        Known::Agent(agent) => (Kind::Agent, agent.encode(&mut buf)),
+        Known::NoAgent => (Kind::NoAgent, ""),
     };
     let entry = Entry {
         kind,
@@ -114,8 +118,8 @@ pub(super) fn write<H: Host>(host: &H, fill: &Fill, known: &Known, ttl_seconds: 
         }
         Err(e) => {
             log::warn!(
-                "ibex_directive: agent {} shared data write failed: {:?}",
-                fill.agent,
+                "ibex_directive: {} shared data write failed: {:?}",
+                fill.subject,
                 e
             );
             false

@@ -55,7 +55,7 @@ use crate::host::Host;
 use crate::metrics::Counter;
 use crate::reply::Refusal;
 use crate::tiers::Response;
-use crate::worker::{BodySeen, Delivered, FillId, Injection, Worker};
+use crate::worker::{BodySeen, Delivered, FillId, Injection, Subject, Then, Worker};
 
 pub use admit::HeadFields;
 pub use deliver::Source;
@@ -175,6 +175,7 @@ impl From<Delivered> for State {
             Delivered::Forwarded => State::Forward,
             Delivered::Refused => State::Replied,
             Delivered::Inject(i) => State::Injecting(i),
+            Delivered::Waiting(fill) => State::Waiting(fill),
         }
     }
 }
@@ -274,6 +275,13 @@ fn on_headers<H: Host>(
             let _ = ctx.host.set_request_header(&ctx.config.agent_header, None);
             ctx.host.property(&jwt.property_path()).ok().flatten()
         }
+        AgentSource::ApiKey(key) => {
+            // Neither the gateway key nor a client's agent header reaches the
+            // upstream, whatever happens next; the key was read into `head` already.
+            let _ = ctx.host.set_request_header(&ctx.config.agent_header, None);
+            let _ = ctx.host.set_request_header(&key.header, None);
+            None
+        }
     };
     match admit::admit(head, verified.as_deref(), end_of_stream, ctx.config) {
         admit::Admission::Pass => {
@@ -281,7 +289,10 @@ fn on_headers<H: Host>(
             (State::Forward, Action::Continue)
         }
         admit::Admission::Refuse(refusal) => settled(deliver::refuse(refusal, ctx)),
-        admit::Admission::Resolve { agent, format } => fill::resolve(agent, format, ctx),
+        admit::Admission::Resolve { agent, format } => {
+            fill::resolve(Subject::Directive(agent), Then::Inject(format), ctx)
+        }
+        admit::Admission::Identify { key, then } => fill::resolve(Subject::Key(key), then, ctx),
     }
 }
 
