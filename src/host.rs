@@ -99,6 +99,8 @@ pub mod fake {
         pub now: Cell<u64>,
         pub shared: SharedData,
         pub callouts: RefCell<Vec<(u32, Callout)>>,
+        /// The context each callout was dispatched in (`current` at the time).
+        pub dispatched_in: RefCell<Vec<u32>>,
         pub next_token: Cell<u32>,
         pub fail_dispatch_to: RefCell<Vec<String>>,
         pub requests: RefCell<HashMap<u32, FakeRequest>>,
@@ -181,6 +183,7 @@ pub mod fake {
             let token = self.next_token.get() + 1;
             self.next_token.set(token);
             self.callouts.borrow_mut().push((token, call.clone()));
+            self.dispatched_in.borrow_mut().push(self.current.get());
             Ok(token)
         }
         fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError> {

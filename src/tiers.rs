@@ -50,6 +50,12 @@
 //!   Other members are ignored, so a newer store may add some (the audit trail's
 //!   `version_id`) without older filters failing every lookup.
 //!
+//! - Gateway keys (`agent.source = "api_key"`) are read the same way: L2's value at
+//!   `agent_key:{sha256hex}` is a tombstone or nil (unknown), the empty string (no
+//!   such key), or an agent id in its one canonical spelling (lower-case,
+//!   hyphenated); anything else is an error. L3's answer must carry the asked hash
+//!   as `key_sha256` and an `agent_id` that is canonical or `null`, each exactly once.
+//!
 //! So a hostile answer can make its tier fail, hide a key (a tombstone: the store is
 //! asked) and — from the store, or by writing Redis — choose the text of a directive,
 //! which is escaped before it is spliced into a body. It cannot panic or trap the VM,
@@ -968,6 +974,107 @@ mod tests {
                 directive(text.clone())
             };
             prop_assert_eq!(store(&body), expected);
+        }
+    }
+
+    mod keys {
+        use super::*;
+
+        fn key() -> KeyHash {
+            KeyHash::of(b"ibex_k")
+        }
+
+        #[test]
+        fn builds_key_requests() {
+            let hex = key().hex();
+            let c = redis_get_key(&cfg(), &key());
+            assert_eq!(c.path, format!("/GET/agent_key:{hex}.raw"));
+            let c = store_get_key(&cfg(), &key());
+            assert_eq!(
+                (c.cluster.as_str(), c.path),
+                ("ibex_store", format!("/v1/keys/{hex}"))
+            );
+            let w = redis_set_key(&cfg(), &key(), Some(&agent()), 60);
+            assert_eq!(w.method, "PUT");
+            assert!(w
+                .path
+                .ends_with(&format!("/2/agent_key:{hex}/agent_key:__flush__/60")));
+            assert_eq!(
+                w.body.as_ref().map(|b| b.expose().as_slice()),
+                Some(&b"6f1c1a3e-5b7d-4c2a-9e0f-123456789abc"[..])
+            );
+            let n = redis_set_key(&cfg(), &key(), None, 10);
+            assert_eq!((n.method, n.body), ("GET", None));
+            assert!(n.path.ends_with("/agent_key:__flush__/10/"));
+        }
+
+        #[test]
+        fn reads_redis_key_values_strictly() {
+            let bulk = |v: &str| ok(format!("${}\r\n{}\r\n", v.len(), v).as_bytes());
+            assert_eq!(parse_redis_key_get(&ok(b"$-1\r\n")), Ok(KeyAnswer::Unknown));
+            assert_eq!(parse_redis_key_get(&bulk("\0")), Ok(KeyAnswer::Unknown));
+            assert_eq!(parse_redis_key_get(&bulk("")), Ok(KeyAnswer::NoAgent));
+            assert_eq!(
+                parse_redis_key_get(&bulk("6f1c1a3e-5b7d-4c2a-9e0f-123456789abc")),
+                Ok(KeyAnswer::Agent(agent()))
+            );
+            for bad in [
+                "6F1C1A3E-5B7D-4C2A-9E0F-123456789ABC",
+                "{6f1c1a3e-5b7d-4c2a-9e0f-123456789abc}",
+                " 6f1c1a3e-5b7d-4c2a-9e0f-123456789abc",
+                "agent",
+            ] {
+                assert!(parse_redis_key_get(&bulk(bad)).is_err(), "{bad}");
+            }
+            assert!(parse_redis_key_get(&ok(b":1\r\n")).is_err());
+            assert!(parse_redis_key_get(&Response::default()).is_err());
+        }
+
+        #[test]
+        fn reads_store_key_answers_strictly() {
+            let hex = key().hex();
+            let answer = |v: &str| ok(v.as_bytes());
+            assert_eq!(
+                parse_store_key(
+                    &answer(&format!(
+                        r#"{{"key_sha256":"{hex}","agent_id":"6f1c1a3e-5b7d-4c2a-9e0f-123456789abc","label":"x"}}"#
+                    )),
+                    &key()
+                ),
+                Ok(KeyAnswer::Agent(agent()))
+            );
+            assert_eq!(
+                parse_store_key(
+                    &answer(&format!(r#"{{"key_sha256":"{hex}","agent_id":null}}"#)),
+                    &key()
+                ),
+                Ok(KeyAnswer::NoAgent)
+            );
+            let other = KeyHash::of(b"other").hex();
+            for bad in [
+                format!(r#"{{"key_sha256":"{other}","agent_id":null}}"#),
+                format!(r#"{{"key_sha256":"{hex}"}}"#),
+                format!(r#"{{"agent_id":null}}"#),
+                format!(
+                    r#"{{"key_sha256":"{hex}","agent_id":null,"agent_id":"6f1c1a3e-5b7d-4c2a-9e0f-123456789abc"}}"#
+                ),
+                format!(
+                    r#"{{"key_sha256":"{hex}","agent_id":"6F1C1A3E-5B7D-4C2A-9E0F-123456789ABC"}}"#
+                ),
+                format!(r#"{{"key_sha256":"{hex}","agent_id":7}}"#),
+                format!(r#"[{{"key_sha256":"{hex}","agent_id":null}}]"#),
+            ] {
+                assert!(parse_store_key(&answer(&bad), &key()).is_err(), "{bad}");
+            }
+            let mut not_utf8 =
+                format!(r#"{{"key_sha256":"{hex}","agent_id":null,"x":"#).into_bytes();
+            not_utf8.extend_from_slice(b"\"\xff\"}");
+            assert!(parse_store_key(&ok(&not_utf8), &key()).is_err());
+            let status = Response {
+                status: Some(503),
+                body: format!(r#"{{"key_sha256":"{hex}","agent_id":null}}"#).into_bytes(),
+            };
+            assert!(parse_store_key(&status, &key()).is_err());
         }
     }
 }

@@ -1025,3 +1025,345 @@ mod jwt_source {
         assert!(!header_gone(&w, 1));
     }
 }
+
+/// `agent.source = "api_key"`: the key's agent through the tiers, then its directive.
+mod api_key {
+    use super::*;
+    use crate::apikey::KeyHash;
+
+    const KEY: &str = "ibex_0123456789abcdefghijklmnopqrstuvwxyzABCDEFG";
+
+    fn key_config(extra: &str) -> Config {
+        config(&format!(r#","agent":{{"source":"api_key"}}{extra}"#))
+    }
+
+    fn hex() -> String {
+        KeyHash::of(KEY.as_bytes()).hex()
+    }
+
+    fn key_head(authorization: Option<&str>) -> (HeadFields, bool) {
+        let (mut fields, eos) = head(None);
+        fields.api_key = authorization.map(|a| ibex_wire::Redacted::new(a.to_string()));
+        (fields, eos)
+    }
+
+    fn bearer() -> String {
+        format!("Bearer {KEY}")
+    }
+
+    fn store_key(agent: Option<&str>) -> Response {
+        ok(&serde_json::json!({"key_sha256": hex(), "agent_id": agent}).to_string())
+    }
+
+    /// Headers of request `id` with the key, the client's own agent header and the
+    /// key header set as the client sent them.
+    fn start(w: &W, id: u32, key: Option<&str>) -> (Flow, Action) {
+        w.host.add_request(id, BODY.as_bytes());
+        {
+            let mut requests = w.host.requests.borrow_mut();
+            let req = requests.get_mut(&id).unwrap();
+            req.headers.insert("x-agent-id".into(), AGENT.into());
+            req.headers.insert("authorization".into(), bearer());
+        }
+        let (head, eos) = key_head(key);
+        let event = Event::Headers {
+            head: &head,
+            end_of_stream: eos,
+        };
+        w.ev(id, Flow::new(), event)
+    }
+
+    #[test]
+    fn a_cold_key_then_its_directive_through_every_tier_then_both_warm_cost_no_callout() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, key_config(""));
+        let (f, a) = start(&w, 1, Some(&bearer()));
+        assert_eq!(a, Action::Pause);
+        for name in ["authorization", "x-agent-id"] {
+            assert!(!w.host.req(1).headers.contains_key(name), "{name} removed");
+        }
+        let (_, call) = w.host.last_callout();
+        assert_eq!(call.path, format!("/GET/agent_key:{}.raw", hex()));
+        let (f, _) = w.answer(1, f, redis_miss());
+        let (_, call) = w.host.last_callout();
+        assert_eq!(call.path, format!("/v1/keys/{}", hex()));
+        let (f, _) = w.answer(1, f, store_key(Some(AGENT)));
+        // The key is known: the directive's fill starts from the same context.
+        let (_, call) = w.host.last_callout();
+        assert_eq!(call.path, format!("/GET/directive:{AGENT}.raw"));
+        assert_eq!(w.host.dispatched_in.borrow().last(), Some(&1));
+        assert!(f.is_waiting());
+        let (f, _) = w.answer(1, f, redis_miss());
+        let (f, _) = w.answer(1, f, store_answer(Some("Be \"terse\".")));
+        assert_eq!(w.host.req(1).resumed, 1);
+        let (f, a) = w.body_end(1, f);
+        assert_eq!(a, Action::Continue);
+        assert!(matches!(f.state, State::Forward));
+        assert_eq!(w.body(1), INJECTED);
+        on_root_tick(&w.ctx(ROOT));
+        let writes: Vec<String> = w
+            .host
+            .callouts
+            .borrow()
+            .iter()
+            .map(|(_, c)| c.path.clone())
+            .filter(|p| p.starts_with("/EVAL/"))
+            .collect();
+        assert_eq!(writes.len(), 2, "both answers written back: {writes:?}");
+        assert!(writes[0].ends_with(&format!("/2/agent_key:{}/agent_key:__flush__/60", hex())));
+        for c in [
+            Counter::KeyL1Miss,
+            Counter::KeyL2Miss,
+            Counter::KeyL3Hit,
+            Counter::L1Miss,
+            Counter::L2Miss,
+            Counter::L3Hit,
+            Counter::Injected,
+        ] {
+            assert_eq!(w.host.counter(c), 1, "{c:?}");
+        }
+        assert!(w.worker.borrow().is_idle());
+
+        // Another worker: both entries warm, no callout at all.
+        let w2 = W::new(&shared, key_config(""));
+        let (f, a) = start(&w2, 1, Some(&bearer()));
+        assert_eq!(a, Action::Continue);
+        let (f, _) = w2.body_end(1, f);
+        assert!(matches!(f.state, State::Forward));
+        assert_eq!(w2.body(1), INJECTED);
+        assert!(w2.host.callouts.borrow().is_empty());
+        assert_eq!(w2.host.counter(Counter::KeyL1Hit), 1);
+        assert_eq!(w2.host.counter(Counter::L1Hit), 1);
+    }
+
+    #[test]
+    fn no_key_or_a_malformed_one_is_refused_before_any_lookup() {
+        let w = W::new(&SharedData::default(), key_config(""));
+        start(&w, 1, None);
+        assert_eq!(w.reply_status(1), Some(401));
+        assert!(w
+            .host
+            .req(1)
+            .reply
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("missing_agent_id"));
+        assert!(w
+            .host
+            .req(1)
+            .reply
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("authorization"));
+        start(&w, 2, Some(&format!("Basic {KEY}")));
+        assert_eq!(w.reply_status(2), Some(401));
+        assert!(w
+            .host
+            .req(2)
+            .reply
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("invalid_api_key"));
+        assert!(w.host.callouts.borrow().is_empty());
+        assert!(!w.host.req(2).headers.contains_key("authorization"));
+        // The client's agent header names an agent: irrelevant with this source.
+        assert_eq!(w.host.counter(Counter::RejectedInvalidApiKey), 1);
+        assert_eq!(w.host.counter(Counter::RejectedMissingAgentId), 1);
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_and_remembered_for_the_negative_ttl() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, key_config(""));
+        let (f, _) = start(&w, 1, Some(&bearer()));
+        let (f, _) = w.answer(1, f, redis_miss());
+        let (f, _) = w.answer(1, f, store_key(None));
+        assert!(matches!(f.state, State::Replied));
+        let reply = w.host.req(1).reply.clone().unwrap();
+        assert_eq!(reply.0, 401);
+        assert!(reply.1.contains("invalid_api_key"));
+        assert!(!reply.1.contains(KEY) && !reply.1.contains(&hex()));
+        assert_eq!(w.host.counter(Counter::KeyL3None), 1);
+        assert_eq!(w.host.callouts.borrow().len(), 2);
+        start(&w, 2, Some(&bearer()));
+        assert_eq!(w.reply_status(2), Some(401));
+        assert_eq!(w.host.callouts.borrow().len(), 2, "answered from L1");
+        w.host.now.set(w.host.now.get() + 10_000);
+        start(&w, 3, Some(&bearer()));
+        assert_eq!(w.host.callouts.borrow().len(), 3, "negative TTL over");
+    }
+
+    #[test]
+    fn concurrent_requests_with_one_key_make_one_key_fill_and_one_directive_fill() {
+        let w = W::new(&SharedData::default(), key_config(""));
+        let (f1, _) = start(&w, 1, Some(&bearer()));
+        let (f2, _) = start(&w, 2, Some(&bearer()));
+        // Request 2's body arrives while it waits (a host that delivers it).
+        let size = w.host.req(2).body.len();
+        let (f2, _) = w.ev(
+            2,
+            f2,
+            Event::Body {
+                size,
+                end_of_stream: true,
+            },
+        );
+        assert_eq!(w.host.callouts.borrow().len(), 1);
+        assert_eq!(w.host.counter(Counter::Coalesced), 1);
+        let (f1, _) = w.answer(1, f1, redis_hit(AGENT));
+        assert_eq!(w.host.counter(Counter::KeyL2Hit), 1);
+        assert_eq!(w.host.callouts.borrow().len(), 2, "one directive read");
+        assert_eq!(w.host.dispatched_in.borrow().last(), Some(&1));
+        assert_eq!(w.host.current.get(), 1, "back in the running context");
+        let (f1, _) = w.answer(1, f1, redis_hit("Be \"terse\"."));
+        let (f1, _) = w.body_end(1, f1);
+        assert!(matches!(f1.state, State::Forward));
+        // Request 2 had its whole body: spliced when the directive arrived.
+        assert_eq!(w.body(2), INJECTED);
+        assert_eq!(w.host.req(2).resumed, 1);
+        let (f2, _) = w.ev(
+            2,
+            f2,
+            Event::Body {
+                size: INJECTED.len(),
+                end_of_stream: true,
+            },
+        );
+        assert!(matches!(f2.state, State::Forward));
+        assert_eq!(w.body(1), INJECTED);
+        assert_eq!(w.host.counter(Counter::Injected), 2);
+        assert!(w.worker.borrow().is_idle());
+    }
+
+    #[test]
+    fn a_revocation_during_the_key_fill_wins() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, key_config(""));
+        let (f, _) = start(&w, 1, Some(&bearer()));
+        let (f, _) = w.answer(1, f, redis_miss());
+        let (store_read, _) = w.host.last_callout();
+        // revoke-key lands now: the control role tombstones the key's entry.
+        crate::control::invalidate_key(&KeyHash::of(KEY.as_bytes()), &w.host).unwrap();
+        // A request arriving after it does not join the fill from before it.
+        let (_f2, _) = start(&w, 2, Some(&bearer()));
+        assert_eq!(w.host.counter(Counter::Coalesced), 0);
+        assert_eq!(w.host.callouts.borrow().len(), 3, "request 2 asks anew");
+        // The old fill's answer (read before the revocation) is not cached.
+        let event = Event::Callout {
+            token: store_read,
+            response: store_key(Some(AGENT)),
+        };
+        let (_f, _) = w.ev(1, f, event);
+        assert_eq!(w.host.counter(Counter::FillDiscarded), 1);
+        let raw = shared.get(&crate::entry::key_for_api_key(&KeyHash::of(KEY.as_bytes())));
+        assert_eq!(Entry::decode(&raw.unwrap()).unwrap().kind, Kind::Tombstone);
+        on_root_tick(&w.ctx(ROOT));
+        assert!(
+            !w.host
+                .callouts
+                .borrow()
+                .iter()
+                .any(|(_, c)| c.path.contains("agent_key:") && c.path.starts_with("/EVAL/")),
+            "no key write-back"
+        );
+    }
+
+    #[test]
+    fn an_unknowable_key_is_refused_even_when_failure_mode_is_open() {
+        let w = W::new(
+            &SharedData::default(),
+            key_config(r#","failure_mode":"open""#),
+        );
+        let (f, _) = start(&w, 1, Some(&bearer()));
+        let (f, _) = w.answer(1, f, failed());
+        let (f, _) = w.answer(1, f, failed());
+        assert!(matches!(f.state, State::Replied));
+        assert_eq!(w.reply_status(1), Some(503));
+        assert_eq!(w.host.counter(Counter::FailedOpen), 0);
+    }
+
+    #[test]
+    fn a_hostile_redis_value_for_a_key_is_an_error_and_the_store_decides() {
+        for value in [
+            "6F1C1A3E-5B7D-4C2A-9E0F-123456789ABC",
+            "6f1c1a3e5b7d4c2a9e0f123456789abc",
+            "Be terse.",
+        ] {
+            let w = W::new(&SharedData::default(), key_config(""));
+            let (f, _) = start(&w, 1, Some(&bearer()));
+            let (_f, _) = w.answer(1, f, redis_hit(value));
+            assert_eq!(w.host.counter(Counter::L2Error), 1, "{value}");
+            assert_eq!(w.host.last_callout().1.path, format!("/v1/keys/{}", hex()));
+        }
+    }
+
+    #[test]
+    fn what_the_headers_decided_applies_once_the_key_is_good() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, key_config(""));
+        // A bodiless request with a good key, cold: the key is checked, then it passes.
+        w.host.add_request(1, b"");
+        let (mut fields, _) = key_head(Some(&bearer()));
+        fields.path = Some("/v1/models".into());
+        let (f, a) = w.ev(
+            1,
+            Flow::new(),
+            Event::Headers {
+                head: &fields,
+                end_of_stream: true,
+            },
+        );
+        assert_eq!(a, Action::Pause);
+        let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        assert!(matches!(f.state, State::Forward));
+        assert_eq!(w.host.req(1).resumed, 1);
+        assert_eq!(w.host.counter(Counter::PassedThrough), 1);
+        assert_eq!(w.host.callouts.borrow().len(), 1, "no directive lookup");
+        // A compressed body with the (now warm) good key: 415, no callout.
+        let (mut fields, _) = key_head(Some(&bearer()));
+        fields.content_encoding = Some("gzip".into());
+        w.host.add_request(2, BODY.as_bytes());
+        w.ev(
+            2,
+            Flow::new(),
+            Event::Headers {
+                head: &fields,
+                end_of_stream: false,
+            },
+        );
+        assert_eq!(w.reply_status(2), Some(415));
+        // The same with an unknown key: the key is answered first.
+        let other = "Bearer ibex_unknown";
+        let (mut fields, _) = key_head(Some(other));
+        fields.content_encoding = Some("gzip".into());
+        w.host.add_request(3, BODY.as_bytes());
+        let (f, _) = w.ev(
+            3,
+            Flow::new(),
+            Event::Headers {
+                head: &fields,
+                end_of_stream: false,
+            },
+        );
+        let (f, _) = w.answer(3, f, redis_miss());
+        let hash = KeyHash::of(b"ibex_unknown").hex();
+        let answer = ok(&serde_json::json!({"key_sha256": hash, "agent_id": null}).to_string());
+        w.answer(3, f, answer);
+        assert_eq!(w.reply_status(3), Some(401));
+    }
+
+    #[test]
+    fn a_store_answer_for_another_key_is_an_error() {
+        let w = W::new(&SharedData::default(), key_config(""));
+        let (f, _) = start(&w, 1, Some(&bearer()));
+        let (f, _) = w.answer(1, f, redis_miss());
+        let other = KeyHash::of(b"other").hex();
+        let answer = ok(&serde_json::json!({"key_sha256": other, "agent_id": AGENT}).to_string());
+        w.answer(1, f, answer);
+        assert_eq!(w.host.counter(Counter::L3Error), 1);
+        assert_eq!(w.reply_status(1), Some(503));
+    }
+}
