@@ -1054,7 +1054,7 @@ mod tests {
             for bad in [
                 format!(r#"{{"key_sha256":"{other}","agent_id":null}}"#),
                 format!(r#"{{"key_sha256":"{hex}"}}"#),
-                format!(r#"{{"agent_id":null}}"#),
+                r#"{"agent_id":null}"#.to_string(),
                 format!(
                     r#"{{"key_sha256":"{hex}","agent_id":null,"agent_id":"6f1c1a3e-5b7d-4c2a-9e0f-123456789abc"}}"#
                 ),
