@@ -14,6 +14,8 @@ benchmarks need on top, composed here so stack/ stays untouched.
                 control listener's invalidations and the shared data are common)
     bench_noop  a proxy-wasm filter that does nothing (bench/noop-wasm, its own
                 vm_id): what any wasm filter costs before doing any work
+    bench_ibex_key  (only with api_key=True) bench_ibex with `agent.source`
+                "api_key": the agent is the one a gateway API key names
   A path under /_echo/ goes to the echo upstream instead (prefix stripped), so a
   sanity check can see the exact body each variant forwards.
 - `BenchStack`: `Stack` that starts the sink first and builds a `BenchEnvoy`.
@@ -27,6 +29,8 @@ import copy
 from stack.envoy import (DATA_LISTENER, HCM, WASM_FILTER, Envoy, EnvoyProcess, filter_json,
                          http_connection_manager, listener, merge, set_filter_json, set_port)
 from stack.stack import PORT_NAMES, Stack
+
+from bench.workload import API_KEY_FILTER_CONFIG
 
 ROUTER = "envoy.filters.http.router"
 SINK_BODY = '{"id":"chatcmpl-bench","object":"chat.completion","model":"bench","choices":[]}'
@@ -142,10 +146,13 @@ class BenchEnvoy(Envoy):
             filters[:] = [{"name": "envoy.filters.http.lua", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
                 "default_source_code": {"inline_string": self.lua_code}}}] + router
-        elif name == "ibex":
+        elif name in ("ibex", "ibex_key"):
             if not any(f["name"] == WASM_FILTER for f in filters):
                 raise KeyError("the data listener of envoy/local.yaml has no wasm filter")
-            set_filter_json(item, merge(filter_json(item), self.ibex_overrides))
+            config = merge(filter_json(item), self.ibex_overrides)
+            if name == "ibex_key":
+                config = merge(config, API_KEY_FILTER_CONFIG)
+            set_filter_json(item, config)
         elif name == "noop":
             wasm = copy.deepcopy(next(f for f in filters if f["name"] == WASM_FILTER))
             plugin = wasm["typed_config"]["config"]
@@ -167,14 +174,19 @@ class BenchStack(Stack):
     """`Stack` with the sink Envoy and the benchmark listeners.
 
     gateway_cpus  CPU list for the gateway Envoy (taskset syntax), None = unpinned
+    api_key       add the bench_ibex_key listener (agent.source "api_key"); off unless a
+                  selected variant needs it, so the others do not depend on that source
     """
 
     BENCH_LISTENERS = ("bare", "lua", "ibex", "noop")
-    PORT_NAMES = PORT_NAMES + BENCH_LISTENERS + ("sink", "sink_admin")
+    OPTIONAL_LISTENERS = ("ibex_key",)
+    PORT_NAMES = PORT_NAMES + BENCH_LISTENERS + OPTIONAL_LISTENERS + ("sink", "sink_admin")
 
-    def __init__(self, directory, *, lua_code, ibex_overrides, noop_wasm, gateway_cpus=None, **kwargs):
+    def __init__(self, directory, *, lua_code, ibex_overrides, noop_wasm, gateway_cpus=None, api_key=False,
+                 **kwargs):
         self._bench = {"lua_code": lua_code, "ibex_overrides": ibex_overrides, "noop_wasm": noop_wasm,
                        "cpus": gateway_cpus}
+        self.listeners = self.BENCH_LISTENERS + (("ibex_key",) if api_key else ())
         super().__init__(directory, **kwargs)
         self.sink = SinkEnvoy(self.dir / "sink", self.ports["sink"], self.ports["sink_admin"],
                               log_dir=kwargs.get("log_dir"))
@@ -182,7 +194,7 @@ class BenchStack(Stack):
     @property
     def bench_ports(self):
         """{listener name: port} of the benchmark listeners."""
-        return {name: self.ports[name] for name in self.BENCH_LISTENERS}
+        return {name: self.ports[name] for name in self.listeners}
 
     def _make_envoy(self, **settings):
         return BenchEnvoy.from_stack_envoy(super()._make_envoy(**settings), bench_ports=self.bench_ports,

@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.workload import CHAT_PATH, FILTER_COUNTERS, POP
+from bench.workload import CHAT_PATH, FILTER_COUNTERS, KEY_COUNTER_PREFIX, POP
 from stack.process import die_with_parent
 from stack.procfs import cpu_ticks, descendants, rss_kb
 
@@ -114,14 +114,17 @@ def envoy_memory(admin_url):
 
 
 def filter_counters(stack):
-    """The filter counters the benchmarks follow (FILTER_COUNTERS), summed over workers."""
+    """The filter counters the benchmarks follow (FILTER_COUNTERS, 0 when the filter has
+    none of that name, and every `key_*` one it has), summed over workers."""
     counters = stack.envoy.counters()
-    return {name: int(counters.get(name, 0)) for name in FILTER_COUNTERS}
+    names = list(FILTER_COUNTERS) + sorted(n for n in counters
+                                          if n.startswith(KEY_COUNTER_PREFIX) and n not in FILTER_COUNTERS)
+    return {name: int(counters.get(name, 0)) for name in names}
 
 
 def counter_delta(before, after):
     """{counter: change} of the counters that moved."""
-    return {name: after[name] - before[name] for name in FILTER_COUNTERS if after[name] != before[name]}
+    return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
 
 
 def machine_note():
@@ -145,10 +148,16 @@ class Wrk:
     def __init__(self, bodies):
         self.bodies = bodies
 
-    def run(self, url, body, mode, population, base, count, connections, duration, path=CHAT_PATH):
-        """One bounded run; wrk's summary ({"requests", "duration_us", "latency_us", "errors"})."""
+    def run(self, url, body, mode, population, base, count, connections, duration, path=CHAT_PATH,
+            key_file=None):
+        """One bounded run; wrk's summary ({"requests", "duration_us", "latency_us", "errors"}).
+        Mode "key" sends `authorization: Bearer <the key in key_file>` instead of an agent id."""
         argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", str(WRK_SCRIPT),
                 url + "/", "--", path, str(self.bodies[body]), mode, POP[population], str(base), str(count)]
+        if mode == "key":
+            if key_file is None:
+                raise ValueError("wrk mode key needs the key file")
+            argv.append(str(key_file))
         result = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
                                 preexec_fn=die_with_parent)
         for line in result.stdout.splitlines():

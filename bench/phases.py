@@ -13,7 +13,8 @@ import subprocess
 import time
 
 from bench.measure import counter_delta, envoy_memory, filter_counters, log, median, percentile, rss_bytes
-from bench.workload import CHAT_PATH, DIRECTIVE, ESCAPED, POP, agent_id
+from bench.workload import API_KEY_HEADER, CHAT_PATH, DIRECTIVE, ESCAPED, POP, agent_id
+from stack import paths
 from stack.contract import AGENT_HEADER, redis_key, updates_channel
 from stack.ports import wait_until
 from stack.postgres import quote_literal
@@ -34,13 +35,16 @@ def mem_population(args):
 STORE_METRICS = ("ibex_store_lookups_total", "ibex_store_db_queries_total", "ibex_store_coalesced_total")
 
 
-def post(url, path, body, agent=None, timeout=10):
-    """One POST on a connection of its own: (status, body)."""
+def post(url, path, body, agent=None, timeout=10, key=None):
+    """One POST on a connection of its own: (status, body). `key`: an API key, sent as
+    `authorization: Bearer <key>`."""
     host, port = url.split("//")[1].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     headers = {"content-type": "application/json"}
     if agent:
         headers[AGENT_HEADER] = agent
+    if key:
+        headers[API_KEY_HEADER] = f"Bearer {key}"
     conn.request("POST", path, body=body, headers=headers)
     response = conn.getresponse()
     data = response.read()
@@ -51,18 +55,48 @@ def post(url, path, body, agent=None, timeout=10):
 # --------------------------------------------------------------------------- populate
 
 def populate(bench):
-    """Agents in Redis (redis-cli --pipe) and in Postgres (one set-based batch);
-    returns what was written."""
+    """Agents in Redis (redis-cli --pipe) and in Postgres (one set-based batch), and
+    the API key when a selected variant sends one; returns what was written."""
     populated = {"redis_keys": populate_redis(bench.stack, bench.args)}
     populated["postgres_agents"] = populate_postgres(bench.stack, bench.args)
+    if bench.uses_api_key:
+        bench.api_key_file = issue_api_key(bench.stack, bench.dir / "api-key")
+        populated["api_keys"] = 1
     log(f"populated {populated}")
     return populated
+
+
+def issue_api_key(stack, key_file):
+    """The API key agent ("key" population): its directive in Postgres (set-directive
+    --no-publish: Redis gets it from populate_redis, as the L1 agent does), then a key
+    from `ibex-companion issue-key`, written to `key_file` (mode 0600) for wrk and the
+    sanity check. The key is read from the CLI's stdout only: it goes to no log."""
+    agent = agent_id("key", 0)
+    stack.companion.set_directive(agent, DIRECTIVE, publish=False)
+    result = subprocess.run([str(paths.companion_path()), "issue-key", "--agent-id", agent, "--label", "make bench"],
+                            capture_output=True, text=True, env=stack.companion.environment(), timeout=60)
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or len(lines) != 1 or not lines[0].startswith("ibex_") or len(lines[0]) < 20:
+        # stdout is never quoted: it may hold the key
+        raise RuntimeError(f"ibex-companion issue-key failed ({result.returncode}, {len(lines)} stdout lines): "
+                           f"{result.stderr.strip()[-500:]}")
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(lines[0] + "\n")
+    hashes = [w for w in result.stderr.split() if w.startswith("key_sha256=")]
+    log(f"issued an API key for {agent} ({hashes[-1] if hashes else 'no key_sha256 on stderr'})")
+    return key_file
+
+
+def api_key(bench):
+    """The API key `issue_api_key` wrote."""
+    return bench.api_key_file.read_text().strip()
 
 
 def populate_redis(stack, args):
     """The L1 agents (filled from Redis during warm-up), the L2 and memory populations,
     and the agent without directive (""); returns the directive keys written."""
-    redis_sets = [("l1", 1), ("l1_10k", 10000), ("l2", args.l2_agents), ("mem", mem_population(args))]
+    redis_sets = [("l1", 1), ("key", 1), ("l1_10k", 10000), ("l2", args.l2_agents), ("mem", mem_population(args))]
     proc = subprocess.Popen(["redis-cli", "-h", "127.0.0.1", "-p", str(stack.redis.port), "--pipe"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=die_with_parent)
@@ -142,6 +176,37 @@ def sanity(bench):
         status, data = post(s.url_of(listener_name), CHAT_PATH, body, agent_id("l1", 0))
         if status != 200 or b"chatcmpl-bench" not in data:
             raise RuntimeError(f"sanity: {listener_name} → sink answered {status} {data[:200]!r}")
+    if bench.uses_api_key:
+        sanity_api_key(bench, body, expected_first, inserted)
+
+
+def sanity_api_key(bench, body, expected_first, inserted):
+    """The api_key listener: a request carrying the key (and no agent id) reaches the
+    upstream with exactly the key agent's directive inserted and without the key; one
+    carrying only an agent id, or a key that was never issued, is refused (so the agent
+    really comes from the key). The first request resolves the key through the store."""
+    s = bench.stack
+    url = s.url_of("ibex_key")
+    key = api_key(bench)
+    s.upstream.clear()
+    status, data = post(url, "/_echo" + CHAT_PATH, body, key=key)
+    got = s.upstream.last()
+    if status != 200 or got is None:
+        raise RuntimeError(f"sanity: ibex_key with the API key answered {status} {data[:200]!r}")
+    if got.json()["messages"][0] != expected_first or got.body.replace(inserted, b"", 1) != body:
+        raise RuntimeError(f"sanity: ibex_key forwarded {got.json()['messages'][0]!r} first, or changed more "
+                           "than the inserted message")
+    leaked = [name for name, value in got.header_pairs if key in value]
+    if leaked:
+        raise RuntimeError(f"sanity: ibex_key forwarded the API key upstream (header {leaked[0]})")
+    for what, kwargs in (("an agent id and no key", {"agent": agent_id("key", 0)}),
+                         ("a key never issued", {"key": "ibex_" + "A" * 43})):
+        status, data = post(url, CHAT_PATH, body, **kwargs)
+        if status == 200:
+            raise RuntimeError(f"sanity: ibex_key accepted a request with {what}: is agent.source api_key?")
+    status, data = post(url, CHAT_PATH, body, key=key)
+    if status != 200 or b"chatcmpl-bench" not in data:
+        raise RuntimeError(f"sanity: ibex_key → sink answered {status} {data[:200]!r}")
 
 
 # --------------------------------------------------------------------------- stampede

@@ -33,6 +33,7 @@ def report_data(bench):
             "warmup_s": a.warm, "wrk_threads": 1, "load_connections": a.connections, "latency_connections": 1,
             "envoy_workers": a.workers, "directive_bytes": len(DIRECTIVE.encode()),
             "ibex_filter_overrides": {"cache.ttl_seconds": 3600, "debug_headers": False},
+            "ibex_key_filter_overrides": {"agent.source": "api_key"} if bench.uses_api_key else None,
             "quick": a.quick,
         },
         "rounds": r.get("rounds"),
@@ -172,6 +173,8 @@ def header_section(d):
 
 def variant_row(name, v):
     tier = f"{v['tier_share_min']:.3f}" if "tier_share_min" in v else ""
+    if "key_tier_share_min" in v:
+        tier += f", key {v['key_tier_share_min']:.3f}"
     if v.get("errors"):
         tier += f" ⚠ {v['errors']} errors"
     return [name, fmt(v["rps"]), fmt(v["throughput_ratio"], 3), fmt(v["p50_us"]), fmt(v["p99_us"]),
@@ -192,7 +195,8 @@ def variants_section(d):
         "p50/p99 and *added* latency come from the one-connection runs (service time, no queueing); "
         "*loaded* latency and rps from the load runs. Ratios and differences are paired per round with the bare "
         "variant of the same body size, then the median is taken. *tier check*: smallest share, over all runs, of "
-        "requests counted by the tier the variant is meant to exercise (filter counters; 1.000 = every request). "
+        "requests counted by the tier the variant is meant to exercise (filter counters; 1.000 = every request; "
+        "*key*: of API key lookups answered by L1, `key_l1_hit`). "
         "*CPU × bare*: bare's Envoy CPU per request over the variant's — the throughput ratio where the gateway's "
         "CPU is the only bottleneck, and less sensitive to other load on the machine than rps.",
         "",

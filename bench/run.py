@@ -41,7 +41,7 @@ from bench import native, phases, variants  # noqa: E402
 from bench.benchstack import BenchStack  # noqa: E402
 from bench.measure import Wrk, log, machine_note, our_processes  # noqa: E402
 from bench.report import render_markdown, report_data  # noqa: E402
-from bench.workload import ESCAPED, write_bodies  # noqa: E402
+from bench.workload import ESCAPED, VARIANTS, selected_variants, write_bodies  # noqa: E402
 
 LUA_FILTER = BENCH / "envoy" / "lua_static.lua"
 RESULTS = BENCH / "results"
@@ -66,6 +66,9 @@ class Bench:
         self.stack = None
         self.wrk = None
         self.bodies = None
+        # a selected variant sends an API key: the api_key listener and the key (phases.populate)
+        self.uses_api_key = any(VARIANTS[v].mode == "key" for v in selected_variants(args.only))
+        self.api_key_file = None
 
     def phase(self, name, fn, key=None):
         """Run one phase, timed; its return value goes to results[key] when given."""
@@ -101,10 +104,11 @@ class Bench:
             self.phase("variants", lambda: variants.variants(self))
             if not a.skip_perf:
                 self.phase("perf", lambda: variants.perf(self))
-            self.unpin()
-            self.phase("stampede", lambda: phases.stampede(self), "stampede")
-            self.phase("invalidation", lambda: phases.invalidation(self), "invalidation")
-            self.phase("memory", lambda: phases.memory(self), "memory")
+            if not a.variants_only:
+                self.unpin()
+                self.phase("stampede", lambda: phases.stampede(self), "stampede")
+                self.phase("invalidation", lambda: phases.invalidation(self), "invalidation")
+                self.phase("memory", lambda: phases.memory(self), "memory")
         finally:
             self.machine["loadavg_end"] = os.getloadavg()
             log("stopping the stack")
@@ -122,7 +126,7 @@ class Bench:
         return BenchStack(
             self.dir / "stack", lua_code=LUA_FILTER.read_text().replace("@MESSAGE@", escaped),
             ibex_overrides={"cache": {"ttl_seconds": 3600}, "debug_headers": False}, noop_wasm=noop_wasm,
-            gateway_cpus=self.gateway_cpus, concurrency=self.args.workers,
+            gateway_cpus=self.gateway_cpus, concurrency=self.args.workers, api_key=self.uses_api_key,
             log_levels={"envoy": "warning", "companion": "warn", "webdis": 0})
 
     def setup_cpus(self):
@@ -188,7 +192,10 @@ def parse_args(argv=None):
     p.add_argument("--stampede", type=int, default=500)
     p.add_argument("--stampede-trials", type=int, default=3)
     p.add_argument("--updates", type=int, default=200)
-    p.add_argument("--only", nargs="*", help="run only these variants")
+    p.add_argument("--only", nargs="*", metavar="VARIANT",
+                   help="run only these variants (and their baselines): " + ", ".join(VARIANTS))
+    p.add_argument("--variants-only", action="store_true",
+                   help="after the variants (and perf), skip the stampede, invalidation and memory phases")
     p.add_argument("--no-pin", action="store_true", help="do not pin the gateway Envoy to its own CPU")
     p.add_argument("--skip-micro", action="store_true")
     p.add_argument("--skip-profile", action="store_true")
@@ -196,6 +203,9 @@ def parse_args(argv=None):
     p.add_argument("--note", help="conditions of this run, for the report")
     p.add_argument("--out", default=str(RESULTS), help="where latest.md and latest.json go")
     args = p.parse_args(argv)
+    unknown = [v for v in args.only or () if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; variants are {', '.join(VARIANTS)}")
     if args.quick:
         args.rounds, args.duration, args.latency_duration, args.warm = 3, 1, 1, 1
         args.l2_agents, args.l3_agents, args.mem_agents = 60000, 30000, 5000

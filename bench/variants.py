@@ -13,10 +13,17 @@ import subprocess
 import time
 
 from bench.measure import TICKS, CpuWindow, counter_delta, filter_counters, log, median
-from bench.workload import CHAT_PATH, EXPECTED_TIER, VARIANTS
+from bench.workload import CHAT_PATH, EXPECTED_TIER, VARIANTS, selected_variants
 from stack.process import die_with_parent
 
 PERF_VARIANTS = ("bare-1k", "wasm-noop-1k", "wasm-pass-1k", "l1-none-1k", "l1-1k", "l1-64k")
+IBEX_LISTENERS = ("ibex", "ibex_key")  # the listeners with our filter (its counters are read)
+# Key lookups of an L1 hit: every request counted by key_l1_hit, and none of these
+# (a key answered by Redis or the store, missed, unknown, refused).
+KEY_NOT_L1 = ("key_l1_miss", "key_l2_hit", "key_l2_miss", "key_l3_hit", "key_l3_none", "rejected.invalid_api_key")
+# Directive side of an L1 hit with injection: none of these may count either.
+DIRECTIVE_NOT_L1 = ("l1_miss", "l2_hit", "l2_miss", "l2_error", "l3_hit", "l3_none", "l3_error", "stale_served",
+                    "failed_open")
 
 
 def fresh_range(bench, variant, population, kind, duration):
@@ -44,10 +51,10 @@ def run_variant(bench, variant, kind, duration, round_no):
         base, count = fresh_range(bench, variant, population, kind, duration)
     else:
         base, count = 0, 10000 if mode == "cycle" else 1
-    before = filter_counters(stack) if listener_name == "ibex" else None
+    before = filter_counters(stack) if listener_name in IBEX_LISTENERS else None
     with CpuWindow(stack.envoy.pid, stack.sink.pid) as cpu:
         w = bench.wrk.run(stack.url_of(listener_name), body, mode, population, base, count, connections,
-                          duration, path=path)
+                          duration, path=path, key_file=bench.api_key_file if mode == "key" else None)
     if mode == "fresh":
         # ids of requests still in flight at the end were used too
         bench.ids_used[population] = base + w["requests"] + connections + 16
@@ -71,9 +78,35 @@ def run_variant(bench, variant, kind, duration, round_no):
         run["counters"] = delta
         if path == CHAT_PATH:
             run["tier_share"] = round(delta.get(EXPECTED_TIER[population], 0) / requests, 4)
+        if mode == "key":
+            run["key_tier_share"] = round(delta.get("key_l1_hit", 0) / requests, 4)
+            if round_no > 0:  # a measured run (warm-up is round 0 and may fill)
+                check_key_l1(variant, kind, run)
     if errors:
         log(f"  {variant}/{kind}: wrk errors {errors}")
     return run
+
+
+def key_l1_failures(run):
+    """Why a run of an API key variant was not an L1 hit for both the key and the
+    directive, with injection, for every request ([] when it was)."""
+    delta, requests = run["counters"], run["requests"]
+    out = [f"{name} {delta[name]}" for name in KEY_NOT_L1 + DIRECTIVE_NOT_L1 if delta.get(name, 0)]
+    # the counters also count requests still in flight when wrk stopped: at least, not exactly
+    for name in ("key_l1_hit", "l1_hit", "injected"):
+        if delta.get(name, 0) < requests:
+            out.append(f"{name} {delta.get(name, 0)} < {requests} requests")
+    if run["errors"]:
+        out.append(f"wrk errors {run['errors']}")
+    return out
+
+
+def check_key_l1(variant, kind, run):
+    """Fail loudly when a measured run of an API key variant was not what it claims."""
+    failures = key_l1_failures(run)
+    if failures:
+        raise RuntimeError(f"{variant}/{kind} round {run['round']}: not an L1 hit of the key and the directive "
+                           f"with injection for every request: {', '.join(failures)} (counters {run['counters']})")
 
 
 def warm(bench, variant):
@@ -84,11 +117,16 @@ def warm(bench, variant):
     duration = max(bench.args.warm, 4) if v.mode == "cycle" else bench.args.warm
     for _ in range(10):
         run = run_variant(bench, variant, "load", duration, 0)
-        if v.listener != "ibex" or v.mode == "fresh" or v.path != CHAT_PATH:
+        if v.listener not in IBEX_LISTENERS or v.mode == "fresh" or v.path != CHAT_PATH:
             return
+        if v.mode == "key":  # the key's entry and the directive both in L1
+            if not key_l1_failures(run):
+                return
+            continue
         if run["counters"].get("l1_miss", 0) == 0 and (v.mode != "cycle" or run["requests"] >= 10000):
             return
-    raise RuntimeError(f"{variant}: L1 still misses after warm-up")
+    raise RuntimeError(f"{variant}: L1 still misses after warm-up"
+                       + (f" ({', '.join(key_l1_failures(run))})" if v.mode == "key" else ""))
 
 
 def log_run(run):
@@ -96,14 +134,15 @@ def log_run(run):
         f"{run['latency_us']['p50']:6} µs  p99 {run['latency_us']['p99']:6} µs  "
         f"cpu {run['envoy_cpu_us_per_request']:7.1f} µs/req  util {run['envoy_cpu_utilisation']:.2f}  "
         f"foreign {run['foreign_cpus']:.2f}"
-        + (f"  tier {run['tier_share']}" if "tier_share" in run else ""))
+        + (f"  tier {run['tier_share']}" if "tier_share" in run else "")
+        + (f"  key tier {run['key_tier_share']}" if "key_tier_share" in run else ""))
 
 
 def variants(bench):
     """Warm every selected variant, run rounds until enough were quiet, aggregate.
     Sets bench.order; fills bench.results["runs"], ["rounds"] and ["variants"]."""
     a = bench.args
-    order = [v for v in VARIANTS if not a.only or v in a.only]
+    order = selected_variants(a.only)
     bench.order = order
     for variant in order:
         log(f"warm-up {variant}")
@@ -166,6 +205,9 @@ def aggregate(all_runs, order, used_rounds):
         shares = [r["tier_share"] for r in load + lat if "tier_share" in r]
         if shares:
             v["tier_share_min"] = min(shares)
+        key_shares = [r["key_tier_share"] for r in load + lat if "key_tier_share" in r]
+        if key_shares:  # API key variants: share of requests whose key was an L1 hit
+            v["key_tier_share_min"] = min(key_shares)
         rps = {r["round"]: r["rps"] for r in base_load}
         ratios = [r["rps"] / rps[r["round"]] for r in load if r["round"] in rps]
         dcpu = paired(load, base_load, lambda r: r["envoy_cpu_us_per_request"])

@@ -25,6 +25,7 @@ POP = {
     "stampede": "e5000000",  # Postgres only: one per stampede trial
     "inval": "f6000000",     # the agent whose directive is rewritten
     "none": "07000000",      # an agent without directive (Redis holds "")
+    "key": "a3000000",       # the agent of the benchmark API key (Postgres: key and directive; Redis: directive)
 }
 
 
@@ -34,7 +35,9 @@ def agent_id(population, n):
 
 Variant = collections.namedtuple("Variant", "listener body mode population baseline path what")
 
-# Every request of every variant carries an x-agent-id header (bare and lua ignore it).
+# Every request of every variant carries an x-agent-id header (bare and lua ignore it),
+# but those of mode "key": `authorization: Bearer <the API key>` instead, on the
+# listener whose filter takes the agent from it (agent.source "api_key").
 VARIANTS = {
     "bare-1k": Variant("bare", "1k", "fixed", "l1", None, CHAT_PATH, "no filter"),
     "lua-static-1k": Variant("lua", "1k", "fixed", "l1", "bare-1k", CHAT_PATH,
@@ -48,6 +51,9 @@ VARIANTS = {
     "l1-none-1k": Variant("ibex", "1k", "fixed", "none", "bare-1k", CHAT_PATH,
                           "profile: L1 hit of an agent without directive (lookup only, body not buffered)"),
     "l1-1k": Variant("ibex", "1k", "fixed", "l1", "bare-1k", CHAT_PATH, "L1 hit, one agent"),
+    "l1-api-key": Variant("ibex_key", "1k", "key", "key", "bare-1k", CHAT_PATH,
+                          "L1 hit, one agent named by its gateway API key (`agent.source: api_key`, "
+                          "`authorization: Bearer <key>`): the key's entry and the directive both in L1"),
     "l1-10k-agents-1k": Variant("ibex", "1k", "cycle", "l1_10k", "bare-1k", CHAT_PATH,
                                 "L1 hit, 10 000 warm agents in turn"),
     "l2-1k": Variant("ibex", "1k", "fresh", "l2", "bare-1k", CHAT_PATH,
@@ -59,10 +65,30 @@ VARIANTS = {
                               "Envoy Lua filter prepending a fixed system message"),
     "l1-64k": Variant("ibex", "64k", "fixed", "l1", "bare-64k", CHAT_PATH, "L1 hit, one agent"),
 }
+
+
+def selected_variants(only=None):
+    """The variants of a run, in VARIANTS order: all, or those of `only` (--only), each
+    with its baseline (the ratios are paired with it)."""
+    if not only:
+        return list(VARIANTS)
+    wanted = set(only) | {VARIANTS[v].baseline for v in only if VARIANTS[v].baseline}
+    return [v for v in VARIANTS if v in wanted]
+
+
 # The tier counter that must count every request of a variant (sanity check).
-EXPECTED_TIER = {"l1": "l1_hit", "l1_10k": "l1_hit", "l2": "l2_hit", "l3": "l3_hit", "none": "l1_hit"}
+EXPECTED_TIER = {"l1": "l1_hit", "l1_10k": "l1_hit", "l2": "l2_hit", "l3": "l3_hit", "none": "l1_hit",
+                 "key": "l1_hit"}
 FILTER_COUNTERS = ("requests", "l1_hit", "l1_miss", "l2_hit", "l2_miss", "l2_error", "l3_hit", "l3_none",
-                   "l3_error", "injected", "coalesced", "fill_discarded", "stale_served", "failed_open")
+                   "l3_error", "injected", "coalesced", "fill_discarded", "stale_served", "failed_open",
+                   # the API key's own lookup (key -> agent); any other `key_*` counter is followed too
+                   "key_l1_hit", "key_l1_miss", "key_l2_hit", "key_l2_miss", "key_l3_hit", "key_l3_none",
+                   "rejected.invalid_api_key")
+KEY_COUNTER_PREFIX = "key_"
+# The filter configuration of the api_key listener, over that of the ibex listener.
+API_KEY_FILTER_CONFIG = {"agent": {"source": "api_key"}}
+# Header the api_key source reads by default (`agent.api_key.header`), as `Bearer <key>`.
+API_KEY_HEADER = "authorization"
 
 TINY_BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 

@@ -1,6 +1,6 @@
 -- wrk script of `make bench`: POST a JSON body with a per-request x-agent-id.
 --
---   wrk ... -s bench/wrk/post.lua URL -- PATH BODY_FILE MODE PREFIX BASE COUNT
+--   wrk ... -s bench/wrk/post.lua URL -- PATH BODY_FILE MODE PREFIX BASE COUNT [KEY_FILE]
 --
 -- PATH       request path, e.g. /v1/chat/completions
 -- BODY_FILE  file holding the request body (sent as is)
@@ -10,6 +10,8 @@
 --                    prebuilt when COUNT <= 20000 so wrk's own cost stays that of `fixed`)
 --            fresh   a new agent every request: PREFIX/BASE, BASE+1, ... (one wrk
 --                    thread; the driver advances BASE past every id a run used)
+--            key     no agent header: every request `authorization: Bearer <key>`,
+--                    the key read from KEY_FILE (so it is in no process list)
 -- PREFIX     first group of the agent UUID (8 hex digits); the id of agent n is
 --            PREFIX-0000-4000-8000-<n as 12 hex digits>
 --
@@ -23,9 +25,10 @@ local function agent(i)
   return string.format("%s-0000-4000-8000-%012x", prefix, i)
 end
 
-local function build(id)
+local function build(id, key)
   local headers = { ["content-type"] = "application/json" }
   if id then headers["x-agent-id"] = id end
+  if key then headers["authorization"] = "Bearer " .. key end
   return wrk.format("POST", path, headers, body)
 end
 
@@ -42,6 +45,12 @@ function init(args)
     req = build(nil)
   elseif mode == "fixed" then
     req = build(agent(base))
+  elseif mode == "key" then
+    local k = assert(io.open(assert(args[7], "mode key needs KEY_FILE"), "rb"))
+    local key = k:read("*a"):gsub("%s+$", "")
+    k:close()
+    assert(#key > 0, "KEY_FILE is empty")
+    req = build(nil, key)
   elseif mode == "cycle" and count <= 20000 then
     reqs = {}
     for i = 0, count - 1 do reqs[i] = build(agent(base + i)) end
