@@ -217,8 +217,9 @@ pub struct IssueKeyArgs {
 #[command(group(ArgGroup::new("key").required(true).args(["key_sha256", "key_stdin"])))]
 pub struct KeySelector {
     /// The key's SHA-256, 64 lower-case hex characters (as `list-keys` prints).
-    /// Checked by [`KeySelector::resolve`], not by the parser, so that a key
-    /// pasted here by mistake is not echoed in the error.
+    // Checked by `KeySelector::resolve`, not by the parser, so that a key pasted
+    // here by mistake is not echoed in the error. (A `//` comment: clap prints the
+    // `///` lines as the flag's help.)
     #[arg(long)]
     pub key_sha256: Option<String>,
     /// Read the key itself from standard input (surrounding whitespace
