@@ -61,17 +61,21 @@ class Companion:
         env.update(self.extra_env)
         return env
 
-    def run(self, *args):
+    def run(self, *args, stdin_text=None, log_stdout=True):
         """Run `ibex-companion ARGS`; raise with its output when it fails.
 
         Output is appended to companion-cli.log in the directory (when given)
-        so the privacy test can read it too.
+        so the privacy test can read it too; with `log_stdout=False` stdout is
+        left out of it (`issue-key` prints the new key there, which is the
+        caller's and no log's). `stdin_text` is written to its stdin.
         """
         argv = [str(paths.companion_path()), *map(str, args)]
-        result = subprocess.run(argv, capture_output=True, text=True, env=self.environment(), timeout=60)
+        result = subprocess.run(argv, capture_output=True, text=True, env=self.environment(), timeout=60,
+                                input=stdin_text)
         if self.dir:
+            stdout = result.stdout if log_stdout else "(stdout not logged)\n"
             with open(self.dir / "companion-cli.log", "a") as log:
-                log.write(f"--- {args[0]} exit={result.returncode}\n{result.stdout}{result.stderr}")
+                log.write(f"--- {args[0]} exit={result.returncode}\n{stdout}{result.stderr}")
         if result.returncode != 0:
             raise RuntimeError(f"ibex-companion {args[0]} failed ({result.returncode}): {result.stderr.strip()}")
         return result.stdout
@@ -99,6 +103,39 @@ class Companion:
     def flush(self):
         """Publish a flush: every cache drops every directive."""
         return self.run("flush")
+
+    # -- gateway API keys (agent.source "api_key") ------------------------------
+
+    def issue_key(self, agent_id, label=None):
+        """A new gateway key for `agent_id` (created when missing), as `issue-key` printed it.
+
+        The key is returned, never logged (companion-cli.log gets its stderr,
+        which names only the key's SHA-256)."""
+        args = ["issue-key", "--agent-id", agent_id, *(["--label", label] if label is not None else [])]
+        key = self.run(*args, log_stdout=False).strip()
+        if not key:
+            raise RuntimeError("ibex-companion issue-key printed no key")
+        return key
+
+    def revoke_key(self, key_sha256=None, key=None, publish=True):
+        """Revoke a key by its SHA-256 (`--key-sha256`) or by the key itself, which
+        goes through stdin (`--key-stdin`), never argv. Returns the SHA-256 it printed."""
+        if (key_sha256 is None) == (key is None):
+            raise ValueError("give exactly one of key_sha256 and key")
+        args = ["revoke-key", *(["--key-sha256", key_sha256] if key is None else ["--key-stdin"])]
+        if not publish:
+            args.append("--no-publish")
+        return self.run(*args, stdin_text=None if key is None else key + "\n").strip()
+
+    def list_keys(self, agent_id):
+        """`list-keys`: [{key_sha256, created_at, revoked_at (None when active), label}]."""
+        lines = self.run("list-keys", "--agent-id", agent_id).splitlines()
+        columns = lines[0].split("\t")
+        rows = [dict(zip(columns, line.split("\t"))) for line in lines[1:] if line]
+        for row in rows:
+            if row.get("revoked_at") == "-":
+                row["revoked_at"] = None
+        return rows
 
 
 class _CompanionServer(PortProcess):
@@ -146,6 +183,19 @@ class Store(_CompanionServer):
         """GET /v1/agents/{agent_id}/directive as (status, body text)."""
         try:
             with urllib.request.urlopen(f"{self.url}/v1/agents/{agent_id}/directive", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def key_lookups(self, result=None):
+        """Gateway key lookups the store answered (`found`, `none` or `error`; all when None)."""
+        labels = {} if result is None else {"result": result}
+        return self.metric("ibex_store_key_lookups_total", **labels)
+
+    def key(self, key_sha256):
+        """GET /v1/keys/{key_sha256} as (status, body text)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/v1/keys/{key_sha256}", timeout=5) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode()

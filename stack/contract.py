@@ -5,6 +5,8 @@ The values are those of envoy/local.yaml and the companion's defaults: a
 test that configures another header or prefix says so itself.
 """
 
+import hashlib
+
 AGENT_HEADER = "x-agent-id"
 """Request header naming the agent (filter `agent.header`)."""
 
@@ -38,3 +40,37 @@ def redis_key(agent):
 def updates_channel(agent):
     """The pub/sub channel of an agent's updates."""
     return UPDATES_CHANNEL + agent
+
+
+# -- gateway API keys (agent.source "api_key", SPEC §3.1) ----------------------
+
+KEY_HEADER = "authorization"
+"""Default header of the gateway key (filter `agent.api_key.header`): `Bearer <key>`."""
+
+AGENT_KEY_PREFIX = "agent_key:"
+"""Redis key prefix of key-to-agent entries: `agent_key:{sha256hex}` (fixed, not configurable)."""
+
+KEY_UPDATES_CHANNEL = "ibex:agent_key:updates:"
+"""Prefix of the pub/sub channel `revoke-key` publishes (the key's SHA-256 follows)."""
+
+INVALIDATE_KEY_PATH = INVALIDATE_PATH + "/key"
+"""Control listener path: POST it + `/{sha256hex}` to drop one key's L1 entry."""
+
+STORE_KEYS_PATH = "/v1/keys"
+"""Store path: GET it + `/{sha256hex}` for the agent of an active key."""
+
+
+def key_sha256(key):
+    """The SHA-256 of a gateway key's exact bytes, in lower-case hex: the only form
+    anything stores, caches, publishes or logs."""
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).hexdigest()
+
+
+def agent_key_redis_key(sha256_hex):
+    """The Redis key of a gateway key's entry."""
+    return AGENT_KEY_PREFIX + sha256_hex
+
+
+def key_updates_channel(sha256_hex):
+    """The pub/sub channel of a gateway key's updates."""
+    return KEY_UPDATES_CHANNEL + sha256_hex

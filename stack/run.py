@@ -5,6 +5,10 @@ Webdis, the companion store and subscriber, the echo upstream and Envoy with
 the filter; applies migrations; gives a demo agent a directive; writes
 .run/env; prints a curl to try; stops everything on Ctrl-C or SIGTERM.
 
+Envoy runs envoy/local.yaml (agent.source "header"), or the config named by
+IBEX_ENVOY_CONFIG, e.g. one of envoy/examples/ (api_key.yaml, jwt.yaml,
+header.yaml); the hint it prints fits that config's agent source.
+
 The control listener's bearer token is .run/control-token (mode 0600), made
 on the first run and kept: Envoy's config and the subscriber get it, nothing
 prints it.
@@ -19,9 +23,11 @@ import secrets
 import signal
 import sys
 import time
+from pathlib import Path
 
 from stack import paths
 from stack.contract import AGENT_HEADER
+from stack.envoy import DATA_LISTENER, filter_json, listener, load_template
 from stack.ports import port_is_free
 from stack.process import StartError, wait_for_pid_exit
 from stack.procfs import cmdline
@@ -66,6 +72,15 @@ PROCESS_MARKERS = {
 }
 
 
+EXAMPLES_DIR = paths.ENVOY_DIR / "examples"
+DEMO_PROVIDER_KEY = "sk-demo-provider-key"
+"""What Envoy puts in `authorization` for the upstream with envoy/examples/api_key.yaml
+when IBEX_PROVIDER_API_KEY is not set: the echo upstream shows it in place of the
+client's gateway key."""
+COMPANION_CLI = "target/release/ibex-companion"
+CHAT_BODY = """'{"model":"demo","messages":[{"role":"user","content":"hello"}]}'"""
+
+
 def say(message):
     print(f"[make run] {message}", flush=True)
 
@@ -76,6 +91,31 @@ def choose_ports():
     if os.environ.get("IBEX_PORT"):
         ports["data"] = int(os.environ["IBEX_PORT"])
     return ports
+
+
+def envoy_template():
+    """The Envoy config to run: IBEX_ENVOY_CONFIG (relative to here or to the
+    repository), else envoy/local.yaml."""
+    given = os.environ.get("IBEX_ENVOY_CONFIG")
+    if not given:
+        return paths.LOCAL_ENVOY_CONFIG
+    for candidate in (Path(given), paths.REPO / given):
+        if candidate.is_file():
+            return candidate.resolve()
+    sys.exit(f"[make run] IBEX_ENVOY_CONFIG={given}: no such file (try one of {relative(EXAMPLES_DIR)}/*.yaml)")
+
+
+def relative(path):
+    """`path` relative to the repository when it is inside it."""
+    try:
+        return Path(path).resolve().relative_to(paths.REPO)
+    except ValueError:
+        return Path(path)
+
+
+def agent_source(template):
+    """The data listener's agent.source in `template` ("header" when not set)."""
+    return filter_json(listener(load_template(template), DATA_LISTENER)).get("agent", {}).get("source", "header")
 
 
 def busy_ports(ports):
@@ -164,7 +204,58 @@ def write_env_file(stack):
     ENV_FILE.write_text("\n".join(lines) + "\n")
 
 
-def banner(stack, seconds):
+def try_it(source, template):
+    """How to send a first request with the config's agent source, and where the others are."""
+    chat = "curl -s $IBEX_GATEWAY_URL/v1/chat/completions -H 'content-type: application/json'"
+    received = "curl -s $IBEX_UPSTREAM_URL/_demo/received   # what the model got, byte for byte"
+    others = f"""
+Other agent sources (SPEC 3.1): run an example config instead of envoy/local.yaml,
+  IBEX_ENVOY_CONFIG={relative(EXAMPLES_DIR / "api_key.yaml")} make run   gateway keys (ibex-companion issue-key)
+  IBEX_ENVOY_CONFIG={relative(EXAMPLES_DIR / "jwt.yaml")} make run       JWTs of your identity provider
+                                                             (its issuer and JWKS in a copy first)
+"""
+    default = (f"Without IBEX_ENVOY_CONFIG, make run runs {relative(paths.LOCAL_ENVOY_CONFIG)}: "
+               f"the agent in {AGENT_HEADER}.\n")
+    if source == "api_key":
+        provider = "from your environment" if os.environ.get("IBEX_PROVIDER_API_KEY") else DEMO_PROVIDER_KEY
+        return f"""Try it (agent.source "api_key", {relative(template)}):
+
+  . .run/env
+  KEY=$({COMPANION_CLI} issue-key --agent-id $IBEX_DEMO_AGENT_ID --label demo)   # shown once, SHA-256 kept
+  {chat} -H "authorization: Bearer $KEY" -d {CHAT_BODY}
+  {received}
+  {COMPANION_CLI} list-keys --agent-id $IBEX_DEMO_AGENT_ID
+  echo "$KEY" | {COMPANION_CLI} revoke-key --key-stdin   # the next request with $KEY gets 401 invalid_api_key
+
+The upstream gets neither the gateway key nor an agent header: Envoy puts the provider's
+key in their place (IBEX_PROVIDER_API_KEY: {provider}).
+A request without a key gets 401 missing_agent_id, an unknown or revoked key 401 invalid_api_key.
+The OpenAI SDKs send their api_key this way: api_key=$KEY, base_url=$IBEX_GATEWAY_URL/v1.
+{default}"""
+    if source == "jwt":
+        return f"""Try it (agent.source "jwt", {relative(template)}):
+
+  . .run/env
+  {chat} -H "authorization: Bearer $TOKEN" -d {CHAT_BODY}
+  {received}
+
+$TOKEN is a JWT that Envoy's jwt_authn verifies against the JWKS, issuer and audience in
+{relative(template)}, with the agent's id in its agent_id claim (here $IBEX_DEMO_AGENT_ID).
+The committed example's key pair has no private half: copy it, put your identity
+provider's issuer and JWKS in it, and run the copy. A token without the claim gets 401
+missing_agent_id; no valid token, 401 from jwt_authn.
+{default}"""
+    return f"""Try it:
+
+  . .run/env
+  {chat} -H "{AGENT_HEADER}: $IBEX_DEMO_AGENT_ID" -d {CHAT_BODY}
+  {received}
+
+A request without {AGENT_HEADER} gets 401 missing_agent_id (agent.missing "reject").
+{others}"""
+
+
+def banner(stack, seconds, template):
     """What a person needs to use the running stack."""
     return f"""
 ibex-directive is up in {seconds:.1f}s (Ctrl-C stops everything)
@@ -176,16 +267,11 @@ ibex-directive is up in {seconds:.1f}s (Ctrl-C stops everything)
   echo upstream  {stack.upstream.url}   (GET /_demo/received shows what the model got)
   postgres       {stack.postgres.url}
   redis          {stack.redis.url}
+  envoy config   {relative(template)}
   logs           {LOG_DIR}/
   environment    {ENV_FILE}
 
-Try it:
-
-  . .run/env
-  curl -s $IBEX_GATEWAY_URL/v1/chat/completions -H "{AGENT_HEADER}: $IBEX_DEMO_AGENT_ID" -H 'content-type: application/json' -d '{{"model":"demo","messages":[{{"role":"user","content":"hello"}}]}}'
-
-A request without {AGENT_HEADER} gets 401 missing_agent_id (agent.missing "reject").
-"""
+{try_it(agent_source(template), template)}"""
 
 
 def wait_for_stop(stack):
@@ -216,8 +302,11 @@ def main():
     envoy_env = {}
     if os.environ.get("IBEX_DIRECTIVE_CACHE_TTL"):
         envoy_env["IBEX_DIRECTIVE_CACHE_TTL"] = os.environ["IBEX_DIRECTIVE_CACHE_TTL"]
+    # examples/api_key.yaml sends the upstream this instead of the client's gateway key
+    envoy_env["IBEX_PROVIDER_API_KEY"] = os.environ.get("IBEX_PROVIDER_API_KEY") or DEMO_PROVIDER_KEY
+    template = envoy_template()
     stack = Stack(RUN_DIR, ports=ports, pg_dir=RUN_DIR / "pg", fast_pg=False, pid_dir=PID_DIR, log_dir=LOG_DIR,
-                  envoy_env=envoy_env, concurrency=2, control_token=control_token())
+                  envoy_env=envoy_env, concurrency=2, control_token=control_token(), envoy_template=template)
     started = time.monotonic()
     code = 0
     try:
@@ -226,7 +315,7 @@ def main():
             stack.start(name)
         ensure_demo_agent(stack)
         write_env_file(stack)
-        print(banner(stack, time.monotonic() - started), flush=True)
+        print(banner(stack, time.monotonic() - started, template), flush=True)
         reason = wait_for_stop(stack)
         say(f"stopping: {reason}")
         code = 0 if reason in ("SIGINT", "SIGTERM") else 1

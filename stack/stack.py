@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 
 from stack.companion import PATIENT_STORE_ENV, Companion, Store, Subscriber
-from stack.envoy import DEBUG_FILTER_CONFIG, PATIENT_FILTER_CONFIG, Envoy, merge
+from stack.envoy import DEBUG_FILTER_CONFIG, PATIENT_FILTER_CONFIG, REMOVE, Envoy, merge
 from stack.ports import free_port, wait_until
 from stack.postgres import Postgres
 from stack.redis import Redis, Webdis
@@ -61,6 +61,9 @@ class Stack:
                      default a new random one for this stack (make run passes its own)
     http_filters_before  Envoy HTTP filters put before the wasm filter on the data listener
                      (test_jwt: jwt_authn); default none
+    envoy_template   the Envoy config the harness rewrites for the stack (stack/envoy.py);
+                     default envoy/local.yaml (test_api_key and `make run` also run the
+                     examples in envoy/examples/)
     """
 
     PORT_NAMES = PORT_NAMES
@@ -68,7 +71,7 @@ class Stack:
     def __init__(self, directory, *, ports=None, filter_config=None, control_config=None, envoy_env=None,
                  parts=ORDER, pg_dir=None, fast_pg=True, pid_dir=None, log_dir=None, concurrency=2,
                  log_levels=None, patient=False, debug_headers=False, control_token=None,
-                 http_filters_before=None):
+                 http_filters_before=None, envoy_template=None):
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = allocate_ports(ports, self.PORT_NAMES)
@@ -93,6 +96,7 @@ class Stack:
             "log_level": levels["envoy"],
             "cluster_ports": {},
             "http_filters_before": list(http_filters_before or []),
+            "template": envoy_template,
         }
         self.filter_defaults = merge(PATIENT_FILTER_CONFIG if patient else {},
                                      DEBUG_FILTER_CONFIG if debug_headers else {})
@@ -107,7 +111,7 @@ class Stack:
     # -- lifecycle --------------------------------------------------------------
 
     def _make_envoy(self, filter_config, control_config, env, concurrency, log_level, cluster_ports=None,
-                    http_filters_before=None):
+                    http_filters_before=None, template=None):
         """An Envoy wired to this stack's ports with the given settings (not started)."""
         p = self.ports
         return Envoy(self.dir / "envoy", data_port=p["data"], control_port=p["control"],
@@ -116,7 +120,7 @@ class Stack:
                      control_config=control_config, control_token=self.control_token,
                      env=env, concurrency=concurrency, log_level=log_level, pid_dir=self.pid_dir,
                      log_dir=self.log_dir, cluster_ports=cluster_ports,
-                     http_filters_before=http_filters_before)
+                     http_filters_before=http_filters_before, template=template)
 
     def part(self, name):
         """The process object of part `name`."""
@@ -156,7 +160,7 @@ class Stack:
             raise RuntimeError("stopping the stack: " + "; ".join(errors))
 
     def restart_envoy(self, *, filter_config=None, control_config=None, env=None, log_level=None,
-                      cluster_ports=None, concurrency=None, http_filters_before=None):
+                      cluster_ports=None, concurrency=None, http_filters_before=None, template=None):
         """Replace Envoy by one with other settings (same ports); returns the new Envoy.
 
         Settings not given keep their current value; `filter_config` replaces
@@ -165,12 +169,17 @@ class Stack:
         e.g. {"ibex_redis": port}) points clusters away from the stack's own
         parts; `{}` points them back. `concurrency` sets Envoy's worker count.
         `http_filters_before` replaces the filters put before ours (`[]`: none).
+        `template` runs another Envoy config (e.g. envoy/examples/api_key.yaml);
+        `REMOVE` (stack/envoy.py) goes back to envoy/local.yaml.
         """
         settings = dict(self.envoy_settings)
         for key, value in (("filter_config", filter_config), ("control_config", control_config),
                            ("env", env), ("log_level", log_level), ("cluster_ports", cluster_ports),
-                           ("concurrency", concurrency), ("http_filters_before", http_filters_before)):
-            if value is not None:
+                           ("concurrency", concurrency), ("http_filters_before", http_filters_before),
+                           ("template", template)):
+            if value is REMOVE and key == "template":
+                settings[key] = None
+            elif value is not None:
                 settings[key] = value
         self.envoy.stop()
         self.envoy_settings = settings
@@ -210,6 +219,21 @@ class Stack:
     def flush(self):
         """Publish a flush of every cache (waits like set_directive)."""
         return self._published(self.companion.flush, True)
+
+    def issue_key(self, agent_id, label=None):
+        """A new gateway key for `agent_id` through the real companion CLI (`issue-key`).
+
+        Returns the key itself: keep it in the test, never in a log. Nothing is
+        published (no cache can hold a key that did not exist)."""
+        return self.companion.issue_key(agent_id, label=label)
+
+    def revoke_key(self, key_sha256=None, key=None, publish=True):
+        """Revoke a gateway key through the real companion CLI, by its SHA-256 or by the
+        key itself (sent on stdin); returns the SHA-256. Waits like set_directive: with
+        a running subscriber and Envoy, returns once the subscriber dropped the key's
+        Redis entry and every Envoy acknowledged the key's invalidation."""
+        return self._published(lambda: self.companion.revoke_key(key_sha256=key_sha256, key=key, publish=publish),
+                               publish)
 
     def _published(self, action, publish):
         """Run a companion command; when it publishes, wait for the subscriber to settle it."""

@@ -130,21 +130,36 @@ def _worker_that_grew(before, stack):
     return grown or None
 
 
-def requests_on_every_worker(stack, path, body, agent, at_least=10, per_worker=2, limit=200):
+def requests_on_every_worker(stack, path, body, agent, at_least=10, per_worker=2, limit=200, headers=None,
+                             method="POST"):
     """Send the request on a fresh connection (`Connection: close`), one at a time,
     until at least `at_least` went out and every Envoy worker took `per_worker`.
 
     Yields (worker index, requests.Response) after each request, before the
     next one goes out, so the caller can look at what the upstream received.
     The kernel spreads connections over the workers; `limit` bounds the tries.
+    `headers` go with every request (test_api_key: the gateway key; `agent` None).
     """
     served = {}
     sent = 0
     while sent < at_least or len(served) < stack.envoy.concurrency or min(served.values()) < per_worker:
         assert sent < limit, f"{limit} connections did not reach every worker: {served}"
         before = connections_by_worker(stack)
-        response = send(stack, path, body, agent=agent, headers={"connection": "close"})
+        response = send(stack, path, body, agent=agent, headers={**(headers or {}), "connection": "close"},
+                        method=method)
         [worker] = wait_until(lambda: _worker_that_grew(before, stack), what="Envoy to count the connection")
         served[worker] = served.get(worker, 0) + 1
         sent += 1
         yield worker, response
+
+
+def bearer(key):
+    """The `authorization` header of a gateway (or provider) key."""
+    return {"authorization": f"Bearer {key}"}
+
+
+def agent_with_key(stack, directive, label=None):
+    """A brand-new agent whose directive is `directive` (Postgres only, like agent_with)
+    and a gateway key issued for it: (agent, key)."""
+    agent = agent_with(stack, directive)
+    return agent, stack.issue_key(agent, label=label)

@@ -8,6 +8,10 @@ or, but for Envoy's own debug log (it prints its configuration), the control
 token the subscriber presented for the invalidation. The stack runs the
 committed debug_headers (off).
 
+The same holds for gateway API keys (agent.source "api_key", on a stack of its own):
+no log holds a key, only its SHA-256, but for Envoy's own dump of the client's
+request headers at debug level.
+
 The logs are read only once every part has stopped, so that each has written
 out all it had (Envoy buffers its log file; the harness also has it flushed
 every 100 ms): Envoy's log must hold its server's last line, `exiting`.
@@ -16,9 +20,13 @@ every 100 ms): Envoy's log must hold its server's last line, `exiting`.
 import re
 import uuid
 
-from helpers import CHAT, MESSAGES, RESPONSES, agent_with, chat_body, new_agent, send
-from stack import wait_until
-from stack.contract import AGENT_HEADER, TIER_HEADER, redis_key
+import requests
+
+from helpers import CHAT, MESSAGES, RESPONSES, agent_with, bearer, chat_body, new_agent, send
+from stack import Stack, wait_until
+from stack.contract import (AGENT_HEADER, FLUSH_MARKER, INVALIDATE_KEY_PATH, TIER_HEADER, agent_key_redis_key,
+                            key_sha256, redis_key)
+from stack.envoy import merge
 
 LOG_LEVELS = {"envoy": "debug", "companion": "debug", "webdis": 8}
 DEBUG_HEADERS = False  # as committed
@@ -77,3 +85,106 @@ def test_directive_text_is_in_no_log(stack, upstream):
     assert SHUTDOWN.search(envoy_log), "Envoy's log was read before Envoy wrote its end"
     webdis_log = next(path for path in logs if path.name == "webdis-server.log").read_text()
     assert "/PING" in webdis_log
+
+
+# -- gateway API keys (agent.source "api_key") ------------------------------------
+
+API_KEY_CONFIG = {"agent": {"source": "api_key", "api_key": {"header": "authorization"}}}
+ENVOY_ENTRY = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:.]+\]\[\d+\]\[(\w+)\]\[([\w.]+)\] (.*)$")
+
+
+def envoy_entries(text):
+    """Envoy's log as [(level, component, whole entry)]: an entry is its first line
+    plus the lines that follow it without a timestamp (header dumps)."""
+    entries = []
+    for line in text.splitlines():
+        match = ENVOY_ENTRY.match(line)
+        if match:
+            entries.append([match.group(1), match.group(2), line])
+        elif entries:
+            entries[-1][2] += "\n" + line
+    return [tuple(entry) for entry in entries]
+
+
+def test_api_key_text_is_in_no_log(tmp_path):
+    """A gateway key goes through every path (issue-key, L3, write back, L2, L1, an
+    unknown and malformed keys, x-api-key, revoke-key by hash and on stdin, the
+    subscriber's invalidation) and no log holds it; its SHA-256 may show.
+
+    Envoy's own debug log prints the request headers as the client sent them (README,
+    Threat model: never run Envoy at debug in production), so there, and only there,
+    the key may show: in Envoy's `request headers complete` dumps. Never in a line of
+    the filter, nor in the headers the router sends upstream (`router decoding headers`)."""
+    with Stack(tmp_path / "stack", filter_config=API_KEY_CONFIG, log_levels=LOG_LEVELS, patient=True,
+               debug_headers=DEBUG_HEADERS) as stack:
+        # The subscriber's first flush leaves markers that hold back write-backs for 10 s.
+        stack.redis.command_call("DEL", FLUSH_MARKER, agent_key_redis_key("__flush__"))
+        agent = agent_with(stack, DIRECTIVE)
+        key = stack.issue_key(agent, label="privacy")
+        stdin_key = stack.issue_key(agent)
+        header_key = stack.issue_key(agent)
+        unknown = "ibex_unknown" + uuid.uuid4().hex
+        keys = [key, stdin_key, header_key, unknown]
+        digest = key_sha256(key)
+
+        # L3 → write back → L1, then L2 after the key's L1 entry is invalidated
+        assert send(stack, CHAT, chat_body(), headers=bearer(key)).status_code == 200
+        wait_until(lambda: stack.redis.get(agent_key_redis_key(digest)) is not None, what="the key's L2 write-back")
+        assert send(stack, CHAT, chat_body(), headers=bearer(key)).status_code == 200
+        assert requests.post(f"{stack.envoy.control_url}{INVALIDATE_KEY_PATH}/{digest}",
+                             headers=stack.control_headers(), timeout=10).status_code == 204
+        assert send(stack, CHAT, chat_body(), headers=bearer(key)).status_code == 200
+        assert stack.envoy.counter("key_l2_hit") == 1
+        assert CANARY in stack.upstream.last().text  # the key did resolve to its agent
+        assert send(stack, "/v1/models", None, headers=bearer(key), method="GET").status_code == 200
+        # unknown (store, then L1 negative) and malformed keys, every refusal
+        for _ in range(2):
+            assert send(stack, CHAT, chat_body(), headers=bearer(unknown)).status_code == 401
+        for value in (f"Basic {key}", key, f"Bearer {key} junk", f"Bearer {key}\xe9", "Bearer " + key * 11):
+            assert send(stack, CHAT, chat_body(), headers={"authorization": value}).status_code == 401
+        # the key in x-api-key
+        stack.restart_envoy(filter_config=merge(API_KEY_CONFIG, {"agent": {"api_key": {"header": "x-api-key"}}}))
+        assert send(stack, CHAT, chat_body(), headers={"x-api-key": header_key}).status_code == 200
+        assert send(stack, CHAT, chat_body(), headers={"x-api-key": f"{header_key} x"}).status_code == 401
+        stack.restart_envoy(filter_config=API_KEY_CONFIG)
+        # revocations through the subscriber, by hash and by the key on stdin
+        assert send(stack, CHAT, chat_body(), headers=bearer(stdin_key)).status_code == 200
+        stack.revoke_key(key_sha256=digest)
+        stack.revoke_key(key=stdin_key)
+        for revoked in (key, stdin_key):
+            assert send(stack, CHAT, chat_body(), headers=bearer(revoked)).status_code == 401
+        stack.store.key(digest)
+        stack.companion.list_keys(agent)
+        assert stack.subscriber.metric("ibex_subscribe_invalidations_sent_total") >= 2
+        assert stack.subscriber.metric("ibex_subscribe_invalidation_failures_total") == 0
+        for received in stack.upstream.received():
+            for name, value in received.header_pairs:
+                assert not any(k in value for k in keys), f"a gateway key reached the upstream in {name}"
+
+        stack.stop()  # every part writes out its last lines before the logs are read
+        logs = stack.log_files()
+
+    names = {path.name for path in logs}
+    assert {"envoy.log", "webdis-server.log", "companion-cli.log"} <= names, names
+    for path in logs:
+        text = path.read_text(errors="replace")
+        assert CANARY not in text, f"directive text logged in {path}"
+        if path.name != "envoy.log":
+            for k in keys:
+                assert k not in text, f"a gateway key logged in {path}"
+            continue
+        assert "[debug]" in text and SHUTDOWN.search(text)
+        dumps = 0
+        for level, component, entry in envoy_entries(text):
+            if not any(k in entry for k in keys):
+                continue
+            first_line = entry.split("\n", 1)[0]
+            assert component == "http" and "request headers complete" in first_line, (
+                f"a gateway key in Envoy's log outside its dump of the client's headers: {first_line}")
+            dumps += 1
+        assert dumps, "Envoy's debug log did not dump request headers: the check above proved nothing"
+        assert "router decoding headers" in text, "Envoy's debug log did not dump the upstream's headers"
+    # the debug logs did record the key's paths, by hash
+    store_log = "\n".join(path.read_text() for path in logs if path.parent.name == "store")
+    assert digest in store_log, "the store's debug log has no key lookup"
+    assert f"key_sha256={digest}" in (tmp_path / "stack" / "companion-cli.log").read_text()
