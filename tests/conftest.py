@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from stack import Stack  # noqa: E402
-from stack.contract import FLUSH_MARKER  # noqa: E402
+from stack.contract import FLUSH_MARKER, agent_key_redis_key  # noqa: E402
 from stack.stack import ORDER  # noqa: E402
 
 _STACK_DIRS = {}
@@ -54,17 +54,19 @@ def stack(tmp_path_factory, request):
 
 @pytest.fixture(autouse=True)
 def no_flush_marker(request):
-    """Drop the subscriber's flush marker before each test that has a stack.
+    """Drop the subscriber's flush markers before each test that has a stack.
 
     After a full flush (the subscriber does one each time it connects, and
-    test_flush publishes one) the companion keeps FLUSH_MARKER for
-    10 s, and while it exists the filter skips every L2 write-back. The tests
+    test_flush publishes one) the companion keeps FLUSH_MARKER (and
+    `agent_key:__flush__` for gateway keys) for 10 s, and while they exist the filter
+    skips every L2 write-back. The tests
     use brand-new agents that no cache has seen, so the marker guards nothing
     for them; left in place it would make write-back checks wait out a timer.
     test_invalidation checks the marker's effect itself.
     """
     if "stack" in request.fixturenames:
-        request.getfixturevalue("stack").redis.command_call("DEL", FLUSH_MARKER)
+        redis = request.getfixturevalue("stack").redis
+        redis.command_call("DEL", FLUSH_MARKER, agent_key_redis_key("__flush__"))
 
 
 @pytest.fixture()

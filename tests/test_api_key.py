@@ -29,22 +29,11 @@ from stack.rawhttp import exchange, request_bytes
 
 CLIENT_HEADER = "x-caller-agent"
 FILTER_CONFIG = {"agent": {"source": "api_key", "header": CLIENT_HEADER, "api_key": {"header": "authorization"}}}
-KEY_FLUSH_MARKER = agent_key_redis_key("__flush__")
 EXAMPLE = paths.ENVOY_DIR / "examples" / "api_key.yaml"
 PROVIDER_KEY = "sk-provider-" + secrets.token_hex(8)
 
 KEY_LOOKUPS = ("key_l1_hit", "key_l1_miss", "key_l2_hit", "key_l2_miss", "key_l3_hit", "key_l3_none")
 DIRECTIVE_LOOKUPS = ("l1_hit", "l1_miss", "l2_hit", "l2_miss", "l2_error", "l3_hit", "l3_none", "l3_error")
-
-
-@pytest.fixture(autouse=True)
-def no_key_flush_marker(stack):
-    """Drop the subscriber's key flush marker, as conftest drops the directive one.
-
-    Each subscriber (re)connect flushes every cache and keeps `agent_key:__flush__`
-    for 10 s, during which the filter writes no key entry back to Redis. Tests use
-    brand-new keys, which no cache has seen; the marker guards nothing for them."""
-    stack.redis.command_call("DEL", KEY_FLUSH_MARKER)
 
 
 def unknown_key():
