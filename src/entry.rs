@@ -21,6 +21,9 @@
 //!
 //! Gateway keys (`agent.source = "api_key"`) have entries of their own under
 //! [`KEY_ENTRY_PREFIX`] + the key's SHA-256 in hex; the key itself is never stored.
+//! Only keys that named an agent get one (kind 3, or the placeholder that anchored
+//! their fill): the filter never writes kind 4, which older entries may still hold
+//! and which reads as "no such key".
 
 use ibex_wire::Redacted;
 

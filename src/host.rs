@@ -81,6 +81,10 @@ pub mod fake {
         pub fn get(&self, key: &str) -> Option<Vec<u8>> {
             self.0.borrow().entries.get(key).map(|(v, _)| v.clone())
         }
+        /// Every key, in no particular order.
+        pub fn keys(&self) -> Vec<String> {
+            self.0.borrow().entries.keys().cloned().collect()
+        }
     }
 
     /// What the host knows of one request context.

@@ -51,7 +51,7 @@ counters! {
     L2BreakerClose => "l2_breaker_close", "L2 circuit breaker closed (a probe succeeded).";
     L3BreakerOpen => "l3_breaker_open", "L3 circuit breaker opened.";
     L3BreakerClose => "l3_breaker_close", "L3 circuit breaker closed.";
-    KeyL1Hit => "key_l1_hit", "api_key source: the key's agent was answered from shared data.";
+    KeyL1Hit => "key_l1_hit", "api_key source: the key was answered locally (its shared-data entry, or this worker's memory of unknown keys).";
     KeyL1Miss => "key_l1_miss", "api_key source: shared data had no fresh entry for the key.";
     KeyL2Hit => "key_l2_hit", "api_key source: Redis answered for the key.";
     KeyL2Miss => "key_l2_miss", "api_key source: Redis had no entry for the key.";

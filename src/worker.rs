@@ -110,9 +110,12 @@ pub struct Anchor {
 
 impl Anchor {
     /// Whether a request that found the key at `now` may share this fill's answer:
-    /// nothing invalidated the agent since the fill started.
-    fn admits(&self, now: &Anchor) -> bool {
-        self.cas.is_some() && self == now
+    /// nothing invalidated the agent since the fill started. An unanchored fill
+    /// (`provisional`, below) is shared only by requests that found the key exactly
+    /// as it did, absent included: an invalidation always writes the key, so it
+    /// always changes what a later request finds.
+    fn admits(&self, now: &Anchor, provisional: bool) -> bool {
+        (self.cas.is_some() || provisional) && self == now
     }
 }
 
@@ -128,6 +131,14 @@ pub struct Fill {
     pub anchor: Anchor,
     /// Expired entry to fall back on.
     pub stale: Option<Stale>,
+    /// A gateway key's first look, unanchored: nothing is written to L1 for it, so
+    /// keys nobody issued leave nothing behind in shared data (which cannot be
+    /// deleted). A "no such key" answer ends it; an agent's answer is asked again
+    /// under an anchor before anything is cached or served (`fill` explains why).
+    pub provisional: bool,
+    /// The anchored second look after a provisional one (its answers are not
+    /// counted again).
+    pub confirming: bool,
     /// Requests waiting for the answer, the one that started the fill included.
     pub participants: Vec<Participant>,
 }
@@ -209,9 +220,18 @@ pub struct Worker {
     /// Tokens of L2 write-backs in flight, to count how they end.
     writes: HashSet<u32>,
     delivered: HashMap<u32, Delivered>,
+    /// Gateway keys known to be unknown or revoked: until when, and the global
+    /// generation of the answer. Kept per worker, in the VM, and bounded, because
+    /// anyone can present any number of made-up keys; shared data would keep every
+    /// one of them for the life of the process.
+    unknown_keys: HashMap<KeyHash, (u64, u64)>,
     redis: Breaker,
     store: Breaker,
 }
+
+/// Most unknown keys a worker remembers; beyond that it forgets the expired ones,
+/// or all of them (they are only a cache: Redis keeps them for the negative TTL too).
+pub const MAX_UNKNOWN_KEYS: usize = 4096;
 
 impl Worker {
     /// The breaker of `tier`.
@@ -229,7 +249,7 @@ impl Worker {
             return Err(p);
         };
         match self.fills.get_mut(&id) {
-            Some(slot) if slot.fill.anchor.admits(now) => {
+            Some(slot) if slot.fill.anchor.admits(now, slot.fill.provisional) => {
                 slot.fill.participants.push(p);
                 Ok(id)
             }
@@ -313,6 +333,15 @@ impl Worker {
         }
     }
 
+    /// Whether request `ctx`, waiting for fill `id`, will have a directive spliced
+    /// into its body (its body is then held to `inject.max_body_bytes`).
+    pub fn splices(&self, id: FillId, ctx: u32) -> bool {
+        self.fills
+            .get(&id)
+            .and_then(|s| s.fill.participants.iter().find(|p| p.id == ctx))
+            .map_or(true, |p| matches!(p.then, Then::Inject(_)))
+    }
+
     /// Records how much body request `ctx` has while it waits for fill `id`; false if
     /// the fill does not know the request (any more).
     pub fn note_body(&mut self, id: FillId, ctx: u32, body: BodySeen) -> bool {
@@ -331,6 +360,37 @@ impl Worker {
     /// What a finished fill left for request `ctx`, if anything.
     pub fn take_delivered(&mut self, ctx: u32) -> Option<Delivered> {
         self.delivered.remove(&ctx)
+    }
+
+    /// Remembers that `key` is unknown or revoked until `until_ms`, as of generation
+    /// `generation`.
+    pub fn remember_unknown_key(
+        &mut self,
+        key: KeyHash,
+        until_ms: u64,
+        generation: u64,
+        now_ms: u64,
+    ) {
+        if self.unknown_keys.len() >= MAX_UNKNOWN_KEYS {
+            self.unknown_keys.retain(|_, (until, _)| *until > now_ms);
+            if self.unknown_keys.len() >= MAX_UNKNOWN_KEYS {
+                self.unknown_keys.clear();
+            }
+        }
+        self.unknown_keys.insert(key, (until_ms, generation));
+    }
+
+    /// Whether `key` is known to be unknown or revoked at `now_ms`, under global
+    /// generation `generation` (a flush forgets every earlier answer).
+    pub fn is_unknown_key(&self, key: &KeyHash, now_ms: u64, generation: u64) -> bool {
+        self.unknown_keys
+            .get(key)
+            .is_some_and(|(until, g)| now_ms < *until && *g >= generation)
+    }
+
+    /// How many unknown keys the worker remembers.
+    pub fn unknown_key_count(&self) -> usize {
+        self.unknown_keys.len()
     }
 
     /// Queues an L2 write-back for the root context.
@@ -416,6 +476,8 @@ mod tests {
             key: format!("ibex:d:{AGENT}"),
             anchor: Anchor { cas, generation: 0 },
             stale: None,
+            provisional: false,
+            confirming: false,
             participants: participants
                 .iter()
                 .map(|&id| Participant {

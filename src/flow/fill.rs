@@ -13,6 +13,21 @@
 //! Unknowable ─► Done(stale, if still inside its window | 503 closed | forward open)
 //! ```
 //!
+//! **Gateway keys** (`agent.source = "api_key"`) are fills of another [`Subject`],
+//! through the same steps, with three differences, all because anyone can present
+//! any key:
+//! - a key L1 has no entry for is first looked up *provisionally*: unanchored, so
+//!   a made-up key leaves nothing in shared data (which cannot be deleted). When
+//!   that look names an agent, the fill is anchored and asks the same tier again
+//!   (`Confirm`), and only the second answer is cached and served; a key L1 has an
+//!   entry for (expired, or a tombstone) is anchored on it and looked up once;
+//! - "no such key" is never written to L1: the worker remembers it (bounded) and
+//!   Redis keeps it for the negative TTL;
+//! - no stale answer and no fail-open: an unknowable key is 503.
+//!
+//! A key's answer moves its requests on to their agent's directive (`finish`),
+//! from the context the callback runs in.
+//!
 //! While a callout is in flight the fill is registered with the worker under its
 //! token; its answer takes it out again and moves it on. An answer from L2 or L3 is
 //! written to L1 under the fill's anchor; an L3 answer that L1 accepted is queued as
@@ -41,6 +56,9 @@ enum Step {
     Ask(Tier),
     /// L2 and L3 both failed.
     Unknowable,
+    /// A provisional key fill's answer named an agent: anchor it and ask this tier
+    /// (the one that answered) again.
+    Confirm(Tier),
     /// The outcome is decided; `Source` is who decided it.
     Done(Outcome, Source),
 }
@@ -99,6 +117,29 @@ fn resolve_for<H: Host>(
         }
         Lookup::Miss { anchor, stale } => (anchor, stale),
     };
+    // A key is an identity: no stale answer for it (a key revoked while the
+    // subscriber was away must not be served for the stale window), and keys
+    // nobody issued are remembered by this worker, not in shared data. A key L1
+    // has never seen is looked up without an anchor (which would be a new
+    // shared-data entry, for ever); a key it has an entry for (expired, or a
+    // tombstone) is anchored on that entry, which costs nothing.
+    let (stale, provisional) = match &subject {
+        Subject::Directive(_) => (stale, false),
+        Subject::Key(hash) => {
+            let unknown = ctx
+                .worker
+                .borrow()
+                .is_unknown_key(hash, host.now_ms(), found.generation);
+            if unknown {
+                for _ in &participants {
+                    host.count(counters.l1_hit);
+                }
+                let outcome = Outcome::Known(Known::NoAgent);
+                return finish(&subject, participants, outcome, Source::Local, ctx);
+            }
+            (None, found.cas.is_none())
+        }
+    };
     let mut own = None;
     let mut starting = Vec::new();
     for p in participants {
@@ -119,11 +160,20 @@ fn resolve_for<H: Host>(
         return own;
     }
     let ids: Vec<u32> = starting.iter().map(|p| p.id).collect();
+    // A provisional fill writes nothing to L1, not even the placeholder that
+    // anchors a fill: it is anchored once its answer names an agent (`Confirm`).
+    let anchor = if provisional {
+        found
+    } else {
+        l1::anchor(host, &key, found)
+    };
     let fill = Fill {
         subject,
-        anchor: l1::anchor(host, &key, found),
+        anchor,
         key,
         stale,
+        provisional,
+        confirming: false,
         participants: starting,
     };
     match drive(fill, None, Step::Ask(Tier::Redis), ctx) {
@@ -259,7 +309,7 @@ pub(super) fn ask_again<H: Host>(fill: Fill, ticket: Ticket, tier: Tier, ctx: &C
 
 /// Moves a fill through its steps until a callout is in flight or it is done.
 fn drive<H: Host>(
-    fill: Fill,
+    mut fill: Fill,
     ticket: Option<Ticket>,
     mut step: Step,
     ctx: &Ctx<'_, H>,
@@ -277,6 +327,19 @@ fn drive<H: Host>(
                 },
             },
             Step::Unknowable => unknowable(&fill, ctx),
+            Step::Confirm(tier) => {
+                // Anchored now, then asked again: a revocation that landed after the
+                // first answer was read either lands after the anchor too (its
+                // tombstone changes the CAS version, so the answer is not cached) or
+                // before it, and then the tier already says so (the subscriber
+                // tombstones Redis before it tells Envoy; Postgres changed before the
+                // publish). A Redis answer asked again that is a tombstone or a miss
+                // goes on to the store as usual.
+                fill.anchor = l1::anchor(ctx.host, &fill.key, l1::found(ctx.host, &fill.key));
+                fill.provisional = false;
+                fill.confirming = true;
+                Step::Ask(tier)
+            }
             Step::Done(outcome, source) => {
                 let Fill {
                     subject,
@@ -360,7 +423,7 @@ fn on_redis_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
     let (known, ttl) = match parsed {
         Ok(Some(found)) => found,
         Ok(None) => {
-            host.count(counters.l2_miss);
+            count(fill, counters.l2_miss, ctx);
             return Step::Ask(Tier::Store);
         }
         Err(e) => {
@@ -369,7 +432,10 @@ fn on_redis_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
             return Step::Ask(Tier::Store);
         }
     };
-    host.count(counters.l2_hit);
+    count(fill, counters.l2_hit, ctx);
+    if let Some(step) = key_answer(fill, &known, &mut None, Source::Redis, ctx) {
+        return step;
+    }
     l1::write(host, fill, &known, ttl);
     Step::Done(Outcome::Known(known), Source::Redis)
 }
@@ -415,16 +481,66 @@ fn on_store_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
             return Step::Unknowable;
         }
     };
-    host.count(match known {
+    let counter = match known {
         Known::Directive(_) | Known::Agent(_) => counters.l3_hit,
         Known::NoDirective | Known::NoAgent => counters.l3_none,
-    });
+    };
+    count(fill, counter, ctx);
+    let mut write = Some(write);
+    if let Some(step) = key_answer(fill, &known, &mut write, Source::Store, ctx) {
+        return step;
+    }
     // Redis is written only when L1 accepted the fill: a fill that an invalidation
     // overtook must not put its old answer back into L2. The root context sends it.
     if l1::write(host, fill, &known, ttl) {
-        ctx.worker.borrow_mut().queue_write(write);
+        if let Some(write) = write {
+            ctx.worker.borrow_mut().queue_write(write);
+        }
     }
     Step::Done(Outcome::Known(known), Source::Store)
+}
+
+/// Counts a tier's answer, once per fill: the confirming second look of a key
+/// fill (after `Confirm`) is not counted again.
+fn count<H: Host>(fill: &Fill, counter: Counter, ctx: &Ctx<'_, H>) {
+    if !fill.confirming {
+        ctx.host.count(counter);
+    }
+}
+
+/// What a gateway key's answer leads to before anything is written to L1:
+/// - "no such key" ends the fill, remembered by this worker (not in shared data)
+///   and, from the store, written back to Redis for the negative TTL (a wrong "no"
+///   only refuses a request, so it needs no anchor);
+/// - an agent read by a provisional fill is asked again under an anchor;
+/// - `None`: an anchored fill's agent, cached like a directive.
+fn key_answer<H: Host>(
+    fill: &Fill,
+    known: &Known,
+    write: &mut Option<tiers::Callout>,
+    source: Source,
+    ctx: &Ctx<'_, H>,
+) -> Option<Step> {
+    let Subject::Key(key) = fill.subject else {
+        return None;
+    };
+    match known {
+        Known::Agent(_) if fill.provisional => Some(Step::Confirm(match source {
+            Source::Redis => Tier::Redis,
+            _ => Tier::Store,
+        })),
+        Known::Agent(_) => None,
+        _ => {
+            let now = ctx.host.now_ms();
+            let until = now.saturating_add(ctx.config.negative_ttl_seconds.saturating_mul(1000));
+            let mut worker = ctx.worker.borrow_mut();
+            worker.remember_unknown_key(key, until, fill.anchor.generation, now);
+            if let Some(write) = write.take() {
+                worker.queue_write(write);
+            }
+            Some(Step::Done(Outcome::Known(Known::NoAgent), source))
+        }
+    }
 }
 
 /// L2 and L3 both failed: serve stale if its window is still open now (a fill can

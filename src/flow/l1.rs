@@ -58,6 +58,14 @@ pub(super) fn lookup<H: Host>(host: &H, key: &str, stale_window_ms: u64) -> Look
     }
 }
 
+/// What the key looks like now, to anchor a fill on: its CAS version and the
+/// global generation.
+pub(super) fn found<H: Host>(host: &H, key: &str) -> Anchor {
+    let generation = entry::current_generation(host);
+    let cas = host.shared_get(key).ok().and_then(|(_, cas)| cas);
+    Anchor { cas, generation }
+}
+
 /// Makes sure the key has a CAS version a fill can be checked against: a key that
 /// does not exist gets a tombstone placeholder (it reads as a miss), so an
 /// invalidation that lands while the fill runs changes its version.

@@ -302,7 +302,10 @@ fn on_body_while_waiting<H: Host>(
     end_of_stream: bool,
     ctx: &Ctx<'_, H>,
 ) -> (State, Action) {
-    if size as u64 > ctx.config.max_body_bytes {
+    // The limit is for bodies the directive goes into. A request that will only be
+    // forwarded (its key's lookup is what it waits for) is held to Envoy's own
+    // buffer limit, as it would be forwarded at once with its key cached.
+    if size as u64 > ctx.config.max_body_bytes && ctx.worker.borrow().splices(fill, ctx.id) {
         // Leave the fill (it goes on for the others), then refuse.
         ctx.worker.borrow_mut().leave(fill, ctx.id);
         return settled(deliver::refuse(Refusal::BodyTooLarge, ctx));

@@ -1088,6 +1088,21 @@ mod api_key {
         let (_, call) = w.host.last_callout();
         assert_eq!(call.path, format!("/v1/keys/{}", hex()));
         let (f, _) = w.answer(1, f, store_key(Some(AGENT)));
+        // A first look caches nothing: the key's agent is asked again, anchored.
+        let key_entry = crate::entry::key_for_api_key(&KeyHash::of(KEY.as_bytes()));
+        let (_, call) = w.host.last_callout();
+        assert_eq!(
+            call.path,
+            format!("/v1/keys/{}", hex()),
+            "the tier that answered"
+        );
+        assert!(
+            shared.get(&key_entry).is_some(),
+            "anchored for the second look"
+        );
+        let (f, _) = w.answer(1, f, store_key(Some(AGENT)));
+        let written = shared.get(&key_entry).unwrap();
+        assert_eq!(Entry::decode(&written).unwrap().kind, Kind::Agent);
         // The key is known: the directive's fill starts from the same context.
         let (_, call) = w.host.last_callout();
         assert_eq!(call.path, format!("/GET/directive:{AGENT}.raw"));
@@ -1214,8 +1229,18 @@ mod api_key {
         assert_eq!(w.host.callouts.borrow().len(), 1);
         assert_eq!(w.host.counter(Counter::Coalesced), 1);
         let (f1, _) = w.answer(1, f1, redis_hit(AGENT));
-        assert_eq!(w.host.counter(Counter::KeyL2Hit), 1);
-        assert_eq!(w.host.callouts.borrow().len(), 2, "one directive read");
+        assert_eq!(
+            w.host.callouts.borrow().len(),
+            2,
+            "the anchored second look"
+        );
+        let (f1, _) = w.answer(1, f1, redis_hit(AGENT));
+        assert_eq!(
+            w.host.counter(Counter::KeyL2Hit),
+            1,
+            "counted once per fill"
+        );
+        assert_eq!(w.host.callouts.borrow().len(), 3, "one directive read");
         assert_eq!(w.host.dispatched_in.borrow().last(), Some(&1));
         assert_eq!(w.host.current.get(), 1, "back in the running context");
         let (f1, _) = w.answer(1, f1, redis_hit("Be \"terse\"."));
@@ -1239,27 +1264,53 @@ mod api_key {
     }
 
     #[test]
-    fn a_revocation_during_the_key_fill_wins() {
+    fn a_revocation_during_the_first_look_is_seen_by_the_second() {
         let shared = SharedData::default();
         let w = W::new(&shared, key_config(""));
+        let key_entry = crate::entry::key_for_api_key(&KeyHash::of(KEY.as_bytes()));
         let (f, _) = start(&w, 1, Some(&bearer()));
+        assert!(
+            shared.get(&key_entry).is_none(),
+            "a first look writes nothing"
+        );
         let (f, _) = w.answer(1, f, redis_miss());
         let (store_read, _) = w.host.last_callout();
-        // revoke-key lands now: the control role tombstones the key's entry.
+        // revoke-key lands now: the subscriber tombstones Redis, then the control
+        // role tombstones the key's L1 entry.
         crate::control::invalidate_key(&KeyHash::of(KEY.as_bytes()), &w.host).unwrap();
         // A request arriving after it does not join the fill from before it.
         let (_f2, _) = start(&w, 2, Some(&bearer()));
         assert_eq!(w.host.counter(Counter::Coalesced), 0);
         assert_eq!(w.host.callouts.borrow().len(), 3, "request 2 asks anew");
-        // The old fill's answer (read before the revocation) is not cached.
+        // The first look's answer was read before the revocation: it is asked again.
         let event = Event::Callout {
             token: store_read,
             response: store_key(Some(AGENT)),
         };
-        let (_f, _) = w.ev(1, f, event);
+        let (f, _) = w.ev(1, f, event);
+        assert!(f.is_waiting());
+        let (_, call) = w.host.last_callout();
+        assert_eq!(call.path, format!("/v1/keys/{}", hex()));
+        let (f, _) = w.answer(1, f, store_key(None));
+        assert!(matches!(f.state, State::Replied));
+        assert_eq!(w.reply_status(1), Some(401));
+        let raw = shared.get(&key_entry).unwrap();
+        assert_eq!(Entry::decode(&raw).unwrap().kind, Kind::Tombstone);
+    }
+
+    #[test]
+    fn a_revocation_during_the_second_look_wins() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, key_config(""));
+        let key_entry = crate::entry::key_for_api_key(&KeyHash::of(KEY.as_bytes()));
+        let (f, _) = start(&w, 1, Some(&bearer()));
+        let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        // Anchored; the revocation lands while the second look is in flight.
+        crate::control::invalidate_key(&KeyHash::of(KEY.as_bytes()), &w.host).unwrap();
+        let (_f, _) = w.answer(1, f, redis_hit(AGENT));
         assert_eq!(w.host.counter(Counter::FillDiscarded), 1);
-        let raw = shared.get(&crate::entry::key_for_api_key(&KeyHash::of(KEY.as_bytes())));
-        assert_eq!(Entry::decode(&raw.unwrap()).unwrap().kind, Kind::Tombstone);
+        let raw = shared.get(&key_entry).unwrap();
+        assert_eq!(Entry::decode(&raw).unwrap().kind, Kind::Tombstone);
         on_root_tick(&w.ctx(ROOT));
         assert!(
             !w.host
@@ -1269,6 +1320,140 @@ mod api_key {
                 .any(|(_, c)| c.path.contains("agent_key:") && c.path.starts_with("/EVAL/")),
             "no key write-back"
         );
+    }
+
+    #[test]
+    fn unknown_keys_leave_nothing_in_shared_data_and_are_remembered_per_worker() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, key_config(""));
+        for (id, n) in (10..60).zip(0u32..) {
+            let made_up = format!("Bearer ibex_made_up_{n}");
+            let (f, _) = start(&w, id, Some(&made_up));
+            let (f, _) = w.answer(id, f, redis_miss());
+            let hash = KeyHash::of(format!("ibex_made_up_{n}").as_bytes()).hex();
+            let answer = ok(&serde_json::json!({"key_sha256": hash, "agent_id": null}).to_string());
+            w.answer(id, f, answer);
+            assert_eq!(w.reply_status(id), Some(401));
+        }
+        let keys = shared.keys();
+        assert!(
+            keys.iter()
+                .all(|k| !k.starts_with(crate::entry::KEY_ENTRY_PREFIX)),
+            "{keys:?}"
+        );
+        // Remembered by the worker: the same key again costs no callout.
+        let before = w.host.callouts.borrow().len();
+        start(&w, 70, Some("Bearer ibex_made_up_0"));
+        assert_eq!(w.reply_status(70), Some(401));
+        assert_eq!(w.host.callouts.borrow().len(), before);
+        assert_eq!(w.worker.borrow().unknown_key_count(), 50);
+        // And written back to Redis for the other workers (negative TTL).
+        on_root_tick(&w.ctx(ROOT));
+        let negative_writes = w
+            .host
+            .callouts
+            .borrow()
+            .iter()
+            .filter(|(_, c)| {
+                c.path.starts_with("/EVAL/") && c.path.ends_with("/agent_key:__flush__/10/")
+            })
+            .count();
+        assert_eq!(negative_writes, 50);
+        // A flush forgets them.
+        crate::control::invalidate_all(&w.host).unwrap();
+        start(&w, 71, Some("Bearer ibex_made_up_0"));
+        assert_eq!(w.host.callouts.borrow().len(), before + 51);
+    }
+
+    #[test]
+    fn the_unknown_key_memory_is_bounded() {
+        let mut worker = Worker::default();
+        for n in 0..(crate::worker::MAX_UNKNOWN_KEYS as u32 * 2) {
+            worker.remember_unknown_key(KeyHash::of(&n.to_le_bytes()), 1_000 + u64::from(n), 0, 0);
+        }
+        assert!(worker.unknown_key_count() <= crate::worker::MAX_UNKNOWN_KEYS);
+    }
+
+    #[test]
+    fn a_large_body_on_a_pass_path_waits_for_its_key_like_any_other() {
+        let w = W::new(
+            &SharedData::default(),
+            key_config(r#","inject":{"max_body_bytes":10}"#),
+        );
+        w.host.add_request(1, BODY.as_bytes());
+        let (mut fields, _) = key_head(Some(&bearer()));
+        fields.path = Some("/v1/embeddings".into());
+        let event = Event::Headers {
+            head: &fields,
+            end_of_stream: false,
+        };
+        let (f, _) = w.ev(1, Flow::new(), event);
+        let event = Event::Body {
+            size: BODY.len(),
+            end_of_stream: true,
+        };
+        let (f, a) = w.ev(1, f, event);
+        assert_eq!((w.reply_status(1), a), (None, Action::Pause));
+        let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        assert!(matches!(f.state, State::Forward));
+        assert_eq!(w.host.req(1).resumed, 1);
+        assert_eq!(w.body(1), BODY, "forwarded untouched");
+        // A chat body over the limit is still refused while its key is looked up.
+        w.host.add_request(2, BODY.as_bytes());
+        let (fields, _) = key_head(Some("Bearer ibex_other"));
+        let event = Event::Headers {
+            head: &fields,
+            end_of_stream: false,
+        };
+        let (f, _) = w.ev(2, Flow::new(), event);
+        let event = Event::Body {
+            size: BODY.len(),
+            end_of_stream: true,
+        };
+        w.ev(2, f, event);
+        assert_eq!(w.reply_status(2), Some(413));
+    }
+
+    #[test]
+    fn an_expired_key_entry_is_refreshed_with_one_look() {
+        let w = W::new(&SharedData::default(), key_config(""));
+        let (f, _) = start(&w, 1, Some(&bearer()));
+        let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        w.answer(1, f, redis_hit("Be \"terse\"."));
+        w.host.now.set(w.host.now.get() + 61_000);
+        let before = w.host.callouts.borrow().len();
+        let (f, _) = start(&w, 2, Some(&bearer()));
+        let (f, _) = w.answer(2, f, redis_hit(AGENT));
+        // Anchored on the expired entry: no second look, straight to the directive.
+        assert_eq!(w.host.callouts.borrow().len(), before + 2);
+        assert_eq!(
+            w.host.last_callout().1.path,
+            format!("/GET/directive:{AGENT}.raw")
+        );
+        assert!(f.is_waiting());
+        assert_eq!(
+            w.host.counter(Counter::KeyL2Hit),
+            2,
+            "each fill counted once"
+        );
+    }
+
+    #[test]
+    fn a_key_is_never_served_stale() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, key_config(""));
+        let (f, _) = start(&w, 1, Some(&bearer()));
+        let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        let (_f, _) = w.answer(1, f, redis_hit(AGENT));
+        // Expired, inside the stale window; Redis and the store both fail.
+        w.host.now.set(w.host.now.get() + 61_000);
+        let (f, _) = start(&w, 2, Some(&bearer()));
+        let (f, _) = w.answer(2, f, failed());
+        w.answer(2, f, failed());
+        assert_eq!(w.reply_status(2), Some(503));
+        assert_eq!(w.host.counter(Counter::StaleServed), 0);
     }
 
     #[test]
@@ -1318,10 +1503,11 @@ mod api_key {
         );
         assert_eq!(a, Action::Pause);
         let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        let (f, _) = w.answer(1, f, redis_hit(AGENT));
         assert!(matches!(f.state, State::Forward));
         assert_eq!(w.host.req(1).resumed, 1);
         assert_eq!(w.host.counter(Counter::PassedThrough), 1);
-        assert_eq!(w.host.callouts.borrow().len(), 1, "no directive lookup");
+        assert_eq!(w.host.callouts.borrow().len(), 2, "no directive lookup");
         // A compressed body with the (now warm) good key: 415, no callout.
         let (mut fields, _) = key_head(Some(&bearer()));
         fields.content_encoding = Some("gzip".into());
