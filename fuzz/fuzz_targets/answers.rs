@@ -1,5 +1,7 @@
 //! Fuzzes the readers of the remote tiers' answers (`ibex_directive::tiers`): Webdis
-//! raw replies (L2 GET), write-back outcomes (L2 EVAL) and the store's JSON (L3).
+//! raw replies (L2 GET), write-back outcomes (L2 EVAL) and the store's JSON (L3), for
+//! directives and for gateway keys (every Redis answer is also read as a key's value,
+//! every store answer also as a key lookup's).
 //!
 //! Input: the first byte picks the reader and the HTTP status (`sel % 5` the mode,
 //! `sel / 5 % 4` the status: 200, 200, no answer, 201); the rest is the answer, or,
@@ -26,15 +28,23 @@
 //! - a write-back is `Written`/`Skipped` only for the exact `{"EVAL":1}`/`{"EVAL":0}`;
 //! - a store answer is read exactly when it is one JSON object with the members
 //!   `agent_id` (the asked agent, canonical) and `content` (a string without NUL, or
-//!   null), each exactly once (other members ignored), and then as that content.
+//!   null), each exactly once (other members ignored), and then as that content;
+//! - a key's Redis value is read exactly when the reply is canonical (as above) and
+//!   the value is a tombstone or nil (unknown), empty (no such key) or an agent id in
+//!   its canonical spelling (36 lower-case hex digits and hyphens), and then as that;
+//! - a key lookup's store answer is read exactly when it is one JSON object with
+//!   `key_sha256` (the asked hash) and `agent_id` (canonical, or null), each exactly
+//!   once, and then as that agent (or none).
 //!
 //! `make fuzz` runs it from the committed seeds (`fuzz/seeds/answers/`) with the
 //! dictionary `fuzz/answers.dict`.
 #![no_main]
 
 use ibex_directive::agent::AgentId;
+use ibex_directive::apikey::KeyHash;
 use ibex_directive::tiers::{
-    parse_redis_get, parse_store, redis_set_outcome, Answer, Response, WriteOutcome,
+    parse_redis_get, parse_redis_key_get, parse_store, parse_store_key, redis_set_outcome,
+    Answer, KeyAnswer, Response, WriteOutcome,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -91,6 +101,14 @@ fuzz_target!(|data: &[u8]| {
                 return;
             };
             let content = String::from_utf8_lossy(content);
+            let hash = if pick % 4 < 2 { asked_hash() } else { KeyHash::of(b"other").hex() };
+            let key_body = if pick % 8 < 4 {
+                serde_json::json!({ "key_sha256": hash, "agent_id": content })
+            } else {
+                serde_json::json!({ "key_sha256": hash, "agent_id": null })
+            }
+            .to_string();
+            check_store_key(status, key_body.as_bytes());
             let id = if pick % 2 == 0 { ASKED } else { OTHER };
             let body = serde_json::json!({ "agent_id": id, "content": content }).to_string();
             check_store(status, body.as_bytes(), &agent);
@@ -113,8 +131,92 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
+/// The key whose lookups the store answers are checked against.
+fn asked_key() -> KeyHash {
+    KeyHash::of(b"ibex_fuzzed")
+}
+
+fn asked_hash() -> String {
+    asked_key().hex()
+}
+
+/// Whether `s` is an agent id in the one spelling the companion writes.
+fn canonical_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => matches!(b, b'0'..=b'9' | b'a'..=b'f'),
+        })
+}
+
+/// Reads `body` as a key's Webdis GET answer and checks it against the reference.
+fn check_redis_key_get(status: Option<u16>, body: &[u8]) {
+    let got = parse_redis_key_get(&Response {
+        status,
+        body: body.to_vec(),
+    })
+    .map_err(|_| ());
+    let expected = if status != Some(200) {
+        Err(())
+    } else if body == b"$-1\r\n" {
+        Ok(KeyAnswer::Unknown)
+    } else {
+        match canonical_bulk(body) {
+            Some(value) if value.first() == Some(&0) => Ok(KeyAnswer::Unknown),
+            Some([]) => Ok(KeyAnswer::NoAgent),
+            Some(value) => match std::str::from_utf8(value) {
+                Ok(text) if canonical_uuid(text) => {
+                    Ok(KeyAnswer::Agent(AgentId::parse(text).expect("a UUID")))
+                }
+                _ => Err(()),
+            },
+            None => Err(()),
+        }
+    };
+    assert_eq!(got, expected, "key's Webdis answer misread");
+}
+
+/// Reads `body` as a key lookup's store answer and checks it against the reference.
+fn check_store_key(status: Option<u16>, body: &[u8]) {
+    let got = parse_store_key(
+        &Response {
+            status,
+            body: body.to_vec(),
+        },
+        &asked_key(),
+    )
+    .map_err(|_| ());
+    let expected = if status == Some(200) {
+        reference_store_key(body)
+    } else {
+        Err(())
+    };
+    assert_eq!(got, expected, "key lookup's store answer misread");
+}
+
+fn reference_store_key(body: &[u8]) -> Result<KeyAnswer, ()> {
+    std::str::from_utf8(body).map_err(|_| ())?;
+    let keys = top_level_keys(body).ok_or(())?;
+    let once = |name: &str| keys.iter().filter(|k| k.as_str() == name).count() == 1;
+    if !once("key_sha256") || !once("agent_id") {
+        return Err(());
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|_| ())?;
+    if value["key_sha256"] != asked_hash().as_str() {
+        return Err(());
+    }
+    match &value["agent_id"] {
+        Value::Null => Ok(KeyAnswer::NoAgent),
+        Value::String(s) if canonical_uuid(s) => {
+            Ok(KeyAnswer::Agent(AgentId::parse(s).expect("a UUID")))
+        }
+        _ => Err(()),
+    }
+}
+
 /// Reads `body` as a Webdis GET answer and checks it against the reference.
 fn check_redis_get(status: Option<u16>, body: &[u8]) -> Result<Answer, ()> {
+    check_redis_key_get(status, body);
     let got = parse_redis_get(&Response {
         status,
         body: body.to_vec(),
@@ -176,6 +278,7 @@ fn expected_value(value: &[u8]) -> Result<Answer, ()> {
 
 /// Reads `body` as a store answer and checks it against the reference.
 fn check_store(status: Option<u16>, body: &[u8], agent: &AgentId) {
+    check_store_key(status, body);
     let got = parse_store(
         &Response {
             status,
