@@ -50,10 +50,12 @@
 //!   Other members are ignored, so a newer store may add some (the audit trail's
 //!   `version_id`) without older filters failing every lookup.
 //!
-//! - Gateway keys (`agent.source = "api_key"`) are read the same way: L2's value at
-//!   `agent_key:{sha256hex}` is a tombstone or nil (unknown), the empty string (no
-//!   such key), or an agent id in its one canonical spelling (lower-case,
-//!   hyphenated); anything else is an error. L3's answer must carry the asked hash
+//! - Gateway keys (`agent.source = "api_key"`) are read with one `EVAL` that returns
+//!   the value at `agent_key:{sha256hex}` and its `PTTL` (so a key is cached no
+//!   longer than Redis keeps it): exactly the nil reply, or a two-element array of a
+//!   canonical bulk reply and a canonical integer (or `-1`). The value is a tombstone
+//!   (unknown), the empty string (no such key), or an agent id in its one canonical
+//!   spelling (lower-case, hyphenated); anything else is an error. L3's answer must carry the asked hash
 //!   as `key_sha256` and an `agent_id` that is canonical or `null`, each exactly once.
 //!
 //! So a hostile answer can make its tier fail, hide a key (a tombstone: the store is
@@ -192,12 +194,22 @@ pub enum KeyAnswer {
     Agent(AgentId),
 }
 
-/// L2 read of a gateway key's entry, `agent_key:{sha256hex}`.
+/// A key's read returns the value and how long Redis keeps it, in one round trip:
+/// `local v=redis.call('GET',KEYS[1]) if not v then return false end
+///  return {v,redis.call('PTTL',KEYS[1])}`, URL-encoded once. The filter caches a key
+/// no longer than Redis does, so a revocation that only expiry can carry (the
+/// subscriber was away) reaches the gateway within `cache.ttl_seconds`.
+const GET_WITH_PTTL_SCRIPT: &str = "local%20v%3Dredis.call%28%27GET%27%2CKEYS%5B1%5D%29%20if%20not%20v%20then%20return%20false%20end%20return%20%7Bv%2Credis.call%28%27PTTL%27%2CKEYS%5B1%5D%29%7D";
+
+/// L2 read of a gateway key's entry, `agent_key:{sha256hex}`, with its remaining TTL.
 pub fn redis_get_key(config: &Config, key: &KeyHash) -> Callout {
     Callout {
         cluster: config.redis.cluster.clone(),
         method: "GET",
-        path: format!("/GET/{}.raw", ibex_wire::agent_key_redis_key(&key.hex())),
+        path: format!(
+            "/EVAL/{GET_WITH_PTTL_SCRIPT}/1/{}.raw",
+            ibex_wire::agent_key_redis_key(&key.hex())
+        ),
         authority: config.redis.authority.clone(),
         body: None,
         timeout_ms: config.redis.timeout_ms,
@@ -223,24 +235,79 @@ pub fn redis_set_key(
     )
 }
 
-/// Reads an L2 answer for a gateway key: nil or a tombstone is unknown, the empty
-/// string is "no such key", and anything else must be an agent id in its canonical
-/// spelling (lower-case, hyphenated) or it is an error.
-pub fn parse_redis_key_get(resp: &Response) -> Result<KeyAnswer, TierError> {
+/// Reads an L2 answer for a gateway key ([`redis_get_key`]) and how long Redis keeps
+/// the value (ms; `None`: no expiry). Exactly `$-1\r\n` (no such entry), or
+/// `*2\r\n`, a canonical bulk reply (as for directives), and the TTL: an integer
+/// reply `:` or (as Webdis spells it) a bulk reply, holding a canonical decimal or
+/// `-1`, then nothing. The value: a tombstone is
+/// unknown, the empty string is "no such key", anything else must be an agent id in
+/// its canonical spelling (lower-case, hyphenated) or it is an error.
+pub fn parse_redis_key_get(resp: &Response) -> Result<(KeyAnswer, Option<u64>), TierError> {
     check_status(resp)?;
     let body = resp.body.as_slice();
     if body == NIL_REPLY {
-        return Ok(KeyAnswer::Unknown);
+        return Ok((KeyAnswer::Unknown, None));
     }
-    let value = bulk_value::<usize>(body)?;
+    let (value, ttl) = value_with_pttl(body)?;
     if ibex_wire::is_tombstone(value) {
-        return Ok(KeyAnswer::Unknown);
+        return Ok((KeyAnswer::Unknown, None));
     }
     if value.is_empty() {
-        return Ok(KeyAnswer::NoAgent);
+        return Ok((KeyAnswer::NoAgent, ttl));
     }
     let text = std::str::from_utf8(value).map_err(|_| TierError("not UTF-8"))?;
-    canonical_agent(text).map(KeyAnswer::Agent)
+    canonical_agent(text).map(|agent| (KeyAnswer::Agent(agent), ttl))
+}
+
+/// `*2\r\n$<len>\r\n<value>\r\n` then `:<ms>\r\n` or `$<n>\r\n<ms>\r\n`, nothing
+/// else.
+fn value_with_pttl(body: &[u8]) -> Result<(&[u8], Option<u64>), TierError> {
+    let rest = body
+        .strip_prefix(b"*2\r\n$")
+        .ok_or(TierError("not a value and its TTL"))?;
+    let digits_end = rest
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let (digits, after) = rest
+        .split_at_checked(digits_end)
+        .ok_or(TierError("bad length"))?;
+    let len: usize = decimal(digits)?;
+    let data = after
+        .strip_prefix(b"\r\n")
+        .ok_or(TierError("bad length line"))?;
+    let (value, after) = data
+        .split_at_checked(len)
+        .ok_or(TierError("length mismatch"))?;
+    let element = after
+        .strip_prefix(b"\r\n")
+        .and_then(|t| t.strip_suffix(b"\r\n"))
+        .ok_or(TierError("bad TTL reply"))?;
+    // Redis sends the TTL as an integer reply; Webdis's raw output re-encodes an
+    // integer inside an array as a bulk string of its decimal digits. Either, exactly.
+    let ttl = match element.split_first() {
+        Some((b':', digits)) => digits,
+        Some((b'$', rest)) => {
+            let (len, digits) = rest
+                .iter()
+                .position(|&b| b == b'\r')
+                .and_then(|at| rest.split_at_checked(at))
+                .ok_or(TierError("bad TTL reply"))?;
+            let digits = digits
+                .strip_prefix(b"\r\n")
+                .ok_or(TierError("bad TTL reply"))?;
+            if decimal::<usize>(len)? != digits.len() {
+                return Err(TierError("bad TTL reply"));
+            }
+            digits
+        }
+        _ => return Err(TierError("bad TTL reply")),
+    };
+    let ttl = match ttl {
+        b"-1" => None,
+        digits => Some(decimal::<u64>(digits)?),
+    };
+    Ok((value, ttl))
 }
 
 /// An agent id exactly as the companion spells it.
@@ -988,7 +1055,16 @@ mod tests {
         fn builds_key_requests() {
             let hex = key().hex();
             let c = redis_get_key(&cfg(), &key());
-            assert_eq!(c.path, format!("/GET/agent_key:{hex}.raw"));
+            assert!(
+                c.path.starts_with("/EVAL/local%20v%3Dredis.call"),
+                "{}",
+                c.path
+            );
+            assert!(
+                c.path.ends_with(&format!("/1/agent_key:{hex}.raw")),
+                "{}",
+                c.path
+            );
             let c = store_get_key(&cfg(), &key());
             assert_eq!(
                 (c.cluster.as_str(), c.path),
@@ -1010,24 +1086,86 @@ mod tests {
 
         #[test]
         fn reads_redis_key_values_strictly() {
-            let bulk = |v: &str| ok(format!("${}\r\n{}\r\n", v.len(), v).as_bytes());
-            assert_eq!(parse_redis_key_get(&ok(b"$-1\r\n")), Ok(KeyAnswer::Unknown));
-            assert_eq!(parse_redis_key_get(&bulk("\0")), Ok(KeyAnswer::Unknown));
-            assert_eq!(parse_redis_key_get(&bulk("")), Ok(KeyAnswer::NoAgent));
+            let reply = |v: &str, ttl: &str| {
+                ok(format!("*2\r\n${}\r\n{}\r\n:{ttl}\r\n", v.len(), v).as_bytes())
+            };
+            let uuid = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
             assert_eq!(
-                parse_redis_key_get(&bulk("6f1c1a3e-5b7d-4c2a-9e0f-123456789abc")),
-                Ok(KeyAnswer::Agent(agent()))
+                parse_redis_key_get(&ok(b"$-1\r\n")),
+                Ok((KeyAnswer::Unknown, None))
             );
+            assert_eq!(
+                parse_redis_key_get(&reply("\0", "9000")),
+                Ok((KeyAnswer::Unknown, None))
+            );
+            assert_eq!(
+                parse_redis_key_get(&reply("", "9000")),
+                Ok((KeyAnswer::NoAgent, Some(9000)))
+            );
+            assert_eq!(
+                parse_redis_key_get(&reply(uuid, "59123")),
+                Ok((KeyAnswer::Agent(agent()), Some(59123)))
+            );
+            assert_eq!(
+                parse_redis_key_get(&reply(uuid, "-1")),
+                Ok((KeyAnswer::Agent(agent()), None))
+            );
+            assert_eq!(
+                parse_redis_key_get(&reply(uuid, "0")),
+                Ok((KeyAnswer::Agent(agent()), Some(0)))
+            );
+            // Webdis's raw spelling, as a real Webdis 0.1.9 answers.
+            let webdis = |v: &str, ttl: &str| {
+                ok(format!("*2\r\n${}\r\n{v}\r\n${}\r\n{ttl}\r\n", v.len(), ttl.len()).as_bytes())
+            };
+            assert_eq!(
+                parse_redis_key_get(&webdis(uuid, "59999")),
+                Ok((KeyAnswer::Agent(agent()), Some(59999)))
+            );
+            assert_eq!(
+                parse_redis_key_get(&webdis("", "-1")),
+                Ok((KeyAnswer::NoAgent, None))
+            );
+            for bad in [
+                format!("*2\r\n$36\r\n{uuid}\r\n$4\r\n59999\r\n"),
+                format!("*2\r\n$36\r\n{uuid}\r\n$6\r\n59999\r\n"),
+                format!("*2\r\n$36\r\n{uuid}\r\n$05\r\n59999\r\n"),
+                format!("*2\r\n$36\r\n{uuid}\r\n$5\r\n5999x\r\n"),
+                format!("*2\r\n$36\r\n{uuid}\r\n$\r\n\r\n"),
+                format!("*2\r\n$36\r\n{uuid}\r\n+5\r\n"),
+            ] {
+                assert!(parse_redis_key_get(&ok(bad.as_bytes())).is_err(), "{bad:?}");
+            }
             for bad in [
                 "6F1C1A3E-5B7D-4C2A-9E0F-123456789ABC",
                 "{6f1c1a3e-5b7d-4c2a-9e0f-123456789abc}",
                 " 6f1c1a3e-5b7d-4c2a-9e0f-123456789abc",
                 "agent",
             ] {
-                assert!(parse_redis_key_get(&bulk(bad)).is_err(), "{bad}");
+                assert!(parse_redis_key_get(&reply(bad, "1")).is_err(), "{bad}");
             }
-            assert!(parse_redis_key_get(&ok(b":1\r\n")).is_err());
+            for ttl in ["-2", "01", "+5", "", "1 ", "18446744073709551616"] {
+                assert!(parse_redis_key_get(&reply(uuid, ttl)).is_err(), "{ttl:?}");
+            }
+            let exact = format!("*2\r\n$36\r\n{uuid}\r\n:5\r\n");
+            for bad in [
+                format!("{exact}x"),
+                exact.replacen("$36", "$35", 1),
+                exact.replacen("$36", "$37", 1),
+                exact.replacen("$36", "$036", 1),
+                exact.replacen("*2", "*3", 1),
+                format!("$36\r\n{uuid}\r\n"),
+                "$0\r\n\r\n".to_string(),
+                "*-1\r\n".to_string(),
+                ":1\r\n".to_string(),
+                format!("*2\r\n${}\r\n", u64::MAX),
+            ] {
+                assert!(parse_redis_key_get(&ok(bad.as_bytes())).is_err(), "{bad:?}");
+            }
             assert!(parse_redis_key_get(&Response::default()).is_err());
+            let mut not_ok = reply(uuid, "5");
+            not_ok.status = Some(500);
+            assert!(parse_redis_key_get(&not_ok).is_err());
         }
 
         #[test]

@@ -432,11 +432,12 @@ def test_revoking_one_key_leaves_the_agents_other_keys_working(stack, upstream):
 
 
 TTL = 2
-"""cache.ttl_seconds of the outage test: a revoked key lives at most about 2 × TTL in
-caches nobody invalidates (L1 refilled from a Redis entry near its end)."""
+"""cache.ttl_seconds of the outage test: a revoked key lives at most TTL in caches
+nobody invalidates (every cache entry was filled before the revocation, and an L1
+entry filled from Redis lasts no longer than the Redis entry)."""
 
 
-def test_a_revoked_key_stops_working_within_two_ttls_while_the_subscriber_is_down(stack, upstream):
+def test_a_revoked_key_stops_working_within_the_ttl_while_the_subscriber_is_down(stack, upstream):
     stack.restart_envoy(filter_config=merge(FILTER_CONFIG, {"cache": {"ttl_seconds": TTL}}))
     try:
         directive = "Until the caches expire."
@@ -465,7 +466,8 @@ def test_a_revoked_key_stops_working_within_two_ttls_while_the_subscriber_is_dow
         elapsed = time.monotonic() - revoked
         refused(response, 401, "invalid_api_key")
         assert set(outcomes) <= {200, 401}, outcomes
-        assert elapsed <= 2 * TTL + 1, f"refused only after {elapsed:.1f}s"
+        # TTL, plus a second for the machine (a slow store answer, a 50 ms poll).
+        assert elapsed <= TTL + 1, f"refused only after {elapsed:.1f}s"
         # Refused from then on.
         refused(send(stack, CHAT, chat_body(), headers=bearer(key)), 401, "invalid_api_key")
     finally:

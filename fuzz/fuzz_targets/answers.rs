@@ -29,9 +29,13 @@
 //! - a store answer is read exactly when it is one JSON object with the members
 //!   `agent_id` (the asked agent, canonical) and `content` (a string without NUL, or
 //!   null), each exactly once (other members ignored), and then as that content;
-//! - a key's Redis value is read exactly when the reply is canonical (as above) and
-//!   the value is a tombstone or nil (unknown), empty (no such key) or an agent id in
-//!   its canonical spelling (36 lower-case hex digits and hyphens), and then as that;
+//! - a key's Redis answer (the value and its PTTL, `*2\r\n` + a bulk reply + an
+//!   integer reply, or the bulk string of its digits as Webdis spells it) is read
+//!   exactly when it is the nil reply or that array in its canonical spelling (the
+//!   TTL a canonical decimal or `-1`) and the value is a
+//!   tombstone (unknown), empty (no such key) or an agent id in its canonical
+//!   spelling (36 lower-case hex digits and hyphens), and then as that with its TTL;
+//!   mode 1 also sends its value in that shape;
 //! - a key lookup's store answer is read exactly when it is one JSON object with
 //!   `key_sha256` (the asked hash) and `agent_id` (canonical, or null), each exactly
 //!   once, and then as that agent (or none).
@@ -76,6 +80,22 @@ fuzz_target!(|data: &[u8]| {
             let delta = i128::from(delta as i8);
             let declared = value.len() as i128 + delta;
             let body = [format!("${declared}\r\n").as_bytes(), value, b"\r\n"].concat();
+            let ttl = match delta % 4 {
+                0 => ":5000".to_string(),
+                1 | -1 => ":-1".to_string(),
+                2 | -2 => "$4\r\n5000".to_string(),
+                _ => "$2\r\n-1".to_string(),
+            };
+            let key_body = [
+                format!("*2\r\n${declared}\r\n").as_bytes(),
+                value,
+                format!("\r\n{ttl}\r\n").as_bytes(),
+            ]
+            .concat();
+            let key_got = check_redis_key_get(status, &key_body);
+            if delta != 0 {
+                assert!(key_got.is_err(), "a key value length off by {delta} was read");
+            }
             let got = check_redis_get(status, &body);
             if delta != 0 {
                 assert!(got.is_err(), "a length off by {delta} was read");
@@ -149,8 +169,8 @@ fn canonical_uuid(s: &str) -> bool {
         })
 }
 
-/// Reads `body` as a key's Webdis GET answer and checks it against the reference.
-fn check_redis_key_get(status: Option<u16>, body: &[u8]) {
+/// Reads `body` as a key's Webdis answer and checks it against the reference.
+fn check_redis_key_get(status: Option<u16>, body: &[u8]) -> Result<(KeyAnswer, Option<u64>), ()> {
     let got = parse_redis_key_get(&Response {
         status,
         body: body.to_vec(),
@@ -159,14 +179,14 @@ fn check_redis_key_get(status: Option<u16>, body: &[u8]) {
     let expected = if status != Some(200) {
         Err(())
     } else if body == b"$-1\r\n" {
-        Ok(KeyAnswer::Unknown)
+        Ok((KeyAnswer::Unknown, None))
     } else {
-        match canonical_bulk(body) {
-            Some(value) if value.first() == Some(&0) => Ok(KeyAnswer::Unknown),
-            Some([]) => Ok(KeyAnswer::NoAgent),
-            Some(value) => match std::str::from_utf8(value) {
+        match canonical_key_reply(body) {
+            Some((value, _)) if value.first() == Some(&0) => Ok((KeyAnswer::Unknown, None)),
+            Some(([], ttl)) => Ok((KeyAnswer::NoAgent, ttl)),
+            Some((value, ttl)) => match std::str::from_utf8(value) {
                 Ok(text) if canonical_uuid(text) => {
-                    Ok(KeyAnswer::Agent(AgentId::parse(text).expect("a UUID")))
+                    Ok((KeyAnswer::Agent(AgentId::parse(text).expect("a UUID")), ttl))
                 }
                 _ => Err(()),
             },
@@ -174,6 +194,41 @@ fn check_redis_key_get(status: Option<u16>, body: &[u8]) {
         }
     };
     assert_eq!(got, expected, "key's Webdis answer misread");
+    got
+}
+
+/// The value and TTL of `*2\r\n$<len>\r\n<value>\r\n:<ttl>\r\n` in its canonical
+/// spelling (lengths in u128; the TTL a canonical decimal within u64, or -1).
+fn canonical_key_reply(body: &[u8]) -> Option<(&[u8], Option<u64>)> {
+    let rest = body.strip_prefix(b"*2\r\n$")?;
+    let crlf = rest.windows(2).position(|w| w == b"\r\n")?;
+    let header = std::str::from_utf8(&rest[..crlf]).ok()?;
+    let len: u128 = header.parse().ok()?;
+    if len.to_string() != header {
+        return None;
+    }
+    let data = &rest[crlf + 2..];
+    if (data.len() as u128) < len {
+        return None;
+    }
+    let (value, after) = data.split_at(len as usize);
+    let element = std::str::from_utf8(after.strip_prefix(b"\r\n")?.strip_suffix(b"\r\n")?).ok()?;
+    // An integer reply, or Webdis's bulk string of the same digits.
+    let ttl = match element.strip_prefix(':') {
+        Some(ttl) => ttl,
+        None => {
+            let (n, ttl) = element.strip_prefix('$')?.split_once("\r\n")?;
+            if n.parse::<usize>().ok()?.to_string() != n || n.parse::<usize>().ok()? != ttl.len() {
+                return None;
+            }
+            ttl
+        }
+    };
+    if ttl == "-1" {
+        return Some((value, None));
+    }
+    let n: u64 = ttl.parse().ok()?;
+    (n.to_string() == ttl).then_some((value, Some(n)))
 }
 
 /// Reads `body` as a key lookup's store answer and checks it against the reference.
@@ -216,7 +271,7 @@ fn reference_store_key(body: &[u8]) -> Result<KeyAnswer, ()> {
 
 /// Reads `body` as a Webdis GET answer and checks it against the reference.
 fn check_redis_get(status: Option<u16>, body: &[u8]) -> Result<Answer, ()> {
-    check_redis_key_get(status, body);
+    let _ = check_redis_key_get(status, body);
     let got = parse_redis_get(&Response {
         status,
         body: body.to_vec(),

@@ -404,19 +404,27 @@ fn report<H: Host>(tier: Tier, ok: bool, ctx: &Ctx<'_, H>) {
 fn on_redis_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) -> Step {
     let (host, config) = (ctx.host, ctx.config);
     let counters = Counters::of(&fill.subject);
+    let ttl_ms = |seconds: u64| seconds.saturating_mul(1000);
+    // (what Redis said, how long it may be cached here in ms)
     let parsed = match fill.subject {
         Subject::Directive(_) => tiers::parse_redis_get(response).map(|answer| match answer {
             Answer::Directive(text) => Some((
                 Known::Directive(Redacted::new(escape_json_str(text.expose()))),
-                config.ttl_seconds,
+                ttl_ms(config.ttl_seconds),
             )),
-            Answer::NoDirective => Some((Known::NoDirective, config.negative_ttl_seconds)),
+            Answer::NoDirective => Some((Known::NoDirective, ttl_ms(config.negative_ttl_seconds))),
             Answer::Unknown => None,
         }),
-        Subject::Key(_) => tiers::parse_redis_key_get(response).map(|answer| match answer {
-            KeyAnswer::Agent(agent) => Some((Known::Agent(agent), config.ttl_seconds)),
-            KeyAnswer::NoAgent => Some((Known::NoAgent, config.negative_ttl_seconds)),
-            KeyAnswer::Unknown => None,
+        // A key is cached no longer than Redis keeps it: an entry Redis is about to
+        // drop must not start a fresh TTL here (a revocation the subscriber missed
+        // would then take up to twice the TTL to arrive).
+        Subject::Key(_) => tiers::parse_redis_key_get(response).map(|(answer, left)| {
+            let capped = |seconds| left.map_or(ttl_ms(seconds), |left| left.min(ttl_ms(seconds)));
+            match answer {
+                KeyAnswer::Agent(agent) => Some((Known::Agent(agent), capped(config.ttl_seconds))),
+                KeyAnswer::NoAgent => Some((Known::NoAgent, capped(config.negative_ttl_seconds))),
+                KeyAnswer::Unknown => None,
+            }
         }),
     };
     report(Tier::Redis, parsed.is_ok(), ctx);
@@ -433,7 +441,7 @@ fn on_redis_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
         }
     };
     count(fill, counters.l2_hit, ctx);
-    if let Some(step) = key_answer(fill, &known, &mut None, Source::Redis, ctx) {
+    if let Some(step) = key_answer(fill, &known, &mut None, Source::Redis, ttl, ctx) {
         return step;
     }
     l1::write(host, fill, &known, ttl);
@@ -487,12 +495,13 @@ fn on_store_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
     };
     count(fill, counter, ctx);
     let mut write = Some(write);
-    if let Some(step) = key_answer(fill, &known, &mut write, Source::Store, ctx) {
+    let ttl_ms = ttl.saturating_mul(1000);
+    if let Some(step) = key_answer(fill, &known, &mut write, Source::Store, ttl_ms, ctx) {
         return step;
     }
     // Redis is written only when L1 accepted the fill: a fill that an invalidation
     // overtook must not put its old answer back into L2. The root context sends it.
-    if l1::write(host, fill, &known, ttl) {
+    if l1::write(host, fill, &known, ttl_ms) {
         if let Some(write) = write {
             ctx.worker.borrow_mut().queue_write(write);
         }
@@ -519,6 +528,7 @@ fn key_answer<H: Host>(
     known: &Known,
     write: &mut Option<tiers::Callout>,
     source: Source,
+    ttl_ms: u64,
     ctx: &Ctx<'_, H>,
 ) -> Option<Step> {
     let Subject::Key(key) = fill.subject else {
@@ -532,7 +542,7 @@ fn key_answer<H: Host>(
         Known::Agent(_) => None,
         _ => {
             let now = ctx.host.now_ms();
-            let until = now.saturating_add(ctx.config.negative_ttl_seconds.saturating_mul(1000));
+            let until = now.saturating_add(ttl_ms);
             let mut worker = ctx.worker.borrow_mut();
             worker.remember_unknown_key(key, until, fill.anchor.generation, now);
             if let Some(write) = write.take() {

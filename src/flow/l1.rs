@@ -86,10 +86,10 @@ pub(super) fn anchor<H: Host>(host: &H, key: &str, found: Anchor) -> Anchor {
     Anchor { cas, ..found }
 }
 
-/// Writes a fill's answer, fresh for `ttl_seconds`, under the CAS version read when
-/// the fill started. Returns whether it was written; a fill an invalidation
+/// Writes a fill's answer, fresh for `ttl_ms`, under the CAS version read when the
+/// fill started. Returns whether it was written; a fill an invalidation
 /// overtook is discarded (`fill_discarded`).
-pub(super) fn write<H: Host>(host: &H, fill: &Fill, known: &Known, ttl_seconds: u64) -> bool {
+pub(super) fn write<H: Host>(host: &H, fill: &Fill, known: &Known, ttl_ms: u64) -> bool {
     let mut buf = [0u8; AGENT_ID_LEN];
     let (kind, escaped) = match known {
         Known::Directive(escaped) => (Kind::Present, escaped.expose().as_str()),
@@ -99,9 +99,7 @@ pub(super) fn write<H: Host>(host: &H, fill: &Fill, known: &Known, ttl_seconds: 
     };
     let entry = Entry {
         kind,
-        fresh_until_ms: host
-            .now_ms()
-            .saturating_add(ttl_seconds.saturating_mul(1000)),
+        fresh_until_ms: host.now_ms().saturating_add(ttl_ms),
         generation: fill.anchor.generation,
         escaped: Redacted::new(escaped),
     };

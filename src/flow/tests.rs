@@ -1051,6 +1051,19 @@ mod api_key {
         format!("Bearer {KEY}")
     }
 
+    /// A key's Redis answer: its value and the 60 s Redis gives it.
+    fn key_hit(value: &str) -> Response {
+        key_hit_ttl(value, 60_000)
+    }
+
+    fn key_hit_ttl(value: &str, pttl_ms: u64) -> Response {
+        ok(&format!(
+            "*2\r\n${}\r\n{}\r\n:{pttl_ms}\r\n",
+            value.len(),
+            value
+        ))
+    }
+
     fn store_key(agent: Option<&str>) -> Response {
         ok(&serde_json::json!({"key_sha256": hex(), "agent_id": agent}).to_string())
     }
@@ -1083,7 +1096,10 @@ mod api_key {
             assert!(!w.host.req(1).headers.contains_key(name), "{name} removed");
         }
         let (_, call) = w.host.last_callout();
-        assert_eq!(call.path, format!("/GET/agent_key:{}.raw", hex()));
+        assert!(
+            call.path.starts_with("/EVAL/")
+                && call.path.ends_with(&format!("/1/agent_key:{}.raw", hex()))
+        );
         let (f, _) = w.answer(1, f, redis_miss());
         let (_, call) = w.host.last_callout();
         assert_eq!(call.path, format!("/v1/keys/{}", hex()));
@@ -1122,7 +1138,7 @@ mod api_key {
             .borrow()
             .iter()
             .map(|(_, c)| c.path.clone())
-            .filter(|p| p.starts_with("/EVAL/"))
+            .filter(|p| p.starts_with("/EVAL/") && p.contains("__flush__"))
             .collect();
         assert_eq!(writes.len(), 2, "both answers written back: {writes:?}");
         assert!(writes[0].ends_with(&format!("/2/agent_key:{}/agent_key:__flush__/60", hex())));
@@ -1228,13 +1244,13 @@ mod api_key {
         );
         assert_eq!(w.host.callouts.borrow().len(), 1);
         assert_eq!(w.host.counter(Counter::Coalesced), 1);
-        let (f1, _) = w.answer(1, f1, redis_hit(AGENT));
+        let (f1, _) = w.answer(1, f1, key_hit(AGENT));
         assert_eq!(
             w.host.callouts.borrow().len(),
             2,
             "the anchored second look"
         );
-        let (f1, _) = w.answer(1, f1, redis_hit(AGENT));
+        let (f1, _) = w.answer(1, f1, key_hit(AGENT));
         assert_eq!(
             w.host.counter(Counter::KeyL2Hit),
             1,
@@ -1304,10 +1320,10 @@ mod api_key {
         let w = W::new(&shared, key_config(""));
         let key_entry = crate::entry::key_for_api_key(&KeyHash::of(KEY.as_bytes()));
         let (f, _) = start(&w, 1, Some(&bearer()));
-        let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        let (f, _) = w.answer(1, f, key_hit(AGENT));
         // Anchored; the revocation lands while the second look is in flight.
         crate::control::invalidate_key(&KeyHash::of(KEY.as_bytes()), &w.host).unwrap();
-        let (_f, _) = w.answer(1, f, redis_hit(AGENT));
+        let (_f, _) = w.answer(1, f, key_hit(AGENT));
         assert_eq!(w.host.counter(Counter::FillDiscarded), 1);
         let raw = shared.get(&key_entry).unwrap();
         assert_eq!(Entry::decode(&raw).unwrap().kind, Kind::Tombstone);
@@ -1317,7 +1333,7 @@ mod api_key {
                 .callouts
                 .borrow()
                 .iter()
-                .any(|(_, c)| c.path.contains("agent_key:") && c.path.starts_with("/EVAL/")),
+                .any(|(_, c)| c.path.contains("agent_key:__flush__")),
             "no key write-back"
         );
     }
@@ -1394,8 +1410,8 @@ mod api_key {
         };
         let (f, a) = w.ev(1, f, event);
         assert_eq!((w.reply_status(1), a), (None, Action::Pause));
-        let (f, _) = w.answer(1, f, redis_hit(AGENT));
-        let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        let (f, _) = w.answer(1, f, key_hit(AGENT));
+        let (f, _) = w.answer(1, f, key_hit(AGENT));
         assert!(matches!(f.state, State::Forward));
         assert_eq!(w.host.req(1).resumed, 1);
         assert_eq!(w.body(1), BODY, "forwarded untouched");
@@ -1419,13 +1435,13 @@ mod api_key {
     fn an_expired_key_entry_is_refreshed_with_one_look() {
         let w = W::new(&SharedData::default(), key_config(""));
         let (f, _) = start(&w, 1, Some(&bearer()));
-        let (f, _) = w.answer(1, f, redis_hit(AGENT));
-        let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        let (f, _) = w.answer(1, f, key_hit(AGENT));
+        let (f, _) = w.answer(1, f, key_hit(AGENT));
         w.answer(1, f, redis_hit("Be \"terse\"."));
         w.host.now.set(w.host.now.get() + 61_000);
         let before = w.host.callouts.borrow().len();
         let (f, _) = start(&w, 2, Some(&bearer()));
-        let (f, _) = w.answer(2, f, redis_hit(AGENT));
+        let (f, _) = w.answer(2, f, key_hit(AGENT));
         // Anchored on the expired entry: no second look, straight to the directive.
         assert_eq!(w.host.callouts.borrow().len(), before + 2);
         assert_eq!(
@@ -1441,12 +1457,34 @@ mod api_key {
     }
 
     #[test]
+    fn a_key_is_cached_no_longer_than_redis_keeps_it() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, key_config(""));
+        let (f, _) = start(&w, 1, Some(&bearer()));
+        let (f, _) = w.answer(1, f, key_hit_ttl(AGENT, 5_000));
+        w.answer(1, f, key_hit_ttl(AGENT, 4_000));
+        let raw = shared
+            .get(&crate::entry::key_for_api_key(&KeyHash::of(KEY.as_bytes())))
+            .unwrap();
+        let e = Entry::decode(&raw).unwrap();
+        assert_eq!(e.fresh_until_ms, w.host.now.get() + 4_000);
+        // An unknown key likewise, in the worker's memory.
+        let (f, _) = start(&w, 2, Some("Bearer ibex_gone"));
+        w.answer(2, f, key_hit_ttl("", 1_500));
+        assert_eq!(w.reply_status(2), Some(401));
+        let gone = KeyHash::of(b"ibex_gone");
+        let now = w.host.now.get();
+        assert!(w.worker.borrow().is_unknown_key(&gone, now + 1_499, 0));
+        assert!(!w.worker.borrow().is_unknown_key(&gone, now + 1_500, 0));
+    }
+
+    #[test]
     fn a_key_is_never_served_stale() {
         let shared = SharedData::default();
         let w = W::new(&shared, key_config(""));
         let (f, _) = start(&w, 1, Some(&bearer()));
-        let (f, _) = w.answer(1, f, redis_hit(AGENT));
-        let (_f, _) = w.answer(1, f, redis_hit(AGENT));
+        let (f, _) = w.answer(1, f, key_hit(AGENT));
+        let (_f, _) = w.answer(1, f, key_hit(AGENT));
         // Expired, inside the stale window; Redis and the store both fail.
         w.host.now.set(w.host.now.get() + 61_000);
         let (f, _) = start(&w, 2, Some(&bearer()));
@@ -1479,7 +1517,7 @@ mod api_key {
         ] {
             let w = W::new(&SharedData::default(), key_config(""));
             let (f, _) = start(&w, 1, Some(&bearer()));
-            let (_f, _) = w.answer(1, f, redis_hit(value));
+            let (_f, _) = w.answer(1, f, key_hit(value));
             assert_eq!(w.host.counter(Counter::L2Error), 1, "{value}");
             assert_eq!(w.host.last_callout().1.path, format!("/v1/keys/{}", hex()));
         }
@@ -1502,8 +1540,8 @@ mod api_key {
             },
         );
         assert_eq!(a, Action::Pause);
-        let (f, _) = w.answer(1, f, redis_hit(AGENT));
-        let (f, _) = w.answer(1, f, redis_hit(AGENT));
+        let (f, _) = w.answer(1, f, key_hit(AGENT));
+        let (f, _) = w.answer(1, f, key_hit(AGENT));
         assert!(matches!(f.state, State::Forward));
         assert_eq!(w.host.req(1).resumed, 1);
         assert_eq!(w.host.counter(Counter::PassedThrough), 1);
