@@ -299,9 +299,23 @@ impl<'a> Object<'a> {
     /// The member equal to `name` after case folding, however it is spelled: what a
     /// case-insensitive parser (Go's `encoding/json`) reads as `name`.
     pub fn folded(&self, name: &str) -> Option<&Member<'a>> {
-        let folded = fold_case(name);
-        self.members.iter().find(|m| fold_case(&m.key) == folded)
+        self.members.iter().find(|m| eq_folded(&m.key, name))
     }
+}
+
+/// Whether `a` and `b` are equal after [`fold_case`], without allocating.
+pub fn eq_folded(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        return a.eq_ignore_ascii_case(b);
+    }
+    let folded = |s: &'_ str| {
+        s.chars()
+            .flat_map(char::to_uppercase)
+            .flat_map(char::to_lowercase)
+            .collect::<String>()
+    };
+    // Rare (a non-ASCII key); fold_case's own form, so the two can never disagree.
+    folded(a) == folded(b)
 }
 
 /// Case folding for key comparison: upper- then lower-casing maps the letters Go
@@ -892,6 +906,22 @@ mod tests {
         }
         // Nested duplicates are the model's business, not a way around the directive.
         scan(br#"{"a":{"k":1,"k":2}}"#).unwrap();
+    }
+
+    #[test]
+    fn folded_comparison_matches_fold_case() {
+        for (a, b, same) in [
+            ("systemInstruction", "SYSTEMINSTRUCTION", true),
+            ("system_instruction", "systemInstruction", false),
+            ("\u{17f}ystem", "system", true),
+            ("\u{212a}ind", "KIND", true),
+            ("caf\u{e9}", "CAF\u{c9}", true),
+            ("a", "ab", false),
+            ("\u{df}", "ss", true),
+        ] {
+            assert_eq!(eq_folded(a, b), same, "{a} {b}");
+            assert_eq!(eq_folded(a, b), fold_case(a) == fold_case(b), "{a} {b}");
+        }
     }
 
     #[test]
