@@ -181,6 +181,9 @@ pub struct Config {
     pub inject_role: String,
     /// `inject.max_body_bytes`: larger request bodies are refused with 413.
     pub max_body_bytes: u64,
+    /// `inject.cache_control`: in the Anthropic formats, the directive's block is a
+    /// prompt-cache breakpoint (while the request has room for one).
+    pub cache_control: bool,
     /// `inject.paths`, `inject.pass_paths` and `inject.other_paths`, normalised:
     /// which paths get a directive, which pass untouched, what any other gets.
     pub paths: PathPolicy,
@@ -317,6 +320,7 @@ impl Config {
             &[("system", ()), ("developer", ())],
         )?;
         let max_body_bytes = inject.integer("max_body_bytes", 1_048_576, 1, 64 * 1_048_576)?;
+        let cache_control = inject.boolean("cache_control", false)?;
         let paths = paths::read(&mut inject)?;
         inject.finish()?;
 
@@ -358,6 +362,7 @@ impl Config {
             store: store_cfg,
             inject_role,
             max_body_bytes,
+            cache_control,
             paths,
             failure_mode,
             control_token: control_token.map(Redacted::new),
@@ -480,6 +485,7 @@ mod tests {
             assert_eq!(c.store.timeout_ms, 500);
             assert_eq!(c.inject_role, "system");
             assert_eq!(c.max_body_bytes, 1_048_576);
+            assert!(!c.cache_control);
             assert_eq!(c.failure_mode, FailureMode::Closed);
             assert_eq!(c.control_token, None);
             assert!(!c.debug_headers);
@@ -494,7 +500,7 @@ mod tests {
             "cache":{"ttl_seconds":5,"negative_ttl_seconds":2,"stale_if_error_seconds":0},
             "redis":{"cluster":"r","authority":"r.local","dialect":"webdis","key_prefix":"d:","timeout_ms":20},
             "store":{"cluster":"s","authority":"s.local","timeout_ms":300},
-            "inject":{"role":"developer","max_body_bytes":1000},
+            "inject":{"role":"developer","max_body_bytes":1000,"cache_control":true},
             "failure_mode":"open","control":{"token":"s3cret"},"debug_headers":true}"#,
         )
         .unwrap();
@@ -513,6 +519,7 @@ mod tests {
         assert_eq!(c.redis.timeout_ms, 20);
         assert_eq!(c.store.authority, "s.local");
         assert_eq!(c.max_body_bytes, 1000);
+        assert!(c.cache_control);
         assert_eq!(c.failure_mode, FailureMode::Open);
         assert_eq!(
             c.control_token.as_ref().map(|t| t.expose().as_str()),
@@ -563,6 +570,11 @@ mod tests {
             ),
             (r#"{"agent":"x"}"#, "agent", "object"),
             (r#"{"inject":{"role":"user"}}"#, "inject.role", "one of"),
+            (
+                r#"{"inject":{"cache_control":"ephemeral"}}"#,
+                "inject.cache_control",
+                "true or false",
+            ),
             (
                 r#"{"redis":{"dialect":"upstash"}}"#,
                 "redis.dialect",
@@ -998,6 +1010,7 @@ mod tests {
                 Just("store"),
                 Just("inject"),
                 Just("max_body_bytes"),
+                Just("cache_control"),
                 Just("paths"),
                 Just("pass_paths"),
                 Just("other_paths"),
