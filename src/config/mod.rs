@@ -24,7 +24,7 @@ use crate::escape::escape_json_str;
 mod paths;
 mod read;
 
-pub use paths::{OtherPaths, PathPolicy, Route, DEFAULT_FORMAT_PATHS, DEFAULT_PASS_PATHS};
+pub use paths::{OtherPaths, PathPolicy, Pattern, Route, DEFAULT_FORMAT_PATHS, DEFAULT_PASS_PATHS};
 
 use read::{choice, err, header_name, key_prefix, plain_token, Section};
 
@@ -836,11 +836,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.paths.formats,
+            c.paths
+                .formats
+                .iter()
+                .map(|(p, f)| (p.as_str(), *f))
+                .collect::<Vec<_>>(),
             [
-                ("/v2/chat/completions".to_string(), Format::OpenAiResponses),
-                ("/chat/completions".to_string(), Format::OpenAiChat),
-                ("/generate".to_string(), Format::OpenAiChat),
+                ("/v2/chat/completions", Format::OpenAiResponses),
+                ("/chat/completions", Format::OpenAiChat),
+                ("/generate", Format::OpenAiChat),
             ],
             "normalised, longest first"
         );
@@ -858,6 +862,27 @@ mod tests {
         assert_eq!(c.route("/v1/models"), Route::Other, "and pass_paths too");
         assert_eq!(c.route("/tokenize"), Route::Pass);
         assert_eq!(c.paths.other, OtherPaths::Pass);
+
+        let c = parse(
+            r#"{"inject":{"paths":{"/v1/{tenant}/generate":"ollama_generate","/{m}:predict":"gemini"},
+            "pass_paths":["/{m}:embedContent"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.route("/v1/acme/generate"),
+            Route::Inject(Format::OllamaGenerate)
+        );
+        assert_eq!(c.route("/v1/generate"), Route::Other);
+        assert_eq!(
+            c.route("/v1/models/x:PREDICT"),
+            Route::Inject(Format::Gemini)
+        );
+        assert_eq!(c.route("/v1beta/models/e:embedContent"), Route::Pass);
+        assert_eq!(
+            c.route("/v1beta/models/e:predict/models/e:embedContent"),
+            Route::Other,
+            "a pass path under an injection pattern is not passed"
+        );
 
         let c = parse(r#"{"inject":{"paths":{},"pass_paths":[]}}"#).unwrap();
         assert!(c.paths.formats.is_empty() && c.paths.pass.is_empty());
@@ -907,6 +932,26 @@ mod tests {
                 r#"{"inject":{"paths":{"/A":"openai_chat","/a/":"openai_chat"}}}"#,
                 "inject.paths./a/",
                 "same path",
+            ),
+            (
+                r#"{"inject":{"paths":{"/v{n}/chat":"openai_chat"}}}"#,
+                "inject.paths./v{n}/chat",
+                "start its segment",
+            ),
+            (
+                r#"{"inject":{"paths":{"/model/{id/converse":"bedrock_converse"}}}"#,
+                "inject.paths./model/{id/converse",
+                "closing",
+            ),
+            (
+                r#"{"inject":{"paths":{"/model/{id}/converse":"bedrock_converse","/Model/{other}/Converse":"bedrock_converse"}}}"#,
+                "inject.paths./model/{id}/converse",
+                "same path",
+            ),
+            (
+                r#"{"inject":{"pass_paths":["/{m}:embed{x}"]}}"#,
+                "inject.pass_paths[0]",
+                "at most one",
             ),
             (
                 r#"{"inject":{"pass_paths":"/models"}}"#,
@@ -1046,7 +1091,7 @@ mod tests {
                         prop_assert!(c.max_body_bytes >= 1);
                         prop_assert!(!c.paths.formats.is_empty() || v.pointer("/inject/paths").is_some());
                         let mut patterns = c.paths.formats.iter().map(|(p, _)| p).chain(&c.paths.pass);
-                        prop_assert!(patterns.all(|p| p.len() > 1 && crate::path::normalise(p).as_ref() == Ok(p)));
+                        prop_assert!(patterns.all(|p| p.as_str().len() > 1 && crate::path::normalise(p.as_str()).as_deref() == Ok(p.as_str())));
                     }
                     Err(e) => prop_assert!(!e.field.is_empty() && !e.reason.is_empty()),
                 }
