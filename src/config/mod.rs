@@ -775,13 +775,149 @@ mod tests {
         assert_eq!(c.route("/anthropic/v1/messages"), messages);
         assert_eq!(c.route("/v1/messages/count_tokens"), messages);
         assert_eq!(c.route("/v1/threads/t/messages"), Route::Other);
-        assert_eq!(c.route("/v1/messages/batches"), Route::Other);
-        assert_eq!(c.route("/v1/xchat/completions"), Route::Other);
+        assert_eq!(
+            c.route("/v1/messages/batches"),
+            Route::Inject(Format::AnthropicBatches)
+        );
+        assert_eq!(
+            c.route("/v1/xchat/completions"),
+            Route::Inject(Format::OpenAiCompletions),
+            "no chat path, but a legacy completions one"
+        );
         assert_eq!(c.route("/v1/chat/completions/x"), Route::Other);
         assert_eq!(c.route("/v1/x?p=/chat/completions"), Route::Other);
         assert_eq!(
             c.route("/v1/chat/completion%2573"),
             Route::Unclear(crate::path::Unclear::EscapedPercent)
+        );
+    }
+
+    #[test]
+    fn default_paths_cover_every_provider() {
+        let c = parse("{}").unwrap();
+        for (raw, format) in [
+            // Azure OpenAI: deployment paths, api-version in the query.
+            (
+                "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                Format::OpenAiChat,
+            ),
+            (
+                "/openai/deployments/gpt-35/completions?api-version=2024-10-21",
+                Format::OpenAiCompletions,
+            ),
+            (
+                "/openai/responses?api-version=2025-04-01-preview",
+                Format::OpenAiResponses,
+            ),
+            ("/v1/completions", Format::OpenAiCompletions),
+            ("/v1/chat/completions", Format::OpenAiChat),
+            // Ollama: native and OpenAI-compatible.
+            ("/api/chat", Format::OpenAiChat),
+            ("/api/generate", Format::OllamaGenerate),
+            ("/v1/completions", Format::OpenAiCompletions),
+            // Anthropic.
+            ("/v1/messages/batches", Format::AnthropicBatches),
+            ("/v1/messages/count_tokens", Format::AnthropicMessages),
+            // Vertex Anthropic, its token count included.
+            (
+                "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:rawPredict",
+                Format::AnthropicMessages,
+            ),
+            (
+                "/v1/projects/p/locations/global/publishers/anthropic/models/claude-sonnet-4@20250514:streamRawPredict",
+                Format::AnthropicMessages,
+            ),
+            (
+                "/v1/projects/p/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict",
+                Format::AnthropicMessages,
+            ),
+            // Gemini API and Vertex Gemini.
+            (
+                "/v1beta/models/gemini-2.5-flash:generateContent",
+                Format::Gemini,
+            ),
+            (
+                "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+                Format::Gemini,
+            ),
+            ("/v1/tunedModels/my-model:generateContent", Format::Gemini),
+            (
+                "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro:generateContent",
+                Format::Gemini,
+            ),
+            (
+                "/v1beta1/projects/p/locations/l/endpoints/123:streamGenerateContent",
+                Format::Gemini,
+            ),
+            (
+                "/v1beta/models/gemini-2.5-flash:countTokens",
+                Format::GeminiCountTokens,
+            ),
+            (
+                "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:countTokens",
+                Format::Gemini,
+            ),
+            // Spellings the normaliser folds: case, an escaped colon, ;params, a trailing /.
+            (
+                "/v1beta/models/gemini-2.5-flash:GENERATECONTENT",
+                Format::Gemini,
+            ),
+            (
+                "/v1beta/models/gemini-2.5-flash%3AgenerateContent",
+                Format::Gemini,
+            ),
+            ("/v1beta/models/g:generateContent;x/", Format::Gemini),
+            // Bedrock: ids with `:`, cross-region profiles, an ARN whose `/` was escaped.
+            (
+                "/model/anthropic.claude-3-sonnet-20240229-v1:0/converse",
+                Format::BedrockConverse,
+            ),
+            (
+                "/model/us.anthropic.claude-3-5-haiku-20241022-v1:0/converse-stream",
+                Format::BedrockConverse,
+            ),
+            (
+                "/model/anthropic.claude-3-sonnet-20240229-v1%3A0/converse",
+                Format::BedrockConverse,
+            ),
+            (
+                "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-3-5-sonnet-20241022-v2%3A0/converse",
+                Format::BedrockConverse,
+            ),
+        ] {
+            assert_eq!(c.route(raw), Route::Inject(format), "{raw}");
+        }
+        for raw in [
+            // A verb is the end of the path, never a segment it continues from.
+            "/v1beta/models/g:generateContent/x",
+            "/v1beta/models/g:generateContentx",
+            "/v1beta/models/g:embedContent",
+            "/v1beta/models/g:batchGenerateContent",
+            "/v1/projects/p/locations/l/publishers/meta/models/llama:rawPredict",
+            "/v1/projects/p/locations/l/publishers/anthropic/models/claude:predict",
+            // Bedrock: other operations, and an id that is not one segment (or two).
+            "/model/m/invoke",
+            "/model/m/converse/x",
+            "/model/converse",
+            "/model/a/b/c/converse",
+            "/v1/messages/batches/msgbatch_1/cancel",
+            "/api/embed",
+        ] {
+            assert_eq!(c.route(raw), Route::Other, "{raw}");
+        }
+        assert_eq!(
+            c.route("/v1beta/models/g:generateContent/.."),
+            Route::Unclear(crate::path::Unclear::DotSegment)
+        );
+        assert_eq!(
+            c.route("/v1beta/models/g:generateContent/models"),
+            Route::Other,
+            "a pass path under an injection pattern is not passed"
+        );
+        assert_eq!(
+            c.route("/model/m/converse/embeddings"),
+            Route::Other,
+            "under a pattern with parameters too"
         );
     }
 
@@ -802,7 +938,6 @@ mod tests {
         }
         for raw in [
             "/v1/models/gpt-4o",
-            "/v1beta/models/gemini-pro:generateContent",
             "/v1/models/o/m/predictions",
             "/v1/embeddingsx",
             "/v1/xmodels",
@@ -816,6 +951,11 @@ mod tests {
         ] {
             assert_eq!(c.route(raw), Route::Other, "{raw}");
         }
+        assert_eq!(
+            c.route("/v1beta/models/gemini-pro:generateContent"),
+            Route::Inject(Format::Gemini),
+            "generation under /models"
+        );
         assert_eq!(
             c.route("/v1/chat/completionsx/models"),
             Route::Pass,

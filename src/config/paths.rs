@@ -46,15 +46,46 @@ use super::ConfigError;
 use crate::inject::Format;
 use crate::path::{normalise, Unclear};
 
-/// `inject.paths` when not given: normalised suffix → format (SPEC §5, for the
-/// formats this filter knows). `/v1/messages` rather than `/messages`, so that
-/// OpenAI's `/v1/threads/{id}/messages` is not read as an Anthropic request.
+/// `inject.paths` when not given: path pattern → format (SPEC §5), normalised and
+/// parsed at configure time.
+///
+/// `/v1/messages` rather than `/messages`, so that OpenAI's `/v1/threads/{id}/messages`
+/// is not read as an Anthropic request. The Gemini verbs match any last segment ending
+/// with them (Gemini API `models/…` and `tunedModels/…`, Vertex publisher models and
+/// endpoints). Vertex's `countTokens` takes a `systemInstruction` and is `gemini`; the
+/// Gemini API's has none outside `generateContentRequest`, hence its own format.
+/// Bedrock model ids hold `:` (`…-v1:0`), which a segment may; an ARN id arrives with
+/// its `/` escaped, which the normaliser decodes, so the ARN spellings (one `/`) have
+/// patterns of their own.
 pub const DEFAULT_FORMAT_PATHS: &[(&str, Format)] = &[
     ("/chat/completions", Format::OpenAiChat),
+    ("/api/chat", Format::OpenAiChat),
+    ("/completions", Format::OpenAiCompletions),
     ("/responses", Format::OpenAiResponses),
     ("/responses/input_tokens", Format::OpenAiResponses),
     ("/v1/messages", Format::AnthropicMessages),
     ("/v1/messages/count_tokens", Format::AnthropicMessages),
+    ("/v1/messages/batches", Format::AnthropicBatches),
+    (
+        "/publishers/anthropic/models/{model}:rawPredict",
+        Format::AnthropicMessages,
+    ),
+    (
+        "/publishers/anthropic/models/{model}:streamRawPredict",
+        Format::AnthropicMessages,
+    ),
+    ("/{model}:generateContent", Format::Gemini),
+    ("/{model}:streamGenerateContent", Format::Gemini),
+    (
+        "/publishers/google/models/{model}:countTokens",
+        Format::Gemini,
+    ),
+    ("/{model}:countTokens", Format::GeminiCountTokens),
+    ("/model/{id}/converse", Format::BedrockConverse),
+    ("/model/{id}/converse-stream", Format::BedrockConverse),
+    ("/model/{arn}/{id}/converse", Format::BedrockConverse),
+    ("/model/{arn}/{id}/converse-stream", Format::BedrockConverse),
+    ("/api/generate", Format::OllamaGenerate),
 ];
 
 /// `inject.pass_paths` when not given: endpoints with a body but no prompt to direct.
