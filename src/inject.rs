@@ -3,7 +3,7 @@
 //! The output is the input with bytes inserted, nothing else (a `null` the directive
 //! replaces is the one exception): the body is validated by [`crate::json::scan`] or
 //! [`crate::json::scan_with`] in one pass, the splicer of its format lists the
-//! insertions ([`Edit`]s, in body order), and one copy of the body with them goes
+//! insertions (`Edit`s, in body order), and one copy of the body with them goes
 //! out. The pieces are prepared earlier — the chat message prefix at configuration
 //! time, the escaped directive at cache-fill time — so key order, whitespace,
 //! number spelling and unknown fields all survive. This module must never

@@ -37,7 +37,9 @@
 //! under an injection pattern (`/v1/chat/completions/models`) is not passed either.
 //!
 //! Matching allocates nothing: a pattern without parameters is one suffix test of the
-//! normalised path, one with parameters a walk over its last segments.
+//! normalised path, one with parameters a walk over its last segments. This module
+//! must never match a path it could not normalise ([`Route::Unclear`]); a spelling no
+//! pattern matches is [`Route::Other`], refused unless `inject.other_paths` passes it.
 
 use serde_json::Value;
 
