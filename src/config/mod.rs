@@ -24,7 +24,7 @@ use crate::escape::escape_json_str;
 mod paths;
 mod read;
 
-pub use paths::{OtherPaths, PathPolicy, Route, DEFAULT_FORMAT_PATHS, DEFAULT_PASS_PATHS};
+pub use paths::{OtherPaths, PathPolicy, Pattern, Route, DEFAULT_FORMAT_PATHS, DEFAULT_PASS_PATHS};
 
 use read::{choice, err, header_name, key_prefix, plain_token, Section};
 
@@ -181,6 +181,9 @@ pub struct Config {
     pub inject_role: String,
     /// `inject.max_body_bytes`: larger request bodies are refused with 413.
     pub max_body_bytes: u64,
+    /// `inject.cache_control`: in the Anthropic formats, the directive's block is a
+    /// prompt-cache breakpoint (while the request has room for one).
+    pub cache_control: bool,
     /// `inject.paths`, `inject.pass_paths` and `inject.other_paths`, normalised:
     /// which paths get a directive, which pass untouched, what any other gets.
     pub paths: PathPolicy,
@@ -317,6 +320,7 @@ impl Config {
             &[("system", ()), ("developer", ())],
         )?;
         let max_body_bytes = inject.integer("max_body_bytes", 1_048_576, 1, 64 * 1_048_576)?;
+        let cache_control = inject.boolean("cache_control", false)?;
         let paths = paths::read(&mut inject)?;
         inject.finish()?;
 
@@ -358,6 +362,7 @@ impl Config {
             store: store_cfg,
             inject_role,
             max_body_bytes,
+            cache_control,
             paths,
             failure_mode,
             control_token: control_token.map(Redacted::new),
@@ -480,6 +485,7 @@ mod tests {
             assert_eq!(c.store.timeout_ms, 500);
             assert_eq!(c.inject_role, "system");
             assert_eq!(c.max_body_bytes, 1_048_576);
+            assert!(!c.cache_control);
             assert_eq!(c.failure_mode, FailureMode::Closed);
             assert_eq!(c.control_token, None);
             assert!(!c.debug_headers);
@@ -494,7 +500,7 @@ mod tests {
             "cache":{"ttl_seconds":5,"negative_ttl_seconds":2,"stale_if_error_seconds":0},
             "redis":{"cluster":"r","authority":"r.local","dialect":"webdis","key_prefix":"d:","timeout_ms":20},
             "store":{"cluster":"s","authority":"s.local","timeout_ms":300},
-            "inject":{"role":"developer","max_body_bytes":1000},
+            "inject":{"role":"developer","max_body_bytes":1000,"cache_control":true},
             "failure_mode":"open","control":{"token":"s3cret"},"debug_headers":true}"#,
         )
         .unwrap();
@@ -513,6 +519,7 @@ mod tests {
         assert_eq!(c.redis.timeout_ms, 20);
         assert_eq!(c.store.authority, "s.local");
         assert_eq!(c.max_body_bytes, 1000);
+        assert!(c.cache_control);
         assert_eq!(c.failure_mode, FailureMode::Open);
         assert_eq!(
             c.control_token.as_ref().map(|t| t.expose().as_str()),
@@ -563,6 +570,11 @@ mod tests {
             ),
             (r#"{"agent":"x"}"#, "agent", "object"),
             (r#"{"inject":{"role":"user"}}"#, "inject.role", "one of"),
+            (
+                r#"{"inject":{"cache_control":"ephemeral"}}"#,
+                "inject.cache_control",
+                "true or false",
+            ),
             (
                 r#"{"redis":{"dialect":"upstash"}}"#,
                 "redis.dialect",
@@ -763,13 +775,149 @@ mod tests {
         assert_eq!(c.route("/anthropic/v1/messages"), messages);
         assert_eq!(c.route("/v1/messages/count_tokens"), messages);
         assert_eq!(c.route("/v1/threads/t/messages"), Route::Other);
-        assert_eq!(c.route("/v1/messages/batches"), Route::Other);
-        assert_eq!(c.route("/v1/xchat/completions"), Route::Other);
+        assert_eq!(
+            c.route("/v1/messages/batches"),
+            Route::Inject(Format::AnthropicBatches)
+        );
+        assert_eq!(
+            c.route("/v1/xchat/completions"),
+            Route::Inject(Format::OpenAiCompletions),
+            "no chat path, but a legacy completions one"
+        );
         assert_eq!(c.route("/v1/chat/completions/x"), Route::Other);
         assert_eq!(c.route("/v1/x?p=/chat/completions"), Route::Other);
         assert_eq!(
             c.route("/v1/chat/completion%2573"),
             Route::Unclear(crate::path::Unclear::EscapedPercent)
+        );
+    }
+
+    #[test]
+    fn default_paths_cover_every_provider() {
+        let c = parse("{}").unwrap();
+        for (raw, format) in [
+            // Azure OpenAI: deployment paths, api-version in the query.
+            (
+                "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                Format::OpenAiChat,
+            ),
+            (
+                "/openai/deployments/gpt-35/completions?api-version=2024-10-21",
+                Format::OpenAiCompletions,
+            ),
+            (
+                "/openai/responses?api-version=2025-04-01-preview",
+                Format::OpenAiResponses,
+            ),
+            ("/v1/completions", Format::OpenAiCompletions),
+            ("/v1/chat/completions", Format::OpenAiChat),
+            // Ollama: native and OpenAI-compatible.
+            ("/api/chat", Format::OpenAiChat),
+            ("/api/generate", Format::OllamaGenerate),
+            ("/v1/completions", Format::OpenAiCompletions),
+            // Anthropic.
+            ("/v1/messages/batches", Format::AnthropicBatches),
+            ("/v1/messages/count_tokens", Format::AnthropicMessages),
+            // Vertex Anthropic, its token count included.
+            (
+                "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:rawPredict",
+                Format::AnthropicMessages,
+            ),
+            (
+                "/v1/projects/p/locations/global/publishers/anthropic/models/claude-sonnet-4@20250514:streamRawPredict",
+                Format::AnthropicMessages,
+            ),
+            (
+                "/v1/projects/p/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict",
+                Format::AnthropicMessages,
+            ),
+            // Gemini API and Vertex Gemini.
+            (
+                "/v1beta/models/gemini-2.5-flash:generateContent",
+                Format::Gemini,
+            ),
+            (
+                "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+                Format::Gemini,
+            ),
+            ("/v1/tunedModels/my-model:generateContent", Format::Gemini),
+            (
+                "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro:generateContent",
+                Format::Gemini,
+            ),
+            (
+                "/v1beta1/projects/p/locations/l/endpoints/123:streamGenerateContent",
+                Format::Gemini,
+            ),
+            (
+                "/v1beta/models/gemini-2.5-flash:countTokens",
+                Format::GeminiCountTokens,
+            ),
+            (
+                "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:countTokens",
+                Format::Gemini,
+            ),
+            // Spellings the normaliser folds: case, an escaped colon, ;params, a trailing /.
+            (
+                "/v1beta/models/gemini-2.5-flash:GENERATECONTENT",
+                Format::Gemini,
+            ),
+            (
+                "/v1beta/models/gemini-2.5-flash%3AgenerateContent",
+                Format::Gemini,
+            ),
+            ("/v1beta/models/g:generateContent;x/", Format::Gemini),
+            // Bedrock: ids with `:`, cross-region profiles, an ARN whose `/` was escaped.
+            (
+                "/model/anthropic.claude-3-sonnet-20240229-v1:0/converse",
+                Format::BedrockConverse,
+            ),
+            (
+                "/model/us.anthropic.claude-3-5-haiku-20241022-v1:0/converse-stream",
+                Format::BedrockConverse,
+            ),
+            (
+                "/model/anthropic.claude-3-sonnet-20240229-v1%3A0/converse",
+                Format::BedrockConverse,
+            ),
+            (
+                "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-3-5-sonnet-20241022-v2%3A0/converse",
+                Format::BedrockConverse,
+            ),
+        ] {
+            assert_eq!(c.route(raw), Route::Inject(format), "{raw}");
+        }
+        for raw in [
+            // A verb is the end of the path, never a segment it continues from.
+            "/v1beta/models/g:generateContent/x",
+            "/v1beta/models/g:generateContentx",
+            "/v1beta/models/g:embedContent",
+            "/v1beta/models/g:batchGenerateContent",
+            "/v1/projects/p/locations/l/publishers/meta/models/llama:rawPredict",
+            "/v1/projects/p/locations/l/publishers/anthropic/models/claude:predict",
+            // Bedrock: other operations, and an id that is not one segment (or two).
+            "/model/m/invoke",
+            "/model/m/converse/x",
+            "/model/converse",
+            "/model/a/b/c/converse",
+            "/v1/messages/batches/msgbatch_1/cancel",
+            "/api/embed",
+        ] {
+            assert_eq!(c.route(raw), Route::Other, "{raw}");
+        }
+        assert_eq!(
+            c.route("/v1beta/models/g:generateContent/.."),
+            Route::Unclear(crate::path::Unclear::DotSegment)
+        );
+        assert_eq!(
+            c.route("/v1beta/models/g:generateContent/models"),
+            Route::Other,
+            "a pass path under an injection pattern is not passed"
+        );
+        assert_eq!(
+            c.route("/model/m/converse/embeddings"),
+            Route::Other,
+            "under a pattern with parameters too"
         );
     }
 
@@ -790,7 +938,6 @@ mod tests {
         }
         for raw in [
             "/v1/models/gpt-4o",
-            "/v1beta/models/gemini-pro:generateContent",
             "/v1/models/o/m/predictions",
             "/v1/embeddingsx",
             "/v1/xmodels",
@@ -804,6 +951,11 @@ mod tests {
         ] {
             assert_eq!(c.route(raw), Route::Other, "{raw}");
         }
+        assert_eq!(
+            c.route("/v1beta/models/gemini-pro:generateContent"),
+            Route::Inject(Format::Gemini),
+            "generation under /models"
+        );
         assert_eq!(
             c.route("/v1/chat/completionsx/models"),
             Route::Pass,
@@ -824,11 +976,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.paths.formats,
+            c.paths
+                .formats
+                .iter()
+                .map(|(p, f)| (p.as_str(), *f))
+                .collect::<Vec<_>>(),
             [
-                ("/v2/chat/completions".to_string(), Format::OpenAiResponses),
-                ("/chat/completions".to_string(), Format::OpenAiChat),
-                ("/generate".to_string(), Format::OpenAiChat),
+                ("/v2/chat/completions", Format::OpenAiResponses),
+                ("/chat/completions", Format::OpenAiChat),
+                ("/generate", Format::OpenAiChat),
             ],
             "normalised, longest first"
         );
@@ -846,6 +1002,27 @@ mod tests {
         assert_eq!(c.route("/v1/models"), Route::Other, "and pass_paths too");
         assert_eq!(c.route("/tokenize"), Route::Pass);
         assert_eq!(c.paths.other, OtherPaths::Pass);
+
+        let c = parse(
+            r#"{"inject":{"paths":{"/v1/{tenant}/generate":"ollama_generate","/{m}:predict":"gemini"},
+            "pass_paths":["/{m}:embedContent"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.route("/v1/acme/generate"),
+            Route::Inject(Format::OllamaGenerate)
+        );
+        assert_eq!(c.route("/v1/generate"), Route::Other);
+        assert_eq!(
+            c.route("/v1/models/x:PREDICT"),
+            Route::Inject(Format::Gemini)
+        );
+        assert_eq!(c.route("/v1beta/models/e:embedContent"), Route::Pass);
+        assert_eq!(
+            c.route("/v1beta/models/e:predict/models/e:embedContent"),
+            Route::Other,
+            "a pass path under an injection pattern is not passed"
+        );
 
         let c = parse(r#"{"inject":{"paths":{},"pass_paths":[]}}"#).unwrap();
         assert!(c.paths.formats.is_empty() && c.paths.pass.is_empty());
@@ -895,6 +1072,26 @@ mod tests {
                 r#"{"inject":{"paths":{"/A":"openai_chat","/a/":"openai_chat"}}}"#,
                 "inject.paths./a/",
                 "same path",
+            ),
+            (
+                r#"{"inject":{"paths":{"/v{n}/chat":"openai_chat"}}}"#,
+                "inject.paths./v{n}/chat",
+                "start its segment",
+            ),
+            (
+                r#"{"inject":{"paths":{"/model/{id/converse":"bedrock_converse"}}}"#,
+                "inject.paths./model/{id/converse",
+                "closing",
+            ),
+            (
+                r#"{"inject":{"paths":{"/model/{id}/converse":"bedrock_converse","/Model/{other}/Converse":"bedrock_converse"}}}"#,
+                "inject.paths./model/{id}/converse",
+                "same path",
+            ),
+            (
+                r#"{"inject":{"pass_paths":["/{m}:embed{x}"]}}"#,
+                "inject.pass_paths[0]",
+                "at most one",
             ),
             (
                 r#"{"inject":{"pass_paths":"/models"}}"#,
@@ -998,6 +1195,7 @@ mod tests {
                 Just("store"),
                 Just("inject"),
                 Just("max_body_bytes"),
+                Just("cache_control"),
                 Just("paths"),
                 Just("pass_paths"),
                 Just("other_paths"),
@@ -1033,7 +1231,7 @@ mod tests {
                         prop_assert!(c.max_body_bytes >= 1);
                         prop_assert!(!c.paths.formats.is_empty() || v.pointer("/inject/paths").is_some());
                         let mut patterns = c.paths.formats.iter().map(|(p, _)| p).chain(&c.paths.pass);
-                        prop_assert!(patterns.all(|p| p.len() > 1 && crate::path::normalise(p).as_ref() == Ok(p)));
+                        prop_assert!(patterns.all(|p| p.as_str().len() > 1 && crate::path::normalise(p.as_str()).as_deref() == Ok(p.as_str())));
                     }
                     Err(e) => prop_assert!(!e.field.is_empty() && !e.reason.is_empty()),
                 }

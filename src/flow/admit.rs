@@ -459,13 +459,12 @@ mod tests {
     #[test]
     fn unknown_endpoints_are_refused_unless_other_paths_is_pass() {
         let unknown = [
-            "/v1/messages/batches",
-            "/v1/completions",
-            "/v1beta/models/gemini-2.0-flash:generateContent",
-            "/v1/projects/p/locations/l/publishers/google/models/g:streamGenerateContent",
-            "/model/anthropic.claude-3-haiku/converse",
-            "/api/chat",
-            "/api/generate",
+            "/v1beta/models/gemini-2.0-flash:batchGenerateContent",
+            "/v1beta/cachedContents",
+            "/model/anthropic.claude-3-haiku/invoke",
+            "/v1/projects/p/locations/l/publishers/meta/models/llama:rawPredict",
+            "/api/embed",
+            "/v1/images/generations",
             "/v1/threads/thread_1/messages",
             "/v1/threads/runs",
             "/v1/models/gpt-4o",
@@ -476,6 +475,38 @@ mod tests {
         for path in unknown {
             assert_eq!(on(path, false, &refuse), UNSUPPORTED, "{path}");
             assert_eq!(on(path, false, &pass), Admission::Pass, "{path}");
+        }
+    }
+
+    #[test]
+    fn every_provider_endpoint_resolves_in_its_format() {
+        let c = config("");
+        for (path, format) in [
+            ("/v1/messages/batches", Format::AnthropicBatches),
+            ("/v1/completions", Format::OpenAiCompletions),
+            (
+                "/v1beta/models/gemini-2.0-flash:generateContent",
+                Format::Gemini,
+            ),
+            (
+                "/v1/projects/p/locations/l/publishers/google/models/g:streamGenerateContent",
+                Format::Gemini,
+            ),
+            (
+                "/v1beta/models/gemini-2.0-flash:countTokens",
+                Format::GeminiCountTokens,
+            ),
+            (
+                "/model/anthropic.claude-3-haiku/converse",
+                Format::BedrockConverse,
+            ),
+            ("/api/chat", Format::OpenAiChat),
+            ("/api/generate", Format::OllamaGenerate),
+        ] {
+            match on(path, false, &c) {
+                Admission::Resolve { format: f, .. } => assert_eq!(f, format, "{path}"),
+                other => panic!("{path}: {other:?}"),
+            }
         }
     }
 

@@ -9,7 +9,7 @@
 use super::{Ctx, Resume};
 use crate::entry::Known;
 use crate::host::Host;
-use crate::inject::splice;
+use crate::inject::{splice, Options};
 use crate::metrics::Counter;
 use crate::reply::Refusal;
 use crate::worker::{BodySeen, Delivered, Injection, Participant, Then};
@@ -168,12 +168,11 @@ pub(super) fn inject<H: Host>(i: &Injection, size: usize, ctx: &Ctx<'_, H>) -> (
         Ok(b) => b,
         Err(_) => return refuse(Refusal::DirectiveUnavailable, ctx),
     };
-    match splice(
-        i.format,
-        &body,
-        &ctx.config.chat_message_prefix,
-        i.escaped.expose(),
-    ) {
+    let options = Options {
+        message_prefix: &ctx.config.chat_message_prefix,
+        cache_control: ctx.config.cache_control,
+    };
+    match splice(i.format, &body, &options, i.escaped.expose()) {
         Ok(out) => {
             if ctx.host.replace_request_body(body.len(), &out).is_err() {
                 return refuse(Refusal::DirectiveUnavailable, ctx);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ibex_directive::entry::{Entry, Kind};
 use ibex_directive::inject::splice;
-use ibex_directive_micro::{body, CHAT_PREFIX, ESCAPED_DIRECTIVE, FORMATS, SIZES};
+use ibex_directive_micro::{body, ESCAPED_DIRECTIVE, FORMATS, OPTIONS, SIZES};
 
 fn bench_splice(c: &mut Criterion) {
     let mut group = c.benchmark_group("splice");
@@ -22,7 +22,7 @@ fn bench_splice(c: &mut Criterion) {
                     splice(
                         format,
                         std::hint::black_box(b),
-                        CHAT_PREFIX,
+                        &OPTIONS,
                         std::hint::black_box(ESCAPED_DIRECTIVE),
                     )
                 })

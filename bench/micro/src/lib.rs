@@ -5,7 +5,7 @@
 //! request of its format, with a conversation of several messages whose text holds
 //! escapes (`\n`, `\"`) and non-ASCII characters, so the scanner does real work.
 
-use ibex_directive::inject::Format;
+use ibex_directive::inject::{Format, Options};
 
 /// The directive used throughout, already JSON-escaped as it sits in L1 (≈ 300 bytes).
 pub const ESCAPED_DIRECTIVE: &str = "You are a support agent for ACME Corp. Answer in the \
@@ -15,6 +15,12 @@ Keep answers under 200 words; cite the knowledge-base article id when you use on
 
 /// Chat message prefix for `inject.role` = `"system"` (what `Config` builds).
 pub const CHAT_PREFIX: &str = "{\"role\":\"system\",\"content\":\"";
+
+/// Splice options of the default configuration (`inject.role` system, no cache_control).
+pub const OPTIONS: Options<'static> = Options {
+    message_prefix: CHAT_PREFIX,
+    cache_control: false,
+};
 
 const FILLER: &str = "The quick brown fox \\\"jumps\\\" over the lazy dog; caf\u{e9} \u{2603} \
 numbers 12345 and 6.02e23.\\nNext line with a tab\\t and more words to read. ";
@@ -30,6 +36,33 @@ pub fn body(format: Format, size: usize) -> Vec<u8> {
         Format::AnthropicMessages => (
             "{\"model\":\"claude-sonnet-4\",\"max_tokens\":1024,\"system\":[{\"type\":\"text\",\
 \"text\":\"House rules.\",\"cache_control\":{\"type\":\"ephemeral\"}}],\"messages\":[",
+            "]}",
+        ),        // The formats below keep the conversation in a member their splicer does not
+        // read; what they read closely is in the head.
+        Format::OpenAiCompletions => (
+            "{\"model\":\"gpt-3.5-turbo-instruct\",\"prompt\":[\"House rules.\",\"Once\"],\"history\":[",
+            "]}",
+        ),
+        Format::AnthropicBatches => (
+            "{\"requests\":[{\"custom_id\":\"a\",\"params\":{\"model\":\"claude-sonnet-4\",\
+\"max_tokens\":1024,\"system\":\"House rules.\",\"messages\":[",
+            "]}}]}",
+        ),
+        Format::Gemini => (
+            "{\"systemInstruction\":{\"parts\":[{\"text\":\"House rules.\"}]},\"contents\":[",
+            "]}",
+        ),
+        Format::GeminiCountTokens => (
+            "{\"generateContentRequest\":{\"model\":\"models/gemini-2.5-flash\",\
+\"systemInstruction\":{\"parts\":[{\"text\":\"House rules.\"}]},\"contents\":[",
+            "]}}",
+        ),
+        Format::BedrockConverse => (
+            "{\"system\":[{\"text\":\"House rules.\"}],\"inferenceConfig\":{\"maxTokens\":512},\"messages\":[",
+            "]}",
+        ),
+        Format::OllamaGenerate => (
+            "{\"model\":\"llama3\",\"system\":\"House rules.\",\"prompt\":\"hi\",\"history\":[",
             "]}",
         ),
     };
@@ -73,6 +106,12 @@ pub const FORMATS: &[(&str, Format)] = &[
     ("openai_chat", Format::OpenAiChat),
     ("openai_responses", Format::OpenAiResponses),
     ("anthropic_messages", Format::AnthropicMessages),
+    ("openai_completions", Format::OpenAiCompletions),
+    ("anthropic_batches", Format::AnthropicBatches),
+    ("gemini", Format::Gemini),
+    ("gemini_count_tokens", Format::GeminiCountTokens),
+    ("bedrock_converse", Format::BedrockConverse),
+    ("ollama_generate", Format::OllamaGenerate),
 ];
 
 /// Splices `body` `iterations` times; the callgrind driver's measured region
@@ -85,7 +124,7 @@ pub fn run_splices(format: Format, body: &[u8], iterations: usize) -> usize {
         match ibex_directive::inject::splice(
             format,
             std::hint::black_box(body),
-            CHAT_PREFIX,
+            &OPTIONS,
             std::hint::black_box(ESCAPED_DIRECTIVE),
         ) {
             Ok(out) => total += out.len(),
@@ -108,7 +147,7 @@ mod tests {
             for &(_, size) in SIZES {
                 let b = body(format, size);
                 assert_eq!(b.len(), size);
-                let out = ibex_directive::inject::splice(format, &b, CHAT_PREFIX, ESCAPED_DIRECTIVE)
+                let out = ibex_directive::inject::splice(format, &b, &OPTIONS, ESCAPED_DIRECTIVE)
                     .expect("splices");
                 assert!(out.len() > b.len());
             }
