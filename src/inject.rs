@@ -105,6 +105,11 @@ pub struct Options<'a> {
     pub message_prefix: &'a str,
     /// `inject.cache_control`: Anthropic formats cache the directive's block.
     pub cache_control: bool,
+    /// Largest body the splice may produce ([`crate::config::Config::max_spliced_bytes`]).
+    /// Formats with one insertion per element (completions prompts, batch requests)
+    /// multiply the directive: a small body of many empty elements must not become
+    /// gigabytes (a wasm32 allocation over 2 GiB aborts the VM).
+    pub max_output: usize,
 }
 
 /// Separator between the directive and text the client already had there.
@@ -211,7 +216,22 @@ pub fn splice(
         Format::BedrockConverse => bedrock(body, &scan_with(body, &BEDROCK, &[])?, d, &mut edits)?,
         Format::OllamaGenerate => ollama_generate(body, &scan(body)?, d, &mut edits)?,
     }
-    edits.apply(body)
+    edits.apply(body, options.max_output)
+}
+
+/// vLLM (and TensorRT-LLM's OpenAI server) keep only the last `truncate_prompt_tokens`
+/// tokens of the prompt, cutting from the left: exactly where the directive is.
+fn refuse_left_truncation(body: &[u8], top: &Object<'_>) -> Result<(), BodyError> {
+    if top
+        .folded("truncate_prompt_tokens")
+        .is_some_and(|m| m.value_kind(body) != ValueKind::Null)
+    {
+        return Err(BodyError::Unsupported {
+            member: "truncate_prompt_tokens",
+            reason: "a prompt truncated from the start would lose the directive",
+        });
+    }
+    Ok(())
 }
 
 fn chat<'p>(
@@ -221,6 +241,7 @@ fn chat<'p>(
     d: &'p [u8],
     edits: &mut Edits<'p>,
 ) -> Result<(), BodyError> {
+    refuse_left_truncation(body, top)?;
     let messages = top
         .target("messages")?
         .ok_or(BodyError::MissingMember("messages"))?;
@@ -268,6 +289,7 @@ fn completions<'p>(
     d: &'p [u8],
     edits: &mut Edits<'p>,
 ) -> Result<(), BodyError> {
+    refuse_left_truncation(body, top)?;
     // vLLM generates from `prompt_embeds` as well as from `prompt`: no text reaches it.
     if top
         .folded("prompt_embeds")
@@ -704,9 +726,13 @@ impl<'p> Edits<'p> {
     /// The body with every edit made, in one allocation of the final size. Edits out
     /// of body order cannot be built by this module; were one to be, the body is
     /// refused as malformed (the fuzz target reports that), never mangled.
-    fn apply(&self, body: &[u8]) -> Result<Vec<u8>, BodyError> {
-        let extra: usize = self.iter().map(Edit::len).sum();
-        let mut out = Vec::with_capacity(body.len().saturating_add(extra));
+    fn apply(&self, body: &[u8], max_output: usize) -> Result<Vec<u8>, BodyError> {
+        let total = self
+            .iter()
+            .try_fold(body.len(), |n, e| n.checked_add(e.len()))
+            .filter(|&n| n <= max_output)
+            .ok_or(BodyError::Oversized)?;
+        let mut out = Vec::with_capacity(total);
         let mut copied = 0;
         for edit in self.iter() {
             let before = body
@@ -777,6 +803,7 @@ mod tests {
     const OPTS: Options<'static> = Options {
         message_prefix: PREFIX,
         cache_control: false,
+        max_output: usize::MAX,
     };
 
     fn chat(body: &str, directive: &str) -> Result<String, BodyError> {
@@ -837,6 +864,7 @@ mod tests {
             &Options {
                 message_prefix: r#"{"role":"developer","content":""#,
                 cache_control: false,
+                max_output: usize::MAX,
             },
             "D",
         )
@@ -984,6 +1012,7 @@ mod tests {
         let options = Options {
             message_prefix: PREFIX,
             cache_control: true,
+            max_output: usize::MAX,
         };
         splice(
             format,
@@ -1016,6 +1045,47 @@ mod tests {
         assert_eq!(
             c(r#"{"prompt":"","prompt_embeds":null}"#).unwrap(),
             r#"{"prompt":"D\n\n","prompt_embeds":null}"#
+        );
+    }
+
+    #[test]
+    fn left_truncation_is_refused_for_chat_and_completions() {
+        for body in [
+            r#"{"messages":[],"truncate_prompt_tokens":8}"#,
+            r#"{"messages":[],"Truncate_Prompt_Tokens":-1}"#,
+        ] {
+            assert!(
+                unsupported(chat(body, "D"), "truncate_prompt_tokens"),
+                "{body}"
+            );
+        }
+        let c = |b: &str| splice_str(Format::OpenAiCompletions, b, "D");
+        assert!(unsupported(
+            c(r#"{"prompt":"a","truncate_prompt_tokens":8}"#),
+            "truncate_prompt_tokens"
+        ));
+        assert!(chat(r#"{"messages":[],"truncate_prompt_tokens":null}"#, "D").is_ok());
+    }
+
+    #[test]
+    fn a_splice_that_would_outgrow_the_limit_is_refused() {
+        let body = format!(r#"{{"prompt":[{}]}}"#, vec!["\"\""; 1000].join(","));
+        let options = Options {
+            message_prefix: PREFIX,
+            cache_control: false,
+            max_output: body.len() + 1000 * 7 - 1,
+        };
+        let r = splice(Format::OpenAiCompletions, body.as_bytes(), &options, "DDD");
+        assert_eq!(r, Err(BodyError::Oversized));
+        let roomy = Options {
+            max_output: body.len() + 1000 * 7,
+            ..options
+        };
+        let out = splice(Format::OpenAiCompletions, body.as_bytes(), &roomy, "DDD").unwrap();
+        assert_eq!(
+            out.len(),
+            body.len() + 1000 * 7,
+            "D, D, D and the escaped blank line"
         );
     }
 
@@ -1526,6 +1596,7 @@ mod tests {
                 let options = Options {
                     message_prefix: PREFIX,
                     cache_control,
+                    max_output: usize::MAX,
                 };
                 let out = splice(format, body.as_bytes(), &options, "").unwrap();
                 serde_json::from_slice::<Value>(&out).unwrap_or_else(|e| {
@@ -1905,7 +1976,7 @@ mod tests {
             #[test]
             fn splice_matches_the_reference_and_only_inserts((format, body, pretty, cache_control, d) in case()) {
                 let text = if pretty { serde_json::to_string_pretty(&body) } else { serde_json::to_string(&body) }.unwrap();
-                let options = Options { message_prefix: PREFIX, cache_control };
+                let options = Options { message_prefix: PREFIX, cache_control, max_output: usize::MAX, };
                 let out = splice(format, text.as_bytes(), &options, &escape_json_str(&d)).unwrap();
                 let parsed: Value = serde_json::from_slice(&out).unwrap();
                 // The reference starts from the text as parsed, so both sides read
@@ -1917,7 +1988,7 @@ mod tests {
 
             #[test]
             fn never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256), d in ".*", cache_control: bool) {
-                let options = Options { message_prefix: PREFIX, cache_control };
+                let options = Options { message_prefix: PREFIX, cache_control, max_output: usize::MAX, };
                 for (_, format) in Format::NAMES {
                     if let Ok(out) = splice(*format, &bytes, &options, &escape_json_str(&d)) {
                         prop_assert!(serde_json::from_slice::<Value>(&out).is_ok());

@@ -69,6 +69,9 @@ pub enum BodyError {
     },
     /// A member the upstream would act on so that it skips, replaces or cannot read
     /// the directive (Ollama's `suffix`, vLLM's `prompt_embeds`).
+    /// The body with the directive spliced in would exceed the spliced-body limit
+    /// (`inject.max_body_bytes` × 4): one insertion per element of a large array.
+    Oversized,
     Unsupported {
         /// Member name.
         member: &'static str,
@@ -104,6 +107,9 @@ impl fmt::Display for BodyError {
             }
             BodyError::WrongType { member, expected } => {
                 write!(f, "\"{member}\" must be {expected}")
+            }
+            BodyError::Oversized => {
+                f.write_str("request body would grow past the gateway's limit with the directive")
             }
             BodyError::Unsupported { member, reason } => {
                 write!(f, "\"{member}\" is not supported here: {reason}")

@@ -181,6 +181,10 @@ pub struct Config {
     pub inject_role: String,
     /// `inject.max_body_bytes`: larger request bodies are refused with 413.
     pub max_body_bytes: u64,
+    /// Derived: the largest body a splice may produce, 4 × `inject.max_body_bytes`
+    /// (a directive per completions prompt or batch request multiplies it); a body
+    /// that would grow past it is refused with 413.
+    pub max_spliced_bytes: usize,
     /// `inject.cache_control`: in the Anthropic formats, the directive's block is a
     /// prompt-cache breakpoint (while the request has room for one).
     pub cache_control: bool,
@@ -362,6 +366,8 @@ impl Config {
             store: store_cfg,
             inject_role,
             max_body_bytes,
+            max_spliced_bytes: usize::try_from(max_body_bytes.saturating_mul(4))
+                .unwrap_or(usize::MAX),
             cache_control,
             paths,
             failure_mode,

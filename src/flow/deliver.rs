@@ -10,6 +10,7 @@ use super::{Ctx, Resume};
 use crate::entry::Known;
 use crate::host::Host;
 use crate::inject::{splice, Options};
+use crate::json::BodyError;
 use crate::metrics::Counter;
 use crate::reply::Refusal;
 use crate::worker::{BodySeen, Delivered, Injection, Participant, Then};
@@ -171,6 +172,7 @@ pub(super) fn inject<H: Host>(i: &Injection, size: usize, ctx: &Ctx<'_, H>) -> (
     let options = Options {
         message_prefix: &ctx.config.chat_message_prefix,
         cache_control: ctx.config.cache_control,
+        max_output: ctx.config.max_spliced_bytes,
     };
     match splice(i.format, &body, &options, i.escaped.expose()) {
         Ok(out) => {
@@ -180,6 +182,7 @@ pub(super) fn inject<H: Host>(i: &Injection, size: usize, ctx: &Ctx<'_, H>) -> (
             ctx.host.count(Counter::Injected);
             (Delivered::Forwarded, Action::Continue)
         }
+        Err(BodyError::Oversized) => refuse(Refusal::BodyTooLarge, ctx),
         Err(e) => refuse(Refusal::InvalidBody(e), ctx),
     }
 }

@@ -19,7 +19,7 @@ pub const CHAT_PREFIX: &str = "{\"role\":\"system\",\"content\":\"";
 /// Splice options of the default configuration (`inject.role` system, no cache_control).
 pub const OPTIONS: Options<'static> = Options {
     message_prefix: CHAT_PREFIX,
-    cache_control: false,
+    cache_control: false, max_output: usize::MAX,
 };
 
 const FILLER: &str = "The quick brown fox \\\"jumps\\\" over the lazy dog; caf\u{e9} \u{2603} \
