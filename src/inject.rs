@@ -170,6 +170,9 @@ const BEDROCK_OVERRIDES: &[&str] = &[
     "preamble",
     "message",
     "chat_history",
+    // Cohere Command R: sends the message without the preamble Converse builds
+    // from `system`.
+    "raw_prompting",
 ];
 
 /// Returns `body` with the directive inserted where `format` reads it.
