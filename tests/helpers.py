@@ -2,7 +2,9 @@
 and byte-exact checks of what the upstream received."""
 
 import json
+import re
 import uuid
+from json.decoder import scanstring
 
 import requests
 
@@ -163,3 +165,309 @@ def agent_with_key(stack, directive, label=None):
     and a gateway key issued for it: (agent, key)."""
     agent = agent_with(stack, directive)
     return agent, stack.issue_key(agent, label=label)
+
+
+# ---------------------------------------------------------------- byte-exact oracles per format
+#
+# An independent reference of SPEC §5 / src/inject.rs: for a body the client sent,
+# the exact insertions (offset into the original, bytes, and how many original
+# bytes they replace: only a `null` the directive replaces) the filter must make.
+# The upstream must have received exactly `splice(original, insertions)`: every
+# original byte, in order, and nothing else. Offsets come from value_span, a
+# position-aware reading of the raw JSON (not a regex on the SDK's spelling).
+
+GEMINI_PATHS = {
+    "generate": "/v1beta/models/gemini-2.5-flash:generateContent",
+    "stream": "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+    "count": "/v1beta/models/gemini-2.5-flash:countTokens",
+}
+VERTEX_GEMINI = "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro:generateContent"
+VERTEX_GEMINI_COUNT = "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro:countTokens"
+VERTEX_ANTHROPIC = "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:rawPredict"
+VERTEX_ANTHROPIC_STREAM = VERTEX_ANTHROPIC.replace(":rawPredict", ":streamRawPredict")
+CONVERSE = "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse"
+CONVERSE_STREAM = CONVERSE + "-stream"
+COMPLETIONS = "/v1/completions"
+BATCHES = "/v1/messages/batches"
+COUNT_TOKENS = "/v1/messages/count_tokens"
+OLLAMA_GENERATE = "/api/generate"
+OLLAMA_CHAT = "/api/chat"
+AZURE_CHAT = "/openai/deployments/my-gpt/chat/completions?api-version=2024-10-21"
+
+CACHE_CONTROL = b',"cache_control":{"type":"ephemeral"}'
+
+
+def escaped(directive):
+    """The directive as the filter splices it: the inside of a JSON string literal,
+    escaped once (`"`, `\\`, controls; everything else kept as UTF-8), src/escape.rs."""
+    return json.dumps(directive, ensure_ascii=False)[1:-1].encode("utf-8")
+
+
+_DECODER = json.JSONDecoder()
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _ws(text, at):
+    return _WS.match(text, at).end()
+
+
+def _span(text, at, path):
+    """(start, end) character offsets of the value at `path` from the value at `at`."""
+    at = _ws(text, at)
+    if not path:
+        _, end = _DECODER.raw_decode(text, at)
+        return at, end
+    step, rest = path[0], path[1:]
+    opener, closer = ("{", "}") if isinstance(step, str) else ("[", "]")
+    if text[at] != opener:
+        return None
+    at = _ws(text, at + 1)
+    index = 0
+    while text[at] != closer:
+        if isinstance(step, str):
+            key, at = scanstring(text, at + 1)
+            at = _ws(text, _ws(text, at) + 1)  # past the colon
+            if key == step:
+                return _span(text, at, rest)
+        elif index == step:
+            return _span(text, at, rest)
+        _, at = _DECODER.raw_decode(text, at)
+        at = _ws(text, at)
+        if text[at] == ",":
+            at = _ws(text, at + 1)
+        index += 1
+    return None
+
+
+def value_span(body, *path):
+    """(start, end) byte offsets in the raw JSON `body` of the value at `path` (object
+    keys, as decoded, and array indexes; the first of duplicated keys), or None
+    when something on the way is absent or of another kind."""
+    text = body.decode("utf-8")
+    found = _span(text, 0, path)
+    if found is None:
+        return None
+    return tuple(len(text[:at].encode("utf-8")) for at in found)
+
+
+def _value(body, span):
+    return body[span[0]:span[1]]
+
+
+def _empty(body, span):
+    """The array or object at `span` has nothing inside."""
+    return body[span[0] + 1:span[1] - 1].strip() == b""
+
+
+def first_member(body, span, member):
+    """Insertion of `member` as the new first member of the object at `span`."""
+    return (span[0] + 1, member if _empty(body, span) else member + b",", 0)
+
+
+def first_element(body, span, element):
+    """Insertion of `element` as the new first element of the array at `span`."""
+    return (span[0] + 1, element if _empty(body, span) else element + b",", 0)
+
+
+def string_prefix(span, d):
+    """`D\\n\\n` right after the opening quote of the string at `span`."""
+    return (span[0] + 1, d + b"\\n\\n", 0)
+
+
+def replace_null(span, value):
+    return (span[0], value, span[1] - span[0])
+
+
+def splice(original, insertions):
+    """`original` with `insertions` ((offset, bytes, replaced) in any order; equal
+    offsets keep their order) made."""
+    out, at = [], 0
+    for offset, piece, replaced in sorted(insertions, key=lambda edit: edit[0]):
+        assert offset >= at, f"overlapping edits at {offset}"
+        out += [original[at:offset], piece]
+        at = offset + replaced
+    out.append(original[at:])
+    return b"".join(out)
+
+
+def assert_spliced(original, received, insertions):
+    """`received` is exactly `original` with `insertions`, and valid JSON without
+    duplicated keys. On a mismatch, shows where the bytes part."""
+    expected = splice(original, insertions)
+    if received != expected:
+        at = next((i for i, (a, b) in enumerate(zip(expected, received)) if a != b), min(len(expected), len(received)))
+        raise AssertionError(
+            f"the upstream did not receive the original bytes plus the insertions only: they part at byte {at} "
+            f"({len(received)} received, {len(expected)} expected)\n"
+            f"  expected …{expected[max(0, at - 60):at + 100]!r}\n  received …{received[max(0, at - 60):at + 100]!r}")
+    strict_json(received)
+
+
+def chat_insertions(body, d, role="system"):
+    """openai_chat: a new first element of `messages`."""
+    message = b'{"role":"' + role.encode() + b'","content":"' + d + b'"}'
+    return [first_element(body, value_span(body, "messages"), message)]
+
+
+def completions_insertions(body, d):
+    """openai_completions: `D\\n\\n` before each prompt string."""
+    prompt = value_span(body, "prompt")
+    if _value(body, prompt).startswith(b'"'):
+        return [string_prefix(prompt, d)]
+    count = len(json.loads(_value(body, prompt)))
+    return [string_prefix(value_span(body, "prompt", i), d) for i in range(count)]
+
+
+def breakpoints(body, span):
+    """(members named cache_control, members named ttl) at any depth in the value at
+    `span`, keys case-folded, duplicates counted: what src/inject.rs counts."""
+    counts = [0, 0]
+
+    def pairs(items):
+        for key, _ in items:
+            folded = key.casefold()
+            counts[0] += folded == "cache_control"
+            counts[1] += folded == "ttl"
+        return dict(items)
+
+    json.loads(_value(body, span), object_pairs_hook=pairs)
+    return tuple(counts)
+
+
+def anthropic_insertions(body, d, request=(), cache_control=False):
+    """anthropic_messages: `system` of the request at `request` (a path; the top level
+    by default), with inject.cache_control as given."""
+    top = value_span(body, *request)
+    cc, ttl = breakpoints(body, top)
+    cached = cache_control and cc < 4 and ttl == 0
+    block = b'{"type":"text","text":"' + d + b'"' + (CACHE_CONTROL if cached else b"") + b"}"
+    system = value_span(body, *request, "system")
+    if system is None:
+        return [first_member(body, top, b'"system":' + (b"[" + block + b"]" if cached else b'"' + d + b'"'))]
+    value = _value(body, system)
+    if value == b"null":
+        return [replace_null(system, b"[" + block + b"]" if cached else b'"' + d + b'"')]
+    if value.startswith(b"["):
+        return [first_element(body, system, block)]
+    assert value.startswith(b'"'), value
+    if not cached:
+        return [string_prefix(system, d)]
+    if json.loads(value).strip() == "":
+        return [(system[0], b'[{"type":"text","text":', 0), string_prefix(system, d),
+                (system[1], CACHE_CONTROL + b"}]", 0)]
+    return [(system[0], b"[" + block + b',{"type":"text","text":', 0), (system[1], b"}]", 0)]
+
+
+def batches_insertions(body, d, cache_control=False):
+    """anthropic_batches: every `requests[i].params` as anthropic_messages."""
+    count = len(json.loads(_value(body, value_span(body, "requests"))))
+    return [edit for i in range(count)
+            for edit in anthropic_insertions(body, d, ("requests", i, "params"), cache_control)]
+
+
+def _gemini_system_path(body, request):
+    found = [request + (name,) for name in ("systemInstruction", "system_instruction")
+             if value_span(body, *request, name) is not None]
+    assert len(found) <= 1, "both spellings: the filter refuses this body"
+    return found[0] if found else None
+
+
+def gemini_insertions(body, d, request=()):
+    """gemini: `systemInstruction` (or `system_instruction`) of the request at `request`."""
+    part = b'{"text":"' + d + b'"}'
+    path = _gemini_system_path(body, request)
+    if path is None:
+        return [first_member(body, value_span(body, *request), b'"systemInstruction":{"parts":[' + part + b"]}")]
+    system = value_span(body, *path)
+    if _value(body, system) == b"null":
+        return [replace_null(system, b'{"parts":[' + part + b"]}")]
+    parts = value_span(body, *path, "parts")
+    if parts is None:
+        return [first_member(body, system, b'"parts":[' + part + b"]")]
+    if _value(body, parts) == b"null":
+        return [replace_null(parts, b"[" + part + b"]")]
+    return [first_element(body, parts, part)]
+
+
+def gemini_count_tokens_insertions(body, d):
+    """gemini_count_tokens (Gemini API countTokens): inside `generateContentRequest`;
+    else the `systemInstruction` there is; else a new first user turn of `contents`."""
+    for name in ("generateContentRequest", "generate_content_request"):
+        inner = value_span(body, name)
+        if inner is not None and _value(body, inner) != b"null":
+            return gemini_insertions(body, d, (name,))
+    if _gemini_system_path(body, ()) is not None:
+        return gemini_insertions(body, d)
+    turn = b'{"role":"user","parts":[{"text":"' + d + b'"}]}'
+    return [first_element(body, value_span(body, "contents"), turn)]
+
+
+def bedrock_insertions(body, d):
+    """bedrock_converse: `system`, a new first `{"text":D}`."""
+    block = b'{"text":"' + d + b'"}'
+    system = value_span(body, "system")
+    if system is None:
+        return [first_member(body, value_span(body), b'"system":[' + block + b"]")]
+    if _value(body, system) == b"null":
+        return [replace_null(system, b"[" + block + b"]")]
+    return [first_element(body, system, block)]
+
+
+def ollama_generate_insertions(body, d):
+    """ollama_generate: `system`, set or prefixed."""
+    system = value_span(body, "system")
+    if system is None:
+        return [first_member(body, value_span(body), b'"system":"' + d + b'"')]
+    if _value(body, system) == b"null":
+        return [replace_null(system, b'"' + d + b'"')]
+    return [string_prefix(system, d)]
+
+
+INSERTIONS = {
+    "openai_chat": chat_insertions,
+    "openai_completions": completions_insertions,
+    "anthropic_messages": anthropic_insertions,
+    "anthropic_batches": batches_insertions,
+    "gemini": gemini_insertions,
+    "gemini_count_tokens": gemini_count_tokens_insertions,
+    "bedrock_converse": bedrock_insertions,
+    "ollama_generate": ollama_generate_insertions,
+}
+
+
+def assert_injected(format_name, original, received, directive, **options):
+    """The upstream received `original` with exactly the insertions `format_name` makes
+    for `directive` (options: cache_control for the Anthropic formats, role for chat).
+    Returns the received body, parsed."""
+    insertions = INSERTIONS[format_name](original, escaped(directive), **options)
+    assert_spliced(original, received, insertions)
+    return strict_json(received)
+
+
+class Wire:
+    """The requests an httpx-based SDK sent, as they left its HTTP client (an httpx
+    `request` event hook: `event_hooks={"request": [wire.hook]}`)."""
+
+    def __init__(self):
+        self.requests = []
+
+    def hook(self, request):
+        request.read()
+        self.requests.append(request)
+
+    @property
+    def last(self):
+        assert self.requests, "the SDK sent nothing"
+        return self.requests[-1]
+
+    @property
+    def body(self):
+        return self.last.content
+
+
+def only_request(upstream):
+    """The one request the upstream received."""
+    received = upstream.received()
+    assert len(received) == 1, received
+    return received[0]
+

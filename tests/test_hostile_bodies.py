@@ -11,6 +11,10 @@ encoding, any content-type, chunked bodies in tiny pieces, nested duplicate
 keys) is injected byte for byte, and what it says passes untouched (no body,
 agents without a directive) does.
 
+Every format has its own traps too (FORMAT_TRAPS: Gemini, Bedrock Converse,
+Anthropic batches, legacy completions, Ollama generate); what each format does
+accept is spliced byte for byte in tests/test_sdk_*.py.
+
 test_injection.py already covers: a truncated body, `messages` twice, `\\xff\\xfe`
 in a value, and `content-encoding: br`.
 """
@@ -23,9 +27,18 @@ import pytest
 import requests
 
 from helpers import (
+    BATCHES,
     CHAT,
+    COMPLETIONS,
+    CONVERSE,
+    CONVERSE_STREAM,
+    COUNT_TOKENS,
+    GEMINI_PATHS,
     MESSAGES,
+    OLLAMA_GENERATE,
     RESPONSES,
+    VERTEX_ANTHROPIC,
+    VERTEX_GEMINI,
     agent_with,
     assert_chat_injected,
     assert_single_insertion,
@@ -240,6 +253,92 @@ CASE_FOLDED = {
 def test_case_folded_twin_of_the_target_member_is_refused(stack, upstream, agent, path, body):
     """Go's encoding/json matches keys case-insensitively (U+017F folds to s) and the
     last match wins, so a case-folded twin of the member would hide the directive."""
+    assert_refused(stack, upstream, lambda: send(stack, path, body, agent=agent), 400, "invalid_body")
+
+
+# Each format's own traps (SPEC §5, src/inject.rs): a shape the splicer cannot
+# place the directive in with certainty, or one that would carry the request past
+# it. Every one is refused with 400 invalid_body and nothing reaches the upstream.
+GEMINI = GEMINI_PATHS["generate"]
+GEMINI_STREAM = GEMINI_PATHS["stream"]
+GEMINI_COUNT = GEMINI_PATHS["count"]
+
+FORMAT_TRAPS = {
+    # gemini: systemInstruction is a Content object, spelled one way, once
+    "gemini_system_instruction_string": (GEMINI, b'{"contents":[],"systemInstruction":"no directive here"}'),
+    "gemini_system_instruction_array": (GEMINI, b'{"contents":[],"systemInstruction":[{"text":"x"}]}'),
+    "gemini_system_instruction_number": (GEMINI_STREAM, b'{"contents":[],"systemInstruction":1}'),
+    "gemini_parts_object": (GEMINI, b'{"contents":[],"systemInstruction":{"parts":{"text":"x"}}}'),
+    "gemini_parts_string": (VERTEX_GEMINI, b'{"contents":[],"systemInstruction":{"parts":"x"}}'),
+    "gemini_both_spellings": (GEMINI, b'{"systemInstruction":{"parts":[]},"contents":[],'
+                                      b'"system_instruction":{"parts":[{"text":"no directive here"}]}}'),
+    "gemini_both_spellings_snake_first": (GEMINI_STREAM, b'{"system_instruction":{"parts":[{"text":"x"}]},'
+                                                         b'"systemInstruction":null,"contents":[]}'),
+    "gemini_case_folded_alone": (GEMINI, b'{"SystemInstruction":{"parts":[{"text":"no directive here"}]},'
+                                         b'"contents":[]}'),
+    "gemini_case_folded_twin": (VERTEX_GEMINI, b'{"systemInstruction":{"parts":[]},"contents":[],'
+                                               b'"SYSTEMINSTRUCTION":{"parts":[{"text":"x"}]}}'),
+    "gemini_snake_case_folded": (GEMINI, b'{"System_Instruction":{"parts":[]},"contents":[]}'),
+    "gemini_parts_case_folded": (GEMINI, b'{"systemInstruction":{"Parts":[{"text":"x"}]},"contents":[]}'),
+    "gemini_parts_twice": (GEMINI, b'{"systemInstruction":{"parts":[],"parts":[{"text":"x"}]},"contents":[]}'),
+    "gemini_system_instruction_twice": (GEMINI, b'{"systemInstruction":{"parts":[]},'
+                                                b'"system\\u0049nstruction":{"parts":[]},"contents":[]}'),
+    "gemini_count_both_request_spellings": (GEMINI_COUNT, b'{"generateContentRequest":{"contents":[]},'
+                                                          b'"generate_content_request":{"contents":[]}}'),
+    "gemini_count_request_string": (GEMINI_COUNT, b'{"generateContentRequest":"x"}'),
+    "gemini_count_request_system_string": (GEMINI_COUNT, b'{"generateContentRequest":{"contents":[],'
+                                                         b'"systemInstruction":"x"}}'),
+    "gemini_count_without_contents": (GEMINI_COUNT, b'{"model":"m"}'),
+    "gemini_count_contents_object": (GEMINI_COUNT, b'{"contents":{"parts":[]}}'),
+    # bedrock_converse: system is an array of {text}
+    "bedrock_system_object": (CONVERSE, b'{"system":{"text":"no directive here"},"messages":[]}'),
+    "bedrock_system_string": (CONVERSE_STREAM, b'{"system":"x","messages":[]}'),
+    "bedrock_system_case_folded": (CONVERSE, b'{"System":[{"text":"x"}],"messages":[]}'),
+    "bedrock_system_twice": (CONVERSE, b'{"system":[],"messages":[],"system":[{"text":"x"}]}'),
+    "bedrock_native_system_field": (CONVERSE, b'{"messages":[],"additionalModelRequestFields":'
+                                              b'{"system":"no directive here"}}'),
+    "bedrock_native_messages_field": (CONVERSE_STREAM, b'{"messages":[],"additionalModelRequestFields":'
+                                                       b'{"Messages":[]}}'),
+    "bedrock_native_prompt_field": (CONVERSE, b'{"messages":[],"additionalModelRequestFields":{"prompt":"x"}}'),
+    "bedrock_cohere_raw_prompting": (CONVERSE, b'{"messages":[],"additionalModelRequestFields":'
+                                               b'{"raw_prompting":true}}'),
+    # anthropic_batches: every request has params, an object
+    "batch_params_missing": (BATCHES, b'{"requests":[{"custom_id":"a","params":{"messages":[]}},'
+                                      b'{"custom_id":"b"}]}'),
+    "batch_params_null": (BATCHES, b'{"requests":[{"custom_id":"a","params":null}]}'),
+    "batch_params_string": (BATCHES, b'{"requests":[{"custom_id":"a","params":"x"}]}'),
+    "batch_params_case_folded": (BATCHES, b'{"requests":[{"custom_id":"a","Params":{"messages":[]}}]}'),
+    "batch_params_twice": (BATCHES, b'{"requests":[{"params":{},"params":{"messages":[]}}]}'),
+    "batch_request_not_an_object": (BATCHES, b'{"requests":[{"params":{}},"x"]}'),
+    "batch_requests_object": (BATCHES, b'{"requests":{"params":{}}}'),
+    "batch_requests_missing": (BATCHES, b'{"custom_id":"a","params":{}}'),
+    "batch_system_object": (BATCHES, b'{"requests":[{"params":{"system":{"text":"x"}}}]}'),
+    "batch_system_twice": (BATCHES, b'{"requests":[{"params":{"system":"a","system":"b"}}]}'),
+    # anthropic_messages on its other paths
+    "count_tokens_system_object": (COUNT_TOKENS, b'{"system":{"type":"text","text":"x"},"messages":[]}'),
+    "vertex_raw_predict_system_number": (VERTEX_ANTHROPIC, b'{"system":1,"messages":[]}'),
+    # openai_completions: text prompts only
+    "completions_token_array": (COMPLETIONS, b'{"model":"m","prompt":[1,2,3]}'),
+    "completions_token_arrays": (COMPLETIONS, b'{"model":"m","prompt":[[1,2],[3]]}'),
+    "completions_mixed_array": (COMPLETIONS, b'{"model":"m","prompt":["a",1]}'),
+    "completions_empty_array": (COMPLETIONS, b'{"model":"m","prompt":[]}'),
+    "completions_prompt_null": (COMPLETIONS, b'{"model":"m","prompt":null}'),
+    "completions_prompt_missing": (COMPLETIONS, b'{"model":"m"}'),
+    "completions_prompt_case_folded": (COMPLETIONS, b'{"model":"m","Prompt":"x"}'),
+    "completions_prompt_embeds": (COMPLETIONS, b'{"model":"m","prompt":"x","prompt_embeds":"AAAA"}'),
+    "completions_truncate_prompt_tokens": (COMPLETIONS, b'{"model":"m","prompt":"x","truncate_prompt_tokens":8}'),
+    # ollama_generate: what would skip or replace the template that places system
+    "ollama_suffix": (OLLAMA_GENERATE, b'{"model":"m","prompt":"def f(","suffix":"    return x"}'),
+    "ollama_template": (OLLAMA_GENERATE, b'{"model":"m","prompt":"p","template":"{{ .Prompt }}"}'),
+    "ollama_raw": (OLLAMA_GENERATE, b'{"model":"m","prompt":"[INST] p [/INST]","raw":true}'),
+    "ollama_raw_case_folded": (OLLAMA_GENERATE, b'{"model":"m","prompt":"p","RAW":true}'),
+    "ollama_system_number": (OLLAMA_GENERATE, b'{"model":"m","prompt":"p","system":1}'),
+    "ollama_system_case_folded": (OLLAMA_GENERATE, b'{"model":"m","prompt":"p","System":"x"}'),
+}
+
+
+@pytest.mark.parametrize("path,body", FORMAT_TRAPS.values(), ids=FORMAT_TRAPS.keys())
+def test_format_specific_trap_is_refused(stack, upstream, agent, path, body):
     assert_refused(stack, upstream, lambda: send(stack, path, body, agent=agent), 400, "invalid_body")
 
 
