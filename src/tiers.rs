@@ -265,17 +265,7 @@ fn value_with_pttl(body: &[u8]) -> Result<(&[u8], Option<u64>), TierError> {
     let rest = body
         .strip_prefix(b"*2\r\n$")
         .ok_or(TierError("not a value and its TTL"))?;
-    let digits_end = rest
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(rest.len());
-    let (digits, after) = rest
-        .split_at_checked(digits_end)
-        .ok_or(TierError("bad length"))?;
-    let len: usize = decimal(digits)?;
-    let data = after
-        .strip_prefix(b"\r\n")
-        .ok_or(TierError("bad length line"))?;
+    let (len, data) = length_line::<usize>(rest)?;
     let (value, after) = data
         .split_at_checked(len)
         .ok_or(TierError("length mismatch"))?;
@@ -288,15 +278,8 @@ fn value_with_pttl(body: &[u8]) -> Result<(&[u8], Option<u64>), TierError> {
     let ttl = match element.split_first() {
         Some((b':', digits)) => digits,
         Some((b'$', rest)) => {
-            let (len, digits) = rest
-                .iter()
-                .position(|&b| b == b'\r')
-                .and_then(|at| rest.split_at_checked(at))
-                .ok_or(TierError("bad TTL reply"))?;
-            let digits = digits
-                .strip_prefix(b"\r\n")
-                .ok_or(TierError("bad TTL reply"))?;
-            if decimal::<usize>(len)? != digits.len() {
+            let (len, digits) = length_line::<usize>(rest)?;
+            if len != digits.len() {
                 return Err(TierError("bad TTL reply"));
             }
             digits
@@ -442,15 +425,9 @@ fn decimal<W: Width>(digits: &[u8]) -> Result<W, TierError> {
     })
 }
 
-/// The value of a whole RESP bulk reply `$<len>\r\n<len bytes>\r\n`, its length
-/// checked with `W`'s arithmetic.
-pub(crate) fn bulk_value<W: Width>(body: &[u8]) -> Result<&[u8], TierError> {
-    let rest = match body.split_first() {
-        Some((b'$', rest)) => rest,
-        Some((b'-', _)) => return Err(TierError("error reply")),
-        Some(_) => return Err(TierError("not a bulk reply")),
-        None => return Err(TierError("empty reply")),
-    };
+/// A bulk reply's length line after its `$`: the canonical decimal length (in `W`)
+/// and everything after its CRLF.
+fn length_line<W: Width>(rest: &[u8]) -> Result<(W, &[u8]), TierError> {
     let digits_end = rest
         .iter()
         .position(|b| !b.is_ascii_digit())
@@ -462,6 +439,19 @@ pub(crate) fn bulk_value<W: Width>(body: &[u8]) -> Result<&[u8], TierError> {
     let data = after
         .strip_prefix(b"\r\n")
         .ok_or(TierError("bad length line"))?;
+    Ok((len, data))
+}
+
+/// The value of a whole RESP bulk reply `$<len>\r\n<len bytes>\r\n`, its length
+/// checked with `W`'s arithmetic.
+pub(crate) fn bulk_value<W: Width>(body: &[u8]) -> Result<&[u8], TierError> {
+    let rest = match body.split_first() {
+        Some((b'$', rest)) => rest,
+        Some((b'-', _)) => return Err(TierError("error reply")),
+        Some(_) => return Err(TierError("not a bulk reply")),
+        None => return Err(TierError("empty reply")),
+    };
+    let (len, data) = length_line::<W>(rest)?;
     let expected = len.plus_crlf().ok_or(TierError("length overflows"))?;
     let actual = W::try_from(data.len()).map_err(|_| TierError("length mismatch"))?;
     if actual != expected {
