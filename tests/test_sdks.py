@@ -20,30 +20,10 @@ import anthropic
 import openai
 import pytest
 
-from helpers import TRICKY_DIRECTIVE, agent_with, assert_chat_injected, assert_single_insertion, strict_json
+from helpers import TRICKY_DIRECTIVE, Wire, agent_with, assert_chat_injected, assert_single_insertion, strict_json
 from stack.contract import AGENT_HEADER
 
 API_KEY = "sk-test-not-a-real-key"
-
-
-class Wire:
-    """The requests an SDK sent, as they left its HTTP client."""
-
-    def __init__(self):
-        self.requests = []
-
-    def hook(self, request):
-        request.read()
-        self.requests.append(request)
-
-    @property
-    def last(self):
-        assert self.requests, "the SDK sent nothing"
-        return self.requests[-1]
-
-    @property
-    def body(self):
-        return self.last.content
 
 
 def http_client(sdk, wire):
