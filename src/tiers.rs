@@ -138,7 +138,7 @@ pub fn redis_get(config: &Config, agent: &AgentId) -> Callout {
 /// The conditional write, URL-encoded once (it never changes):
 /// `if redis.call('EXISTS',KEYS[1],KEYS[2])==0 then
 ///  redis.call('SET',KEYS[1],ARGV[2],'EX',ARGV[1]) return 1 end return 0`
-const SET_IF_ABSENT_SCRIPT: &str = "if%20redis.call%28%27EXISTS%27%2CKEYS%5B1%5D%2CKEYS%5B2%5D%29%3D%3D0%20then%20redis.call%28%27SET%27%2CKEYS%5B1%5D%2CARGV%5B2%5D%2C%27EX%27%2CARGV%5B1%5D%29%20return%201%20end%20return%200";
+const SET_IF_ABSENT_URL: &str = "if%20redis.call%28%27EXISTS%27%2CKEYS%5B1%5D%2CKEYS%5B2%5D%29%3D%3D0%20then%20redis.call%28%27SET%27%2CKEYS%5B1%5D%2CARGV%5B2%5D%2C%27EX%27%2CARGV%5B1%5D%29%20return%201%20end%20return%200";
 
 /// L2 write of an agent's answer with its TTL. `None` writes "no directive".
 /// The write happens only if the key and the flush marker are both absent.
@@ -167,7 +167,7 @@ fn conditional_set(
     value: Option<&[u8]>,
     ttl_seconds: u64,
 ) -> Callout {
-    let base = format!("/EVAL/{SET_IF_ABSENT_SCRIPT}/2/{key}/{marker}/{ttl_seconds}");
+    let base = format!("/EVAL/{SET_IF_ABSENT_URL}/2/{key}/{marker}/{ttl_seconds}");
     let (method, path, body) = match value {
         Some(bytes) if !bytes.is_empty() => ("PUT", base, Some(Redacted::new(bytes.to_vec()))),
         // A trailing slash is Webdis's spelling of an empty last argument.
@@ -199,7 +199,7 @@ pub enum KeyAnswer {
 ///  return {v,redis.call('PTTL',KEYS[1])}`, URL-encoded once. The filter caches a key
 /// no longer than Redis does, so a revocation that only expiry can carry (the
 /// subscriber was away) reaches the gateway within `cache.ttl_seconds`.
-const GET_WITH_PTTL_SCRIPT: &str = "local%20v%3Dredis.call%28%27GET%27%2CKEYS%5B1%5D%29%20if%20not%20v%20then%20return%20false%20end%20return%20%7Bv%2Credis.call%28%27PTTL%27%2CKEYS%5B1%5D%29%7D";
+const GET_WITH_PTTL_URL: &str = "local%20v%3Dredis.call%28%27GET%27%2CKEYS%5B1%5D%29%20if%20not%20v%20then%20return%20false%20end%20return%20%7Bv%2Credis.call%28%27PTTL%27%2CKEYS%5B1%5D%29%7D";
 
 /// L2 read of a gateway key's entry, `agent_key:{sha256hex}`, with its remaining TTL.
 pub fn redis_get_key(config: &Config, key: &KeyHash) -> Callout {
@@ -207,7 +207,7 @@ pub fn redis_get_key(config: &Config, key: &KeyHash) -> Callout {
         cluster: config.redis.cluster.clone(),
         method: "GET",
         path: format!(
-            "/EVAL/{GET_WITH_PTTL_SCRIPT}/1/{}.raw",
+            "/EVAL/{GET_WITH_PTTL_URL}/1/{}.raw",
             ibex_wire::agent_key_redis_key(&key.hex())
         ),
         authority: config.redis.authority.clone(),
@@ -640,8 +640,14 @@ mod tests {
 
     #[test]
     fn the_encoded_script_is_the_documented_one() {
-        let decoded = percent_decode(super::SET_IF_ABSENT_SCRIPT);
-        assert_eq!(decoded, "if redis.call('EXISTS',KEYS[1],KEYS[2])==0 then redis.call('SET',KEYS[1],ARGV[2],'EX',ARGV[1]) return 1 end return 0");
+        assert_eq!(
+            percent_decode(super::SET_IF_ABSENT_URL),
+            ibex_wire::SET_IF_ABSENT_SCRIPT
+        );
+        assert_eq!(
+            percent_decode(super::GET_WITH_PTTL_URL),
+            ibex_wire::GET_WITH_PTTL_SCRIPT
+        );
     }
 
     fn percent_decode(s: &str) -> String {

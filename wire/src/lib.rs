@@ -6,6 +6,8 @@
 //!   the tombstone value the subscriber writes over a changed key ([`TOMBSTONE`]) and
 //!   the flush marker that blocks write-backs after "invalidate all"
 //!   ([`FLUSH_MARKER_SUFFIX`]).
+//! - The two Lua scripts the filter runs through `EVAL` ([`FILTER_SCRIPTS`]), which
+//!   the REST front allows by default.
 //! - Pub/sub: the update and flush channels ([`UPDATES_CHANNEL_PREFIX`],
 //!   [`FLUSH_CHANNEL`], [`parse_channel`]).
 //! - The control endpoint of Envoy's control listener ([`INVALIDATE_PATH`],
@@ -34,6 +36,22 @@ pub use envelope::error_envelope;
 pub use redacted::{Redacted, SecretLen};
 
 use std::fmt::Display;
+
+// --------------------------------------------------------------- Redis scripts
+
+/// The filter's conditional write-back: `KEYS[1]` (the entry) is set to `ARGV[2]`
+/// with `EX ARGV[1]` only if neither it (a value or a tombstone) nor `KEYS[2]` (the
+/// flush marker) exists; returns 1 when written, 0 when not. The REST front runs no
+/// other write script unless told to.
+pub const SET_IF_ABSENT_SCRIPT: &str = "if redis.call('EXISTS',KEYS[1],KEYS[2])==0 then redis.call('SET',KEYS[1],ARGV[2],'EX',ARGV[1]) return 1 end return 0";
+
+/// The filter's read of a gateway key's entry: nil when `KEYS[1]` does not exist,
+/// else its value and its `PTTL` (so the filter caches it no longer than Redis).
+pub const GET_WITH_PTTL_SCRIPT: &str = "local v=redis.call('GET',KEYS[1]) if not v then return false end return {v,redis.call('PTTL',KEYS[1])}";
+
+/// Every script the filter sends through `EVAL`: what the REST front allows by
+/// default.
+pub const FILTER_SCRIPTS: [&str; 2] = [SET_IF_ABSENT_SCRIPT, GET_WITH_PTTL_SCRIPT];
 
 // ------------------------------------------------------------------ Redis keys
 
