@@ -168,11 +168,15 @@ impl Host for EnvoyHost<'_> {
     }
 
     fn dispatch(&self, call: &Callout) -> Result<u32, HostError> {
-        let headers = vec![
+        let mut headers = vec![
             (":method", call.method),
             (":path", call.path.as_str()),
             (":authority", call.authority.as_str()),
         ];
+        headers.extend_from_slice(call.headers);
+        if let Some(authorization) = &call.authorization {
+            headers.push(("authorization", authorization.expose().as_str()));
+        }
         hostcalls::dispatch_http_call(
             &call.cluster,
             headers,

@@ -124,17 +124,29 @@ pub enum FailureMode {
     Open,
 }
 
+/// The protocol of the HTTP front of Redis (`redis.dialect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// Webdis: commands in the path, Redis protocol (`.raw`) answers.
+    Webdis,
+    /// The Upstash REST API (managed Upstash, or `ibex-companion rest`): commands
+    /// as JSON arrays, `{"result":…}` answers, values in base64.
+    Upstash,
+}
+
 /// L2 settings: the Envoy cluster in front of Redis.
-///
-/// `redis.dialect` (the protocol of that front) is accepted only as `"webdis"`,
-/// which is what [`crate::tiers`] speaks; no field records it until a second
-/// dialect (`"upstash"`, SPEC §3) exists to choose from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// Envoy cluster name of the Redis HTTP front (`redis.cluster`).
     pub cluster: String,
     /// `:authority` sent on callouts (`redis.authority`).
     pub authority: String,
+    /// The front's protocol (`redis.dialect`).
+    pub dialect: Dialect,
+    /// `Authorization` value of the `upstash` dialect, `Bearer <redis.token>`, built
+    /// once here; `None` with Webdis, which has no authentication. Its `Debug` shows
+    /// the length only.
+    pub authorization: Option<Redacted<String>>,
     /// Redis key = prefix + agent id (`redis.key_prefix`).
     pub key_prefix: String,
     /// Per-callout timeout in milliseconds (`redis.timeout_ms`).
@@ -291,15 +303,41 @@ impl Config {
             "redis.authority",
             &section.string("authority", "ibex_redis")?,
         )?;
-        // Webdis is the only dialect tiers.rs speaks: anything else is refused.
-        choice(
+        let dialect = choice(
             "redis.dialect",
             &section.string("dialect", "webdis")?,
-            &[("webdis", ())],
+            &[("webdis", Dialect::Webdis), ("upstash", Dialect::Upstash)],
         )?;
+        let token = section.opt_string("token")?;
+        let authorization = match (dialect, token) {
+            (Dialect::Upstash, Some(t)) if header_safe_token(&t) => {
+                Some(Redacted::new(format!("Bearer {t}")))
+            }
+            (Dialect::Upstash, Some(_)) => {
+                return Err(err(
+                    "redis.token",
+                    "must be non-empty printable ASCII without spaces",
+                ))
+            }
+            (Dialect::Upstash, None) => {
+                return Err(err(
+                    "redis.token",
+                    "is required with redis.dialect \"upstash\"",
+                ))
+            }
+            (Dialect::Webdis, Some(_)) => {
+                return Err(err(
+                    "redis.token",
+                    "is only for redis.dialect \"upstash\" (Webdis has no authentication)",
+                ))
+            }
+            (Dialect::Webdis, None) => None,
+        };
         let redis = RedisConfig {
             cluster,
             authority,
+            dialect,
+            authorization,
             key_prefix: key_prefix(
                 "redis.key_prefix",
                 &section.string("key_prefix", ibex_wire::DEFAULT_KEY_PREFIX)?,
@@ -337,7 +375,7 @@ impl Config {
         let mut control = root.section("control")?;
         let control_token = control.opt_string("token")?;
         if let Some(t) = &control_token {
-            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            if !header_safe_token(t) {
                 return Err(err(
                     "control.token",
                     "must be non-empty printable ASCII without spaces",
@@ -462,6 +500,11 @@ const RESERVED_KEY_HEADERS: &[&str] = &[
     "upgrade",
 ];
 
+/// A bearer token that fits in a header value as it is: printable ASCII, no spaces.
+fn header_safe_token(t: &str) -> bool {
+    !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,6 +580,21 @@ mod tests {
             !format!("{c:?}").contains("s3cret"),
             "token must not reach debug output"
         );
+        assert_eq!(
+            (c.redis.dialect, c.redis.authorization),
+            (Dialect::Webdis, None)
+        );
+    }
+
+    #[test]
+    fn the_upstash_dialect_carries_its_bearer_token() {
+        let c = parse(r#"{"redis":{"dialect":"upstash","token":"AYk-Tok_en="}}"#).unwrap();
+        assert_eq!(c.redis.dialect, Dialect::Upstash);
+        assert_eq!(
+            c.redis.authorization.as_ref().map(|a| a.expose().as_str()),
+            Some("Bearer AYk-Tok_en=")
+        );
+        assert!(!format!("{c:?}").contains("AYk"), "token in debug output");
     }
 
     #[test]
@@ -582,10 +640,26 @@ mod tests {
                 "true or false",
             ),
             (
-                r#"{"redis":{"dialect":"upstash"}}"#,
+                r#"{"redis":{"dialect":"redis"}}"#,
                 "redis.dialect",
                 "one of",
             ),
+            (
+                r#"{"redis":{"dialect":"upstash"}}"#,
+                "redis.token",
+                "required",
+            ),
+            (
+                r#"{"redis":{"dialect":"upstash","token":"a b"}}"#,
+                "redis.token",
+                "printable",
+            ),
+            (
+                r#"{"redis":{"dialect":"upstash","token":""}}"#,
+                "redis.token",
+                "printable",
+            ),
+            (r#"{"redis":{"token":"t"}}"#, "redis.token", "only for"),
             (
                 r#"{"redis":{"key_prefix":"a/b"}}"#,
                 "redis.key_prefix",
@@ -1196,6 +1270,8 @@ mod tests {
                 Just("cluster"),
                 Just("authority"),
                 Just("dialect"),
+                Just("upstash"),
+                Just("webdis"),
                 Just("key_prefix"),
                 Just("timeout_ms"),
                 Just("store"),

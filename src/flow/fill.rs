@@ -278,7 +278,7 @@ fn finish<H: Host>(
 /// find what it did with the worker).
 pub(super) fn on_callout<H: Host>(token: u32, response: &Response, ctx: &Ctx<'_, H>) {
     if ctx.worker.borrow_mut().finish_write(token) {
-        match tiers::redis_set_outcome(response) {
+        match tiers::redis_set_outcome(ctx.config.redis.dialect, response) {
             WriteOutcome::Written => {}
             WriteOutcome::Skipped => ctx.host.count(Counter::L2WriteSkipped),
             WriteOutcome::Failed => ctx.host.count(Counter::L2WriteError),
@@ -407,25 +407,36 @@ fn on_redis_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
     let ttl_ms = |seconds: u64| seconds.saturating_mul(1000);
     // (what Redis said, how long it may be cached here in ms)
     let parsed = match fill.subject {
-        Subject::Directive(_) => tiers::parse_redis_get(response).map(|answer| match answer {
-            Answer::Directive(text) => Some((
-                Known::Directive(Redacted::new(escape_json_str(text.expose()))),
-                ttl_ms(config.ttl_seconds),
-            )),
-            Answer::NoDirective => Some((Known::NoDirective, ttl_ms(config.negative_ttl_seconds))),
-            Answer::Unknown => None,
-        }),
+        Subject::Directive(_) => {
+            tiers::parse_redis_get(config.redis.dialect, response).map(|answer| match answer {
+                Answer::Directive(text) => Some((
+                    Known::Directive(Redacted::new(escape_json_str(text.expose()))),
+                    ttl_ms(config.ttl_seconds),
+                )),
+                Answer::NoDirective => {
+                    Some((Known::NoDirective, ttl_ms(config.negative_ttl_seconds)))
+                }
+                Answer::Unknown => None,
+            })
+        }
         // A key is cached no longer than Redis keeps it: an entry Redis is about to
         // drop must not start a fresh TTL here (a revocation the subscriber missed
         // would then take up to twice the TTL to arrive).
-        Subject::Key(_) => tiers::parse_redis_key_get(response).map(|(answer, left)| {
-            let capped = |seconds| left.map_or(ttl_ms(seconds), |left| left.min(ttl_ms(seconds)));
-            match answer {
-                KeyAnswer::Agent(agent) => Some((Known::Agent(agent), capped(config.ttl_seconds))),
-                KeyAnswer::NoAgent => Some((Known::NoAgent, capped(config.negative_ttl_seconds))),
-                KeyAnswer::Unknown => None,
-            }
-        }),
+        Subject::Key(_) => {
+            tiers::parse_redis_key_get(config.redis.dialect, response).map(|(answer, left)| {
+                let capped =
+                    |seconds| left.map_or(ttl_ms(seconds), |left| left.min(ttl_ms(seconds)));
+                match answer {
+                    KeyAnswer::Agent(agent) => {
+                        Some((Known::Agent(agent), capped(config.ttl_seconds)))
+                    }
+                    KeyAnswer::NoAgent => {
+                        Some((Known::NoAgent, capped(config.negative_ttl_seconds)))
+                    }
+                    KeyAnswer::Unknown => None,
+                }
+            })
+        }
     };
     report(Tier::Redis, parsed.is_ok(), ctx);
     let (known, ttl) = match parsed {

@@ -197,6 +197,48 @@ fn cold_agent_goes_through_every_tier_and_is_cached_in_l1_and_l2() {
     assert_eq!(w2.tier(1).as_deref(), Some("local"));
 }
 
+/// The same flow over the `upstash` dialect: the tiers' requests and readers change,
+/// nothing else does.
+#[test]
+fn the_upstash_dialect_fills_and_writes_back_like_webdis() {
+    let upstash = r#","redis":{"dialect":"upstash","token":"t0k"}"#;
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(upstash));
+    let miss = ok(r#"{"result":null}"#);
+    let flow = w.run(1, vec![miss, store_answer(Some("Be \"terse\"."))]);
+    assert!(matches!(flow.state, State::Forward));
+    on_root_tick(&w.ctx(ROOT));
+    assert_eq!(w.body(1), INJECTED);
+    let calls = w.host.callouts.borrow().clone();
+    assert_eq!(calls.len(), 3, "L2 get, L3 get, L2 write");
+    let write = &calls[2].1;
+    assert_eq!((write.method, write.path.as_str()), ("POST", "/"));
+    let args: Vec<String> = serde_json::from_slice(write.body.as_ref().unwrap().expose()).unwrap();
+    assert_eq!(args[6], "Be \"terse\".");
+    let token = calls[2].0;
+    on_root_callout(token, ok(r#"{"result":0}"#), &w.ctx(ROOT));
+    assert_eq!(w.host.counter(Counter::L2WriteSkipped), 1);
+
+    // Another worker, L1 expired: a Redis hit in base64 is the same directive.
+    let shared2 = SharedData::default();
+    let w2 = W::new(&shared2, config(upstash));
+    // "Be \"terse\"." in base64.
+    w2.run(1, vec![ok(r#"{"result":"QmUgInRlcnNlIi4="}"#)]);
+    assert_eq!(w2.body(1), INJECTED);
+    assert_eq!(w2.tier(1).as_deref(), Some("redis"));
+    // An answer in Webdis's dialect is an L2 failure here: the store answers.
+    let w3 = W::new(&SharedData::default(), config(upstash));
+    w3.run(
+        1,
+        vec![
+            redis_hit("Be \"terse\"."),
+            store_answer(Some("Be \"terse\".")),
+        ],
+    );
+    assert_eq!(w3.tier(1).as_deref(), Some("store"));
+    assert_eq!(w3.host.counter(Counter::L2Error), 1);
+}
+
 #[test]
 fn redis_hit_fills_l1_without_asking_the_store() {
     let shared = SharedData::default();

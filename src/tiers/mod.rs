@@ -2,7 +2,12 @@
 //! read their answers. No host calls here: the request flow hands these requests to
 //! the host and feeds the responses back.
 //!
-//! - L2, Redis behind Webdis: `GET /GET/{key}.raw` answers in Redis protocol
+//! - L2, Redis behind an HTTP front, in one of two dialects (`redis.dialect`):
+//!   Webdis (below), or the Upstash REST API ([`upstash`]: managed Upstash or
+//!   `ibex-companion rest`, values in base64). The requests differ; what a value
+//!   means (no key, empty, tombstone, directive) and the no-overwrite write are
+//!   the same, and are decided here once for both.
+//! - Webdis: `GET /GET/{key}.raw` answers in Redis protocol
 //!   (`$-1` = no such key, `$0` = the empty string = "this agent has no directive").
 //!   A value starting with a NUL byte is a *tombstone* ([`ibex_wire::TOMBSTONE`])
 //!   written by the subscriber when the directive changed; Postgres text can never
@@ -42,7 +47,11 @@
 //!   be UTF-8 without NUL (a value starting with NUL is a tombstone; Postgres text never
 //!   holds NUL, so a NUL elsewhere is not a directive either).
 //! - A write-back's outcome is `Written` or `Skipped` only for Webdis's exact
-//!   `{"EVAL":1}` / `{"EVAL":0}` with status 200; anything else is `Failed`.
+//!   `{"EVAL":1}` / `{"EVAL":0}` (Upstash: `{"result":1}` / `{"result":0}`) with
+//!   status 200; anything else is `Failed`.
+//! - Upstash answers are one JSON object with the single member `result`, its
+//!   strings in canonical base64 ([`upstash`]); decoded, a value is read by the same
+//!   rules as Webdis's bulk value.
 //! - L3 accepts one JSON object with the members `agent_id` and `content`, each
 //!   exactly once: a duplicate (also spelled with escapes) or missing member, an
 //!   `agent_id` other than the asked agent's canonical (lower-case, hyphenated) id, a
@@ -72,7 +81,9 @@ use ibex_wire::Redacted;
 
 use crate::agent::{AgentId, AGENT_ID_LEN};
 use crate::apikey::KeyHash;
-use crate::config::Config;
+use crate::config::{Config, Dialect};
+
+mod upstash;
 
 /// An HTTP callout to an Envoy cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +101,10 @@ pub struct Callout {
     pub body: Option<Redacted<Vec<u8>>>,
     /// Timeout in milliseconds.
     pub timeout_ms: u64,
+    /// Further request headers that never change (the Upstash dialect's).
+    pub headers: &'static [(&'static str, &'static str)],
+    /// `Authorization` of the Upstash dialect; `Debug` shows its length only.
+    pub authorization: Option<Redacted<String>>,
 }
 
 /// What came back from a callout. `status` is `None` when there was no HTTP answer at
@@ -125,13 +140,38 @@ fn redis_key_path(config: &Config, agent: &AgentId) -> String {
 
 /// L2 read of an agent's key.
 pub fn redis_get(config: &Config, agent: &AgentId) -> Callout {
+    let key = redis_key_path(config, agent);
+    match config.redis.dialect {
+        Dialect::Webdis => redis_callout(config, "GET", format!("/GET/{key}.raw"), None),
+        Dialect::Upstash => upstash_callout(config, upstash::get_body(&key)),
+    }
+}
+
+/// A callout to the Redis front as Webdis takes it: everything in the path.
+fn redis_callout(
+    config: &Config,
+    method: &'static str,
+    path: String,
+    body: Option<Vec<u8>>,
+) -> Callout {
     Callout {
         cluster: config.redis.cluster.clone(),
-        method: "GET",
-        path: format!("/GET/{}.raw", redis_key_path(config, agent)),
+        method,
+        path,
         authority: config.redis.authority.clone(),
-        body: None,
+        body: body.map(Redacted::new),
         timeout_ms: config.redis.timeout_ms,
+        headers: &[],
+        authorization: None,
+    }
+}
+
+/// A command to an Upstash REST front: `POST /` with the command as a JSON array.
+fn upstash_callout(config: &Config, body: Vec<u8>) -> Callout {
+    Callout {
+        headers: &upstash::HEADERS,
+        authorization: config.redis.authorization.clone(),
+        ..redis_callout(config, "POST", "/".to_string(), Some(body))
     }
 }
 
@@ -150,13 +190,7 @@ pub fn redis_set(
 ) -> Callout {
     let key = redis_key_path(config, agent);
     let marker = ibex_wire::flush_marker_key(&config.redis.key_prefix);
-    conditional_set(
-        config,
-        &key,
-        &marker,
-        directive.map(str::as_bytes),
-        ttl_seconds,
-    )
+    conditional_set(config, &key, &marker, directive, ttl_seconds)
 }
 
 /// The conditional `EVAL` of `value` at `key`, unless `key` or `marker` exists.
@@ -164,22 +198,20 @@ fn conditional_set(
     config: &Config,
     key: &str,
     marker: &str,
-    value: Option<&[u8]>,
+    value: Option<&str>,
     ttl_seconds: u64,
 ) -> Callout {
+    if config.redis.dialect == Dialect::Upstash {
+        let body = upstash::set_if_absent_body(key, marker, value.unwrap_or(""), ttl_seconds);
+        return upstash_callout(config, body);
+    }
     let base = format!("/EVAL/{SET_IF_ABSENT_URL}/2/{key}/{marker}/{ttl_seconds}");
-    let (method, path, body) = match value {
-        Some(bytes) if !bytes.is_empty() => ("PUT", base, Some(Redacted::new(bytes.to_vec()))),
+    match value {
+        Some(text) if !text.is_empty() => {
+            redis_callout(config, "PUT", base, Some(text.as_bytes().to_vec()))
+        }
         // A trailing slash is Webdis's spelling of an empty last argument.
-        _ => ("GET", format!("{base}/"), None),
-    };
-    Callout {
-        cluster: config.redis.cluster.clone(),
-        method,
-        path,
-        authority: config.redis.authority.clone(),
-        body,
-        timeout_ms: config.redis.timeout_ms,
+        _ => redis_callout(config, "GET", format!("{base}/"), None),
     }
 }
 
@@ -203,16 +235,15 @@ const GET_WITH_PTTL_URL: &str = "local%20v%3Dredis.call%28%27GET%27%2CKEYS%5B1%5
 
 /// L2 read of a gateway key's entry, `agent_key:{sha256hex}`, with its remaining TTL.
 pub fn redis_get_key(config: &Config, key: &KeyHash) -> Callout {
-    Callout {
-        cluster: config.redis.cluster.clone(),
-        method: "GET",
-        path: format!(
-            "/EVAL/{GET_WITH_PTTL_URL}/1/{}.raw",
-            ibex_wire::agent_key_redis_key(&key.hex())
+    let key = ibex_wire::agent_key_redis_key(&key.hex());
+    match config.redis.dialect {
+        Dialect::Webdis => redis_callout(
+            config,
+            "GET",
+            format!("/EVAL/{GET_WITH_PTTL_URL}/1/{key}.raw"),
+            None,
         ),
-        authority: config.redis.authority.clone(),
-        body: None,
-        timeout_ms: config.redis.timeout_ms,
+        Dialect::Upstash => upstash_callout(config, upstash::get_with_pttl_body(&key)),
     }
 }
 
@@ -225,7 +256,7 @@ pub fn redis_set_key(
     ttl_seconds: u64,
 ) -> Callout {
     let mut buf = [0u8; AGENT_ID_LEN];
-    let value = agent.map(|a| a.encode(&mut buf).as_bytes());
+    let value = agent.map(|a| a.encode(&mut buf));
     conditional_set(
         config,
         &ibex_wire::agent_key_redis_key(&key.hex()),
@@ -236,19 +267,34 @@ pub fn redis_set_key(
 }
 
 /// Reads an L2 answer for a gateway key ([`redis_get_key`]) and how long Redis keeps
-/// the value (ms; `None`: no expiry). Exactly `$-1\r\n` (no such entry), or
+/// the value (ms; `None`: no expiry). Webdis: exactly `$-1\r\n` (no such entry), or
 /// `*2\r\n`, a canonical bulk reply (as for directives), and the TTL: an integer
 /// reply `:` or (as Webdis spells it) a bulk reply, holding a canonical decimal or
-/// `-1`, then nothing. The value: a tombstone is
-/// unknown, the empty string is "no such key", anything else must be an agent id in
-/// its canonical spelling (lower-case, hyphenated) or it is an error.
-pub fn parse_redis_key_get(resp: &Response) -> Result<(KeyAnswer, Option<u64>), TierError> {
+/// `-1`, then nothing. Upstash: `{"result":null}` or `{"result":["<base64>",<ms>]}`.
+/// The value: a tombstone is unknown, the empty string is "no such key", anything
+/// else must be an agent id in its canonical spelling (lower-case, hyphenated) or it
+/// is an error.
+pub fn parse_redis_key_get(
+    dialect: Dialect,
+    resp: &Response,
+) -> Result<(KeyAnswer, Option<u64>), TierError> {
     check_status(resp)?;
     let body = resp.body.as_slice();
-    if body == NIL_REPLY {
-        return Ok((KeyAnswer::Unknown, None));
+    match dialect {
+        Dialect::Webdis if body == NIL_REPLY => Ok((KeyAnswer::Unknown, None)),
+        Dialect::Webdis => {
+            let (value, ttl) = value_with_pttl(body)?;
+            key_value(value, ttl)
+        }
+        Dialect::Upstash => match upstash::read_get_with_pttl(body)? {
+            None => Ok((KeyAnswer::Unknown, None)),
+            Some((value, ttl)) => key_value(&value, ttl),
+        },
     }
-    let (value, ttl) = value_with_pttl(body)?;
+}
+
+/// What a key entry's value means, whatever the dialect that carried it.
+fn key_value(value: &[u8], ttl: Option<u64>) -> Result<(KeyAnswer, Option<u64>), TierError> {
     if ibex_wire::is_tombstone(value) {
         return Ok((KeyAnswer::Unknown, None));
     }
@@ -312,6 +358,8 @@ pub fn store_get_key(config: &Config, key: &KeyHash) -> Callout {
         authority: config.store.authority.clone(),
         body: None,
         timeout_ms: config.store.timeout_ms,
+        headers: &[],
+        authorization: None,
     }
 }
 
@@ -343,13 +391,17 @@ pub fn parse_store_key(resp: &Response, key: &KeyHash) -> Result<KeyAnswer, Tier
 const NIL_REPLY: &[u8] = b"$-1\r\n";
 
 /// Reads an L2 GET answer (see "Hostile answers" above).
-pub fn parse_redis_get(resp: &Response) -> Result<Answer, TierError> {
+pub fn parse_redis_get(dialect: Dialect, resp: &Response) -> Result<Answer, TierError> {
     check_status(resp)?;
     let body = resp.body.as_slice();
-    if body == NIL_REPLY {
-        return Ok(Answer::Unknown);
+    match dialect {
+        Dialect::Webdis if body == NIL_REPLY => Ok(Answer::Unknown),
+        Dialect::Webdis => read_value(bulk_value::<usize>(body)?),
+        Dialect::Upstash => match upstash::read_get(body)? {
+            None => Ok(Answer::Unknown),
+            Some(value) => read_value(&value),
+        },
     }
-    read_value(bulk_value::<usize>(body)?)
 }
 
 fn check_status(resp: &Response) -> Result<(), TierError> {
@@ -479,11 +531,17 @@ pub enum WriteOutcome {
 }
 
 /// Reads the answer to [`redis_set`].
-pub fn redis_set_outcome(resp: &Response) -> WriteOutcome {
-    match (resp.status, resp.body.as_slice()) {
-        (Some(200), b"{\"EVAL\":1}") => WriteOutcome::Written,
-        (Some(200), b"{\"EVAL\":0}") => WriteOutcome::Skipped,
-        _ => WriteOutcome::Failed,
+pub fn redis_set_outcome(dialect: Dialect, resp: &Response) -> WriteOutcome {
+    let written = match (resp.status, dialect, resp.body.as_slice()) {
+        (Some(200), Dialect::Webdis, b"{\"EVAL\":1}") => Some(true),
+        (Some(200), Dialect::Webdis, b"{\"EVAL\":0}") => Some(false),
+        (Some(200), Dialect::Upstash, body) => upstash::read_written(body),
+        _ => None,
+    };
+    match written {
+        Some(true) => WriteOutcome::Written,
+        Some(false) => WriteOutcome::Skipped,
+        None => WriteOutcome::Failed,
     }
 }
 
@@ -497,6 +555,8 @@ pub fn store_get(config: &Config, agent: &AgentId) -> Callout {
         authority: config.store.authority.clone(),
         body: None,
         timeout_ms: config.store.timeout_ms,
+        headers: &[],
+        authorization: None,
     }
 }
 
@@ -585,10 +645,16 @@ mod tests {
 
     #[test]
     fn reads_webdis_raw_replies() {
-        assert_eq!(parse_redis_get(&ok(b"$-1\r\n")), Ok(Answer::Unknown));
-        assert_eq!(parse_redis_get(&ok(b"$0\r\n\r\n")), Ok(Answer::NoDirective));
         assert_eq!(
-            parse_redis_get(&ok(b"$7\r\nab\r\n\"\xc3\xa9\r\n")),
+            parse_redis_get(Dialect::Webdis, &ok(b"$-1\r\n")),
+            Ok(Answer::Unknown)
+        );
+        assert_eq!(
+            parse_redis_get(Dialect::Webdis, &ok(b"$0\r\n\r\n")),
+            Ok(Answer::NoDirective)
+        );
+        assert_eq!(
+            parse_redis_get(Dialect::Webdis, &ok(b"$7\r\nab\r\n\"\xc3\xa9\r\n")),
             Ok(Answer::Directive("ab\r\n\"é".into()))
         );
         for bad in [
@@ -598,42 +664,51 @@ mod tests {
             b"$2\r\n\xff\xfe\r\n",
             b"",
         ] {
-            assert!(parse_redis_get(&ok(bad)).is_err(), "{bad:?}");
+            assert!(
+                parse_redis_get(Dialect::Webdis, &ok(bad)).is_err(),
+                "{bad:?}"
+            );
         }
-        assert!(parse_redis_get(&Response {
-            status: None,
-            body: vec![]
-        })
+        assert!(parse_redis_get(
+            Dialect::Webdis,
+            &Response {
+                status: None,
+                body: vec![]
+            }
+        )
         .is_err());
-        assert!(parse_redis_get(&Response {
-            status: Some(503),
-            body: b"$-1\r\n".to_vec()
-        })
+        assert!(parse_redis_get(
+            Dialect::Webdis,
+            &Response {
+                status: Some(503),
+                body: b"$-1\r\n".to_vec()
+            }
+        )
         .is_err());
         assert_eq!(
-            parse_redis_get(&ok(b"$1\r\n\0\r\n")),
+            parse_redis_get(Dialect::Webdis, &ok(b"$1\r\n\0\r\n")),
             Ok(Answer::Unknown),
             "tombstone"
         );
         assert_eq!(
-            parse_redis_get(&ok(b"$3\r\n\0ab\r\n")),
+            parse_redis_get(Dialect::Webdis, &ok(b"$3\r\n\0ab\r\n")),
             Ok(Answer::Unknown),
             "tombstone"
         );
         assert_eq!(
-            redis_set_outcome(&ok(br#"{"EVAL":1}"#)),
+            redis_set_outcome(Dialect::Webdis, &ok(br#"{"EVAL":1}"#)),
             WriteOutcome::Written
         );
         assert_eq!(
-            redis_set_outcome(&ok(br#"{"EVAL":0}"#)),
+            redis_set_outcome(Dialect::Webdis, &ok(br#"{"EVAL":0}"#)),
             WriteOutcome::Skipped
         );
         assert_eq!(
-            redis_set_outcome(&ok(br#"{"EVAL":[false,"ERR"]}"#)),
+            redis_set_outcome(Dialect::Webdis, &ok(br#"{"EVAL":[false,"ERR"]}"#)),
             WriteOutcome::Failed
         );
         assert_eq!(
-            redis_set_outcome(&Response::default()),
+            redis_set_outcome(Dialect::Webdis, &Response::default()),
             WriteOutcome::Failed
         );
     }
@@ -703,7 +778,7 @@ mod tests {
     }
 
     fn webdis(body: &[u8]) -> Result<Answer, TierError> {
-        parse_redis_get(&ok(body))
+        parse_redis_get(Dialect::Webdis, &ok(body))
     }
 
     const ID: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
@@ -953,7 +1028,7 @@ mod tests {
             b"",
         ] {
             assert_eq!(
-                redis_set_outcome(&ok(body)),
+                redis_set_outcome(Dialect::Webdis, &ok(body)),
                 WriteOutcome::Failed,
                 "{body:?}"
             );
@@ -962,7 +1037,10 @@ mod tests {
             status: Some(201),
             body: br#"{"EVAL":1}"#.to_vec(),
         };
-        assert_eq!(redis_set_outcome(&resp), WriteOutcome::Failed);
+        assert_eq!(
+            redis_set_outcome(Dialect::Webdis, &resp),
+            WriteOutcome::Failed
+        );
     }
 
     /// The canonical bulk reply of `value`, with its length off by `delta`.
@@ -982,8 +1060,8 @@ mod tests {
             status in prop_oneof![Just(Some(200u16)), any::<Option<u16>>()],
         ) {
             let resp = Response { status, body: body.clone() };
-            let _ = parse_redis_get(&resp);
-            let _ = redis_set_outcome(&resp);
+            let _ = parse_redis_get(Dialect::Webdis, &resp);
+            let _ = redis_set_outcome(Dialect::Webdis, &resp);
             let _ = parse_store(&resp, &agent());
             prop_assert_eq!(bulk_value::<u32>(&body).ok(), bulk_value::<u64>(&body).ok());
             prop_assert_eq!(bulk_value::<usize>(&body), bulk_value::<u64>(&body));
@@ -1087,27 +1165,27 @@ mod tests {
             };
             let uuid = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
             assert_eq!(
-                parse_redis_key_get(&ok(b"$-1\r\n")),
+                parse_redis_key_get(Dialect::Webdis, &ok(b"$-1\r\n")),
                 Ok((KeyAnswer::Unknown, None))
             );
             assert_eq!(
-                parse_redis_key_get(&reply("\0", "9000")),
+                parse_redis_key_get(Dialect::Webdis, &reply("\0", "9000")),
                 Ok((KeyAnswer::Unknown, None))
             );
             assert_eq!(
-                parse_redis_key_get(&reply("", "9000")),
+                parse_redis_key_get(Dialect::Webdis, &reply("", "9000")),
                 Ok((KeyAnswer::NoAgent, Some(9000)))
             );
             assert_eq!(
-                parse_redis_key_get(&reply(uuid, "59123")),
+                parse_redis_key_get(Dialect::Webdis, &reply(uuid, "59123")),
                 Ok((KeyAnswer::Agent(agent()), Some(59123)))
             );
             assert_eq!(
-                parse_redis_key_get(&reply(uuid, "-1")),
+                parse_redis_key_get(Dialect::Webdis, &reply(uuid, "-1")),
                 Ok((KeyAnswer::Agent(agent()), None))
             );
             assert_eq!(
-                parse_redis_key_get(&reply(uuid, "0")),
+                parse_redis_key_get(Dialect::Webdis, &reply(uuid, "0")),
                 Ok((KeyAnswer::Agent(agent()), Some(0)))
             );
             // Webdis's raw spelling, as a real Webdis 0.1.9 answers.
@@ -1115,11 +1193,11 @@ mod tests {
                 ok(format!("*2\r\n${}\r\n{v}\r\n${}\r\n{ttl}\r\n", v.len(), ttl.len()).as_bytes())
             };
             assert_eq!(
-                parse_redis_key_get(&webdis(uuid, "59999")),
+                parse_redis_key_get(Dialect::Webdis, &webdis(uuid, "59999")),
                 Ok((KeyAnswer::Agent(agent()), Some(59999)))
             );
             assert_eq!(
-                parse_redis_key_get(&webdis("", "-1")),
+                parse_redis_key_get(Dialect::Webdis, &webdis("", "-1")),
                 Ok((KeyAnswer::NoAgent, None))
             );
             for bad in [
@@ -1130,7 +1208,10 @@ mod tests {
                 format!("*2\r\n$36\r\n{uuid}\r\n$\r\n\r\n"),
                 format!("*2\r\n$36\r\n{uuid}\r\n+5\r\n"),
             ] {
-                assert!(parse_redis_key_get(&ok(bad.as_bytes())).is_err(), "{bad:?}");
+                assert!(
+                    parse_redis_key_get(Dialect::Webdis, &ok(bad.as_bytes())).is_err(),
+                    "{bad:?}"
+                );
             }
             for bad in [
                 "6F1C1A3E-5B7D-4C2A-9E0F-123456789ABC",
@@ -1138,10 +1219,16 @@ mod tests {
                 " 6f1c1a3e-5b7d-4c2a-9e0f-123456789abc",
                 "agent",
             ] {
-                assert!(parse_redis_key_get(&reply(bad, "1")).is_err(), "{bad}");
+                assert!(
+                    parse_redis_key_get(Dialect::Webdis, &reply(bad, "1")).is_err(),
+                    "{bad}"
+                );
             }
             for ttl in ["-2", "01", "+5", "", "1 ", "18446744073709551616"] {
-                assert!(parse_redis_key_get(&reply(uuid, ttl)).is_err(), "{ttl:?}");
+                assert!(
+                    parse_redis_key_get(Dialect::Webdis, &reply(uuid, ttl)).is_err(),
+                    "{ttl:?}"
+                );
             }
             let exact = format!("*2\r\n$36\r\n{uuid}\r\n:5\r\n");
             for bad in [
@@ -1156,12 +1243,15 @@ mod tests {
                 ":1\r\n".to_string(),
                 format!("*2\r\n${}\r\n", u64::MAX),
             ] {
-                assert!(parse_redis_key_get(&ok(bad.as_bytes())).is_err(), "{bad:?}");
+                assert!(
+                    parse_redis_key_get(Dialect::Webdis, &ok(bad.as_bytes())).is_err(),
+                    "{bad:?}"
+                );
             }
-            assert!(parse_redis_key_get(&Response::default()).is_err());
+            assert!(parse_redis_key_get(Dialect::Webdis, &Response::default()).is_err());
             let mut not_ok = reply(uuid, "5");
             not_ok.status = Some(500);
-            assert!(parse_redis_key_get(&not_ok).is_err());
+            assert!(parse_redis_key_get(Dialect::Webdis, &not_ok).is_err());
         }
 
         #[test]
@@ -1209,6 +1299,166 @@ mod tests {
                 body: format!(r#"{{"key_sha256":"{hex}","agent_id":null}}"#).into_bytes(),
             };
             assert!(parse_store_key(&status, &key()).is_err());
+        }
+    }
+
+    mod upstash_dialect {
+        use super::*;
+
+        fn cfg() -> Config {
+            Config::parse(br#"{"redis":{"dialect":"upstash","token":"tok"}}"#, None).unwrap()
+        }
+        fn up(body: &str) -> Response {
+            ok(body.as_bytes())
+        }
+        fn body_of(c: &Callout) -> Vec<String> {
+            serde_json::from_slice(c.body.as_ref().unwrap().expose()).unwrap()
+        }
+
+        #[test]
+        fn every_command_is_a_json_array_posted_with_the_token() {
+            let id = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+            let key = KeyHash::of(b"ibex_k");
+            let calls = [
+                redis_get(&cfg(), &agent()),
+                redis_set(&cfg(), &agent(), Some("Be \"terse\".\r\n"), 60),
+                redis_set(&cfg(), &agent(), None, 10),
+                redis_get_key(&cfg(), &key),
+                redis_set_key(&cfg(), &key, Some(&agent()), 60),
+                redis_set_key(&cfg(), &key, None, 10),
+            ];
+            for c in &calls {
+                assert_eq!((c.method, c.path.as_str()), ("POST", "/"));
+                assert_eq!(c.cluster, "ibex_redis");
+                assert_eq!(
+                    c.authorization.as_ref().map(|a| a.expose().as_str()),
+                    Some("Bearer tok")
+                );
+                assert_eq!(
+                    c.headers,
+                    [
+                        ("content-type", "application/json"),
+                        ("upstash-encoding", "base64")
+                    ]
+                );
+                assert!(!format!("{c:?}").contains("tok\""), "token in Debug: {c:?}");
+            }
+            let dkey = format!("directive:{id}");
+            let marker = "directive:__flush__";
+            assert_eq!(body_of(&calls[0]), ["GET", dkey.as_str()]);
+            assert_eq!(
+                body_of(&calls[1]),
+                [
+                    "EVAL",
+                    ibex_wire::SET_IF_ABSENT_SCRIPT,
+                    "2",
+                    &dkey,
+                    marker,
+                    "60",
+                    "Be \"terse\".\r\n"
+                ]
+            );
+            assert_eq!(body_of(&calls[2])[5..], ["10", ""]);
+            let kkey = ibex_wire::agent_key_redis_key(&key.hex());
+            assert_eq!(
+                body_of(&calls[3]),
+                ["EVAL", ibex_wire::GET_WITH_PTTL_SCRIPT, "1", kkey.as_str()]
+            );
+            assert_eq!(
+                body_of(&calls[4])[3..],
+                [kkey.as_str(), "agent_key:__flush__", "60", id]
+            );
+            assert_eq!(body_of(&calls[5])[6], "");
+            assert!(!format!("{:?}", calls[1]).contains("terse"));
+        }
+
+        #[test]
+        fn reads_values_as_webdis_does_once_decoded() {
+            let u = Dialect::Upstash;
+            assert_eq!(
+                parse_redis_get(u, &up(r#"{"result":null}"#)),
+                Ok(Answer::Unknown)
+            );
+            assert_eq!(
+                parse_redis_get(u, &up(r#"{"result":""}"#)),
+                Ok(Answer::NoDirective)
+            );
+            assert_eq!(
+                parse_redis_get(u, &up(r#"{"result":"AA=="}"#)),
+                Ok(Answer::Unknown)
+            );
+            assert_eq!(
+                parse_redis_get(u, &up(r#"{"result":"AGFi"}"#)),
+                Ok(Answer::Unknown)
+            );
+            // "ab\r\n\"é" in base64: bytes are exactly what Redis holds.
+            assert_eq!(
+                parse_redis_get(u, &up(r#"{"result":"YWINCiLDqQ=="}"#)),
+                Ok(Answer::Directive("ab\r\n\"é".into()))
+            );
+            for bad in [
+                r#"{"result":"YQBi"}"#, // NUL inside: no directive of ours
+                r#"{"result":"//4="}"#, // not UTF-8
+                r#"{"result":"YWI"}"#,  // not canonical base64
+                r#"{"result":"ab"}"#,   // a plain string: the front ignored the encoding
+                r#"{"error":"WRONGTYPE"}"#,
+            ] {
+                assert!(parse_redis_get(u, &up(bad)).is_err(), "{bad}");
+            }
+            let status = Response {
+                status: Some(401),
+                body: br#"{"error":"Unauthorized"}"#.to_vec(),
+            };
+            assert!(parse_redis_get(u, &status).is_err());
+            assert!(parse_redis_get(u, &Response::default()).is_err());
+            // A Webdis answer is not an Upstash one, nor the other way round.
+            assert!(parse_redis_get(u, &ok(b"$-1\r\n")).is_err());
+            assert!(parse_redis_get(Dialect::Webdis, &up(r#"{"result":null}"#)).is_err());
+        }
+
+        #[test]
+        fn reads_key_entries_and_write_outcomes() {
+            let u = Dialect::Upstash;
+            let id = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+            let b64 = "NmYxYzFhM2UtNWI3ZC00YzJhLTllMGYtMTIzNDU2Nzg5YWJj";
+            assert_eq!(
+                parse_redis_key_get(u, &up(&format!(r#"{{"result":["{b64}",59000]}}"#))),
+                Ok((KeyAnswer::Agent(AgentId::parse(id).unwrap()), Some(59000)))
+            );
+            assert_eq!(
+                parse_redis_key_get(u, &up(r#"{"result":["",-1]}"#)),
+                Ok((KeyAnswer::NoAgent, None))
+            );
+            assert_eq!(
+                parse_redis_key_get(u, &up(r#"{"result":["AA==",100]}"#)),
+                Ok((KeyAnswer::Unknown, None))
+            );
+            assert_eq!(
+                parse_redis_key_get(u, &up(r#"{"result":null}"#)),
+                Ok((KeyAnswer::Unknown, None))
+            );
+            // Upper-case hex is another spelling of the agent: refused.
+            let upper = "NkYxQzFBM0UtNUI3RC00QzJBLTlFMEYtMTIzNDU2Nzg5QUJD";
+            assert!(
+                parse_redis_key_get(u, &up(&format!(r#"{{"result":["{upper}",1]}}"#))).is_err()
+            );
+            assert_eq!(
+                redis_set_outcome(u, &up(r#"{"result":1}"#)),
+                WriteOutcome::Written
+            );
+            assert_eq!(
+                redis_set_outcome(u, &up(r#"{"result":0}"#)),
+                WriteOutcome::Skipped
+            );
+            assert_eq!(
+                redis_set_outcome(u, &ok(br#"{"EVAL":1}"#)),
+                WriteOutcome::Failed
+            );
+            let refused = Response {
+                status: Some(403),
+                body: br#"{"result":1}"#.to_vec(),
+            };
+            assert_eq!(redis_set_outcome(u, &refused), WriteOutcome::Failed);
         }
     }
 }
