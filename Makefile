@@ -117,11 +117,12 @@ e2e: deps build
 	$(PYTEST) $(E2E) -p no:cacheprovider -ra $(PYTEST_ARGS)
 
 ## The fuzz targets (fuzz/fuzz_targets/): the JSON splicer (splice.rs) for FUZZ_SECONDS,
-## then the readers of Webdis, write-back and store answers (answers.rs) for half as
-## long (at least 1 s). A crash fails the build and leaves its input in
-## fuzz/artifacts/<target>/. cargo-fuzz passes nightly-only flags; RUSTC_BOOTSTRAP=1
-## lets the stable toolchain take them. Each starts from its committed seeds
-## (fuzz/seeds/<target>/) plus the local corpus (gitignored), with fuzz/<target>.dict.
+## then the readers of L2 answers in both dialects (Webdis, Upstash), write-back outcomes
+## and store answers (answers.rs) for half as long (at least 1 s). A crash fails the
+## build and leaves its input in fuzz/artifacts/<target>/. cargo-fuzz passes
+## nightly-only flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. Each
+## starts from its committed seeds (fuzz/seeds/<target>/) plus the local corpus
+## (gitignored), with fuzz/<target>.dict.
 fuzz: system-deps
 	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 	@mkdir -p fuzz/corpus/splice fuzz/corpus/answers
