@@ -45,6 +45,9 @@ pub enum Command {
     RevokeKey(RevokeKeyArgs),
     /// List an agent's gateway API keys: SHA-256, dates, label (never a key).
     ListKeys(ListKeysArgs),
+    /// Serve an Upstash-compatible REST front of Redis (the filter's
+    /// `redis.dialect: "upstash"`).
+    Rest(RestArgs),
 }
 
 /// Postgres connection.
@@ -403,6 +406,65 @@ mod tests {
     }
 
     #[test]
+    fn rest_takes_exactly_one_token_source() {
+        let base = ["ibex-companion", "rest"];
+        assert!(Cli::try_parse_from(base).is_err());
+        let mut both = base.to_vec();
+        both.extend(["--token", "t", "--token-file", "/nonexistent"]);
+        assert!(Cli::try_parse_from(both).is_err());
+        let mut one = base.to_vec();
+        one.extend(["--token", "tok-5e0f7a"]);
+        let cli = Cli::try_parse_from(one).unwrap();
+        let Command::Rest(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(args.listen.to_string(), "127.0.0.1:7380");
+        assert_eq!(args.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(args.redis_timeout_ms, 1000);
+        assert!(!args.allow_any_script);
+        assert_eq!(args.token.resolve().unwrap().expose(), "tok-5e0f7a");
+        assert!(!format!("{args:?}").contains("tok-5e0f7a"));
+        let mut empty = base.to_vec();
+        empty.extend(["--token", ""]);
+        let cli = Cli::try_parse_from(empty).unwrap();
+        let Command::Rest(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert!(args
+            .token
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+    }
+
+    #[test]
+    fn rest_token_file_drops_one_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let parse = |content: &str| {
+            std::fs::write(&path, content).unwrap();
+            let cli = Cli::try_parse_from([
+                "ibex-companion",
+                "rest",
+                "--token-file",
+                path.to_str().unwrap(),
+            ])
+            .unwrap();
+            let Command::Rest(args) = cli.command else {
+                panic!("wrong subcommand")
+            };
+            args.token.resolve()
+        };
+        assert_eq!(parse("abc\n").unwrap().expose(), "abc");
+        assert_eq!(parse("abc\r\n").unwrap().expose(), "abc");
+        assert_eq!(parse("abc").unwrap().expose(), "abc");
+        assert!(parse("abc\n\n").is_err(), "only one newline is dropped");
+        assert!(parse("\n").unwrap_err().to_string().contains("empty"));
+        assert!(parse("").is_err());
+    }
+
+    #[test]
     fn control_urls_split_on_commas() {
         let cli = Cli::try_parse_from([
             "ibex-companion",
@@ -419,4 +481,72 @@ mod tests {
         assert_eq!(args.control_urls.len(), 2);
         assert!(!format!("{args:?}").contains("tok\""));
     }
+}
+
+/// Where the REST front's bearer token comes from: exactly one of the two.
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("token_source").required(true).args(["token", "token_file"])))]
+pub struct TokenSource {
+    /// Bearer token clients must send (`Authorization: Bearer …` or
+    /// `?_token=…`). Visible in the process list: prefer the environment or
+    /// --token-file.
+    #[arg(long, env = "IBEX_REDIS_REST_TOKEN", hide_env_values = true)]
+    pub token: Option<Redacted<String>>,
+    /// Read the bearer token from this file (one trailing newline is dropped).
+    #[arg(long, env = "IBEX_REDIS_REST_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl TokenSource {
+    /// The token, from whichever source was given; refused when empty or not
+    /// printable ASCII. Errors name the source, never the token.
+    pub fn resolve(&self) -> crate::Result<Redacted<String>> {
+        let token = if let Some(token) = &self.token {
+            token.clone()
+        } else if let Some(path) = &self.token_file {
+            let mut text = std::fs::read_to_string(path).map_err(|e| {
+                crate::Error::Config(format!(
+                    "cannot read the token file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            if text.ends_with('\n') {
+                text.pop();
+                if text.ends_with('\r') {
+                    text.pop();
+                }
+            }
+            Redacted::new(text)
+        } else {
+            return Err(crate::Error::Config("no REST token given".into()));
+        };
+        crate::rest::check_token(token.expose())?;
+        Ok(token)
+    }
+}
+
+/// `rest` arguments.
+#[derive(Args, Debug)]
+pub struct RestArgs {
+    /// Address to listen on.
+    #[arg(long, env = "IBEX_REST_LISTEN", default_value = "127.0.0.1:7380")]
+    pub listen: SocketAddr,
+    /// Redis connection (one multiplexed connection, reconnected by itself).
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// The bearer token.
+    #[command(flatten)]
+    pub token: TokenSource,
+    /// Larger request bodies are refused with 413.
+    #[arg(long, env = "IBEX_REST_MAX_BODY_BYTES", default_value_t = crate::rest::DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Run any EVAL script. By default only the filter's two scripts
+    /// (ibex_wire::FILTER_SCRIPTS, exact text) run, so a leaked token cannot
+    /// run Lua of its own (redis.call('FLUSHALL'), CONFIG SET…).
+    #[arg(long, env = "IBEX_REST_ALLOW_ANY_SCRIPT")]
+    pub allow_any_script: bool,
+    /// Deadline of one Redis round trip (connecting included; a whole
+    /// pipeline), in milliseconds; past it the request answers 503.
+    #[arg(long, env = "IBEX_REST_REDIS_TIMEOUT_MS", default_value_t = 1000)]
+    pub redis_timeout_ms: u64,
 }

@@ -11,6 +11,9 @@
 //!   tests; `issue-key`, `revoke-key` and `list-keys` for gateway API keys
 //!   ([`keys`]: only their SHA-256 is ever stored, published or logged).
 //! - [`migrate`]: the embedded schema migrations.
+//! - [`rest`]: an Upstash-compatible REST front of Redis (bearer token,
+//!   allowlisted commands, one pooled connection), the filter's default L2
+//!   front.
 //!
 //! Key, channel and path names, the tombstone, the flush marker and the JSON
 //! error envelope are the wire contract shared with the filter: they come from
@@ -28,6 +31,7 @@ pub mod error;
 pub mod keys;
 pub mod metrics;
 pub mod migrate;
+pub mod rest;
 pub mod shutdown;
 pub mod store;
 pub mod subscribe;

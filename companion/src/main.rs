@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use ibex_companion::admin::{self, AdminError};
 use ibex_companion::cli::{Cli, Command};
-use ibex_companion::{db, migrate, shutdown, store, subscribe, telemetry, Error};
+use ibex_companion::{db, migrate, rest, shutdown, store, subscribe, telemetry, Error};
 use ibex_wire::Redacted;
 
 /// Exit code when Postgres was changed but the invalidation was not published.
@@ -116,6 +116,23 @@ async fn run(command: Command) -> Result<(), AdminError> {
                 .await
                 .map_err(Error::from)?;
             subscribe::run(subscriber, Some(listener), shutdown::signal())
+                .await
+                .map_err(Error::from)?;
+        }
+        Command::Rest(args) => {
+            let token = args.token.resolve()?;
+            let client = redis::Client::open(args.redis.redis_url.expose().as_str())
+                .map_err(|_| Error::Config("REDIS_URL is not a valid Redis URL".into()))?;
+            let options = rest::RestOptions {
+                max_body_bytes: args.max_body_bytes,
+                allow_any_script: args.allow_any_script,
+                redis_timeout: Duration::from_millis(args.redis_timeout_ms.max(1)),
+            };
+            let state = rest::RestState::new(client, &token, options)?;
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .map_err(Error::from)?;
+            rest::run(listener, state, shutdown::signal())
                 .await
                 .map_err(Error::from)?;
         }

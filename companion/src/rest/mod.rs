@@ -1,0 +1,614 @@
+//! `companion rest`: an Upstash-compatible REST front of Redis (SPEC §4), the
+//! filter's default L2 front (its `redis.dialect: "upstash"`), which operators
+//! may also point Upstash's SDKs at.
+//!
+//! It serves the subset of Upstash's REST API the filter and operators need:
+//! `POST /` with a JSON command, `POST /pipeline`, and the path form
+//! `/{command}/{arg}/…`, for `GET`, `SET` (`EX`, `NX`), `DEL`, `EVAL` (the
+//! filter's scripts only, unless `--allow-any-script`) and `PING`; answers
+//! `{"result": …}` / `{"error": "…"}` with Upstash's statuses, honours
+//! `Upstash-Encoding: base64`, keeps HTTP/1.1 connections alive, and runs every
+//! command on one shared, self-reconnecting Redis connection ([`link`]).
+//!
+//! Requests are authenticated (`Authorization: Bearer`, or `_token` in the
+//! query, compared in constant time) before their body is read, and checked
+//! against the allowlist ([`command`]) before Redis is touched, so a leaked
+//! token cannot `FLUSHALL`, `CONFIG SET` or run its own Lua.
+//!
+//! What it must never do: log a command's arguments or results at any level
+//! (they are directive text, keys and gateway key hashes: only the command's
+//! verb, outcome and duration are logged, at debug), log or keep the token (only
+//! its SHA-256 is held), or tell a client more than a fixed message when Redis
+//! fails (no URL, no host, no connection error text).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, on, MethodFilter};
+use axum::{Json, Router};
+use ibex_wire::Redacted;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+pub mod command;
+pub mod encode;
+mod error;
+pub mod link;
+mod metrics;
+
+use command::{Command, Policy, Refusal};
+use encode::{Encoding, Reply};
+use error::json_response;
+pub use error::RestError;
+use link::RedisLink;
+pub use metrics::{CommandLabel, Outcome, RestMetrics};
+
+/// Default of `--max-body-bytes`: 16 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Request header that asks for base64 strings in the answer.
+pub const ENCODING_HEADER: &str = "upstash-encoding";
+
+/// Request header that picks the answer format; only `json` is served here.
+pub const RESPONSE_FORMAT_HEADER: &str = "upstash-response-format";
+
+/// Behaviour knobs of the front.
+#[derive(Clone, Debug)]
+pub struct RestOptions {
+    /// Larger bodies are refused with 413.
+    pub max_body_bytes: usize,
+    /// Run any `EVAL` script, not only the filter's.
+    pub allow_any_script: bool,
+    /// Deadline of one Redis round trip (connecting included, and a whole
+    /// pipeline); past it the request answers 503.
+    pub redis_timeout: Duration,
+}
+
+impl Default for RestOptions {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            allow_any_script: false,
+            redis_timeout: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// The token, kept only as its SHA-256: comparing digests takes the same time
+/// whatever the candidate's length or content, and no copy of the secret stays
+/// in memory to leak through a `Debug`.
+struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    fn of(token: &[u8]) -> Self {
+        Self(Sha256::digest(token).into())
+    }
+
+    fn matches(&self, candidate: &[u8]) -> bool {
+        let theirs: [u8; 32] = Sha256::digest(candidate).into();
+        // Fold every byte before deciding: no early exit on the first mismatch.
+        let diff = theirs
+            .iter()
+            .zip(self.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        std::hint::black_box(diff) == 0
+    }
+}
+
+struct Inner {
+    token: TokenDigest,
+    link: RedisLink,
+    options: RestOptions,
+    metrics: RestMetrics,
+}
+
+/// Shared state of the front; cheap to clone. Its `Debug` shows the options,
+/// never the token or the Redis URL.
+#[derive(Clone)]
+pub struct RestState {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RestState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestState")
+            .field("options", &self.inner.options)
+            .field("token", &"<sha256 only>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks an operator's token: not empty, and printable ASCII without spaces so
+/// it survives an `Authorization` header and a query string unchanged.
+pub fn check_token(token: &str) -> crate::Result<()> {
+    if token.is_empty() {
+        return Err(crate::Error::Config("the REST token is empty".into()));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(crate::Error::Config(
+            "the REST token must be printable ASCII without spaces or control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl RestState {
+    /// State over `client` (not connected yet: the first request or the
+    /// warm-up in [`run`] connects). `token` is checked with [`check_token`].
+    pub fn new(
+        client: redis::Client,
+        token: &Redacted<String>,
+        options: RestOptions,
+    ) -> crate::Result<Self> {
+        check_token(token.expose())?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                token: TokenDigest::of(token.expose().as_bytes()),
+                link: RedisLink::new(client, options.redis_timeout),
+                options,
+                metrics: RestMetrics::default(),
+            }),
+        })
+    }
+
+    /// The front's metrics.
+    pub fn metrics(&self) -> &RestMetrics {
+        &self.inner.metrics
+    }
+
+    fn policy(&self) -> Policy {
+        Policy {
+            allow_any_script: self.inner.options.allow_any_script,
+        }
+    }
+
+    /// True when the request carries the token: `Authorization: Bearer <token>`
+    /// (scheme in any case) or, with no `Authorization` header, `?_token=`.
+    fn authorized(&self, headers: &HeaderMap, uri: &Uri) -> bool {
+        let candidate = match headers.get(header::AUTHORIZATION) {
+            Some(v) => bearer(v.as_bytes()),
+            None => uri.query().and_then(token_param),
+        };
+        candidate.is_some_and(|c| self.inner.token.matches(&c))
+    }
+
+    async fn run_one(&self, cmd: &Command, enc: Encoding) -> Result<Reply, RestError> {
+        let value = self
+            .inner
+            .link
+            .query(&redis_cmd(cmd), &self.inner.metrics.redis_resets)
+            .await
+            .map_err(RestError::Unavailable)?;
+        Ok(encode::reply(&value, enc))
+    }
+
+    async fn run_pipeline(&self, cmds: &[Command], enc: Encoding) -> Result<Vec<Reply>, RestError> {
+        let mut pipe = redis::pipe();
+        for c in cmds {
+            pipe.add_command(redis_cmd(c));
+        }
+        self.inner
+            .metrics
+            .pipeline_commands
+            .inc_by(cmds.len() as u64);
+        let values = self
+            .inner
+            .link
+            .query_pipeline(&pipe, cmds.len(), &self.inner.metrics.redis_resets)
+            .await
+            .map_err(RestError::Unavailable)?;
+        Ok(values.iter().map(|v| encode::reply(v, enc)).collect())
+    }
+
+    /// `Ok` when Redis answers `PING` with `PONG` in time.
+    pub async fn ready(&self) -> Result<(), link::LinkFailure> {
+        let ping = redis::cmd("PING");
+        match self
+            .inner
+            .link
+            .query(&ping, &self.inner.metrics.redis_resets)
+            .await?
+        {
+            redis::Value::SimpleString(s) if s == "PONG" => Ok(()),
+            // LOADING, NOAUTH…: reachable but not serving.
+            _ => Err(link::LinkFailure::Connection(
+                "PING was not answered PONG".into(),
+            )),
+        }
+    }
+}
+
+/// The credential of an `Authorization: Bearer …` value; `None` for another
+/// scheme or an empty credential.
+fn bearer(value: &[u8]) -> Option<Vec<u8>> {
+    let sp = value.iter().position(|b| *b == b' ')?;
+    let (scheme, rest) = value.split_at(sp);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let cred = rest.trim_ascii();
+    (!cred.is_empty()).then(|| cred.to_vec())
+}
+
+/// The (percent-decoded) `_token` query parameter, the first if repeated.
+fn token_param(query: &str) -> Option<Vec<u8>> {
+    command::query_pairs(query)
+        .ok()?
+        .into_iter()
+        .find(|(name, _)| name == command::TOKEN_PARAM.as_bytes())
+        .and_then(|(_, value)| value)
+}
+
+fn redis_cmd(c: &Command) -> redis::Cmd {
+    let mut cmd = redis::cmd(c.verb().redis_name());
+    for a in c.args() {
+        cmd.arg(a.as_slice());
+    }
+    cmd
+}
+
+/// `Upstash-Encoding` and `Upstash-Response-Format`: base64 or text strings;
+/// any response format but `json` is refused (Upstash's RESP2 format is not
+/// served here; Upstash itself answers 400 to an unknown one).
+fn encoding(headers: &HeaderMap) -> Result<Encoding, RestError> {
+    if let Some(f) = headers.get(RESPONSE_FORMAT_HEADER) {
+        if !f.as_bytes().trim_ascii().eq_ignore_ascii_case(b"json") {
+            return Err(RestError::BadRequest(
+                "ERR only the json response format is supported".into(),
+            ));
+        }
+    }
+    Ok(match headers.get(ENCODING_HEADER) {
+        Some(v) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"base64") => Encoding::Base64,
+        _ => Encoding::Text,
+    })
+}
+
+/// Reads the body, refusing more than `max` bytes (413) from the
+/// `Content-Length` alone when there is one.
+async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, RestError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(RestError::TooLarge(max));
+    }
+    axum::body::to_bytes(body, max).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            RestError::TooLarge(max)
+        } else {
+            RestError::BadRequest("ERR cannot read the request body".into())
+        }
+    })
+}
+
+/// Which request form carried the command.
+#[derive(Clone, Copy, Debug)]
+enum Form {
+    /// `POST /`: the JSON array body.
+    Json,
+    /// `POST /pipeline`.
+    Pipeline,
+    /// `/{command}/…`: path, body, query.
+    Path,
+}
+
+/// What one request came to, for the answer, the metrics and the log line.
+struct Served {
+    command: CommandLabel,
+    result: Result<Response, RestError>,
+}
+
+/// Decrements the in-flight gauge however the request ends (a client that
+/// hangs up cancels the handler).
+struct InFlight<'a>(&'a RestMetrics);
+
+impl<'a> InFlight<'a> {
+    fn start(m: &'a RestMetrics) -> Self {
+        m.in_flight.inc();
+        Self(m)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+impl RestState {
+    /// One command request, from authentication to the answer.
+    async fn serve(&self, form: Form, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+        let m = &self.inner.metrics;
+        let _in_flight = InFlight::start(m);
+        if !self.authorized(&headers, &uri) {
+            m.record(CommandLabel::None, Outcome::Unauthorized);
+            tracing::debug!(outcome = "unauthorized", "rest request");
+            return RestError::Unauthorized.into_response();
+        }
+        let started = Instant::now();
+        let served = self.serve_authorized(form, &headers, &uri, body).await;
+        let elapsed = started.elapsed();
+        m.latency.observe(elapsed);
+        let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let command = served.command.label();
+        match served.result {
+            Ok(resp) => {
+                let outcome = if resp.status() == StatusCode::OK {
+                    Outcome::Ok
+                } else {
+                    Outcome::RedisError
+                };
+                m.record(served.command, outcome);
+                tracing::debug!(
+                    command,
+                    outcome = outcome.label(),
+                    elapsed_us,
+                    "rest request"
+                );
+                resp
+            }
+            Err(e) => {
+                let outcome = e.outcome();
+                m.record(served.command, outcome);
+                if let RestError::Unavailable(cause) = &e {
+                    tracing::warn!(command, error = %cause, elapsed_us, "redis unavailable");
+                } else {
+                    tracing::debug!(
+                        command,
+                        outcome = outcome.label(),
+                        elapsed_us,
+                        "rest request"
+                    );
+                }
+                e.into_response()
+            }
+        }
+    }
+
+    async fn serve_authorized(
+        &self,
+        form: Form,
+        headers: &HeaderMap,
+        uri: &Uri,
+        body: Body,
+    ) -> Served {
+        let early = |command, e: RestError| Served {
+            command,
+            result: Err(e),
+        };
+        let label_of_form = match form {
+            Form::Pipeline => CommandLabel::Pipeline,
+            Form::Json | Form::Path => CommandLabel::None,
+        };
+        let enc = match encoding(headers) {
+            Ok(enc) => enc,
+            Err(e) => return early(label_of_form, e),
+        };
+        let body = match read_body(body, headers, self.inner.options.max_body_bytes).await {
+            Ok(b) => b,
+            Err(e) => return early(label_of_form, e),
+        };
+        let policy = self.policy();
+        let label_of = |r: &Refusal| match (form, r) {
+            (Form::Pipeline, _) => CommandLabel::Pipeline,
+            (_, Refusal::Forbidden(_)) => CommandLabel::Other,
+            (_, Refusal::BadRequest(_)) => CommandLabel::None,
+        };
+        match form {
+            Form::Pipeline => {
+                let parsed = command::json_pipeline(&body)
+                    .and_then(|cmds| command::parse_pipeline(cmds, policy));
+                let cmds = match parsed {
+                    Ok(c) => c,
+                    Err(r) => return early(label_of(&r), r.into()),
+                };
+                let result = self.run_pipeline(&cmds, enc).await.map(|replies| {
+                    let arr =
+                        serde_json::Value::Array(replies.iter().map(Reply::to_json).collect());
+                    json_response(StatusCode::OK, serde_json::to_vec(&arr).unwrap_or_default())
+                });
+                Served {
+                    command: CommandLabel::Pipeline,
+                    result,
+                }
+            }
+            Form::Json | Form::Path => {
+                let parts = match form {
+                    Form::Json => command::json_command(&body),
+                    _ => command::path_args(uri.path(), &body, uri.query()),
+                };
+                let cmd = match parts.and_then(|p| command::parse(p, policy)) {
+                    Ok(c) => c,
+                    Err(r) => return early(label_of(&r), r.into()),
+                };
+                let result = self.run_one(&cmd, enc).await.map(|reply| {
+                    // Upstash: a Redis error reply is a 400 carrying its text.
+                    let status = match reply {
+                        Reply::Result(_) => StatusCode::OK,
+                        Reply::Error(_) => StatusCode::BAD_REQUEST,
+                    };
+                    json_response(status, reply.to_body())
+                });
+                Served {
+                    command: CommandLabel::Verb(cmd.verb()),
+                    result,
+                }
+            }
+        }
+    }
+}
+
+async fn post_json(
+    State(state): State<RestState>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Response {
+    state.serve(Form::Json, headers, uri, body).await
+}
+
+async fn post_pipeline(
+    State(state): State<RestState>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Response {
+    state.serve(Form::Pipeline, headers, uri, body).await
+}
+
+async fn path_form(
+    State(state): State<RestState>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Response {
+    state.serve(Form::Path, headers, uri, body).await
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, Json(serde_json::json!({"status": "ok"})))
+}
+
+/// 200 when Redis answers `PING`, else 503; says nothing about why (the log
+/// does), so it needs no token.
+async fn readyz(State(state): State<RestState>) -> Response {
+    match state.ready().await {
+        Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))).into_response(),
+        Err(cause) => {
+            tracing::debug!(error = %cause, "readiness probe failed");
+            RestError::Unavailable(cause).into_response()
+        }
+    }
+}
+
+async fn metrics_text(State(state): State<RestState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        state.metrics().render(),
+    )
+        .into_response()
+}
+
+/// The front's router. `/healthz`, `/readyz` and `/metrics` need no token and
+/// take precedence over the path form (no Redis command has those names).
+pub fn app(state: RestState) -> Router {
+    // Upstash allows HEAD, GET, POST and PUT; PUT is read like POST. Other
+    // methods get axum's 405.
+    let commands = MethodFilter::GET
+        .or(MethodFilter::POST)
+        .or(MethodFilter::PUT);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/", on(commands, post_json))
+        .route("/pipeline", on(commands, post_pipeline))
+        .route("/{*command}", on(commands, path_form))
+        .with_state(state)
+}
+
+/// Serves the front on `listener` until `shutdown` resolves, then stops
+/// accepting and waits for in-flight requests to finish. Connects to Redis in
+/// the background first; a Redis that is down delays nothing (requests answer
+/// 503 until it is back).
+pub async fn run(
+    listener: TcpListener,
+    state: RestState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "rest front listening");
+    }
+    let warm = state.clone();
+    tokio::spawn(async move {
+        warm.inner
+            .link
+            .warm_up(&warm.inner.metrics.redis_resets)
+            .await;
+    });
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("rest front stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer(b"Bearer abc"), Some(b"abc".to_vec()));
+        assert_eq!(bearer(b"bearer abc"), Some(b"abc".to_vec()));
+        assert_eq!(bearer(b"BEARER   abc "), Some(b"abc".to_vec()));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bearer "), None);
+        assert_eq!(bearer(b"Bearerabc"), None);
+        assert_eq!(bearer(b"abc"), None);
+    }
+
+    #[test]
+    fn token_digest_compares_exactly() {
+        let t = TokenDigest::of(b"s3cret");
+        assert!(t.matches(b"s3cret"));
+        assert!(!t.matches(b"s3cre"));
+        assert!(!t.matches(b"s3cret "));
+        assert!(!t.matches(b""));
+        assert!(!t.matches(b"S3cret"));
+    }
+
+    #[test]
+    fn token_param_is_decoded_and_first_wins() {
+        assert_eq!(token_param("_token=a%2Bb"), Some(b"a+b".to_vec()));
+        assert_eq!(token_param("x=1&_token=t&_token=u"), Some(b"t".to_vec()));
+        assert_eq!(token_param("_token"), None);
+        assert_eq!(token_param("token=t"), None);
+    }
+
+    #[test]
+    fn tokens_must_fit_a_header() {
+        assert!(check_token("AYNgAS2553feg6a2d9842h2a0gcdb5f8efe9934DQ=").is_ok());
+        assert!(check_token("").is_err());
+        assert!(check_token("a b").is_err());
+        assert!(check_token("a\n").is_err());
+        assert!(check_token("é").is_err());
+    }
+
+    #[test]
+    fn encoding_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(encoding(&h).unwrap(), Encoding::Text);
+        h.insert(ENCODING_HEADER, "base64".parse().unwrap());
+        assert_eq!(encoding(&h).unwrap(), Encoding::Base64);
+        h.insert(ENCODING_HEADER, "BASE64".parse().unwrap());
+        assert_eq!(encoding(&h).unwrap(), Encoding::Base64);
+        h.insert(ENCODING_HEADER, "hex".parse().unwrap());
+        assert_eq!(encoding(&h).unwrap(), Encoding::Text);
+        h.insert(RESPONSE_FORMAT_HEADER, "json".parse().unwrap());
+        assert!(encoding(&h).is_ok());
+        h.insert(RESPONSE_FORMAT_HEADER, "resp2".parse().unwrap());
+        assert!(encoding(&h).is_err());
+    }
+
+    #[test]
+    fn state_debug_hides_the_token() {
+        let client = redis::Client::open("redis://:hunter2@127.0.0.1:1").unwrap();
+        let token = Redacted::new("tok-5e0f7a".to_string());
+        let state = RestState::new(client, &token, RestOptions::default()).unwrap();
+        let d = format!("{state:?}");
+        assert!(!d.contains("tok-5e0f7a"), "{d}");
+        assert!(!d.contains("hunter2"), "{d}");
+        let d = format!("{:?}", state.inner.link);
+        assert!(!d.contains("hunter2"), "{d}");
+    }
+}
