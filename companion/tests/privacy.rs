@@ -1,6 +1,7 @@
 //! Directive content and gateway API keys never reach a log line, at any
-//! level, in any subcommand, on success or failure paths; the long-running
-//! subcommands exit 0 on SIGTERM.
+//! level, in any subcommand, on success or failure paths; neither do the REST
+//! front's arguments, results and token; the long-running subcommands exit 0
+//! on SIGTERM.
 
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -297,5 +298,234 @@ async fn content_and_token_never_appear_in_logs() {
     assert!(
         !logs.contains(key_body),
         "API key leaked into logs:\n{logs}"
+    );
+}
+
+/// POST (or GET when `body` is `None`) with headers; status and body text.
+async fn rest_call(url: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<hyper::body::Bytes>>();
+    let method = if body.is_some() { "POST" } else { "GET" };
+    let mut req = hyper::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::from(body.unwrap_or_default())).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_front_never_logs_arguments_results_or_token() {
+    const REST_TOKEN: &str = "rest-token-9b2e41";
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("rest.log");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{listen}");
+    let out = File::create(&log).unwrap();
+    let err = out.try_clone().unwrap();
+    let mut rest = Spawned(
+        companion_cmd(&["rest", "--listen", &listen, "--redis-url", &redis.url()])
+            .env("RUST_LOG", "trace")
+            .env("IBEX_REDIS_REST_TOKEN", REST_TOKEN)
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap(),
+    );
+    eventually("rest front ready", Duration::from_secs(20), || async {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
+        let uri = format!("{base}/readyz").parse().unwrap();
+        let resp = client.get(uri).await.ok()?;
+        (resp.status() == 200).then_some(())
+    })
+    .await;
+    let bearer = format!("Bearer {REST_TOKEN}");
+    let auth = [("authorization", bearer.as_str())];
+    let b64 = [
+        ("authorization", bearer.as_str()),
+        ("upstash-encoding", "base64"),
+    ];
+    let key = format!("directive:{MARKER}");
+    let text = format!("{MARKER} directive text");
+    let json = |v: serde_json::Value| Some(v.to_string().into_bytes());
+    let root = format!("{base}/");
+
+    // url, headers, body (None: a GET), expected status
+    type Call<'a> = (String, Vec<(&'a str, &'a str)>, Option<Vec<u8>>, u16);
+    let calls: Vec<Call> = vec![
+        (
+            root.clone(),
+            auth.to_vec(),
+            json(serde_json::json!(["SET", key, text, "EX", 60])),
+            200,
+        ),
+        (
+            root.clone(),
+            auth.to_vec(),
+            json(serde_json::json!(["GET", key])),
+            200,
+        ),
+        (
+            root.clone(),
+            b64.to_vec(),
+            json(serde_json::json!(["GET", key])),
+            200,
+        ),
+        (
+            format!("{base}/pipeline"),
+            auth.to_vec(),
+            json(serde_json::json!([
+                ["SET", key, text],
+                ["GET", key],
+                ["DEL", key]
+            ])),
+            200,
+        ),
+        (
+            root.clone(),
+            b64.to_vec(),
+            json(serde_json::json!([
+                "EVAL",
+                ibex_wire::SET_IF_ABSENT_SCRIPT,
+                2,
+                key,
+                format!("{MARKER}:__flush__"),
+                60,
+                text
+            ])),
+            200,
+        ),
+        (
+            root.clone(),
+            b64.to_vec(),
+            json(serde_json::json!([
+                "EVAL",
+                ibex_wire::GET_WITH_PTTL_SCRIPT,
+                1,
+                key
+            ])),
+            200,
+        ),
+        (
+            format!("{base}/set/{MARKER}?EX=60"),
+            auth.to_vec(),
+            Some(text.clone().into_bytes()),
+            200,
+        ),
+        (format!("{base}/get/{MARKER}"), auth.to_vec(), None, 200),
+        (
+            format!("{base}/get/{MARKER}?_token={REST_TOKEN}"),
+            vec![],
+            None,
+            200,
+        ),
+        // A Redis error reply quoting nothing secret, still never logged.
+        (
+            root.clone(),
+            auth.to_vec(),
+            json(serde_json::json!([
+                "EVAL",
+                ibex_wire::SET_IF_ABSENT_SCRIPT,
+                2,
+                format!("{MARKER}:2"),
+                "m",
+                MARKER,
+                text
+            ])),
+            400,
+        ),
+        // Refusals: wrong tokens carrying the marker, forbidden and malformed
+        // commands carrying it.
+        (
+            root.clone(),
+            vec![("authorization", "Bearer PRIVATE-DIRECTIVE-d41d8cd9")],
+            json(serde_json::json!(["GET", key])),
+            401,
+        ),
+        (
+            format!("{base}/get/{MARKER}?_token={MARKER}"),
+            vec![],
+            None,
+            401,
+        ),
+        (
+            root.clone(),
+            auth.to_vec(),
+            json(serde_json::json!(["CONFIG", "SET", "dir", MARKER])),
+            403,
+        ),
+        (
+            root.clone(),
+            auth.to_vec(),
+            json(serde_json::json!(["EVAL", format!("return '{MARKER}'"), 0])),
+            403,
+        ),
+        (
+            root.clone(),
+            auth.to_vec(),
+            Some(format!(r#"["SET", "{MARKER}", {{"{MARKER}": 1}}]"#).into_bytes()),
+            400,
+        ),
+        (
+            root.clone(),
+            auth.to_vec(),
+            Some(format!(r#"["SET", "{MARKER}""#).into_bytes()),
+            400,
+        ),
+        (
+            root.clone(),
+            auth.to_vec(),
+            json(serde_json::json!(["SET", key, text, "PX", MARKER])),
+            400,
+        ),
+        (format!("{base}/{MARKER}/x"), auth.to_vec(), None, 403),
+    ];
+    for (url, headers, body, status) in &calls {
+        let (got, answer) = rest_call(url, headers, body.clone()).await;
+        assert_eq!(got, *status, "{url}: {answer}");
+    }
+    // The answers do carry the values: logging is what must not.
+    let (_, answer) = rest_call(&root, &auth, json(serde_json::json!(["GET", MARKER]))).await;
+    assert!(answer.contains(MARKER), "{answer}");
+
+    // Redis away: 503s, then back.
+    redis.kill();
+    let (got, answer) = rest_call(&root, &auth, json(serde_json::json!(["SET", key, text]))).await;
+    assert_eq!(got, 503, "{answer}");
+    redis.resume();
+    let (got, _) = rest_call(&root, &auth, json(serde_json::json!(["SET", key, text]))).await;
+    assert_eq!(got, 200);
+
+    assert!(
+        sigterm_and_wait(&mut rest.0).success(),
+        "rest exits 0 on SIGTERM"
+    );
+    let logs = std::fs::read_to_string(&log).unwrap();
+    if std::env::var_os("IBEX_TEST_DUMP_LOGS").is_some() {
+        eprintln!("{logs}");
+    }
+    // Logging was on, per request...
+    assert!(logs.contains("DEBUG"), "{logs}");
+    assert!(logs.contains("rest request"), "{logs}");
+    assert!(logs.contains("command=\"eval\""), "{logs}");
+    assert!(logs.contains("redis unavailable"), "{logs}");
+    // ...and never showed a key, a value, a script argument or the token.
+    assert!(
+        !logs.contains(MARKER),
+        "an argument or result leaked into logs:\n{logs}"
+    );
+    assert!(
+        !logs.contains(REST_TOKEN),
+        "the token leaked into logs:\n{logs}"
     );
 }

@@ -220,6 +220,15 @@ impl Redis {
         }
     }
 
+    /// Process id of the running server, if it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|c| i32::try_from(c.id()).unwrap())
+    }
+
     /// Kills the server (SIGKILL: clients see the link drop).
     pub fn kill(&self) {
         if let Some(mut child) = self.child.lock().unwrap().take() {
@@ -437,6 +446,13 @@ pub const COMPANION_ENV: &[&str] = &[
     "IBEX_KEY_PREFIX",
     "IBEX_AGENT_ID",
     "IBEX_ORG_ID",
+    "IBEX_REST_LISTEN",
+    "IBEX_REDIS_REST_TOKEN",
+    "IBEX_REDIS_REST_TOKEN_FILE",
+    "IBEX_REST_MAX_BODY_BYTES",
+    "IBEX_REST_ALLOW_ANY_SCRIPT",
+    "IBEX_REST_REDIS_TIMEOUT_MS",
+    "IBEX_REDIS_CA_FILE",
 ];
 
 /// A command for the companion binary with a clean environment and debug logs.
@@ -447,6 +463,19 @@ pub fn companion_cmd(args: &[&str]) -> Command {
         cmd.env_remove(var);
     }
     cmd
+}
+
+/// A spawned companion that is killed if the test fails before stopping it
+/// (a panicking test must not leave a server behind).
+pub struct Spawned(pub Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Runs the companion binary to completion.
