@@ -1,10 +1,11 @@
-"""The companion binary (`companion/`): its store and subscribe servers and
-its admin subcommands.
+"""The companion binary (`companion/`): its store, subscribe and rest servers
+and its admin subcommands.
 
 Flags follow `ibex-companion --help`; DATABASE_URL and REDIS_URL are passed
 through the environment, which the companion's CLI reads.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 from stack import paths
+from stack.contract import REST_TOKEN_ENV
+from stack.ports import http_status
 from stack.process import PortProcess
 
 PATIENT_STORE_ENV = {
@@ -243,3 +246,70 @@ class Subscriber(_CompanionServer):
         """
         return (self.metric("ibex_subscribe_invalidations_sent_total")
                 + self.metric("ibex_subscribe_invalidation_failures_total"))
+
+
+class RestFront(_CompanionServer):
+    """`ibex-companion rest`: the Upstash-compatible REST front of Redis (L2 over HTTP
+    keep-alive, bearer token), on 127.0.0.1:`port` in front of `redis_url`.
+
+    Ready once `/readyz` answers 200, which the front does only while Redis answers
+    PING (`/healthz` answers as soon as it listens, Redis or not). `token` reaches it as
+    IBEX_REDIS_REST_TOKEN, never on its command line, which any local user can read;
+    nothing here logs it. `call(*command)` and `pipeline(*commands)` speak the REST
+    API as a client would (`{"result": …}` / `{"error": …}`).
+    """
+
+    name = "rest"
+    health_path = "/readyz"
+    TOKEN_ENV = REST_TOKEN_ENV
+
+    def __init__(self, directory, port, redis_url, token, **kwargs):
+        super().__init__(directory, port, **kwargs)
+        self.redis_url = redis_url
+        self.token = token
+
+    def environment(self):
+        env = super().environment()
+        for name in (self.TOKEN_ENV, self.TOKEN_ENV + "_FILE"):  # never one inherited from the harness
+            env.pop(name, None)
+        env[self.TOKEN_ENV] = self.token
+        return env
+
+    def command(self):
+        return [paths.companion_path(), "rest", "--listen", f"127.0.0.1:{self.port}", "--redis-url", self.redis_url]
+
+    def live(self):
+        """`/healthz` answers 200: the front serves HTTP (whether Redis answers or not)."""
+        return http_status(self.url + "/healthz") == 200
+
+    def readyz(self):
+        """Status of `/readyz`: 200 while Redis answers PING, 503 when not, None when nothing answers."""
+        return http_status(self.url + "/readyz")
+
+    def auth_headers(self, token=None):
+        return {"authorization": f"Bearer {self.token if token is None else token}"}
+
+    def post(self, path, body, headers=None, token=None):
+        """POST raw `body` (bytes) to `path` with the bearer token (or `token`); (status, parsed JSON or text)."""
+        request = urllib.request.Request(self.url + path, data=body, method="POST",
+                                         headers={"content-type": "application/json",
+                                                  **self.auth_headers(token), **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, data = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            status, data = err.code, err.read()
+        try:
+            return status, json.loads(data)
+        except ValueError:
+            return status, data.decode(errors="replace")
+
+    def call(self, *command, base64=False):
+        """One command (`POST /` with a JSON array); (status, answer). With `base64`, the
+        front encodes every string of the result (`Upstash-Encoding: base64`)."""
+        headers = {"upstash-encoding": "base64"} if base64 else None
+        return self.post("/", json.dumps([str(part) for part in command]).encode(), headers=headers)
+
+    def pipeline(self, *commands):
+        """`POST /pipeline` of several commands; (status, [answer, …])."""
+        return self.post("/pipeline", json.dumps([[str(p) for p in c] for c in commands]).encode())

@@ -32,6 +32,22 @@ INVALIDATE_PATH = "/ibex/v1/invalidate"
 """Control listener path: POST it to flush L1, POST it + `/{agent}` to tombstone one agent."""
 
 
+SET_IF_ABSENT_SCRIPT = ("if redis.call('EXISTS',KEYS[1],KEYS[2])==0 then redis.call('SET',KEYS[1],ARGV[2],'EX',"
+                        "ARGV[1]) return 1 end return 0")
+"""The filter's conditional write-back through EVAL (wire/src/lib.rs SET_IF_ABSENT_SCRIPT):
+KEYS[1] the entry, KEYS[2] the flush marker, ARGV[1] the TTL, ARGV[2] the text."""
+
+GET_WITH_PTTL_SCRIPT = ("local v=redis.call('GET',KEYS[1]) if not v then return false end return "
+                        "{v,redis.call('PTTL',KEYS[1])}")
+"""The filter's read of a gateway key's entry through EVAL (wire/src/lib.rs GET_WITH_PTTL_SCRIPT)."""
+
+FILTER_SCRIPTS = (SET_IF_ABSENT_SCRIPT, GET_WITH_PTTL_SCRIPT)
+"""Every script the filter sends through EVAL: the only ones the REST front runs by default."""
+
+REST_TOKEN_ENV = "IBEX_REDIS_REST_TOKEN"
+"""Environment variable of the REST front's bearer token (`companion rest`, .run/env)."""
+
+
 def redis_key(agent):
     """The Redis key of an agent's directive."""
     return KEY_PREFIX + agent

@@ -2,9 +2,10 @@
 
 The committed envoy/local.yaml is the template: this module loads it,
 points its ports, cluster endpoints and wasm path at the stack under test,
-puts the stack's control token in the control listener's filter JSON, merges
+puts the stack's control token in the control listener's filter JSON and the
+L2 front's dialect (and the REST front's token) in the data listener's, merges
 per-test overrides into the data listener's, writes the result (mode 0600: it
-holds the token) next to the logs and runs Envoy on it.
+holds the tokens) next to the logs and runs Envoy on it.
 """
 
 import copy
@@ -107,13 +108,32 @@ def control_token_config(token):
     return {"control": {"token": token}}
 
 
-def render_config(template, *, admin_port, data_port, control_port, upstream_port, webdis_port, store_port,
-                  wasm, filter_config=None, filter_defaults=None, control_config=None, control_token=None,
-                  with_filter=True, cluster_ports=None, http_filters_before=None):
+REDIS_DIALECTS = {"rest": "upstash", "webdis": "webdis"}
+"""The filter's `redis.dialect` for each L2 front the harness runs (stack/stack.py)."""
+
+
+def redis_front_config(front, token=None):
+    """The data listener's filter JSON layer for the L2 front `front`: the REST front
+    (`companion rest`) is dialect "upstash" with its bearer token, Webdis is dialect
+    "webdis" without one."""
+    if front not in REDIS_DIALECTS:
+        raise ValueError(f"unknown L2 front {front!r}; fronts are {', '.join(REDIS_DIALECTS)}")
+    if front == "rest":
+        if not token:
+            raise ValueError("the REST front needs its token")
+        return {"redis": {"dialect": "upstash", "token": token}}
+    return {"redis": {"dialect": "webdis", "token": REMOVE}}
+
+
+def render_config(template, *, admin_port, data_port, control_port, upstream_port, redis_front_port, store_port,
+                  wasm, redis_front=None, filter_config=None, filter_defaults=None, control_config=None,
+                  control_token=None, with_filter=True, cluster_ports=None, http_filters_before=None):
     """A complete Envoy config for one stack; the template is not modified.
 
-    The data listener's filter JSON is the template's, with `filter_defaults`
-    merged in, then `filter_config` (so a test's own values win). The control
+    Cluster `ibex_redis` points at `redis_front_port`, the L2 front (the REST front
+    or Webdis). The data listener's filter JSON is the template's, with
+    `redis_front` (redis_front_config: the front's dialect and token) merged in, then
+    `filter_defaults`, then `filter_config` (so a test's own values win). The control
     listener's gets `control_token` (over the template's placeholder), then
     `control_config`.
     `cluster_ports` ({cluster name: port}) points clusters elsewhere after the
@@ -128,13 +148,13 @@ def render_config(template, *, admin_port, data_port, control_port, upstream_por
     set_port(data, data_port)
     set_port(control, control_port)
     set_cluster_port(config, "llm_upstream", upstream_port)
-    set_cluster_port(config, "ibex_redis", webdis_port)
+    set_cluster_port(config, "ibex_redis", redis_front_port)
     set_cluster_port(config, "ibex_store", store_port)
     for name, port in (cluster_ports or {}).items():
         set_cluster_port(config, name, port)
     for item in (data, control):
         wasm_plugin(item)["vm_config"]["code"]["local"]["filename"] = str(wasm)
-    for layer in (filter_defaults, filter_config):
+    for layer in (redis_front, filter_defaults, filter_config):
         if layer:
             set_filter_json(data, merge(filter_json(data), layer))
     for layer in (control_token_config(control_token) if control_token else None, control_config):
@@ -228,7 +248,7 @@ class EnvoyProcess(PortProcess):
         return [self.log_path, self.server_log_path]
 
     def prepare(self):
-        """Write the config, readable by its owner only (it may hold the control token)."""
+        """Write the config, readable by its owner only (it may hold the control and REST tokens)."""
         text = yaml.safe_dump(self.render(), sort_keys=False)
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)  # a config left by an older run keeps its mode otherwise
@@ -244,7 +264,9 @@ class Envoy(EnvoyProcess):
     """Envoy with the data listener (`port`, the gateway), the control listener
     and the admin port.
 
-    `upstream_port`, `webdis_port` and `store_port` are the stack's servers.
+    `upstream_port`, `redis_front_port` (the L2 front: cluster ibex_redis) and
+    `store_port` are the stack's servers; `redis_front` is the front's layer of the
+    data listener's filter JSON (redis_front_config: dialect and token).
     `filter_config` is merged into the data listener's filter JSON, over
     `filter_defaults` (the stack's own layer, e.g. PATIENT_FILTER_CONFIG);
     `control_token` (the bearer token the subscriber presents), then
@@ -254,13 +276,15 @@ class Envoy(EnvoyProcess):
     `http_filters_before` goes into the data listener's chain before the wasm filter.
     """
 
-    def __init__(self, directory, *, data_port, control_port, admin_port, upstream_port, webdis_port, store_port,
-                 filter_config=None, filter_defaults=None, control_config=None, control_token=None, template=None,
-                 wasm=None, with_filter=True, cluster_ports=None, http_filters_before=None, **kwargs):
+    def __init__(self, directory, *, data_port, control_port, admin_port, upstream_port, redis_front_port,
+                 store_port, redis_front=None, filter_config=None, filter_defaults=None, control_config=None,
+                 control_token=None, template=None, wasm=None, with_filter=True, cluster_ports=None,
+                 http_filters_before=None, **kwargs):
         super().__init__(directory, data_port, admin_port=admin_port, **kwargs)
         self.control_port = control_port
         self.upstream_port = upstream_port
-        self.webdis_port = webdis_port
+        self.redis_front_port = redis_front_port
+        self.redis_front = redis_front or {}
         self.store_port = store_port
         self.filter_config = filter_config or {}
         self.filter_defaults = filter_defaults or {}
@@ -288,15 +312,18 @@ class Envoy(EnvoyProcess):
         env = super().environment()
         if "IBEX_DIRECTIVE_CACHE_TTL" not in self.extra_env:
             env.pop("IBEX_DIRECTIVE_CACHE_TTL", None)
-        env.pop("IBEX_CONTROL_TOKEN", None)  # the token is in the config; nothing in Envoy reads this
+        # the tokens are in the config; nothing in Envoy reads these
+        env.pop("IBEX_CONTROL_TOKEN", None)
+        env.pop("IBEX_REDIS_REST_TOKEN", None)
         return env
 
     def render(self):
         return render_config(
             load_template(self.template_path),
             admin_port=self.admin_port, data_port=self.data_port, control_port=self.control_port,
-            upstream_port=self.upstream_port, webdis_port=self.webdis_port, store_port=self.store_port,
-            wasm=self.wasm, filter_defaults=self.filter_defaults, filter_config=self.filter_config,
+            upstream_port=self.upstream_port, redis_front_port=self.redis_front_port, store_port=self.store_port,
+            wasm=self.wasm, redis_front=self.redis_front, filter_defaults=self.filter_defaults,
+            filter_config=self.filter_config,
             control_config=self.control_config, control_token=self.control_token, with_filter=self.with_filter,
             cluster_ports=self.cluster_ports, http_filters_before=self.http_filters_before,
         )

@@ -5,23 +5,28 @@
         requests.post(stack.gateway_url + "/v1/chat/completions", ...)
         stack.upstream.received()
 
-Parts start in dependency order (Postgres, migrations, Redis, Webdis, store,
-echo upstream, Envoy, subscriber) on free loopback ports unless ports are
-given, and stop in reverse order, also when a test fails.
+Parts start in dependency order (Postgres, migrations, Redis, the L2 front,
+store, echo upstream, Envoy, subscriber) on free loopback ports unless ports
+are given, and stop in reverse order, also when a test fails. The L2 front is
+the REST front (`companion rest`, dialect "upstash") unless `l2="webdis"`.
 """
 
 import secrets
 from pathlib import Path
 
-from stack.companion import PATIENT_STORE_ENV, Companion, Store, Subscriber
-from stack.envoy import DEBUG_FILTER_CONFIG, PATIENT_FILTER_CONFIG, REMOVE, Envoy, merge
+from stack.companion import PATIENT_STORE_ENV, Companion, RestFront, Store, Subscriber
+from stack.envoy import DEBUG_FILTER_CONFIG, PATIENT_FILTER_CONFIG, REMOVE, Envoy, merge, redis_front_config
 from stack.ports import free_port, wait_until
 from stack.postgres import Postgres
 from stack.redis import Redis, Webdis
 from stack.upstream import EchoUpstream
 
-ORDER = ("postgres", "redis", "webdis", "store", "upstream", "envoy", "subscriber")
-PORT_NAMES = ("postgres", "redis", "webdis", "store", "subscriber", "upstream", "data", "control", "admin")
+ORDER = ("postgres", "redis", "rest", "webdis", "store", "upstream", "envoy", "subscriber")
+L2_FRONTS = ("rest", "webdis")
+"""The HTTP fronts of Redis Envoy's ibex_redis cluster can point at: the REST front
+(`companion rest`, dialect "upstash", the default) and Webdis (dialect "webdis").
+A stack runs one of them (`l2`); `parts` naming both still starts only that one."""
+PORT_NAMES = ("postgres", "redis", "rest", "webdis", "store", "subscriber", "upstream", "data", "control", "admin")
 
 
 def allocate_ports(given=None, names=PORT_NAMES):
@@ -51,7 +56,13 @@ class Stack:
     fast_pg          throw-away Postgres without fsync
     pid_dir          where pid files go (make run), default none
     log_dir          where every log goes, default each part's own directory
-    log_levels       {"envoy": "info", "companion": "info", "webdis": 3}
+    l2               the L2 front: "rest" (default: `companion rest`, filter dialect "upstash",
+                     with the stack's `rest_token`) or "webdis" (dialect "webdis"); the part's
+                     name is `l2_part`, so `stack.stop(stack.l2_part)` stops whichever runs
+    rest_token       the REST front's bearer token; default a new random one (make run passes
+                     its own); never logged
+    log_levels       {"envoy": "info", "companion": "info", "webdis": 3} (the REST front logs at
+                     the companion's level)
     patient          callout timeouts that hold on a loaded machine (PATIENT_FILTER_CONFIG
                      under every filter_config, PATIENT_STORE_ENV for the store): test
                      stacks; without it the committed configuration's timeouts apply
@@ -71,19 +82,24 @@ class Stack:
     def __init__(self, directory, *, ports=None, filter_config=None, control_config=None, envoy_env=None,
                  parts=ORDER, pg_dir=None, fast_pg=True, pid_dir=None, log_dir=None, concurrency=2,
                  log_levels=None, patient=False, debug_headers=False, control_token=None,
-                 http_filters_before=None, envoy_template=None):
+                 http_filters_before=None, envoy_template=None, l2="rest", rest_token=None):
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = allocate_ports(ports, self.PORT_NAMES)
         self.pid_dir = pid_dir
         self.log_dir = log_dir
-        self.parts = [name for name in ORDER if name in parts]
+        if l2 not in L2_FRONTS:
+            raise ValueError(f"unknown L2 front {l2!r}; fronts are {', '.join(L2_FRONTS)}")
+        self.parts = [name for name in ORDER if name in parts and (name not in L2_FRONTS or name == l2)]
         levels = {"envoy": "info", "companion": "info", "webdis": 3, **(log_levels or {})}
         common = {"pid_dir": pid_dir, "log_dir": log_dir}
         p = self.ports
         self.postgres = Postgres(Path(pg_dir) if pg_dir else self.dir / "postgres", p["postgres"], fast=fast_pg,
                                  **common)
         self.redis = Redis(self.dir / "redis", p["redis"], **common)
+        self.rest_token = rest_token or secrets.token_urlsafe(32)
+        self.rest = RestFront(self.dir / "rest", p["rest"], self.redis.url, self.rest_token,
+                              log_level=levels["companion"], **common)
         self.webdis = Webdis(self.dir / "webdis", p["webdis"], p["redis"], verbosity=levels["webdis"], **common)
         self.store = Store(self.dir / "store", p["store"], self.postgres.url, log_level=levels["companion"],
                            env=PATIENT_STORE_ENV if patient else None, **common)
@@ -97,6 +113,7 @@ class Stack:
             "cluster_ports": {},
             "http_filters_before": list(http_filters_before or []),
             "template": envoy_template,
+            "l2": l2,
         }
         self.filter_defaults = merge(PATIENT_FILTER_CONFIG if patient else {},
                                      DEBUG_FILTER_CONFIG if debug_headers else {})
@@ -111,16 +128,33 @@ class Stack:
     # -- lifecycle --------------------------------------------------------------
 
     def _make_envoy(self, filter_config, control_config, env, concurrency, log_level, cluster_ports=None,
-                    http_filters_before=None, template=None):
-        """An Envoy wired to this stack's ports with the given settings (not started)."""
+                    http_filters_before=None, template=None, l2="rest"):
+        """An Envoy wired to this stack's ports with the given settings (not started):
+        cluster ibex_redis at the L2 front `l2`, the filter speaking its dialect."""
         p = self.ports
         return Envoy(self.dir / "envoy", data_port=p["data"], control_port=p["control"],
-                     admin_port=p["admin"], upstream_port=p["upstream"], webdis_port=p["webdis"],
-                     store_port=p["store"], filter_config=filter_config, filter_defaults=self.filter_defaults,
+                     admin_port=p["admin"], upstream_port=p["upstream"], redis_front_port=p[l2],
+                     redis_front=redis_front_config(l2, self.rest_token), store_port=p["store"],
+                     filter_config=filter_config, filter_defaults=self.filter_defaults,
                      control_config=control_config, control_token=self.control_token,
                      env=env, concurrency=concurrency, log_level=log_level, pid_dir=self.pid_dir,
                      log_dir=self.log_dir, cluster_ports=cluster_ports,
                      http_filters_before=http_filters_before, template=template)
+
+    @property
+    def l2_part(self):
+        """The name of the part Envoy's L2 callouts go to: "rest" or "webdis"."""
+        return self.envoy_settings["l2"]
+
+    @property
+    def l2(self):
+        """The L2 front's process (RestFront or Webdis)."""
+        return self.part(self.l2_part)
+
+    @property
+    def l2_dialect(self):
+        """The filter's `redis.dialect` for the L2 front: "upstash" or "webdis"."""
+        return redis_front_config(self.l2_part, self.rest_token)["redis"]["dialect"]
 
     def part(self, name):
         """The process object of part `name`."""
@@ -160,7 +194,7 @@ class Stack:
             raise RuntimeError("stopping the stack: " + "; ".join(errors))
 
     def restart_envoy(self, *, filter_config=None, control_config=None, env=None, log_level=None,
-                      cluster_ports=None, concurrency=None, http_filters_before=None, template=None):
+                      cluster_ports=None, concurrency=None, http_filters_before=None, template=None, l2=None):
         """Replace Envoy by one with other settings (same ports); returns the new Envoy.
 
         Settings not given keep their current value; `filter_config` replaces
@@ -170,13 +204,15 @@ class Stack:
         parts; `{}` points them back. `concurrency` sets Envoy's worker count.
         `http_filters_before` replaces the filters put before ours (`[]`: none).
         `template` runs another Envoy config (e.g. envoy/examples/api_key.yaml);
-        `REMOVE` (stack/envoy.py) goes back to envoy/local.yaml.
+        `REMOVE` (stack/envoy.py) goes back to envoy/local.yaml. `l2` ("rest" or
+        "webdis") points ibex_redis at that front with its dialect (the caller starts
+        the part: `stack.start("webdis")`); `l2_part` follows.
         """
         settings = dict(self.envoy_settings)
         for key, value in (("filter_config", filter_config), ("control_config", control_config),
                            ("env", env), ("log_level", log_level), ("cluster_ports", cluster_ports),
                            ("concurrency", concurrency), ("http_filters_before", http_filters_before),
-                           ("template", template)):
+                           ("template", template), ("l2", l2)):
             if value is REMOVE and key == "template":
                 settings[key] = None
             elif value is not None:

@@ -5,7 +5,12 @@ A module tunes its stack with module-level constants:
     FILTER_CONFIG = {...}   merged into the data listener's filter JSON
     ENVOY_ENV = {...}       Envoy's extra environment
     LOG_LEVELS = {...}      {"envoy": "debug", "companion": "debug", "webdis": 8}
-    PARTS = (...)           the parts to run (default: all)
+    PARTS = (...)           the parts to run (default: all; one L2 front of them)
+    L2 = "webdis"           the L2 front (default "rest": the REST front, dialect
+                            "upstash", or IBEX_TEST_L2); tests name it generically,
+                            stack.l2_part
+
+IBEX_TEST_L2=webdis runs every module that sets no L2 of its own on Webdis.
     DEBUG_HEADERS = False   the committed configs' debug_headers (default True: the
                             upstream gets x-ibex-directive, which helpers.tier reads)
 
@@ -13,6 +18,7 @@ Every stack has its own random control token (stack.control_token), which its
 subscriber presents; stack.control_headers() authorises a test's own POSTs.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +33,11 @@ from stack.contract import FLUSH_MARKER, agent_key_redis_key  # noqa: E402
 from stack.stack import ORDER  # noqa: E402
 
 _STACK_DIRS = {}
+
+
+def default_l2():
+    """The L2 front of a test stack whose module names none: IBEX_TEST_L2, else the REST front."""
+    return os.environ.get("IBEX_TEST_L2") or "rest"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +57,7 @@ def stack(tmp_path_factory, request):
         envoy_env=getattr(module, "ENVOY_ENV", {}),
         log_levels=getattr(module, "LOG_LEVELS", None),
         parts=getattr(module, "PARTS", ORDER),
+        l2=getattr(module, "L2", default_l2()),
         patient=True,
         debug_headers=getattr(module, "DEBUG_HEADERS", True),
     ) as running:

@@ -481,7 +481,7 @@ def test_a_revoked_key_stops_working_within_the_ttl_while_the_subscriber_is_down
 def parts_back(stack):
     """Whatever a test stops is running again afterwards, and Envoy has the module's settings."""
     yield
-    for name in ("webdis", "store"):
+    for name in (stack.l2_part, "store"):
         stack.start(name)
     stack.restart_envoy(filter_config=FILTER_CONFIG, env={})
 
@@ -497,7 +497,7 @@ def test_a_key_that_cannot_be_checked_is_refused_even_failing_open(stack, upstre
     answer = requests.post(f"{stack.envoy.control_url}{INVALIDATE_PATH}/{agent}", headers=stack.control_headers(),
                            timeout=10)
     assert answer.status_code == 204
-    stack.stop("webdis")
+    stack.stop(stack.l2_part)
     stack.stop("store")
     upstream.clear()
     before = stack.envoy.counters()

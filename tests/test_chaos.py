@@ -1,5 +1,8 @@
 """Chaos: under steady load over 50 agents with directives, each part of the
-stack is killed with SIGKILL and later started again, one at a time.
+stack is killed with SIGKILL and later started again, one at a time. L2 goes
+through the REST front (`companion rest`): the front itself is killed, and so
+is Redis behind it (the front stays up, answers 503 meanwhile, and reconnects
+by itself).
 
 For every part the test records every client answer and everything the echo
 upstream received, and asserts that
@@ -28,11 +31,10 @@ from collections import Counter
 import pytest
 
 from chaos_helpers import LOAD_AGENT_HEADER, Load, UpstreamLog, counter_delta, fractions, tier_counts
-from conftest import _STACK_DIRS
+from conftest import _STACK_DIRS, default_l2
 from helpers import new_agent, strict_json, tier
 from stack import Stack, wait_until
 from stack.procfs import rss_kb
-from stack.stack import ORDER
 
 FILTER_CONFIG = {
     "cache": {"ttl_seconds": 1, "stale_if_error_seconds": 300},
@@ -51,7 +53,7 @@ MEMORY_GROWTH_KB = 50 * 1024
 TROUBLE = ("l2_error", "l3_error", "l2_skipped", "l3_skipped", "l2_write_error", "stale_served",
            "rejected.directive_unavailable", "failed_open")
 # The breaker the outage of a part opens.
-BREAKER = {"webdis": "l2_breaker_open", "redis": "l2_breaker_open", "store": "l3_breaker_open",
+BREAKER = {"rest": "l2_breaker_open", "webdis": "l2_breaker_open", "redis": "l2_breaker_open", "store": "l3_breaker_open",
            "postgres": "l3_breaker_open"}
 # A recovery interval must span at least this many L1 misses (both workers' remote tiers asked).
 INTERVAL_MISSES = 20
@@ -64,7 +66,7 @@ def stack(tmp_path_factory):
     """The module's stack, with an upstream that keeps enough requests between drains."""
     directory = tmp_path_factory.mktemp("test_chaos")
     _STACK_DIRS[__name__] = directory
-    running = Stack(directory, filter_config=FILTER_CONFIG, patient=True)
+    running = Stack(directory, filter_config=FILTER_CONFIG, patient=True, l2=default_l2())
     running.upstream.keep = 50_000
     with running:
         yield running
@@ -86,12 +88,12 @@ def fleet(stack):
 @pytest.fixture()
 def everything_back(stack):
     yield
-    for name in ORDER:
+    for name in stack.parts:
         stack.start(name)
 
 
 def snapshot_pids(stack):
-    return {name: stack.part(name).pid for name in ORDER}
+    return {name: stack.part(name).pid for name in stack.parts}
 
 
 def companion_rss(stack):
@@ -116,8 +118,9 @@ def degraded(part, directives, log, load, since):
     if part == "envoy":
         return (lambda: any(a.status == 0 for a in load.since(since))), "requests left unanswered"
     expected = {
-        "webdis": ("store",),       # L2 unreachable: the store answers every miss
-        "redis": ("store",),
+        "rest": ("store",),         # L2 unreachable: the store answers every miss
+        "webdis": ("store",),
+        "redis": ("store",),        # the front is up, Redis behind it is not: the same
         "store": ("stale",),        # L3 gone: once L1 and Redis entries expire, stale
         "postgres": ("stale",),
         "subscriber": ("redis", "store"),   # nothing changes: entries expire and refill
@@ -132,7 +135,7 @@ def degraded(part, directives, log, load, since):
 
 def answering(part, delta):
     """The tier that was down answers again over the interval."""
-    if part in ("webdis", "redis"):
+    if part in ("rest", "webdis", "redis"):
         return delta.get("l2_hit", 0) + delta.get("l2_miss", 0) > 0
     if part in ("store", "postgres"):
         return delta.get("l3_hit", 0) > 0
@@ -189,7 +192,7 @@ def subscriber_delivers(stack, deadline):
                what="a published update to reach Envoy through the subscriber")
 
 
-PARTS = ["webdis", "redis", "store", "postgres", "subscriber", "envoy"]
+PARTS = ["rest", "redis", "store", "postgres", "subscriber", "envoy"]
 
 
 def latency_ms(answers):
@@ -204,6 +207,8 @@ def latency_ms(answers):
 @pytest.mark.parametrize("part", PARTS)
 def test_kill_and_restart_under_load(stack, fleet, everything_back, part):
     """SIGKILL one part under load, start it again, and check every answer."""
+    if part == "rest":
+        part = stack.l2_part  # the L2 front (Webdis under IBEX_TEST_L2=webdis)
     directives = fleet["directives"]
     warm(stack, directives)
     pids = snapshot_pids(stack)
@@ -222,6 +227,9 @@ def test_kill_and_restart_under_load(stack, fleet, everything_back, part):
         check, expected = degraded(part, directives, log, load, killed_at)
         wait_until(check, timeout=OUTAGE_DEADLINE, interval=0.1,
                    what=f"{expected} while {part} is down")
+        if part == "redis" and stack.l2_part == "rest":  # the REST front stays up and says Redis is gone
+            assert stack.rest.running() and stack.rest.live()
+            assert stack.rest.readyz() == 503
         breaker = BREAKER.get(part)
         if breaker:
             # Keep the part down until a probe failed and re-opened a breaker: three

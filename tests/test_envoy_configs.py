@@ -21,13 +21,16 @@ from stack.envoy import (
     http_connection_manager,
     listener,
     load_template,
+    redis_front_config,
     render_config,
     wasm_plugin,
 )
 
 CONFIGS = sorted(paths.ENVOY_DIR.glob("*.yaml"))
 TOKEN_PLACEHOLDER = "${IBEX_CONTROL_TOKEN}"
+REST_TOKEN_PLACEHOLDER = "${IBEX_REDIS_REST_TOKEN}"
 COMPOSE_ENTRYPOINT = paths.ENVOY_DIR / "compose-entrypoint.sh"
+GOOD_REST_TOKEN = "r" * 40
 
 
 def validate(config_path):
@@ -93,18 +96,25 @@ def test_config_has_safe_defaults(config):
     # the provider does not learn the agent: the router drops its header
     removed = http_connection_manager(data_listener)["route_config"]["request_headers_to_remove"]
     assert data_json["agent"].get("header", "x-agent-id") in removed
-    # whoever starts Envoy puts the token in (stack/envoy.py, envoy/compose-entrypoint.sh)
+    # whoever starts Envoy puts the tokens in (stack/envoy.py, envoy/compose-entrypoint.sh)
     assert filter_json(control_listener)["control"]["token"] == TOKEN_PLACEHOLDER
+    # L2 is the REST front (SPEC §2): the Upstash dialect, with its token
+    assert data_json["redis"]["dialect"] == "upstash"
+    assert data_json["redis"]["token"] == REST_TOKEN_PLACEHOLDER
 
 
-def test_rendered_test_config_validates(tmp_path):
+@pytest.mark.parametrize("front", ["rest", "webdis"])
+def test_rendered_test_config_validates(tmp_path, front):
     """The config the harness writes for a test stack (ports, overrides) loads too."""
     paths.require_file(paths.wasm_path(), "build the filter first (make build)")
     rendered = render_config(
-        load_template(), admin_port=1, data_port=2, control_port=3, upstream_port=4, webdis_port=5,
-        store_port=6, wasm=paths.wasm_path(),
+        load_template(), admin_port=1, data_port=2, control_port=3, upstream_port=4, redis_front_port=5,
+        store_port=6, wasm=paths.wasm_path(), redis_front=redis_front_config(front, secrets.token_urlsafe(32)),
         filter_config={"cache": {"ttl_seconds": 1}, "agent": {"missing": "reject"}, "failure_mode": "open"},
     )
+    data_json = filter_json(listener(rendered, DATA_LISTENER))
+    assert data_json["redis"]["dialect"] == {"rest": "upstash", "webdis": "webdis"}[front]
+    assert ("token" in data_json["redis"]) == (front == "rest")
     path = tmp_path / "rendered.yaml"
     path.write_text(yaml.safe_dump(rendered))
     result = validate(path)
@@ -122,8 +132,9 @@ def test_invalid_filter_config_is_rejected(tmp_path, bad, field):
     and Envoy's log says which field (the filter logs it when on_configure fails)."""
     paths.require_file(paths.wasm_path(), "build the filter first (make build)")
     rendered = render_config(
-        load_template(), admin_port=1, data_port=2, control_port=3, upstream_port=4, webdis_port=5,
-        store_port=6, wasm=paths.wasm_path(), filter_config=bad,
+        load_template(), admin_port=1, data_port=2, control_port=3, upstream_port=4, redis_front_port=5,
+        store_port=6, wasm=paths.wasm_path(), redis_front=redis_front_config("rest", secrets.token_urlsafe(32)),
+        filter_config=bad,
     )
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(rendered))
@@ -140,7 +151,7 @@ def test_docker_compose_matches_its_envoy_config():
     compose = yaml.safe_load((paths.REPO / "docker-compose.yml").read_text())
     services = compose["services"]
     envoy_config = load_template(paths.ENVOY_DIR / "compose.yaml")
-    expected_ports = {"webdis": 7379, "store": 8081, "upstream": 18000}
+    expected_ports = {"rest": 8080, "store": 8081, "upstream": 18000}
     for cluster in envoy_config["static_resources"]["clusters"]:
         address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
         assert address["address"] in services, f"cluster {cluster['name']} points at unknown service {address}"
@@ -160,6 +171,17 @@ def test_docker_compose_matches_its_envoy_config():
         assert services[name]["environment"]["IBEX_CONTROL_TOKEN"].startswith("${IBEX_CONTROL_TOKEN:?"), name
     assert [n for n, s in services.items() if "IBEX_CONTROL_TOKEN" in (s.get("environment") or {})] == \
         ["envoy", "subscriber"]
+    # the REST front's token reaches the front and Envoy only, the same way
+    for name in ("rest", "envoy"):
+        assert services[name]["environment"]["IBEX_REDIS_REST_TOKEN"].startswith("${IBEX_REDIS_REST_TOKEN:?"), name
+    assert [n for n, s in services.items() if "IBEX_REDIS_REST_TOKEN" in (s.get("environment") or {})] == \
+        ["rest", "envoy"]
+    # the L2 front is the REST front, on the port the ibex_redis cluster names, in front of the redis service
+    rest = services["rest"]["command"]
+    assert rest[0] == "rest" and rest[rest.index("--listen") + 1] == f"0.0.0.0:{expected_ports['rest']}"
+    assert rest[rest.index("--redis-url") + 1].startswith("redis://redis:")
+    assert "DATABASE_URL" not in services["rest"]["environment"]
+    assert "rest" in envoy["depends_on"] and "webdis" not in services
     # admin stays on the container's loopback: not published, checked from inside
     admin_port = envoy_config["admin"]["address"]["socket_address"]["port_value"]
     assert all(not port.endswith(f":{admin_port}") for port in envoy["ports"])
@@ -182,11 +204,14 @@ def wasm_plugin_path(config):
     return wasm_plugin(listener(config, DATA_LISTENER))["vm_config"]["code"]["local"]["filename"]
 
 
-def run_compose_entrypoint(tmp_path, token, *command):
+def run_compose_entrypoint(tmp_path, token, *command, rest_token=GOOD_REST_TOKEN):
     """envoy/compose-entrypoint.sh on envoy/compose.yaml, as the envoy service runs it."""
-    env = {key: value for key, value in os.environ.items() if key != "IBEX_CONTROL_TOKEN"}
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("IBEX_CONTROL_TOKEN", "IBEX_REDIS_REST_TOKEN")}
     if token is not None:
         env["IBEX_CONTROL_TOKEN"] = token
+    if rest_token is not None:
+        env["IBEX_REDIS_REST_TOKEN"] = rest_token
     output = tmp_path / "ibex" / "envoy.yaml"
     result = subprocess.run(["sh", str(COMPOSE_ENTRYPOINT), str(paths.ENVOY_DIR / "compose.yaml"), str(output),
                              *command], cwd=paths.REPO, env=env, capture_output=True, text=True, timeout=30)
@@ -194,24 +219,32 @@ def run_compose_entrypoint(tmp_path, token, *command):
 
 
 def test_compose_entrypoint_renders_the_token(tmp_path):
-    """The envoy service's entrypoint writes compose.yaml with the token (0600),
-    which loads in Envoy, and runs its command without the token in the environment."""
+    """The envoy service's entrypoint writes compose.yaml with both tokens (0600),
+    which loads in Envoy, and runs its command without the tokens in the environment."""
     paths.require_file(paths.wasm_path(), "build the filter first (make build)")
     token = secrets.token_hex(32)
-    result, output = run_compose_entrypoint(tmp_path, token, "sh", "-c", 'echo "left:${IBEX_CONTROL_TOKEN:-none}"')
+    rest_token = secrets.token_urlsafe(33)
+    result, output = run_compose_entrypoint(
+        tmp_path, token, "sh", "-c", 'echo "left:${IBEX_CONTROL_TOKEN:-none}:${IBEX_REDIS_REST_TOKEN:-none}"',
+        rest_token=rest_token)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "left:none\n"
-    assert token not in result.stdout + result.stderr
+    assert result.stdout == "left:none:none\n"
+    assert token not in result.stdout + result.stderr and rest_token not in result.stdout + result.stderr
     assert stat.S_IMODE(output.stat().st_mode) == 0o600
     rendered = load_template(output)
     assert filter_json(listener(rendered, CONTROL_LISTENER))["control"]["token"] == token
-    assert TOKEN_PLACEHOLDER not in output.read_text()
+    assert filter_json(listener(rendered, DATA_LISTENER))["redis"]["token"] == rest_token
+    assert TOKEN_PLACEHOLDER not in output.read_text() and REST_TOKEN_PLACEHOLDER not in output.read_text()
     # nothing else changed
     template = load_template(paths.ENVOY_DIR / "compose.yaml")
-    control = listener(template, CONTROL_LISTENER)
-    wasm_plugin(control)["configuration"]["value"] = wasm_plugin(listener(rendered, CONTROL_LISTENER))[
-        "configuration"]["value"]
+    for name in (CONTROL_LISTENER, DATA_LISTENER):
+        wasm_plugin(listener(template, name))["configuration"]["value"] = wasm_plugin(listener(rendered, name))[
+            "configuration"]["value"]
     assert rendered == template
+    data_text = wasm_plugin(listener(load_template(paths.ENVOY_DIR / "compose.yaml"), DATA_LISTENER))[
+        "configuration"]["value"]
+    assert wasm_plugin(listener(rendered, DATA_LISTENER))["configuration"]["value"] == \
+        data_text.replace(REST_TOKEN_PLACEHOLDER, rest_token)
     check = validate(output)
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
 
@@ -223,6 +256,13 @@ def test_compose_entrypoint_refuses_a_missing_or_unusable_token(tmp_path, token)
     result, output = run_compose_entrypoint(tmp_path, token, "true")
     assert result.returncode == 64, result.stderr
     assert "IBEX_CONTROL_TOKEN" in result.stderr
+    if token:
+        assert token not in result.stderr
+    assert not output.exists()
+    # the REST front's token, with a good control token
+    result, output = run_compose_entrypoint(tmp_path, secrets.token_hex(32), "true", rest_token=token)
+    assert result.returncode == 64, result.stderr
+    assert "IBEX_REDIS_REST_TOKEN" in result.stderr
     if token:
         assert token not in result.stderr
     assert not output.exists()

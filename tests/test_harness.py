@@ -1,5 +1,6 @@
-"""The harness itself: parts stop completely, busy ports are named, and a
-kept Postgres directory is reused (what `make run` relies on)."""
+"""The harness itself: parts stop completely, busy ports are named, a kept
+Postgres directory is reused (what `make run` relies on), and a stack runs one
+L2 front."""
 
 import os
 import socket
@@ -7,6 +8,7 @@ import socket
 import pytest
 
 from stack import Postgres, Redis, Stack, StartError, free_port, port_is_free
+from stack.procfs import cmdline
 
 
 def alive(pid):
@@ -30,9 +32,11 @@ def session_pids(leader):
     return pids
 
 
-def test_stack_stop_leaves_no_process_and_frees_ports(tmp_path):
-    parts = ("postgres", "redis", "webdis", "store", "upstream")
-    with Stack(tmp_path, parts=parts) as stack:
+@pytest.mark.parametrize("l2", ["rest", "webdis"])
+def test_stack_stop_leaves_no_process_and_frees_ports(tmp_path, l2):
+    parts = ("postgres", "redis", l2, "store", "upstream")
+    with Stack(tmp_path, parts=parts, l2=l2) as stack:
+        assert stack.parts == list(parts) and stack.l2_part == l2
         pids = [pid for name in parts for pid in session_pids(stack.part(name).pid)]
         ports = [stack.ports[name] for name in parts]
         assert len(pids) > len(parts)  # postgres has its backends, for one
@@ -57,3 +61,21 @@ def test_postgres_directory_is_reused(tmp_path):
     with Postgres(tmp_path / "pg", free_port(), fast=True, migrate=False) as pg:
         assert pg.psql("SELECT x FROM kept").strip() == "42"
     assert (tmp_path / "pg" / "initdb.log").read_text() == initdb_log  # no second initdb
+
+
+def test_a_stack_runs_one_l2_front_and_its_token_is_on_no_command_line(tmp_path):
+    """`parts` naming both fronts starts only the stack's (the REST front by default);
+    the REST front's token reaches it through its environment, never argv, and it
+    answers only with that token."""
+    with Stack(tmp_path, parts=("redis", "rest", "webdis")) as stack:
+        assert stack.parts == ["redis", "rest"] and stack.l2_part == "rest"
+        assert stack.rest.running() and not stack.webdis.running()
+        assert stack.rest_token not in cmdline(stack.rest.pid)
+        assert stack.rest.call("PING") == (200, {"result": "PONG"})
+        assert stack.rest.post("/", b'["PING"]', token=stack.rest_token + "x")[0] == 401
+        assert stack.rest.readyz() == 200 and stack.rest.live()
+    logs = [path for path in tmp_path.rglob("*.log")]
+    assert any(path.name == "rest.log" for path in logs)
+    assert not any(stack.rest_token in path.read_text(errors="replace") for path in logs)
+    with pytest.raises(ValueError, match="unknown L2 front"):
+        Stack(tmp_path / "other", l2="memcached")

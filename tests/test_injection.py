@@ -30,13 +30,13 @@ NEGATIVE_TTL = 10  # cache.negative_ttl_seconds of envoy/local.yaml
 
 
 def callouts(stack):
-    """Requests Envoy sent to Webdis and to the store so far."""
+    """Requests Envoy sent to the L2 front and to the store so far."""
     stats = stack.envoy.stats(r"cluster\.ibex_(redis|store)\.upstream_rq_total$")
     return stats.get("cluster.ibex_redis.upstream_rq_total", 0), stats.get("cluster.ibex_store.upstream_rq_total", 0)
 
 
 def backend_counts(stack):
-    """(store lookups, Redis GET calls, Envoy callouts to Webdis and store)."""
+    """(store lookups, Redis GET calls, Envoy callouts to the L2 front and store)."""
     return stack.store.lookups(), stack.redis.command_calls("get"), callouts(stack)
 
 

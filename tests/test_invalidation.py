@@ -278,10 +278,10 @@ def test_flush_channel_re_resolves_every_agent(stack, upstream):
 def redis_and_subscriber_back(stack):
     """Whatever a test stops runs again afterwards."""
     yield
-    for name in ("redis", "webdis", "subscriber"):
+    for name in ("redis", stack.l2_part, "subscriber"):
         if not stack.part(name).running():
             stack.start(name)
-    wait_until(stack.webdis.ready, what="Webdis to reach Redis again")
+    wait_until(stack.l2.ready, what=f"{stack.l2_part} to reach Redis again")
 
 
 def test_redis_restart_subscriber_reconnects_and_flushes(stack, upstream, redis_and_subscriber_back):
@@ -302,9 +302,9 @@ def test_redis_restart_subscriber_reconnects_and_flushes(stack, upstream, redis_
     wait_until(lambda: stack.envoy.counter("invalidations") > invalidations,
                what="the subscriber's reconnect flush to reach Envoy")
     assert stack.subscriber.metric("ibex_subscribe_full_flushes_total") > flushes
-    # Webdis reconnects to Redis by itself; no restart needed
-    assert stack.webdis.running()
-    wait_until(stack.webdis.ready, what="Webdis to reach the restarted Redis")
+    # the L2 front reconnects to Redis by itself; no restart needed
+    assert stack.l2.running()
+    wait_until(stack.l2.ready, what=f"{stack.l2_part} to reach the restarted Redis")
     assert injected_text(stack, agent) == "Changed without a publish."
     assert tier(stack.upstream.last()) == "store"
     # updates published after the reconnect are honoured

@@ -1,12 +1,14 @@
 """Directive text is never logged, by any part, at any level (SPEC §7); nor
 is the control token; and the provider learns neither the agent nor the tier.
 
-Envoy runs with -l debug, the companion with RUST_LOG=debug and Webdis at
-full verbosity; the directive then goes through every path (store, write
-back, Redis, L1, invalidation, failure replies) and no log line may hold it,
-or, but for Envoy's own debug log (it prints its configuration), the control
-token the subscriber presented for the invalidation. The stack runs the
-committed debug_headers (off).
+Envoy runs with -l debug, the companion (store, subscriber and the REST front
+of Redis) with RUST_LOG=debug; the directive then goes through every path
+(store, write back through the REST front, Redis, L1, invalidation, failure
+replies) and no log line may hold it, or, but for Envoy's own debug log (it
+prints its configuration), the control token the subscriber presented for
+the invalidation or the REST front's token Envoy presented on every L2 call.
+The stack runs the committed debug_headers (off). Webdis at full verbosity
+gets the same check in test_webdis.py.
 
 The same holds for gateway API keys (agent.source "api_key", on a stack of its own):
 no log holds a key, only its SHA-256, but for Envoy's own dump of the client's
@@ -29,6 +31,8 @@ from stack.contract import (AGENT_HEADER, FLUSH_MARKER, INVALIDATE_KEY_PATH, TIE
 from stack.envoy import merge
 
 LOG_LEVELS = {"envoy": "debug", "companion": "debug", "webdis": 8}
+# Each L2 front's own log file, and what it holds once it logged requests at debug level.
+L2_LOGS = {"rest": ("rest.log", "DEBUG"), "webdis": ("webdis-server.log", "/PING")}
 DEBUG_HEADERS = False  # as committed
 SHUTDOWN = re.compile(r"\[info\]\[main\] .* exiting$", re.MULTILINE)  # Envoy's server, at its very end
 
@@ -37,6 +41,12 @@ DIRECTIVE = f"Privacy check {CANARY}: never print me.\nSecond line with \"quotes
 
 
 def test_directive_text_is_in_no_log(stack, upstream):
+    directive_goes_everywhere_and_no_log_holds_it(stack, upstream)
+
+
+def directive_goes_everywhere_and_no_log_holds_it(stack, upstream):
+    """The directive through every path, then every log of the stopped stack read
+    (test_webdis.py runs it on a Webdis stack)."""
     agent = agent_with(stack, DIRECTIVE)
     # L3 → write back → L1
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
@@ -66,25 +76,27 @@ def test_directive_text_is_in_no_log(stack, upstream):
     # the subscriber's invalidations went through, so it did present the token
     assert stack.subscriber.metric("ibex_subscribe_invalidations_sent_total") >= 1
     assert stack.subscriber.metric("ibex_subscribe_invalidation_failures_total") == 0
-    token = stack.control_token
+    tokens = {"control": stack.control_token, "REST front": stack.rest_token}
+    l2_log_name, l2_marker = L2_LOGS[stack.l2_part]
 
     stack.stop()  # every part writes out its last lines before the logs are read
     logs = stack.log_files()
     assert any(path.name == "envoy.log" for path in logs)
-    assert any(path.name == "webdis-server.log" for path in logs)
+    assert any(path.name == l2_log_name for path in logs), [path.name for path in logs]
     for path in logs:
         text = path.read_text(errors="replace")
         assert CANARY not in text, f"directive text logged in {path}"
         # Envoy's own debug log prints its whole configuration, and request headers:
         # secrets in either show there (README, Threat model), whatever the filter does.
         if not path.name.startswith("envoy"):
-            assert token not in text, f"the control token logged in {path}"
+            for what, token in tokens.items():
+                assert token not in text, f"the {what} token logged in {path}"
     # the debug logs did record the requests (the levels took effect)
     envoy_log = next(path for path in logs if path.name == "envoy.log").read_text()
     assert "[debug]" in envoy_log
     assert SHUTDOWN.search(envoy_log), "Envoy's log was read before Envoy wrote its end"
-    webdis_log = next(path for path in logs if path.name == "webdis-server.log").read_text()
-    assert "/PING" in webdis_log
+    l2_log = next(path for path in logs if path.name == l2_log_name).read_text(errors="replace")
+    assert l2_marker in l2_log, f"{l2_log_name} shows nothing at debug level"
 
 
 # -- gateway API keys (agent.source "api_key") ------------------------------------
@@ -165,7 +177,7 @@ def test_api_key_text_is_in_no_log(tmp_path):
         logs = stack.log_files()
 
     names = {path.name for path in logs}
-    assert {"envoy.log", "webdis-server.log", "companion-cli.log"} <= names, names
+    assert {"envoy.log", L2_LOGS[stack.l2_part][0], "companion-cli.log"} <= names, names
     for path in logs:
         text = path.read_text(errors="replace")
         assert CANARY not in text, f"directive text logged in {path}"

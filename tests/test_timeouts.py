@@ -1,25 +1,28 @@
 """Callout timeouts that hold, and the circuit breakers around them.
 
 A TCP listener that accepts connections and never answers stands in for
-Webdis, then for the store, then for both (Envoy's ibex_redis / ibex_store
-cluster is pointed at it). Every request must still finish, and take no
-longer than a generous bound over its configured timeouts (a correctness
-bound, not a benchmark): with the directive via the store when only Webdis
-hangs, with 503 directive_unavailable (failure_mode closed) when the store
-cannot answer. After 5 consecutive failures on a worker the tier's breaker
-opens and later requests skip it.
+the L2 front (the REST front, `companion rest`), then for the store, then for
+both (Envoy's ibex_redis / ibex_store cluster is pointed at it); then the REST
+front itself hangs, because Redis behind it is frozen (SIGSTOP). Every request
+must still finish, and take no longer than a generous bound over its
+configured timeouts (a correctness bound, not a benchmark): with the directive
+via the store when only L2 hangs, with 503 directive_unavailable (failure_mode
+closed) when the store cannot answer. After 5 consecutive failures on a worker
+the tier's breaker opens and later requests skip it.
 
 Envoy runs one worker in these tests: the breakers are per worker, and Envoy
 may close a connection after a local reply (503), so a client could not stay
 on one worker by keeping its connection. With one worker, five failures are
 five failures of the one breaker.
 
-Then Webdis is killed for real (SIGKILL): the L2 breaker opens, and once
-Webdis is started again the breaker's probe closes it and Redis answers
+Then the REST front is killed for real (SIGKILL): the L2 breaker opens, and
+once it is started again the breaker's probe closes it and Redis answers
 again. Last, a probe whose request goes away (the client disconnects while
 the probe hangs) must not keep its breaker open for good.
 """
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -74,12 +77,12 @@ def client(stack):
 def restore(stack):
     """Afterwards: every part running, Envoy with the module's settings, pointing at the stack."""
     yield
-    for name in ("webdis", "store"):
+    for name in (stack.l2_part, "store", "subscriber"):
         stack.start(name)
     stack.restart_envoy(filter_config=FILTER_CONFIG, cluster_ports={}, concurrency=2)
 
 
-def test_hanging_webdis_costs_its_timeout_then_is_skipped(stack, upstream, hanging, client, restore):
+def test_hanging_l2_front_costs_its_timeout_then_is_skipped(stack, upstream, hanging, client, restore):
     stack.restart_envoy(filter_config=FILTER_CONFIG, concurrency=1, cluster_ports={"ibex_redis": hanging.port})
     limit = bound(REDIS_TIMEOUT_MS)
     took_all = []
@@ -105,17 +108,23 @@ def test_hanging_webdis_costs_its_timeout_then_is_skipped(stack, upstream, hangi
     assert tier(upstream.last()) == "store"
     assert stack.envoy.counter("l2_skipped") == 1
     assert stack.envoy.counter("l2_error") == THRESHOLD
-    print(f"\nWebdis hangs: {took_all} s while failing, {took:.3f} s once skipped")
+    print(f"\nthe L2 front hangs: {took_all} s while failing, {took:.3f} s once skipped")
+
+
+# The first bytes of an answer of each dialect, whose rest never comes.
+STALLED = {
+    "upstash": b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"result":"',
+    "webdis": b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n$5\r\n",
+}
 
 
 def test_a_callout_that_fails_after_its_headers_is_a_tier_error_not_a_crash(stack, upstream, client, restore):
-    """Webdis answers headers, then the body never comes and the callout times out:
-    Envoy reports the failure with no response headers, and reading them anyway
+    """The L2 front answers headers, then the body never comes and the callout times
+    out: Envoy reports the failure with no response headers, and reading them anyway
     made the SDK panic (the VM crashed, the request hung). It is an L2 error now,
     answered by the store."""
-    stalled = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n$5\r\n"
-    with HangingServer(answer=stalled) as webdis:
-        stack.restart_envoy(filter_config=FILTER_CONFIG, concurrency=1, cluster_ports={"ibex_redis": webdis.port})
+    with HangingServer(answer=STALLED[stack.l2_dialect]) as front:
+        stack.restart_envoy(filter_config=FILTER_CONFIG, concurrency=1, cluster_ports={"ibex_redis": front.port})
         for attempt in range(1, 4):
             directive = f"Through the store after a stalled Redis answer, {attempt}."
             agent = agent_with(stack, directive)
@@ -125,7 +134,7 @@ def test_a_callout_that_fails_after_its_headers_is_a_tier_error_not_a_crash(stac
             assert_chat_injected(body, upstream.last().body, directive)
             assert tier(upstream.last()) == "store"
             assert stack.envoy.counter("l2_error") == attempt
-        assert webdis.accepted >= 1
+        assert front.accepted >= 1
     assert "panicked" not in Path(stack.envoy.server_log_path).read_text(errors="replace")
 
 
@@ -222,11 +231,65 @@ def test_waiters_finish_in_time_when_the_request_that_asked_went_away(stack, ups
     assert upstream.received() == []
 
 
-def test_l2_breaker_opens_when_webdis_dies_and_closes_when_it_is_back(stack, upstream, client, restore):
+def test_the_rest_front_hanging_on_a_frozen_redis_costs_the_timeout_then_is_skipped(stack, upstream, client,
+                                                                                     restore):
+    """Redis is frozen (SIGSTOP) behind the running REST front: the front accepts the
+    filter's calls and waits on Redis, so L2 hangs for real. Each L1 miss costs at most
+    redis.timeout_ms, the store answers, and after five the breaker skips L2. Once Redis
+    runs again (SIGCONT) the front answers by itself and the breaker's probe closes it.
+    The subscriber, whose link would time out too, is stopped meanwhile and started
+    again afterwards (its initial flush awaited)."""
+    if stack.l2_part != "rest":
+        pytest.skip("the REST front's own wait on Redis")
     stack.restart_envoy(filter_config=FILTER_CONFIG, concurrency=1, cluster_ports={})
-    stack.webdis.kill()
+    agents = {agent_with(stack, f"Redis frozen, attempt {n}."): f"Redis frozen, attempt {n}."
+              for n in range(1, THRESHOLD + 2)}  # in Postgres before Redis freezes
+    stack.stop("subscriber")
+    limit = bound(REDIS_TIMEOUT_MS)
+    took_all = []
+    redis_pid = stack.redis.pid
+    os.kill(redis_pid, signal.SIGSTOP)
+    try:
+        for attempt, (agent, directive) in enumerate(agents.items(), start=1):
+            body = chat_body()
+            response, took = client(agent, body)
+            assert response.status_code == 200, response.text
+            took_all.append(round(took, 3))
+            received = upstream.last()
+            assert_chat_injected(body, received.body, directive)
+            assert tier(received) == "store"
+            if attempt <= THRESHOLD:
+                assert took <= limit, f"request {attempt} took {took:.2f} s with a {REDIS_TIMEOUT_MS} ms Redis timeout"
+                assert stack.envoy.counter("l2_error") == attempt
+        assert stack.envoy.counter("l2_breaker_open") == 1
+        assert stack.envoy.counter("l2_skipped") == 1
+        assert stack.envoy.counter("l2_error") == THRESHOLD
+        assert stack.rest.running() and stack.rest.live(), "the front serves HTTP while Redis is frozen"
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+    print(f"\nRedis frozen behind the REST front: {took_all} s")
+    wait_until(stack.rest.ready, timeout=DEADLINE, what="the REST front to reach Redis again")
+    stack.start("subscriber")
+
+    def probe_closed_the_breaker():
+        response, _ = client(new_agent())
+        assert response.status_code == 200
+        return stack.envoy.counter("l2_breaker_close") >= 1
+
+    wait_until(probe_closed_the_breaker, timeout=BREAKER_DEADLINE, interval=0.2,
+               what="the L2 breaker to close after Redis runs again")
+    agent = new_agent()
+    stack.redis.command_call("SET", redis_key(agent), "Redis runs again.", "EX", 60)
+    response, _ = client(agent)
+    assert response.status_code == 200
+    assert tier(upstream.last()) == "redis"
+
+
+def test_l2_breaker_opens_when_the_l2_front_dies_and_closes_when_it_is_back(stack, upstream, client, restore):
+    stack.restart_envoy(filter_config=FILTER_CONFIG, concurrency=1, cluster_ports={})
+    stack.l2.kill()
     for attempt in range(1, THRESHOLD + 1):
-        directive = f"Webdis is dead, attempt {attempt}."
+        directive = f"The L2 front is dead, attempt {attempt}."
         response, _ = client(agent_with(stack, directive))
         assert response.status_code == 200
         assert tier(upstream.last()) == "store"
@@ -234,7 +297,7 @@ def test_l2_breaker_opens_when_webdis_dies_and_closes_when_it_is_back(stack, ups
     assert stack.envoy.counter("l2_breaker_open") == 1
     assert stack.envoy.counter("l2_breaker_close") == 0
 
-    stack.start("webdis")
+    stack.start(stack.l2_part)
     back = time.monotonic()
 
     def probe_closed_the_breaker():
@@ -244,7 +307,7 @@ def test_l2_breaker_opens_when_webdis_dies_and_closes_when_it_is_back(stack, ups
         return stack.envoy.counter("l2_breaker_close") >= 1
 
     wait_until(probe_closed_the_breaker, timeout=BREAKER_DEADLINE, interval=0.2,
-               what="the L2 breaker to close after Webdis is back")
+               what="the L2 breaker to close after the L2 front is back")
     closed_after = time.monotonic() - back
 
     # Redis answers again: an agent known only to Redis is served from it, then from L1.
@@ -257,7 +320,7 @@ def test_l2_breaker_opens_when_webdis_dies_and_closes_when_it_is_back(stack, ups
         received = upstream.last()
         assert tier(received) == expected_tier
         assert_chat_injected(body, received.body, "Straight from Redis.")
-    print(f"\nL2 breaker closed {closed_after:.2f} s after Webdis was back; counters {stack.envoy.counters()}")
+    print(f"\nL2 breaker closed {closed_after:.2f} s after the L2 front was back; counters {stack.envoy.counters()}")
 
 
 # -- a probe whose request goes away ------------------------------------------------
@@ -336,15 +399,15 @@ def test_l3_breaker_recovers_when_its_probe_request_is_abandoned(stack, upstream
 def test_l2_breaker_recovers_when_its_probe_request_is_abandoned(stack, upstream, client, restore):
     stack.restart_envoy(filter_config={**FILTER_CONFIG, "redis": {"timeout_ms": SLOW_MS}}, concurrency=1,
                         cluster_ports={})
-    stack.webdis.kill()
+    stack.l2.kill()
     for _ in range(THRESHOLD):
-        response, _ = client(new_agent())  # Webdis refused: the store answers
+        response, _ = client(new_agent())  # the L2 front refused: the store answers
         assert response.status_code == 200
     assert stack.envoy.counter("l2_breaker_open") == 1
-    with HangingServer(port=stack.ports["webdis"]):
+    with HangingServer(port=stack.ports[stack.l2_part]):
         abandon_the_probe(stack, "l1_miss", "l2_skipped", new_agent)
     assert stack.envoy.counter("l2_error") == THRESHOLD, "the probe was abandoned, it did not fail"
-    stack.start("webdis")
+    stack.start(stack.l2_part)
 
     def send():
         response, _ = client(new_agent())  # every request an L1 miss, so a probe once allowed
