@@ -1,9 +1,10 @@
 """`make run`: the whole stack in the foreground on fixed local ports.
 
-Starts PostgreSQL (its cluster under .run/pg, kept between runs), Redis,
-Webdis, the companion store and subscriber, the echo upstream and Envoy with
-the filter; applies migrations; gives a demo agent a directive; writes
-.run/env; prints a curl to try; stops everything on Ctrl-C or SIGTERM.
+Starts PostgreSQL (its cluster under .run/pg, kept between runs), Redis, the
+REST front of Redis (`ibex-companion rest`, the L2 front; `IBEX_L2=webdis`
+runs Webdis instead), the companion store and subscriber, the echo upstream
+and Envoy with the filter; applies migrations; gives a demo agent a directive;
+writes .run/env; prints a curl to try; stops everything on Ctrl-C or SIGTERM.
 
 Envoy runs envoy/local.yaml (agent.source "header"), or the config named by
 IBEX_ENVOY_CONFIG, e.g. one of envoy/examples/ (api_key.yaml, jwt.yaml,
@@ -11,7 +12,9 @@ header.yaml); the hint it prints fits that config's agent source.
 
 The control listener's bearer token is .run/control-token (mode 0600), made
 on the first run and kept: Envoy's config and the subscriber get it, nothing
-prints it.
+prints it. The REST front's token is .run/rest-token, made and kept the same
+way: the front and Envoy's config get it, and .run/env (mode 0600) exports it
+as IBEX_REDIS_REST_TOKEN for clients of the front (an Upstash SDK, curl).
 
 Run it through `make run`, which installs and builds what is missing first.
 """
@@ -31,13 +34,14 @@ from stack.envoy import DATA_LISTENER, filter_json, listener, load_template
 from stack.ports import port_is_free
 from stack.process import StartError, wait_for_pid_exit
 from stack.procfs import cmdline
-from stack.stack import ORDER, Stack
+from stack.stack import L2_FRONTS, ORDER, Stack
 
 RUN_DIR = paths.REPO / ".run"
 PID_DIR = RUN_DIR / "pids"
 LOG_DIR = RUN_DIR / "logs"
 ENV_FILE = RUN_DIR / "env"
 TOKEN_FILE = RUN_DIR / "control-token"
+REST_TOKEN_FILE = RUN_DIR / "rest-token"
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9._~+/=-]{32,}")
 
 DEMO_AGENT_ID = "00000000-0000-4000-8000-00000000d0d0"
@@ -54,7 +58,8 @@ FIXED_PORTS = {
     "upstream": (18000, "echo upstream"),
     "store": (18081, "companion store"),
     "subscriber": (18082, "companion subscriber health"),
-    "webdis": (17379, "Webdis"),
+    "rest": (18080, "REST front of Redis (companion rest)"),
+    "webdis": (17379, "Webdis (IBEX_L2=webdis)"),
     "redis": (16379, "Redis"),
     "postgres": (15432, "PostgreSQL"),
 }
@@ -63,6 +68,7 @@ FIXED_PORTS = {
 PROCESS_MARKERS = {
     "postgres": "runuser",
     "redis": "redis-server",
+    "rest": "ibex-companion",
     "webdis": "webdis",
     "store": "ibex-companion",
     "subscriber": "ibex-companion",
@@ -85,9 +91,17 @@ def say(message):
     print(f"[make run] {message}", flush=True)
 
 
-def choose_ports():
-    """The fixed ports, with the gateway from IBEX_PORT when set."""
-    ports = {name: port for name, (port, _) in FIXED_PORTS.items()}
+def choose_l2():
+    """The L2 front: IBEX_L2 ("rest", the default, or "webdis")."""
+    l2 = os.environ.get("IBEX_L2") or "rest"
+    if l2 not in L2_FRONTS:
+        sys.exit(f"[make run] IBEX_L2={l2}: the L2 front is one of {', '.join(L2_FRONTS)}")
+    return l2
+
+
+def choose_ports(l2):
+    """The fixed ports of the parts that run (one L2 front), with the gateway from IBEX_PORT when set."""
+    ports = {name: port for name, (port, _) in FIXED_PORTS.items() if name not in L2_FRONTS or name == l2}
     if os.environ.get("IBEX_PORT"):
         ports["data"] = int(os.environ["IBEX_PORT"])
     return ports
@@ -155,25 +169,35 @@ def clean_stale_pid_files():
         pid_file.unlink()
 
 
-def control_token():
-    """The control token in TOKEN_FILE, made (random, mode 0600) when missing or unusable.
+def kept_token(path, what):
+    """The token in `path`, made (random, mode 0600) when missing or unusable.
 
     A file someone else could read is narrowed to 0600 before it is used.
     """
     try:
-        token = TOKEN_FILE.read_text().strip()
+        token = path.read_text().strip()
     except FileNotFoundError:
         token = ""
     if TOKEN_SHAPE.fullmatch(token):
-        os.chmod(TOKEN_FILE, 0o600)
+        os.chmod(path, 0o600)
         return token
     token = secrets.token_urlsafe(32)
-    TOKEN_FILE.unlink(missing_ok=True)
-    fd = os.open(TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")
-    say(f"made a control token in {TOKEN_FILE.relative_to(paths.REPO)}")
+    say(f"made a {what} in {path.relative_to(paths.REPO)}")
     return token
+
+
+def control_token():
+    """The control listener's token (TOKEN_FILE)."""
+    return kept_token(TOKEN_FILE, "control token")
+
+
+def rest_token():
+    """The REST front's token (REST_TOKEN_FILE)."""
+    return kept_token(REST_TOKEN_FILE, "REST front token")
 
 
 def ensure_demo_agent(stack):
@@ -187,7 +211,8 @@ def ensure_demo_agent(stack):
 
 
 def write_env_file(stack):
-    """.run/env: shell exports of every URL of the running stack."""
+    """.run/env (mode 0600: it holds the REST front's token): shell exports of every
+    URL of the running stack."""
     values = {
         "IBEX_GATEWAY_URL": stack.envoy.url,
         "ENVOY_ADMIN_URL": stack.envoy.admin_url,
@@ -199,9 +224,17 @@ def write_env_file(stack):
         "REDIS_URL": stack.redis.url,
         "IBEX_DEMO_AGENT_ID": DEMO_AGENT_ID,
     }
+    if stack.l2_part == "rest":
+        values.update({"IBEX_REDIS_REST_URL": stack.rest.url, "IBEX_REDIS_REST_TOKEN": stack.rest_token,
+                       "IBEX_REDIS_REST_TOKEN_FILE": REST_TOKEN_FILE})
+    else:
+        values["IBEX_WEBDIS_URL"] = stack.webdis.url
     lines = ["# written by `make run`; source it: . .run/env"]
     lines += [f"export {key}='{value}'" for key, value in values.items()]
-    ENV_FILE.write_text("\n".join(lines) + "\n")
+    ENV_FILE.unlink(missing_ok=True)
+    fd = os.open(ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 def try_it(source, template):
@@ -255,6 +288,37 @@ A request without {AGENT_HEADER} gets 401 missing_agent_id (agent.missing "rejec
 {others}"""
 
 
+def l2_front_line(stack):
+    """The banner's line about the L2 front."""
+    if stack.l2_part == "rest":
+        return (f"  redis front    {stack.rest.url}   (REST front, the Upstash REST API; "
+                f"token in {REST_TOKEN_FILE.relative_to(paths.REPO)})")
+    return f"  redis front    {stack.webdis.url}   (Webdis, IBEX_L2=webdis)"
+
+
+def l2_hint(stack):
+    """How to read L2 through its front."""
+    key = "directive:$IBEX_DEMO_AGENT_ID"
+    if stack.l2_part == "webdis":
+        return f"""L2 is Webdis (IBEX_L2=webdis; the filter's redis.dialect "webdis"):
+  curl -s $IBEX_WEBDIS_URL/GET/{key}
+Without IBEX_L2, make run runs the REST front (companion rest) instead.
+"""
+    auth = '-H "authorization: Bearer $IBEX_REDIS_REST_TOKEN"'
+    return f"""L2 is the REST front of Redis (ibex-companion rest, the Upstash REST API; the filter's
+redis.dialect "upstash"). Any Upstash client speaks to it with the token:
+
+  . .run/env
+  curl -s $IBEX_REDIS_REST_URL {auth} -d '["SET","hello","world","EX","60"]'
+  curl -s $IBEX_REDIS_REST_URL/get/hello {auth}
+  curl -s $IBEX_REDIS_REST_URL/get/{key} {auth}   # null until a fill wrote it back
+  python: upstash_redis.Redis(url=os.environ["IBEX_REDIS_REST_URL"], token=os.environ["IBEX_REDIS_REST_TOKEN"])
+
+A request without the token gets 401, a command the filter does not use (FLUSHALL, KEYS…) 403.
+IBEX_L2=webdis make run runs Webdis in its place.
+"""
+
+
 def banner(stack, seconds, template):
     """What a person needs to use the running stack."""
     return f"""
@@ -267,11 +331,13 @@ ibex-directive is up in {seconds:.1f}s (Ctrl-C stops everything)
   echo upstream  {stack.upstream.url}   (GET /_demo/received shows what the model got)
   postgres       {stack.postgres.url}
   redis          {stack.redis.url}
+{l2_front_line(stack)}
   envoy config   {relative(template)}
   logs           {LOG_DIR}/
   environment    {ENV_FILE}
 
-{try_it(agent_source(template), template)}"""
+{try_it(agent_source(template), template)}
+{l2_hint(stack)}"""
 
 
 def wait_for_stop(stack):
@@ -288,7 +354,8 @@ def wait_for_stop(stack):
 def main():
     RUN_DIR.mkdir(exist_ok=True)
     clean_stale_pid_files()
-    ports = choose_ports()
+    l2 = choose_l2()
+    ports = choose_ports(l2)
     busy = busy_ports(ports)
     if busy:
         for port, what in busy:
@@ -306,11 +373,12 @@ def main():
     envoy_env["IBEX_PROVIDER_API_KEY"] = os.environ.get("IBEX_PROVIDER_API_KEY") or DEMO_PROVIDER_KEY
     template = envoy_template()
     stack = Stack(RUN_DIR, ports=ports, pg_dir=RUN_DIR / "pg", fast_pg=False, pid_dir=PID_DIR, log_dir=LOG_DIR,
-                  envoy_env=envoy_env, concurrency=2, control_token=control_token(), envoy_template=template)
+                  envoy_env=envoy_env, concurrency=2, control_token=control_token(), envoy_template=template,
+                  l2=l2, rest_token=rest_token())
     started = time.monotonic()
     code = 0
     try:
-        for name in ORDER:
+        for name in stack.parts:
             say(f"starting {name}")
             stack.start(name)
         ensure_demo_agent(stack)
