@@ -377,7 +377,7 @@ struct StoreKeyBody {
 pub fn parse_store_key(resp: &Response, key: &KeyHash) -> Result<KeyAnswer, TierError> {
     check_status(resp)?;
     let text = std::str::from_utf8(&resp.body).map_err(|_| TierError("not UTF-8"))?;
-    let body: StoreKeyBody = serde_json::from_str(text).map_err(|_| TierError("bad body"))?;
+    let body: StoreKeyBody = json_object(text)?;
     if body.key_sha256 != key.hex() {
         return Err(TierError("answer for another key"));
     }
@@ -385,6 +385,20 @@ pub fn parse_store_key(resp: &Response, key: &KeyHash) -> Result<KeyAnswer, Tier
         None => Ok(KeyAnswer::NoAgent),
         Some(agent) => canonical_agent(&agent).map(KeyAnswer::Agent),
     }
+}
+
+/// Reads `text` as one JSON object into `T`. serde's derived readers of a struct
+/// also take its members as an array in order (`["<agent>","text"]`), a second
+/// spelling of the answer: only an object is accepted.
+pub(crate) fn json_object<'a, T: serde::Deserialize<'a>>(text: &'a str) -> Result<T, TierError> {
+    // JSON whitespace is space, tab, CR and LF.
+    if !text
+        .trim_start_matches([' ', '\t', '\r', '\n'])
+        .starts_with('{')
+    {
+        return Err(TierError("not a JSON object"));
+    }
+    serde_json::from_str(text).map_err(|_| TierError("bad body"))
 }
 
 /// The nil bulk reply: no such key.
@@ -585,7 +599,7 @@ pub fn parse_store(resp: &Response, agent: &AgentId) -> Result<Answer, TierError
     // The whole body must be UTF-8, ignored members included: serde_json skips an
     // unread string without validating it.
     let text = std::str::from_utf8(&resp.body).map_err(|_| TierError("not UTF-8"))?;
-    let body: StoreBody = serde_json::from_str(text).map_err(|_| TierError("bad body"))?;
+    let body: StoreBody = json_object(text)?;
     let mut buf = [0u8; AGENT_ID_LEN];
     if body.agent_id != agent.encode(&mut buf) {
         return Err(TierError("answer for another agent"));
@@ -905,6 +919,9 @@ mod tests {
             Ok(Answer::Directive("D".into())),
             "member order and whitespace do not matter"
         );
+        // serde would read a struct's members from an array too: one spelling only.
+        assert!(store(&format!(r#"["{ID}","D"]"#)).is_err());
+        assert!(store(&format!(r#" ["{ID}",null]"#)).is_err());
         let mut unread_bad_utf8 =
             format!(r#"{{"agent_id":"{ID}","content":"A","x":"?"}}"#).into_bytes();
         let at = unread_bad_utf8.len() - 3;
@@ -1299,6 +1316,8 @@ mod tests {
                 body: format!(r#"{{"key_sha256":"{hex}","agent_id":null}}"#).into_bytes(),
             };
             assert!(parse_store_key(&status, &key()).is_err());
+            let array = format!(r#"["{}",null]"#, key().hex());
+            assert!(parse_store_key(&ok(array.as_bytes()), &key()).is_err());
         }
     }
 

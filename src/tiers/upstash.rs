@@ -88,9 +88,7 @@ fn reply<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, TierError> {
     // The whole answer must be UTF-8 (serde_json reads bytes without checking
     // strings it skips; here nothing is skipped, but the rule is the store's too).
     let text = std::str::from_utf8(body).map_err(|_| TierError("not UTF-8"))?;
-    serde_json::from_str::<Reply<T>>(text)
-        .map(|r| r.result)
-        .map_err(|_| TierError("not an Upstash answer"))
+    super::json_object::<Reply<T>>(text).map(|r| r.result)
 }
 
 /// A `GET`: `None` for `{"result":null}` (no such key), else the value's bytes.
@@ -278,6 +276,8 @@ mod tests {
             br#"{"result":["YmFy"]}"#,
             br#"{}"#,
             br#"[{"result":"YmFy"}]"#,
+            br#"["YmFy"]"#,
+            br#" [null]"#,
             b"{\"result\":\"YmFy\"}\xff",
             b"",
         ] {
@@ -325,6 +325,7 @@ mod tests {
             br#"{"result":null}"#,
             br#"{"error":"ERR"}"#,
             br#"{"result":1,"result":1}"#,
+            br#"[1]"#,
             b"",
         ] {
             assert_eq!(
