@@ -17,6 +17,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::keys::{ApiKey, KeySha256};
+use crate::redis_conn::RedisEndpoint;
 use crate::{db, DbFailure, DirectiveText, Error, Result};
 
 /// Org id given to agents created by `set-directive` without `--org-id`.
@@ -140,19 +141,18 @@ pub async fn deactivate_directive(database_url: &str, agent_id: Uuid) -> Result<
     Ok(n)
 }
 
-/// Publishes on `channel` when a Redis URL is given; `None` publishes nothing (the
-/// caller's writer announces the change itself).
-async fn publish_if(redis_url: Option<&str>, channel: &str) -> Result<()> {
-    if let Some(url) = redis_url {
-        publish(url, channel).await?;
+/// Publishes on `channel` when a Redis endpoint is given; `None` publishes
+/// nothing (the caller's writer announces the change itself).
+async fn publish_if(redis: Option<&RedisEndpoint>, channel: &str) -> Result<()> {
+    if let Some(redis) = redis {
+        publish(redis, channel).await?;
     }
     Ok(())
 }
 
 /// `PUBLISH channel ""`; returns the number of subscribers that received it.
-pub async fn publish(redis_url: &str, channel: &str) -> Result<i64> {
-    let client = redis::Client::open(redis_url)
-        .map_err(|_| Error::Config("REDIS_URL is not a valid Redis URL".into()))?;
+pub async fn publish(redis: &RedisEndpoint, channel: &str) -> Result<i64> {
+    let client = redis.client()?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(ADMIN_TIMEOUT)
         .set_response_timeout(ADMIN_TIMEOUT);
@@ -168,31 +168,31 @@ pub async fn publish(redis_url: &str, channel: &str) -> Result<i64> {
     Ok(receivers)
 }
 
-/// `set-directive`: write, then publish the agent's update unless `redis_url`
-/// is `None`.
+/// `set-directive`: write, then publish the agent's update unless `redis` is
+/// `None`.
 pub async fn set_directive(
     database_url: &str,
-    redis_url: Option<&str>,
+    redis: Option<&RedisEndpoint>,
     agent_id: Uuid,
     org_id: Uuid,
     content: &DirectiveText,
 ) -> Result<SetOutcome, AdminError> {
     let outcome = write_directive(database_url, agent_id, org_id, content).await?;
-    publish_if(redis_url, &ibex_wire::updates_channel(agent_id))
+    publish_if(redis, &ibex_wire::updates_channel(agent_id))
         .await
         .map_err(AdminError::Publish)?;
     Ok(outcome)
 }
 
 /// `clear-directive`: deactivate, then publish the agent's update unless
-/// `redis_url` is `None`.
+/// `redis` is `None`.
 pub async fn clear_directive(
     database_url: &str,
-    redis_url: Option<&str>,
+    redis: Option<&RedisEndpoint>,
     agent_id: Uuid,
 ) -> Result<u64, AdminError> {
     let n = deactivate_directive(database_url, agent_id).await?;
-    publish_if(redis_url, &ibex_wire::updates_channel(agent_id))
+    publish_if(redis, &ibex_wire::updates_channel(agent_id))
         .await
         .map_err(AdminError::Publish)?;
     Ok(n)
@@ -287,15 +287,15 @@ pub async fn deactivate_key(database_url: &str, key: KeySha256) -> Result<Revoke
 }
 
 /// `revoke-key`: revoke, then publish `ibex:agent_key:updates:{sha256hex}`
-/// unless `redis_url` is `None` (also for a key already revoked: publishing
+/// unless `redis` is `None` (also for a key already revoked: publishing
 /// again is harmless and repairs an earlier failed publish).
 pub async fn revoke_key(
     database_url: &str,
-    redis_url: Option<&str>,
+    redis: Option<&RedisEndpoint>,
     key: KeySha256,
 ) -> Result<RevokeOutcome, AdminError> {
     let outcome = deactivate_key(database_url, key).await?;
-    publish_if(redis_url, &ibex_wire::key_updates_channel(&key.hex()))
+    publish_if(redis, &ibex_wire::key_updates_channel(&key.hex()))
         .await
         .map_err(AdminError::KeyPublish)?;
     Ok(outcome)

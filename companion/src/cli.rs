@@ -13,6 +13,7 @@ use ibex_wire::Redacted;
 use uuid::Uuid;
 
 use crate::keys::{ApiKey, KeySha256};
+use crate::redis_conn::RedisEndpoint;
 
 /// Companion of the ibex-directive Envoy filter.
 #[derive(Parser)]
@@ -61,7 +62,8 @@ pub struct DatabaseArgs {
 /// Redis connection.
 #[derive(Args, Clone, Debug)]
 pub struct RedisArgs {
-    /// Redis URL, e.g. redis://127.0.0.1:6379.
+    /// Redis URL, e.g. redis://127.0.0.1:6379, or rediss://… for TLS (the URL
+    /// a managed Redis such as Upstash shows), checked against the webpki roots.
     #[arg(
         long,
         env = "REDIS_URL",
@@ -69,6 +71,26 @@ pub struct RedisArgs {
         hide_env_values = true
     )]
     pub redis_url: Redacted<String>,
+    /// PEM file of the CA(s) that sign the Redis server's certificate, for a
+    /// rediss:// URL to a server with a private CA; then only these are trusted.
+    #[arg(long, env = "IBEX_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+}
+
+impl RedisArgs {
+    /// The endpoint these flags name; reads the CA file. Errors never show the
+    /// URL.
+    pub fn endpoint(&self) -> crate::Result<RedisEndpoint> {
+        let e = RedisEndpoint::new(self.redis_url.expose().clone());
+        let e = match &self.redis_ca_file {
+            Some(path) => e.with_ca_file(path)?,
+            None => e,
+        };
+        // Fails now on a bad URL or a CA file beside a redis:// URL, not at the
+        // first connection.
+        e.client()?;
+        Ok(e)
+    }
 }
 
 /// `migrate` arguments.
@@ -190,9 +212,12 @@ pub struct ChangeArgs {
 }
 
 impl ChangeArgs {
-    /// The Redis URL the update is published on, or `None` with `--no-publish`.
-    pub fn publish_url(&self) -> Option<&str> {
-        (!self.no_publish).then_some(self.redis.redis_url.expose().as_str())
+    /// Where the update is published: `None` with `--no-publish`.
+    pub fn publish_endpoint(&self) -> crate::Result<Option<RedisEndpoint>> {
+        if self.no_publish {
+            return Ok(None);
+        }
+        self.redis.endpoint().map(Some)
     }
 }
 

@@ -11,6 +11,8 @@
 //!   tests; `issue-key`, `revoke-key` and `list-keys` for gateway API keys
 //!   ([`keys`]: only their SHA-256 is ever stored, published or logged).
 //! - [`migrate`]: the embedded schema migrations.
+//! - [`redis_conn`]: every Redis client's endpoint: `redis://`, or TLS
+//!   `rediss://` against the webpki roots or a private CA.
 //! - [`rest`]: an Upstash-compatible REST front of Redis (bearer token,
 //!   allowlisted commands, one pooled connection), the filter's default L2
 //!   front.
@@ -31,6 +33,7 @@ pub mod error;
 pub mod keys;
 pub mod metrics;
 pub mod migrate;
+pub mod redis_conn;
 pub mod rest;
 pub mod shutdown;
 pub mod store;

@@ -73,9 +73,10 @@ async fn run(command: Command) -> Result<(), AdminError> {
         }
         Command::SetDirective(args) => {
             let content = args.source.read()?;
+            let redis = args.change.publish_endpoint()?;
             let outcome = admin::set_directive(
                 &args.change.db.database_url,
-                args.change.publish_url(),
+                redis.as_ref(),
                 args.agent_id,
                 args.org_id.unwrap_or(admin::DEMO_ORG_ID),
                 &content,
@@ -84,20 +85,19 @@ async fn run(command: Command) -> Result<(), AdminError> {
             println!("{}", outcome.version_id);
         }
         Command::ClearDirective(args) => {
-            let n = admin::clear_directive(
-                &args.change.db.database_url,
-                args.change.publish_url(),
-                args.agent_id,
-            )
-            .await?;
+            let redis = args.change.publish_endpoint()?;
+            let n =
+                admin::clear_directive(&args.change.db.database_url, redis.as_ref(), args.agent_id)
+                    .await?;
             println!("{n}");
         }
         Command::Flush(args) => {
-            admin::publish(args.redis.redis_url.expose(), ibex_wire::FLUSH_CHANNEL).await?;
+            admin::publish(&args.redis.endpoint()?, ibex_wire::FLUSH_CHANNEL).await?;
         }
         Command::Subscribe(args) => {
-            let mut config = subscribe::SubscribeConfig::new(
-                args.redis.redis_url.into_inner(),
+            let redis = args.redis.endpoint()?;
+            let mut config = subscribe::SubscribeConfig::with_endpoint(
+                redis,
                 args.control_urls,
                 args.control_token.map(Redacted::into_inner),
                 args.key_prefix,
@@ -121,8 +121,7 @@ async fn run(command: Command) -> Result<(), AdminError> {
         }
         Command::Rest(args) => {
             let token = args.token.resolve()?;
-            let client = redis::Client::open(args.redis.redis_url.expose().as_str())
-                .map_err(|_| Error::Config("REDIS_URL is not a valid Redis URL".into()))?;
+            let client = args.redis.endpoint()?.client()?;
             let options = rest::RestOptions {
                 max_body_bytes: args.max_body_bytes,
                 allow_any_script: args.allow_any_script,
@@ -154,9 +153,9 @@ async fn run(command: Command) -> Result<(), AdminError> {
         }
         Command::RevokeKey(args) => {
             let key = args.key.resolve()?;
+            let redis = args.change.publish_endpoint()?;
             let outcome =
-                admin::revoke_key(&args.change.db.database_url, args.change.publish_url(), key)
-                    .await?;
+                admin::revoke_key(&args.change.db.database_url, redis.as_ref(), key).await?;
             println!("{key}");
             if !outcome.newly_revoked {
                 eprintln!("note: the key was already revoked");

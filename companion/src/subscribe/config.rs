@@ -11,6 +11,7 @@ use axum::http::Uri;
 use ibex_wire::Redacted;
 
 use super::RetryPolicy;
+use crate::redis_conn::RedisEndpoint;
 use crate::{Error, Result};
 
 /// Default life of Redis tombstones and the flush marker: well above the
@@ -20,7 +21,7 @@ pub const DEFAULT_TOMBSTONE_TTL: Duration = Duration::from_secs(10);
 /// Everything the subscriber needs; validated by [`SubscribeConfig::new`].
 #[derive(Clone, Debug)]
 pub struct SubscribeConfig {
-    pub(super) redis_url: Redacted<String>,
+    pub(super) redis: RedisEndpoint,
     pub(super) control_urls: Vec<String>,
     pub(super) control_token: Option<Redacted<String>>,
     pub(super) key_prefix: String,
@@ -49,9 +50,23 @@ impl SubscribeConfig {
         control_token: Option<String>,
         key_prefix: impl Into<String>,
     ) -> Result<Self> {
-        let redis_url = redis_url.into();
-        redis::Client::open(redis_url.as_str())
-            .map_err(|_| Error::Config("REDIS_URL is not a valid Redis URL".into()))?;
+        Self::with_endpoint(
+            RedisEndpoint::new(redis_url),
+            control_urls,
+            control_token,
+            key_prefix,
+        )
+    }
+
+    /// [`SubscribeConfig::new`] for a Redis endpoint that may carry a private
+    /// CA (`rediss://` with `--redis-ca-file`).
+    pub fn with_endpoint(
+        redis: RedisEndpoint,
+        control_urls: impl IntoIterator<Item = String>,
+        control_token: Option<String>,
+        key_prefix: impl Into<String>,
+    ) -> Result<Self> {
+        redis.client()?;
         let mut urls = Vec::new();
         for raw in control_urls {
             let raw = raw.trim();
@@ -61,7 +76,7 @@ impl SubscribeConfig {
             urls.push(normalize_control_url(raw)?);
         }
         Ok(Self {
-            redis_url: Redacted::new(redis_url),
+            redis,
             control_urls: urls,
             control_token: control_token.filter(|t| !t.is_empty()).map(Redacted::new),
             key_prefix: key_prefix.into(),

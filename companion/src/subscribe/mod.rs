@@ -46,7 +46,7 @@ use uuid::Uuid;
 use ibex_wire::Channel;
 
 use crate::keys::KeySha256;
-use crate::{Error, Result};
+use crate::Result;
 
 mod config;
 mod control;
@@ -106,8 +106,7 @@ pub struct Subscriber {
 impl Subscriber {
     /// A subscriber for `config`.
     pub fn new(config: SubscribeConfig) -> Result<Self> {
-        let redis = redis::Client::open(config.redis_url.expose().as_str())
-            .map_err(|_| Error::Config("REDIS_URL is not a valid Redis URL".into()))?;
+        let redis = config.redis.client()?;
         Ok(Self {
             control: ControlClient::new(&config),
             config: Arc::new(config),
