@@ -18,7 +18,21 @@ import yaml
 from stack import paths
 from stack.process import PortProcess
 
-REMOVE = object()
+class _Remove:
+    """The type of REMOVE: one instance, kept by copies (a layer holding it may be
+    deep-copied, by merge for one, before it is applied)."""
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self):
+        return "REMOVE"
+
+
+REMOVE = _Remove()
 """Override value that deletes a key from the filter configuration."""
 
 DATA_LISTENER = "ibex_data"
