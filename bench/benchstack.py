@@ -16,9 +16,14 @@ benchmarks need on top, composed here so stack/ stays untouched.
                 vm_id): what any wasm filter costs before doing any work
     bench_ibex_key  (only with api_key=True) bench_ibex with `agent.source`
                 "api_key": the agent is the one a gateway API key names
+    bench_ibex_webdis  (only with webdis=True) bench_ibex with L2 through Webdis
+                (dialect "webdis", cluster ibex_redis_webdis: a copy of ibex_redis
+                pointed at Webdis) instead of the REST front; the stack runs both
   A path under /_echo/ goes to the echo upstream instead (prefix stripped), so a
   sanity check can see the exact body each variant forwards.
-- `BenchStack`: `Stack` that starts the sink first and builds a `BenchEnvoy`.
+- `BenchStack`: `Stack` that starts the sink first and builds a `BenchEnvoy`; its
+  L2 front is the REST front, and with `webdis=True` Webdis runs beside it on the
+  same Redis.
 
 CPU pinning: every process inherits the harness's CPU affinity; the gateway
 Envoy alone is started under `taskset` on its own CPU(s) (see bench/README.md).
@@ -27,10 +32,11 @@ Envoy alone is started under `taskset` on its own CPU(s) (see bench/README.md).
 import copy
 
 from stack.envoy import (DATA_LISTENER, HCM, WASM_FILTER, Envoy, EnvoyProcess, filter_json,
-                         http_connection_manager, listener, merge, set_filter_json, set_port)
-from stack.stack import PORT_NAMES, Stack
+                         http_connection_manager, listener, merge, redis_front_config, set_cluster_port,
+                         set_filter_json, set_port)
+from stack.stack import ORDER, PORT_NAMES, Stack
 
-from bench.workload import API_KEY_FILTER_CONFIG
+from bench.workload import API_KEY_FILTER_CONFIG, WEBDIS_CLUSTER
 
 ROUTER = "envoy.filters.http.router"
 SINK_BODY = '{"id":"chatcmpl-bench","object":"chat.completion","model":"bench","choices":[]}'
@@ -103,8 +109,10 @@ class BenchEnvoy(Envoy):
         envoy.init_bench(**bench)
         return envoy
 
-    def init_bench(self, *, bench_ports, sink_port, lua_code, ibex_overrides, noop_wasm, cpus=None):
+    def init_bench(self, *, bench_ports, sink_port, lua_code, ibex_overrides, noop_wasm, cpus=None,
+                   webdis_port=None):
         self.noop_wasm = noop_wasm
+        self.webdis_port = webdis_port
         self.bench_ports = dict(bench_ports)
         self.sink_port = sink_port
         self.lua_code = lua_code
@@ -120,7 +128,14 @@ class BenchEnvoy(Envoy):
     def render(self):
         config = super().render()
         data = listener(config, DATA_LISTENER)
-        config["static_resources"]["clusters"].append(static_cluster("bench_sink", self.sink_port))
+        clusters = config["static_resources"]["clusters"]
+        clusters.append(static_cluster("bench_sink", self.sink_port))
+        if "ibex_webdis" in self.bench_ports:
+            # the same cluster settings as the REST front's, pointed at Webdis
+            webdis = copy.deepcopy(next(c for c in clusters if c["name"] == "ibex_redis"))
+            webdis["name"] = webdis["load_assignment"]["cluster_name"] = WEBDIS_CLUSTER
+            clusters.append(webdis)
+            set_cluster_port(config, WEBDIS_CLUSTER, self.webdis_port)
         for name, port in self.bench_ports.items():
             config["static_resources"]["listeners"].append(self._bench_listener(data, name, port))
         return config
@@ -146,12 +161,15 @@ class BenchEnvoy(Envoy):
             filters[:] = [{"name": "envoy.filters.http.lua", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
                 "default_source_code": {"inline_string": self.lua_code}}}] + router
-        elif name in ("ibex", "ibex_key"):
+        elif name in ("ibex", "ibex_key", "ibex_webdis"):
             if not any(f["name"] == WASM_FILTER for f in filters):
                 raise KeyError("the data listener of envoy/local.yaml has no wasm filter")
             config = merge(filter_json(item), self.ibex_overrides)
             if name == "ibex_key":
                 config = merge(config, API_KEY_FILTER_CONFIG)
+            if name == "ibex_webdis":
+                config = merge(merge(config, redis_front_config("webdis")),
+                               {"redis": {"cluster": WEBDIS_CLUSTER, "authority": WEBDIS_CLUSTER}})
             set_filter_json(item, config)
         elif name == "noop":
             wasm = copy.deepcopy(next(f for f in filters if f["name"] == WASM_FILTER))
@@ -176,18 +194,23 @@ class BenchStack(Stack):
     gateway_cpus  CPU list for the gateway Envoy (taskset syntax), None = unpinned
     api_key       add the bench_ibex_key listener (agent.source "api_key"); off unless a
                   selected variant needs it, so the others do not depend on that source
+    webdis        run Webdis beside the REST front and add the bench_ibex_webdis listener
+                  (L2 through Webdis); off unless a selected variant needs it
     """
 
     BENCH_LISTENERS = ("bare", "lua", "ibex", "noop")
-    OPTIONAL_LISTENERS = ("ibex_key",)
+    OPTIONAL_LISTENERS = ("ibex_key", "ibex_webdis")
     PORT_NAMES = PORT_NAMES + BENCH_LISTENERS + OPTIONAL_LISTENERS + ("sink", "sink_admin")
 
     def __init__(self, directory, *, lua_code, ibex_overrides, noop_wasm, gateway_cpus=None, api_key=False,
-                 **kwargs):
+                 webdis=False, **kwargs):
         self._bench = {"lua_code": lua_code, "ibex_overrides": ibex_overrides, "noop_wasm": noop_wasm,
                        "cpus": gateway_cpus}
-        self.listeners = self.BENCH_LISTENERS + (("ibex_key",) if api_key else ())
+        self.listeners = (self.BENCH_LISTENERS + (("ibex_key",) if api_key else ())
+                          + (("ibex_webdis",) if webdis else ()))
         super().__init__(directory, **kwargs)
+        if webdis:  # the second L2 front, on the same Redis, started in order with the others
+            self.parts = [name for name in ORDER if name in self.parts or name == "webdis"]
         self.sink = SinkEnvoy(self.dir / "sink", self.ports["sink"], self.ports["sink_admin"],
                               log_dir=kwargs.get("log_dir"))
 
@@ -198,7 +221,8 @@ class BenchStack(Stack):
 
     def _make_envoy(self, **settings):
         return BenchEnvoy.from_stack_envoy(super()._make_envoy(**settings), bench_ports=self.bench_ports,
-                                           sink_port=self.ports["sink"], **self._bench)
+                                           sink_port=self.ports["sink"], webdis_port=self.ports["webdis"],
+                                           **self._bench)
 
     def start(self, name=None):
         if name is None:

@@ -13,7 +13,7 @@ import subprocess
 import time
 
 from bench.measure import counter_delta, envoy_memory, filter_counters, log, median, percentile, rss_bytes
-from bench.workload import API_KEY_HEADER, CHAT_PATH, DIRECTIVE, ESCAPED, POP, agent_id
+from bench.workload import API_KEY_HEADER, CHAT_PATH, DIRECTIVE, ESCAPED, POP, WEBDIS_CLUSTER, agent_id
 from stack import paths
 from stack.contract import AGENT_HEADER, redis_key, updates_channel
 from stack.ports import wait_until
@@ -178,6 +178,32 @@ def sanity(bench):
             raise RuntimeError(f"sanity: {listener_name} → sink answered {status} {data[:200]!r}")
     if bench.uses_api_key:
         sanity_api_key(bench, body, expected_first, inserted)
+    sanity_l2_fronts(bench, body, expected_first, inserted)
+
+
+def sanity_l2_fronts(bench, body, expected_first, inserted):
+    """An L2 hit on the ibex listener goes through the REST front (cluster ibex_redis),
+    one on ibex_webdis (when run) through Webdis (its own cluster), and each injects
+    exactly the directive Redis holds."""
+    s = bench.stack
+    fronts = [("ibex", "ibex_redis", 10**9)]
+    if bench.uses_webdis:
+        fronts.append(("ibex_webdis", WEBDIS_CLUSTER, 10**9 + 1))
+    clusters = [cluster for _, cluster, _ in fronts]
+    pattern = r"^cluster\.(" + "|".join(clusters) + r")\.upstream_rq_total$"
+    for listener_name, cluster, n in fronts:
+        agent = agent_id("l2", n)  # beyond the populated range: no run uses it
+        s.redis.command_call("SET", redis_key(agent), DIRECTIVE, "EX", 7200)
+        before = s.envoy.stats(pattern)
+        s.upstream.clear()
+        status, _ = post(s.url_of(listener_name), "/_echo" + CHAT_PATH, body, agent)
+        got = s.upstream.last()
+        if status != 200 or got is None or got.json()["messages"][0] != expected_first \
+                or got.body.replace(inserted, b"", 1) != body:
+            raise RuntimeError(f"sanity: {listener_name} did not inject the directive of an L2 agent ({status})")
+        moved = {name.split(".")[1]: value - before.get(name, 0) for name, value in s.envoy.stats(pattern).items()}
+        if moved.get(cluster, 0) < 1 or any(moved.get(other, 0) for other in clusters if other != cluster):
+            raise RuntimeError(f"sanity: {listener_name}'s L2 read did not go (only) to {cluster}: {moved}")
 
 
 def sanity_api_key(bench, body, expected_first, inserted):

@@ -6,8 +6,9 @@
 Phases (bench/README.md explains the method; each lives in its own module):
   micro        criterion benchmarks of the filter's pure core (bench/micro), natively   native.py
   stack        own stack under .bench/<run>/ on free loopback ports: Postgres, Redis,   benchstack.py
-               Webdis, store, echo upstream, subscriber, the gateway Envoy with one
-               listener per variant, and a sink Envoy as the fast upstream
+               the REST front (and Webdis, for l2-webdis-1k), store, echo upstream,
+               subscriber, the gateway Envoy with one listener per variant, and a
+               sink Envoy as the fast upstream
   populate     agents in Redis (redis-cli --pipe) and in Postgres (one SQL batch)       phases.py
   sanity       every listener forwards what it should                                   phases.py
   variants     wrk, interleaved rounds (A B C … A B C …), each variant a load run       variants.py
@@ -68,6 +69,8 @@ class Bench:
         self.bodies = None
         # a selected variant sends an API key: the api_key listener and the key (phases.populate)
         self.uses_api_key = any(VARIANTS[v].mode == "key" for v in selected_variants(args.only))
+        # a selected variant goes through Webdis: Webdis beside the REST front, and its listener
+        self.uses_webdis = any(VARIANTS[v].listener == "ibex_webdis" for v in selected_variants(args.only))
         self.api_key_file = None
 
     def phase(self, name, fn, key=None):
@@ -127,7 +130,7 @@ class Bench:
             self.dir / "stack", lua_code=LUA_FILTER.read_text().replace("@MESSAGE@", escaped),
             ibex_overrides={"cache": {"ttl_seconds": 3600}, "debug_headers": False}, noop_wasm=noop_wasm,
             gateway_cpus=self.gateway_cpus, concurrency=self.args.workers, api_key=self.uses_api_key,
-            log_levels={"envoy": "warning", "companion": "warn", "webdis": 0})
+            webdis=self.uses_webdis, log_levels={"envoy": "warning", "companion": "warn", "webdis": 0})
 
     def setup_cpus(self):
         """Gateway Envoy on its own CPU; this harness and all its other children (wrk,
@@ -142,7 +145,8 @@ class Bench:
         os.sched_setaffinity(0, set(rest))
         self.gateway_cpus = ",".join(map(str, gateway))
         self.pinning = (f"gateway Envoy ({self.args.workers} workers) on CPU {self.gateway_cpus}; wrk, sink Envoy, "
-                        f"Redis, Webdis, store, Postgres, echo upstream, subscriber and the harness on CPU "
+                        f"Redis, its REST front and Webdis, store, Postgres, echo upstream, subscriber and the "
+                        f"harness on CPU "
                         f"{','.join(map(str, rest))}")
 
     def unpin(self):
@@ -186,7 +190,8 @@ def parse_args(argv=None):
     p.add_argument("--warm", type=int, default=2, help="seconds per warm-up run")
     p.add_argument("--connections", type=int, default=16, help="connections of the load runs")
     p.add_argument("--workers", type=int, default=2, help="gateway Envoy --concurrency")
-    p.add_argument("--l2-agents", type=int, default=300000)
+    p.add_argument("--l2-agents", type=int, default=600000,
+                   help="agents only Redis holds: l2-1k and l2-webdis-1k each use a new one per request")
     p.add_argument("--l3-agents", type=int, default=150000)
     p.add_argument("--mem-agents", type=int, default=100000)
     p.add_argument("--stampede", type=int, default=500)

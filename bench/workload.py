@@ -57,7 +57,11 @@ VARIANTS = {
     "l1-10k-agents-1k": Variant("ibex", "1k", "cycle", "l1_10k", "bare-1k", CHAT_PATH,
                                 "L1 hit, 10 000 warm agents in turn"),
     "l2-1k": Variant("ibex", "1k", "fresh", "l2", "bare-1k", CHAT_PATH,
-                     "L2 hit: every request a new agent that Redis holds"),
+                     "L2 hit through the REST front (`companion rest`, dialect upstash): every request a new "
+                     "agent that Redis holds"),
+    "l2-webdis-1k": Variant("ibex_webdis", "1k", "fresh", "l2", "bare-1k", CHAT_PATH,
+                            "L2 hit through Webdis (dialect webdis), beside l2-1k: every request a new agent "
+                            "that Redis holds"),
     "l3-1k": Variant("ibex", "1k", "fresh", "l3", "bare-1k", CHAT_PATH,
                      "L3: every request a new agent that only Postgres holds (L2 miss first)"),
     "bare-64k": Variant("bare", "64k", "fixed", "l1", None, CHAT_PATH, "no filter"),
@@ -87,6 +91,9 @@ FILTER_COUNTERS = ("requests", "l1_hit", "l1_miss", "l2_hit", "l2_miss", "l2_err
 KEY_COUNTER_PREFIX = "key_"
 # The filter configuration of the api_key listener, over that of the ibex listener.
 API_KEY_FILTER_CONFIG = {"agent": {"source": "api_key"}}
+# The Envoy cluster of Webdis (a copy of ibex_redis pointed at Webdis) and the filter
+# configuration of the ibex_webdis listener, over that of the ibex listener.
+WEBDIS_CLUSTER = "ibex_redis_webdis"
 # Header the api_key source reads by default (`agent.api_key.header`), as `Bearer <key>`.
 API_KEY_HEADER = "authorization"
 
