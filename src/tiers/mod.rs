@@ -1364,7 +1364,10 @@ mod tests {
             }
             let dkey = format!("directive:{id}");
             let marker = "directive:__flush__";
-            assert_eq!(body_of(&calls[0]), ["GET", dkey.as_str()]);
+            assert_eq!(
+                body_of(&calls[0]),
+                ["EVAL", ibex_wire::GET_SCRIPT, "1", dkey.as_str()]
+            );
             assert_eq!(
                 body_of(&calls[1]),
                 [

@@ -3,7 +3,8 @@
 //! between this and Webdis and gives the values their meaning.
 //!
 //! Every command is one `POST /` whose body is the command as a JSON array of
-//! strings (`["GET","directive:…"]`), with `Authorization: Bearer <redis.token>`
+//! strings (`["EVAL","<script>","1","directive:…"]`: only `EVAL` of the filter's three
+//! scripts in `ibex-wire`, so reads run where writes do), with `Authorization: Bearer <redis.token>`
 //! and `Upstash-Encoding: base64`, so every string the front returns is base64 and
 //! a directive comes back byte for byte whatever it contains. The answer is
 //! `{"result":…}` with status 200; an `{"error":…}` (status 400 from Upstash, 4xx
@@ -28,11 +29,15 @@ pub(super) const HEADERS: [(&str, &str); 2] = [
     ("upstash-encoding", "base64"),
 ];
 
-/// `["GET","<key>"]`. Keys are made of characters JSON needs no escape for (the
+/// `["EVAL",GET_SCRIPT,"1","<key>"]`: a directive is read through a script, not a
+/// plain `GET`, because managed Upstash may answer a `GET` from a replica that has not
+/// yet seen the subscriber's tombstone, and the fill would then cache the old text for
+/// a whole TTL; a script may write, so Upstash runs it on the key's leader, where the
+/// tombstone was written. Keys are made of characters JSON needs no escape for (the
 /// configuration allows letters, digits and `:_-.{}` in the prefix; the rest is an
 /// agent id or a hex hash).
 pub(super) fn get_body(key: &str) -> Vec<u8> {
-    format!(r#"["GET","{key}"]"#).into_bytes()
+    format!(r#"["EVAL",{},"1","{key}"]"#, json(ibex_wire::GET_SCRIPT)).into_bytes()
 }
 
 /// `["EVAL",GET_WITH_PTTL_SCRIPT,"1","<key>"]`.
@@ -339,7 +344,8 @@ mod tests {
 
     #[test]
     fn builds_command_bodies_as_json_arrays() {
-        assert_eq!(get_body("directive:x"), br#"["GET","directive:x"]"#);
+        let g: Vec<String> = serde_json::from_slice(&get_body("directive:x")).unwrap();
+        assert_eq!(g, ["EVAL", ibex_wire::GET_SCRIPT, "1", "directive:x"]);
         let w = String::from_utf8(set_if_absent_body("k", "m", "a\"b\\c\r\u{1F600}", 60)).unwrap();
         let parsed: Vec<String> = serde_json::from_str(&w).unwrap();
         assert_eq!(

@@ -49,9 +49,15 @@ pub const SET_IF_ABSENT_SCRIPT: &str = "if redis.call('EXISTS',KEYS[1],KEYS[2])=
 /// else its value and its `PTTL` (so the filter caches it no longer than Redis).
 pub const GET_WITH_PTTL_SCRIPT: &str = "local v=redis.call('GET',KEYS[1]) if not v then return false end return {v,redis.call('PTTL',KEYS[1])}";
 
+/// The filter's directive read in the `upstash` dialect: the value of `KEYS[1]`, or
+/// nil. A plain `GET` may be answered by any of Upstash's replicas, which may not have
+/// the subscriber's tombstone yet (it is written to the key's leader); a script may
+/// write, so it runs where the key's writes run.
+pub const GET_SCRIPT: &str = "return redis.call('GET',KEYS[1])";
+
 /// Every script the filter sends through `EVAL`: what the REST front allows by
 /// default.
-pub const FILTER_SCRIPTS: [&str; 2] = [SET_IF_ABSENT_SCRIPT, GET_WITH_PTTL_SCRIPT];
+pub const FILTER_SCRIPTS: [&str; 3] = [SET_IF_ABSENT_SCRIPT, GET_WITH_PTTL_SCRIPT, GET_SCRIPT];
 
 // ------------------------------------------------------------------ Redis keys
 
