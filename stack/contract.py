@@ -41,7 +41,11 @@ GET_WITH_PTTL_SCRIPT = ("local v=redis.call('GET',KEYS[1]) if not v then return 
                         "{v,redis.call('PTTL',KEYS[1])}")
 """The filter's read of a gateway key's entry through EVAL (wire/src/lib.rs GET_WITH_PTTL_SCRIPT)."""
 
-FILTER_SCRIPTS = (SET_IF_ABSENT_SCRIPT, GET_WITH_PTTL_SCRIPT)
+GET_SCRIPT = "return redis.call('GET',KEYS[1])"
+"""The filter's directive read through EVAL in the upstash dialect (wire/src/lib.rs GET_SCRIPT):
+a script runs on the key's leader, where a plain GET of managed Upstash may hit a replica."""
+
+FILTER_SCRIPTS = (SET_IF_ABSENT_SCRIPT, GET_WITH_PTTL_SCRIPT, GET_SCRIPT)
 """Every script the filter sends through EVAL: the only ones the REST front runs by default."""
 
 REST_TOKEN_ENV = "IBEX_REDIS_REST_TOKEN"

@@ -16,6 +16,7 @@ front of a running stack (SPEC §4, issue 13).
 
 import base64
 import json
+import re
 
 import pytest
 import requests
@@ -24,8 +25,10 @@ from upstash_redis.errors import UpstashError
 
 from helpers import CHAT, assert_injected, chat_body, json_headers, new_agent, send, tier
 from stack import paths, wait_until
-from stack.contract import (FILTER_SCRIPTS, FLUSH_MARKER, GET_WITH_PTTL_SCRIPT, INVALIDATE_PATH,
+from stack.contract import (FILTER_SCRIPTS, FLUSH_MARKER, GET_SCRIPT, GET_WITH_PTTL_SCRIPT, INVALIDATE_PATH,
                             SET_IF_ABSENT_SCRIPT, redis_key)
+
+L2 = "rest"  # also under IBEX_TEST_L2=webdis: this module is about the REST front
 
 # A directive with what a byte-exact path must keep: U+FFFD (what a lossy decoder
 # leaves), a lone CR (what line-ending conversions eat), emoji (4-byte UTF-8, a
@@ -181,6 +184,19 @@ FORBIDDEN = {
 }
 
 
+def test_a_wrong_token_in_the_query_is_refused_too(stack, canary):
+    """Upstash also takes the token as `?_token=…`: a wrong one there is refused like in
+    the header, and a right one in the query does not rescue a wrong header."""
+    key, _ = canary
+    for query, header in (("wrong-" + stack.rest_token, None), (stack.rest_token + "x", None),
+                          (stack.rest_token, "Bearer wrong-" + stack.rest_token)):
+        headers = {"content-type": "application/json", **({"authorization": header} if header else {})}
+        answer = requests.post(stack.rest.url + "/", params={"_token": query}, data=json.dumps(["DEL", key]),
+                               headers=headers, timeout=10)
+        assert answer.status_code == 401, (answer.status_code, answer.text)
+    assert_untouched(stack, canary)
+
+
 @pytest.mark.parametrize("case", FORBIDDEN)
 def test_a_command_outside_the_list_is_refused_403_without_touching_redis(stack, canary, case):
     status, answer = stack.rest.call(*FORBIDDEN[case])
@@ -251,12 +267,15 @@ def test_the_upstash_sdk_round_trips_through_the_front(stack):
     assert stack.redis.get(key) == value  # what Redis itself holds
     assert redis.set(key, "other", ex=60, nx=True) is False
     assert redis.get(key) == value
-    # the filter's read script: the value and its remaining life in ms
+    # the filter's read scripts: the value (a directive read), the value and its
+    # remaining life in ms (a gateway key's read)
+    assert redis.eval(GET_SCRIPT, keys=[key]) == value
     got, pttl = redis.eval(GET_WITH_PTTL_SCRIPT, keys=[key])
     assert got == value and 0 < pttl <= 60_000
     assert redis.delete(key) == 1
     assert redis.get(key) is None
     assert redis.eval(GET_WITH_PTTL_SCRIPT, keys=[key]) is None
+    assert redis.eval(GET_SCRIPT, keys=[key]) is None
     # the filter's conditional write-back: once, then never over an existing key
     assert redis.eval(SET_IF_ABSENT_SCRIPT, keys=[key, marker], args=["60", value]) == 1
     assert redis.eval(SET_IF_ABSENT_SCRIPT, keys=[key, marker], args=["60", "second"]) == 0
@@ -283,12 +302,13 @@ def test_the_upstash_sdk_fails_with_a_wrong_token_and_on_a_forbidden_command(sta
     assert_untouched(stack, canary)
 
 
-def test_the_scripts_are_the_filters(stack):
+def test_the_scripts_are_the_filters():
     """stack/contract.py spells the filter's scripts as wire/src/lib.rs does (the
     front allows exactly those): a drift would make the SDK test above prove nothing."""
     wire = (paths.REPO / "wire" / "src" / "lib.rs").read_text()
-    for script in FILTER_SCRIPTS:
-        assert f'"{script}"' in wire
+    consts = dict(re.findall(r'pub const (\w+): &str = "((?:[^"\\]|\\.)*)";', wire))
+    [names] = re.findall(r"pub const FILTER_SCRIPTS: \[&str; \d+\] = \[([^\]]*)\];", wire)
+    assert sorted(consts[name.strip()] for name in names.split(",") if name.strip()) == sorted(FILTER_SCRIPTS)
 
 
 # -- keep-alive -----------------------------------------------------------------------
