@@ -37,7 +37,7 @@ async fn lookup(url: &str, agent: Uuid) -> Option<String> {
         .lookup(agent)
         .await
         .unwrap()
-        .map(|t| t.expose().to_owned())
+        .map(|d| d.content.expose().to_owned())
 }
 
 async fn count(url: &str, sql: &str) -> i64 {

@@ -1,5 +1,5 @@
-//! The store over a real PostgreSQL 15: answers, errors, outage and
-//! recovery, read-only pool, single flight.
+//! The store over a real PostgreSQL 15: answers (text and version id),
+//! errors, outage and recovery, read-only pool, single flight.
 
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -60,10 +60,12 @@ impl Store {
     }
 }
 
-async fn set(url: &str, agent: Uuid, text: &str) {
+/// Writes `text` as the agent's active directive; returns the new version id.
+async fn set(url: &str, agent: Uuid, text: &str) -> Uuid {
     admin::write_directive(url, agent, admin::DEMO_ORG_ID, &DirectiveText::new(text))
         .await
-        .unwrap();
+        .unwrap()
+        .version_id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,20 +74,36 @@ async fn serves_content_null_and_json_errors() {
     migrate(&pg.url()).await;
     let agent = Uuid::new_v4();
     let text = "Be brief.\n\"Quoted\" and ünïcödé \u{1F980} \\ back\tslash";
-    set(&pg.url(), agent, text).await;
+    let version = set(&pg.url(), agent, text).await;
     let store = Store::default(&pg.url()).await;
 
-    let (status, body) = http_json(&store.directive_url(agent)).await;
+    let (status, raw) = http_get(&store.directive_url(agent)).await;
     assert_eq!(status, 200);
-    assert_eq!(body["agent_id"], agent.to_string());
-    assert_eq!(body["content"], text);
-
-    let unknown = Uuid::new_v4();
-    let (status, body) = http_json(&store.directive_url(unknown)).await;
-    assert_eq!(status, 200);
+    let body: serde_json::Value = serde_json::from_str(&raw).unwrap();
     assert_eq!(
         body,
-        serde_json::json!({"agent_id": unknown.to_string(), "content": null})
+        serde_json::json!({
+            "agent_id": agent.to_string(),
+            "content": text,
+            "version_id": version.to_string(),
+        })
+    );
+    // Members in this order: agent_id, content, version_id.
+    assert!(
+        raw.starts_with(&format!(r#"{{"agent_id":"{agent}","content":""#)),
+        "{raw}"
+    );
+    assert!(
+        raw.ends_with(&format!(r#"","version_id":"{version}"}}"#)),
+        "{raw}"
+    );
+
+    let unknown = Uuid::new_v4();
+    let (status, raw) = http_get(&store.directive_url(unknown)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        raw,
+        format!(r#"{{"agent_id":"{unknown}","content":null,"version_id":null}}"#)
     );
 
     let (status, body) = http_json(&store.directive_url("not-a-uuid")).await;
@@ -121,6 +139,50 @@ async fn serves_content_null_and_json_errors() {
         3
     );
 
+    store.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_version_id_follows_every_change() {
+    let pg = Pg::start();
+    let url = pg.url();
+    migrate(&url).await;
+    let agent = Uuid::new_v4();
+    let store = Store::default(&url).await;
+    let answer = |store_url: String| async move {
+        let (status, body) = http_json(&store_url).await;
+        assert_eq!(status, 200, "{body}");
+        (body["content"].clone(), body["version_id"].clone())
+    };
+    let none = (serde_json::Value::Null, serde_json::Value::Null);
+    assert_eq!(answer(store.directive_url(agent)).await, none);
+
+    let v1 = set(&url, agent, "first").await;
+    assert_eq!(
+        answer(store.directive_url(agent)).await,
+        ("first".into(), v1.to_string().into())
+    );
+    let v2 = set(&url, agent, "second").await;
+    assert_ne!(v1, v2);
+    assert_eq!(
+        answer(store.directive_url(agent)).await,
+        ("second".into(), v2.to_string().into())
+    );
+    // The very id the database holds as the active version.
+    let client = db::connect(&url, Duration::from_secs(5)).await.unwrap();
+    let active: Uuid = client
+        .query_one(
+            "SELECT active_version_id FROM ibex_core.directives WHERE agent_id = $1",
+            &[&agent],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(active, v2);
+
+    // Cleared: no text and no version, not the last one's id.
+    admin::deactivate_directive(&url, agent).await.unwrap();
+    assert_eq!(answer(store.directive_url(agent)).await, none);
     store.stop().await;
 }
 
@@ -256,7 +318,7 @@ async fn lookups_waiting_for_a_connection_share_one_query() {
     let pg = Pg::start();
     migrate(&pg.url()).await;
     let agent = Uuid::new_v4();
-    set(&pg.url(), agent, "together").await;
+    let version = set(&pg.url(), agent, "together").await;
     let store = single_connection_store(&pg.url()).await;
 
     let held = store.state.pool().get().await.unwrap();
@@ -277,6 +339,8 @@ async fn lookups_waiting_for_a_connection_share_one_query() {
         let (status, body) = r.await.unwrap();
         assert_eq!(status, 200);
         assert_eq!(body["content"], "together");
+        // Joiners get the version with the text they share.
+        assert_eq!(body["version_id"], version.to_string());
     }
     assert_eq!(metrics.found.get(), n);
     assert_eq!(metrics.db_queries.get(), 1);

@@ -1,5 +1,7 @@
 //! The directive store: a small HTTP API that resolves an agent's active
-//! directive from Postgres (SPEC §4).
+//! directive, and the id of the version it is, from Postgres (SPEC §4). The
+//! version id is what the filter records per request for the audit trail
+//! (SPEC §7).
 //!
 //! It is what the filter calls on an L1 and L2 miss, so it must answer quickly
 //! or fail quickly: connection acquisition and queries are bounded, and any
@@ -41,11 +43,24 @@ mod metrics;
 use flight::{OnDispatch, SingleFlight};
 pub use metrics::StoreMetrics;
 
-/// Result of a directive lookup: the active content, `None` when there is none.
-type LookupResult = Result<Option<DirectiveText>, DbFailure>;
+/// An agent's active directive as the store resolved it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveDirective {
+    /// The text (redacted in `Debug`).
+    pub content: DirectiveText,
+    /// The `directive_versions` row it is, i.e. `directives.active_version_id`:
+    /// the version an operator finds in the access log and in `history`.
+    pub version_id: Uuid,
+}
 
-/// SPEC §4's resolution query, verbatim. No row means "no directive".
-pub const RESOLVE_SQL: &str = "SELECT dv.content
+/// Result of a directive lookup: the active directive, `None` when there is
+/// none.
+pub type LookupResult = Result<Option<ActiveDirective>, DbFailure>;
+
+/// SPEC §4's resolution query, verbatim but for `dv.id` also selected: content
+/// and version id come from the same row of the same snapshot. No row means
+/// "no directive".
+pub const RESOLVE_SQL: &str = "SELECT dv.content, dv.id
 FROM ibex_core.directives d
 JOIN ibex_core.directive_versions dv ON dv.id = d.active_version_id
 WHERE d.agent_id = $1 AND d.is_active = true AND dv.id IS NOT NULL
@@ -87,7 +102,9 @@ struct Inner {
     options: StoreOptions,
     metrics: StoreMetrics,
     /// Directive lookups, by agent.
-    flights: Arc<SingleFlight<Uuid, Option<DirectiveText>>>,
+    /// The version travels with the text, so a joiner gets the id of the text
+    /// it is given, never one read apart from it.
+    flights: Arc<SingleFlight<Uuid, Option<ActiveDirective>>>,
     /// Key lookups, by key hash (same rule: never a sent query).
     key_flights: Arc<SingleFlight<KeySha256, Option<Uuid>>>,
 }
@@ -135,7 +152,10 @@ impl StoreState {
                 let sent = &state.inner.metrics.db_queries;
                 state
                     .query(RESOLVE_SQL, &agent_id, sent, on_dispatch, |row| {
-                        row.try_get::<_, String>(0).map(DirectiveText::new)
+                        Ok(ActiveDirective {
+                            content: DirectiveText::new(row.try_get::<_, String>(0)?),
+                            version_id: row.try_get(1)?,
+                        })
                     })
                     .await
             })
@@ -223,11 +243,33 @@ impl StoreState {
     }
 }
 
-/// The 200 body of a lookup.
+/// The 200 body of a lookup: `{"agent_id","content","version_id"}` in that
+/// order, `content` and `version_id` both null when the agent has no active
+/// directive.
+///
+/// `version_id` came after the first two (SPEC §4, for the audit trail). The
+/// filter reads the members it names and ignores any other (its
+/// `parse_store`), so filters from before the audit trail keep working against
+/// this store unchanged; members must only ever be added, never renamed.
 #[derive(Serialize)]
 struct DirectiveBody {
     agent_id: Uuid,
     content: Option<DirectiveText>,
+    version_id: Option<Uuid>,
+}
+
+impl DirectiveBody {
+    fn new(agent_id: Uuid, found: Option<ActiveDirective>) -> Self {
+        let (content, version_id) = match found {
+            Some(d) => (Some(d.content), Some(d.version_id)),
+            None => (None, None),
+        };
+        Self {
+            agent_id,
+            content,
+            version_id,
+        }
+    }
 }
 
 async fn get_directive(
@@ -248,16 +290,24 @@ async fn get_directive(
     let m = state.metrics();
     m.latency.observe(elapsed);
     match result {
-        Ok(content) => {
-            let outcome = if content.is_some() {
+        Ok(found) => {
+            let outcome = if found.is_some() {
                 m.found.inc();
                 "found"
             } else {
                 m.none.inc();
                 "none"
             };
-            tracing::debug!(agent_id = %agent_id, outcome, elapsed_us = elapsed.as_micros() as u64, "lookup");
-            Json(DirectiveBody { agent_id, content }).into_response()
+            // The version id is safe to log (it is what the audit trail shows);
+            // the text never is.
+            tracing::debug!(
+                agent_id = %agent_id,
+                outcome,
+                version_id = %found.as_ref().map_or_else(|| "none".to_owned(), |d| d.version_id.to_string()),
+                elapsed_us = elapsed.as_micros() as u64,
+                "lookup"
+            );
+            Json(DirectiveBody::new(agent_id, found)).into_response()
         }
         Err(failure) => {
             m.error.inc();
