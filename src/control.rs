@@ -22,6 +22,7 @@ use ibex_wire::{InvalidateTarget, Redacted};
 
 use crate::agent::AgentId;
 use crate::apikey::KeyHash;
+use crate::audit::Version;
 use crate::config::Config;
 use crate::entry::{self, Entry, Kind};
 use crate::host::{Host, HostError};
@@ -117,6 +118,7 @@ fn tombstone<H: Host>(key: &str, host: &H) -> Result<(), HostError> {
         fresh_until_ms: 0,
         generation,
         escaped: Redacted::new(""),
+        version: Version::Unknown,
     };
     host.shared_set(key, &tombstone.encode(), None)
 }
@@ -164,6 +166,7 @@ mod tests {
             fresh_until_ms: u64::MAX,
             generation: 0,
             escaped: Redacted::new("D"),
+            version: Version::Unknown,
         };
         h.shared_set(&format!("ibex:d:{AGENT}"), &e.encode(), None)
             .unwrap();
@@ -278,6 +281,7 @@ mod tests {
             fresh_until_ms: u64::MAX,
             generation: 0,
             escaped: Redacted::new(AGENT),
+            version: Version::Unknown,
         };
         h.shared_set(&entry_key, &e.encode(), None).unwrap();
         let path = ibex_wire::invalidate_key_path(&key.hex());

@@ -6,13 +6,18 @@
 //!
 //! ```text
 //! 0      version (1)
-//! 1      kind: 0 = no directive, 1 = directive, 2 = tombstone (invalidated),
-//!        3 = a gateway key's agent, 4 = no such key (unknown or revoked)
+//! 1      kind: 0 = no directive, 1 = directive (version unknown), 2 = tombstone
+//!        (invalidated), 3 = a gateway key's agent, 4 = no such key (unknown or
+//!        revoked), 5 = directive with its version id
 //! 2..10  fresh until, ms since the Unix epoch, little endian
 //! 10..18 generation: the value of the global generation counter when the fill
 //!        that produced this entry started; older than the counter = flushed
-//! 18..   kind 1: the escaped directive; kind 3: the agent id (36 bytes, canonical)
+//! 18..   kind 1: the escaped directive; kind 3: the agent id (36 bytes, canonical);
+//!        kind 5: the version id (16 bytes, the UUID's), then the escaped directive
 //! ```
+//!
+//! Kind 5 is new with the audit trail: a VM that predates it reads one as a miss and
+//! refills, and this one reads kind 1 as a directive of unknown version.
 //!
 //! With the 43-byte key this keeps the overhead per agent under 64 bytes, as SPEC §8
 //! asks. Entries are never trusted blindly: anything that does not decode is a miss,
@@ -29,6 +34,7 @@ use ibex_wire::Redacted;
 
 use crate::agent::{AgentId, AGENT_ID_LEN};
 use crate::apikey::KeyHash;
+use crate::audit::Version;
 
 /// Version byte of the current layout; any other value decodes as a miss.
 const VERSION: u8 = 1;
@@ -68,6 +74,8 @@ pub struct Entry<'a> {
     /// The directive, JSON-escaped, with `Present`; the agent id with `Agent`; empty
     /// otherwise.
     pub escaped: Redacted<&'a str>,
+    /// The directive's version, with `Present` (`Unknown` otherwise).
+    pub version: Version,
 }
 
 impl<'a> Entry<'a> {
@@ -78,7 +86,7 @@ impl<'a> Entry<'a> {
         }
         let kind = match raw[1] {
             0 => Kind::NoDirective,
-            1 => Kind::Present,
+            1 | 5 => Kind::Present,
             2 => Kind::Tombstone,
             3 => Kind::Agent,
             4 => Kind::NoAgent,
@@ -86,7 +94,13 @@ impl<'a> Entry<'a> {
         };
         let fresh_until_ms = u64::from_le_bytes(raw[2..10].try_into().ok()?);
         let generation = u64::from_le_bytes(raw[10..18].try_into().ok()?);
-        let escaped = std::str::from_utf8(&raw[HEADER_LEN..]).ok()?;
+        let (version, payload) = if raw[1] == 5 {
+            let id: [u8; 16] = raw.get(HEADER_LEN..HEADER_LEN + 16)?.try_into().ok()?;
+            (Version::from_bytes(id), &raw[HEADER_LEN + 16..])
+        } else {
+            (Version::Unknown, &raw[HEADER_LEN..])
+        };
+        let escaped = std::str::from_utf8(payload).ok()?;
         match kind {
             Kind::Present => {}
             // Only the canonical spelling: one agent, one byte string.
@@ -104,22 +118,27 @@ impl<'a> Entry<'a> {
             fresh_until_ms,
             generation,
             escaped: Redacted::new(escaped),
+            version,
         })
     }
 
     /// Encodes into the shared-data layout.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + self.escaped.expose().len());
+        let mut out = Vec::with_capacity(HEADER_LEN + 16 + self.escaped.expose().len());
         out.push(VERSION);
         out.push(match self.kind {
             Kind::NoDirective => 0,
-            Kind::Present => 1,
+            Kind::Present if self.version == Version::Unknown => 1,
+            Kind::Present => 5,
             Kind::Tombstone => 2,
             Kind::Agent => 3,
             Kind::NoAgent => 4,
         });
         out.extend_from_slice(&self.fresh_until_ms.to_le_bytes());
         out.extend_from_slice(&self.generation.to_le_bytes());
+        if self.kind == Kind::Present && self.version != Version::Unknown {
+            out.extend_from_slice(&self.version.to_bytes());
+        }
         if matches!(self.kind, Kind::Present | Kind::Agent) {
             out.extend_from_slice(self.escaped.expose().as_bytes());
         }
@@ -153,8 +172,9 @@ impl<'a> Entry<'a> {
 /// to the requests it answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Known {
-    /// The agent's directive, JSON-escaped (the inside of a string literal).
-    Directive(Redacted<String>),
+    /// The agent's directive, JSON-escaped (the inside of a string literal), and its
+    /// version.
+    Directive(Redacted<String>, Version),
     /// The agent has no active directive.
     NoDirective,
     /// The gateway key belongs to this agent.
@@ -167,9 +187,10 @@ impl Entry<'_> {
     /// What the entry says of its agent; `None` for a tombstone, which says nothing.
     pub fn known(&self) -> Option<Known> {
         match self.kind {
-            Kind::Present => Some(Known::Directive(Redacted::new(
-                (*self.escaped.expose()).to_owned(),
-            ))),
+            Kind::Present => Some(Known::Directive(
+                Redacted::new((*self.escaped.expose()).to_owned()),
+                self.version,
+            )),
             Kind::NoDirective => Some(Known::NoDirective),
             Kind::Agent => AgentId::parse(self.escaped.expose()).map(Known::Agent),
             Kind::NoAgent => Some(Known::NoAgent),
@@ -232,6 +253,7 @@ mod tests {
                 fresh_until_ms: 1_700_000_000_123,
                 generation: 42,
                 escaped: Redacted::new(escaped),
+                version: Version::Unknown,
             };
             let raw = e.encode();
             assert_eq!(raw.len(), HEADER_LEN + escaped.len());
@@ -246,6 +268,7 @@ mod tests {
             fresh_until_ms: 1,
             generation: 0,
             escaped: Redacted::new("x"),
+            version: Version::Unknown,
         }
         .encode();
         assert!(Entry::decode(&good[..HEADER_LEN - 1]).is_none());
@@ -270,6 +293,7 @@ mod tests {
             fresh_until_ms: 1000,
             generation: 3,
             escaped: Redacted::new("d"),
+            version: Version::Unknown,
         };
         assert!(e.is_fresh(999, 3));
         assert!(!e.is_fresh(1000, 3));
@@ -296,6 +320,7 @@ mod tests {
             fresh_until_ms: 5,
             generation: 1,
             escaped: Redacted::new(agent),
+            version: Version::Unknown,
         };
         let raw = e.encode();
         assert_eq!(Entry::decode(&raw), Some(e));
@@ -306,6 +331,7 @@ mod tests {
         for bad in ["", "6F1C1A3E-5B7D-4C2A-9E0F-123456789ABC", "not-a-uuid"] {
             let raw = Entry {
                 escaped: Redacted::new(bad),
+                version: Version::Unknown,
                 ..e
             }
             .encode();
@@ -314,6 +340,7 @@ mod tests {
         let none = Entry {
             kind: Kind::NoAgent,
             escaped: Redacted::new(""),
+            version: Version::Unknown,
             ..e
         };
         assert_eq!(Entry::decode(&none.encode()), Some(none));

@@ -177,6 +177,9 @@ impl Host for EnvoyHost<'_> {
         if let Some(authorization) = &call.authorization {
             headers.push(("authorization", authorization.expose().as_str()));
         }
+        if let Some(trace) = &call.traceparent {
+            headers.push(("traceparent", trace.as_str()));
+        }
         hostcalls::dispatch_http_call(
             &call.cluster,
             headers,
@@ -228,6 +231,50 @@ impl Host for EnvoyHost<'_> {
         // Envoy answers Ok, NotFound (mapped to `None`), SerializationFailure or
         // InternalFailure here, which the SDK all returns: nothing it would panic on.
         hostcalls::get_property(path.to_vec()).map_err(host_error)
+    }
+
+    fn record_audit(&self, fields: &crate::audit::Fields) -> Result<(), HostError> {
+        for (name, value) in [
+            (AUDIT_AGENT_ID, fields.agent_id.as_str()),
+            (AUDIT_VERSION, fields.directive_version.as_str()),
+            (AUDIT_TIER, fields.tier),
+            (AUDIT_OUTCOME, fields.outcome.as_str()),
+        ] {
+            set_property(name, value.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// Filter-state names of the audit fields. Envoy keeps a wasm property `p` as filter
+/// state `wasm.p`, which access logs print with `%FILTER_STATE(wasm.ibex.tier:PLAIN)%`.
+/// (SPEC §7 says dynamic metadata; a wasm filter cannot write that in Envoy 1.40.)
+const AUDIT_AGENT_ID: &str = "ibex.agent_id";
+const AUDIT_VERSION: &str = "ibex.directive_version";
+const AUDIT_TIER: &str = "ibex.tier";
+const AUDIT_OUTCOME: &str = "ibex.outcome";
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+}
+
+/// Sets a one-segment property of the current request. The SDK's `set_property`
+/// panics on any status but Ok, which would take the worker's VM down for an audit
+/// field; here any other status is an error.
+fn set_property(name: &str, value: &[u8]) -> Result<(), HostError> {
+    // SAFETY: both pointers are valid for their lengths for the duration of the
+    // call; the host copies what it keeps.
+    let status =
+        unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
+    match status {
+        0 => Ok(()),
+        _ => Err(HostError::NotFound),
     }
 }
 
@@ -338,7 +385,35 @@ impl HttpContext for DataFilter {
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> WasmAction {
         wasm_action(self.step(Event::Trailers))
     }
+
+    fn on_http_response_headers(
+        &mut self,
+        _num_headers: usize,
+        _end_of_stream: bool,
+    ) -> WasmAction {
+        if self.plugin.config.audit_response_header {
+            let version = self
+                .worker
+                .try_borrow()
+                .ok()
+                .and_then(|w| w.sent_version(self.id).map(str::to_string));
+            if let Some(version) = version {
+                // Response headers are modifiable in this callback, so the host answers
+                // Ok (the SDK would panic on anything else).
+                let _ = hostcalls::add_map_value(
+                    MapType::HttpResponseHeaders,
+                    AUDIT_RESPONSE_HEADER,
+                    &version,
+                );
+            }
+        }
+        WasmAction::Continue
+    }
 }
+
+/// Response header naming the directive version the request was forwarded with
+/// (`audit.response_header`).
+const AUDIT_RESPONSE_HEADER: &str = "x-ibex-directive-version";
 
 /// Control role: answers invalidation requests locally.
 struct ControlFilter {

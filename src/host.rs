@@ -53,6 +53,9 @@ pub trait Host {
     /// namespace, key, …]`): `None` when it does not exist. A string comes back as its
     /// raw bytes; anything else as the host serializes it.
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError>;
+    /// Records the current request's audit fields where Envoy's access log reads
+    /// them (filter state `wasm.ibex.<field>`).
+    fn record_audit(&self, fields: &crate::audit::Fields) -> Result<(), HostError>;
 }
 
 #[cfg(test)]
@@ -94,6 +97,8 @@ pub mod fake {
         pub body: Vec<u8>,
         pub reply: Option<(u16, String)>,
         pub resumed: u32,
+        /// Every audit record written for this request (one is right).
+        pub audits: Vec<crate::audit::Fields>,
     }
 
     /// One fake worker: its request contexts, the one host calls act on, callouts
@@ -234,6 +239,14 @@ pub mod fake {
             let key = path.join(".");
             self.properties_read.borrow_mut().push(key.clone());
             Ok(self.properties.borrow().get(&key).cloned())
+        }
+        fn record_audit(&self, fields: &crate::audit::Fields) -> Result<(), HostError> {
+            let mut requests = self.requests.borrow_mut();
+            let req = requests
+                .get_mut(&self.current.get())
+                .ok_or(HostError::NotFound)?;
+            req.audits.push(fields.clone());
+            Ok(())
         }
     }
 }

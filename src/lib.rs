@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod apikey;
+pub mod audit;
 pub mod breaker;
 pub mod config;
 pub mod control;

@@ -227,6 +227,20 @@ pub struct Worker {
     unknown_keys: HashMap<KeyHash, (u64, u64)>,
     redis: Breaker,
     store: Breaker,
+    /// Per request context: its audit record so far, until the request ends.
+    audits: HashMap<u32, Audit>,
+}
+
+/// What one request's audit trail holds while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct Audit {
+    /// Agent, version and tier, as they become known.
+    pub record: crate::audit::Record,
+    /// The request's W3C `traceparent`, carried by the callouts its fills make.
+    pub traceparent: Option<String>,
+    /// The version the request was forwarded with (`x-ibex-directive-version`), once
+    /// its outcome is recorded.
+    pub sent: Option<String>,
 }
 
 /// Most unknown keys a worker remembers; beyond that it forgets the expired ones,
@@ -234,6 +248,21 @@ pub struct Worker {
 pub const MAX_UNKNOWN_KEYS: usize = 4096;
 
 impl Worker {
+    /// Request `ctx`'s audit trail (created empty).
+    pub fn audit(&mut self, ctx: u32) -> &mut Audit {
+        self.audits.entry(ctx).or_default()
+    }
+
+    /// Request `ctx`'s `traceparent`, if it came with a valid one.
+    pub fn traceparent(&self, ctx: u32) -> Option<String> {
+        self.audits.get(&ctx).and_then(|a| a.traceparent.clone())
+    }
+
+    /// The version request `ctx` was forwarded with, once its outcome is recorded.
+    pub fn sent_version(&self, ctx: u32) -> Option<&str> {
+        self.audits.get(&ctx).and_then(|a| a.sent.as_deref())
+    }
+
     /// The breaker of `tier`.
     pub fn breaker(&mut self, tier: Tier) -> &mut Breaker {
         match tier {
@@ -418,6 +447,7 @@ impl Worker {
     /// an orphan if others still wait for it, and is dropped if nobody does.
     pub fn forget(&mut self, ctx: u32) {
         self.delivered.remove(&ctx);
+        self.audits.remove(&ctx);
         let mut emptied = Vec::new();
         for (id, slot) in self.fills.iter_mut() {
             slot.fill.participants.retain(|p| p.id != ctx);

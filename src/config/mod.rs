@@ -209,6 +209,8 @@ pub struct Config {
     pub control_token: Option<Redacted<String>>,
     /// `debug_headers`: add `x-ibex-directive` to the upstream request.
     pub debug_headers: bool,
+    /// `audit.response_header`: the client gets `x-ibex-directive-version`.
+    pub audit_response_header: bool,
     /// Derived: `{"role":"<inject.role>","content":"` — the chat message prefix,
     /// built once so a request only appends the cached, already-escaped directive.
     pub chat_message_prefix: String,
@@ -384,6 +386,10 @@ impl Config {
         }
         control.finish()?;
 
+        let mut audit = root.section("audit")?;
+        let audit_response_header = audit.boolean("response_header", false)?;
+        audit.finish()?;
+
         let debug_headers = root.boolean("debug_headers", false)?;
         root.finish()?;
 
@@ -411,6 +417,7 @@ impl Config {
             failure_mode,
             control_token: control_token.map(Redacted::new),
             debug_headers,
+            audit_response_header,
             chat_message_prefix,
         })
     }
@@ -1287,6 +1294,8 @@ mod tests {
                 Just("control"),
                 Just("token"),
                 Just("debug_headers"),
+                Just("audit"),
+                Just("response_header"),
                 Just("/x"),
                 Just("bogus"),
             ];

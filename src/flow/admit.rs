@@ -49,6 +49,8 @@ pub struct HeadFields {
     pub content_length: Option<String>,
     /// `content-encoding`, several headers joined by `, ` as HTTP reads them.
     pub content_encoding: Option<String>,
+    /// W3C `traceparent`, when the request is traced; the lookups it causes carry it.
+    pub traceparent: Option<String>,
     /// The gateway key header (`api_key` source only), several headers joined by
     /// `, ` (which no key contains, so two keys are refused). Kept out of `Debug`.
     pub api_key: Option<Redacted<String>>,
@@ -74,6 +76,7 @@ impl HeadFields {
                 ":path" => &mut out.path,
                 "content-length" => &mut out.content_length,
                 "content-encoding" => &mut out.content_encoding,
+                "traceparent" => &mut out.traceparent,
                 n if n == agent_header => &mut out.agent,
                 n if Some(n) == key_header => &mut key,
                 _ => continue,

@@ -7,6 +7,7 @@
 //! was supposed to carry a directive and does not. No reply carries directive text.
 
 use super::{Ctx, Resume};
+use crate::audit;
 use crate::entry::Known;
 use crate::host::Host;
 use crate::inject::{splice, Options};
@@ -110,11 +111,20 @@ pub(super) fn apply<H: Host>(
     body: BodySeen,
     ctx: &Ctx<'_, H>,
 ) -> (Delivered, Action) {
+    {
+        let mut worker = ctx.worker.borrow_mut();
+        let record = &mut worker.audit(ctx.id).record;
+        record.tier = Some(source);
+        if let Outcome::Known(Known::Directive(_, version)) = &outcome {
+            record.version = Some(*version);
+        }
+    }
     let (outcome, format) = match (outcome, then) {
         (Outcome::Refuse(refusal), _) => return refuse(refusal, ctx),
         (_, Then::Refuse(refusal)) => return refuse(refusal, ctx),
         (Outcome::Known(Known::Agent(_)), Then::Pass) => {
             ctx.host.count(Counter::PassedThrough);
+            record(audit::Outcome::Passed, ctx);
             return go_on(Delivered::Forwarded, ctx);
         }
         (Outcome::Known(Known::Agent(_) | Known::NoAgent), _) | (_, Then::Pass) => {
@@ -127,6 +137,8 @@ pub(super) fn apply<H: Host>(
         Outcome::FailOpen => {
             ctx.host.count(Counter::FailedOpen);
             set_debug_header(Source::None, ctx);
+            ctx.worker.borrow_mut().audit(ctx.id).record.tier = Some(Source::None);
+            record(audit::Outcome::FailedOpen, ctx);
             return go_on(Delivered::Forwarded, ctx);
         }
         Outcome::Known(Known::NoDirective) => {
@@ -135,9 +147,10 @@ pub(super) fn apply<H: Host>(
             }
             ctx.host.count(Counter::NoDirective);
             set_debug_header(source, ctx);
+            record(audit::Outcome::NoDirective, ctx);
             return go_on(Delivered::Forwarded, ctx);
         }
-        Outcome::Known(Known::Directive(escaped)) => escaped,
+        Outcome::Known(Known::Directive(escaped, _)) => escaped,
         Outcome::Known(Known::Agent(_) | Known::NoAgent) => {
             return refuse(Refusal::DirectiveUnavailable, ctx)
         }
@@ -180,6 +193,7 @@ pub(super) fn inject<H: Host>(i: &Injection, size: usize, ctx: &Ctx<'_, H>) -> (
                 return refuse(Refusal::DirectiveUnavailable, ctx);
             }
             ctx.host.count(Counter::Injected);
+            record(audit::Outcome::Injected, ctx);
             (Delivered::Forwarded, Action::Continue)
         }
         Err(BodyError::Oversized) => refuse(Refusal::BodyTooLarge, ctx),
@@ -190,6 +204,7 @@ pub(super) fn inject<H: Host>(i: &Injection, size: usize, ctx: &Ctx<'_, H>) -> (
 /// Answers the request with a local reply.
 pub(super) fn refuse<H: Host>(refusal: Refusal, ctx: &Ctx<'_, H>) -> (Delivered, Action) {
     ctx.host.count(refusal.counter());
+    record(audit::Outcome::refused(&refusal), ctx);
     // A request without an agent lacks the key header with the api_key source.
     let header = ctx
         .config
@@ -217,6 +232,21 @@ fn go_on<H: Host>(done: Delivered, ctx: &Ctx<'_, H>) -> (Delivered, Action) {
             }
             (done, Action::Pause)
         }
+    }
+}
+
+/// Writes the request's audit record with its outcome: once per request, at the
+/// point its fate is decided, in its own context (the host acts on the current one).
+pub(super) fn record<H: Host>(outcome: audit::Outcome, ctx: &Ctx<'_, H>) {
+    let fields = {
+        let mut worker = ctx.worker.borrow_mut();
+        let trail = worker.audit(ctx.id);
+        let fields = trail.record.fields(outcome);
+        trail.sent = Some(fields.directive_version.clone());
+        fields
+    };
+    if ctx.host.record_audit(&fields).is_err() {
+        log::debug!("ibex_directive: could not record the audit fields");
     }
 }
 

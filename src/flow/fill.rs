@@ -97,6 +97,12 @@ fn resolve_for<H: Host>(
 ) -> Option<(Delivered, Action)> {
     let host = ctx.host;
     let counters = Counters::of(&subject);
+    if let Subject::Directive(agent) = &subject {
+        let mut worker = ctx.worker.borrow_mut();
+        for p in &participants {
+            worker.audit(p.id).record.agent = Some(*agent);
+        }
+    }
     let key = match &subject {
         Subject::Directive(agent) => entry::key_for(agent),
         Subject::Key(hash) => entry::key_for_api_key(hash),
@@ -264,6 +270,12 @@ fn finish<H: Host>(
     let (onward, settled): (Vec<_>, Vec<_>) = participants
         .into_iter()
         .partition(|p| matches!(p.then, Then::Inject(_)));
+    {
+        let mut worker = ctx.worker.borrow_mut();
+        for p in &settled {
+            worker.audit(p.id).record.agent = Some(agent);
+        }
+    }
     // Settled first: `complete` switches contexts and back, and the directive's fill
     // below must be dispatched from the context this callback runs in.
     let own = deliver::complete(settled, Outcome::Known(Known::Agent(agent)), source, ctx);
@@ -363,12 +375,13 @@ fn dispatch<H: Host>(fill: &Fill, tier: Tier, ctx: &Ctx<'_, H>) -> Option<u32> {
         host.count(skipped);
         return None;
     }
-    let call = match (tier, &fill.subject) {
+    let mut call = match (tier, &fill.subject) {
         (Tier::Redis, Subject::Directive(agent)) => tiers::redis_get(ctx.config, agent),
         (Tier::Store, Subject::Directive(agent)) => tiers::store_get(ctx.config, agent),
         (Tier::Redis, Subject::Key(key)) => tiers::redis_get_key(ctx.config, key),
         (Tier::Store, Subject::Key(key)) => tiers::store_get_key(ctx.config, key),
     };
+    call.traceparent = ctx.worker.borrow().traceparent(ctx.id);
     match host.dispatch(&call) {
         Ok(token) => Some(token),
         Err(_) => {
@@ -409,8 +422,8 @@ fn on_redis_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
     let parsed = match fill.subject {
         Subject::Directive(_) => {
             tiers::parse_redis_get(config.redis.dialect, response).map(|answer| match answer {
-                Answer::Directive(text) => Some((
-                    Known::Directive(Redacted::new(escape_json_str(text.expose()))),
+                Answer::Directive(text, version) => Some((
+                    Known::Directive(Redacted::new(escape_json_str(text.expose())), version),
                     ttl_ms(config.ttl_seconds),
                 )),
                 Answer::NoDirective => {
@@ -466,11 +479,15 @@ fn on_store_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
     let parsed = match fill.subject {
         Subject::Directive(agent) => tiers::parse_store(response, &agent).map(|answer| {
             let (text, ttl) = match &answer {
-                Answer::Directive(text) => (Some(text.expose().as_str()), config.ttl_seconds),
+                Answer::Directive(text, version) => {
+                    (Some((text.expose().as_str(), *version)), config.ttl_seconds)
+                }
                 _ => (None, config.negative_ttl_seconds),
             };
             let known = match text {
-                Some(text) => Known::Directive(Redacted::new(escape_json_str(text))),
+                Some((text, version)) => {
+                    Known::Directive(Redacted::new(escape_json_str(text)), version)
+                }
                 None => Known::NoDirective,
             };
             let write = tiers::redis_set(config, &agent, text, ttl);
@@ -501,7 +518,7 @@ fn on_store_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
         }
     };
     let counter = match known {
-        Known::Directive(_) | Known::Agent(_) => counters.l3_hit,
+        Known::Directive(..) | Known::Agent(_) => counters.l3_hit,
         Known::NoDirective | Known::NoAgent => counters.l3_none,
     };
     count(fill, counter, ctx);

@@ -13,6 +13,7 @@
 //! when a write may land. It never logs directive text.
 
 use crate::agent::AGENT_ID_LEN;
+use crate::audit::Version;
 use crate::entry::{self, Entry, Kind, Known};
 use crate::host::{Host, HostError};
 use crate::metrics::Counter;
@@ -78,6 +79,7 @@ pub(super) fn anchor<H: Host>(host: &H, key: &str, found: Anchor) -> Anchor {
         fresh_until_ms: 0,
         generation: found.generation,
         escaped: Redacted::new(""),
+        version: Version::Unknown,
     };
     let cas = match host.shared_set(key, &placeholder.encode(), None) {
         Ok(()) => host.shared_get(key).ok().and_then(|(_, c)| c),
@@ -91,17 +93,18 @@ pub(super) fn anchor<H: Host>(host: &H, key: &str, found: Anchor) -> Anchor {
 /// overtook is discarded (`fill_discarded`).
 pub(super) fn write<H: Host>(host: &H, fill: &Fill, known: &Known, ttl_ms: u64) -> bool {
     let mut buf = [0u8; AGENT_ID_LEN];
-    let (kind, escaped) = match known {
-        Known::Directive(escaped) => (Kind::Present, escaped.expose().as_str()),
-        Known::NoDirective => (Kind::NoDirective, ""),
-        Known::Agent(agent) => (Kind::Agent, agent.encode(&mut buf)),
-        Known::NoAgent => (Kind::NoAgent, ""),
+    let (kind, escaped, version) = match known {
+        Known::Directive(escaped, version) => (Kind::Present, escaped.expose().as_str(), *version),
+        Known::NoDirective => (Kind::NoDirective, "", Version::Unknown),
+        Known::Agent(agent) => (Kind::Agent, agent.encode(&mut buf), Version::Unknown),
+        Known::NoAgent => (Kind::NoAgent, "", Version::Unknown),
     };
     let entry = Entry {
         kind,
         fresh_until_ms: host.now_ms().saturating_add(ttl_ms),
         generation: fill.anchor.generation,
         escaped: Redacted::new(escaped),
+        version,
     };
     let raw = entry.encode();
     match host.shared_set(&fill.key, &raw, fill.anchor.cas) {

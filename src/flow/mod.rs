@@ -267,6 +267,11 @@ fn on_headers<H: Host>(
     ctx: &Ctx<'_, H>,
 ) -> (State, Action) {
     ctx.host.count(Counter::Requests);
+    if let Some(trace) = head.traceparent.as_deref() {
+        if crate::audit::valid_traceparent(trace) {
+            ctx.worker.borrow_mut().audit(ctx.id).traceparent = Some(trace.to_string());
+        }
+    }
     let verified = match &ctx.config.agent_source {
         AgentSource::Header => None,
         AgentSource::Jwt(jwt) => {
@@ -286,6 +291,7 @@ fn on_headers<H: Host>(
     match admit::admit(head, verified.as_deref(), end_of_stream, ctx.config) {
         admit::Admission::Pass => {
             ctx.host.count(Counter::PassedThrough);
+            deliver::record(crate::audit::Outcome::Passed, ctx);
             (State::Forward, Action::Continue)
         }
         admit::Admission::Refuse(refusal) => settled(deliver::refuse(refusal, ctx)),

@@ -1633,3 +1633,160 @@ mod api_key {
         assert_eq!(w.reply_status(1), Some(503));
     }
 }
+
+mod audit_trail {
+    //! One audit record per request, written when its outcome is decided, naming the
+    //! agent, the version it was served, the tier and the outcome; and the lookups a
+    //! traced request causes carry its `traceparent`.
+    use super::*;
+    use crate::audit::Fields;
+
+    const VERSION: &str = "0b6c7a4e-1f2d-4c3b-8a9e-5d6f7a8b9c0d";
+
+    fn versioned_store_answer(content: &str) -> Response {
+        ok(
+            &serde_json::json!({"agent_id": AGENT, "content": content, "version_id": VERSION})
+                .to_string(),
+        )
+    }
+
+    fn only_record(w: &W, id: u32) -> Fields {
+        let audits = w.host.req(id).audits.clone();
+        assert_eq!(audits.len(), 1, "one record per request: {audits:?}");
+        audits[0].clone()
+    }
+
+    fn fields(f: &Fields) -> (&str, &str, &str, &str) {
+        (&f.agent_id, &f.directive_version, f.tier, &f.outcome)
+    }
+
+    #[test]
+    fn the_version_travels_from_the_store_through_l1_and_redis() {
+        let shared = SharedData::default();
+        let w = W::new(&shared, config(""));
+        w.run(
+            1,
+            vec![redis_miss(), versioned_store_answer("Be \"terse\".")],
+        );
+        assert_eq!(w.body(1), INJECTED);
+        assert_eq!(
+            fields(&only_record(&w, 1)),
+            (AGENT, VERSION, "store", "injected")
+        );
+        // The write-back carries the version in the Redis value.
+        on_root_tick(&w.ctx(ROOT));
+        let write = w.host.last_callout().1;
+        let value = write.body.as_ref().unwrap().expose().clone();
+        assert_eq!(
+            value,
+            ibex_wire::versioned_directive_value(VERSION, "Be \"terse\".").into_bytes()
+        );
+        // Another worker: L1 hit, same version.
+        let w2 = W::new(&shared, config(""));
+        w2.run(1, vec![]);
+        assert_eq!(
+            fields(&only_record(&w2, 1)),
+            (AGENT, VERSION, "local", "injected")
+        );
+        // A cold worker of another Envoy: Redis answers with the versioned value.
+        let w3 = W::new(&SharedData::default(), config(""));
+        let text = String::from_utf8(value).unwrap();
+        w3.run(1, vec![redis_hit(&text)]);
+        assert_eq!(w3.body(1), INJECTED);
+        assert_eq!(
+            fields(&only_record(&w3, 1)),
+            (AGENT, VERSION, "redis", "injected")
+        );
+        // A value written by an older filter (no version) reads as unknown.
+        let w4 = W::new(&SharedData::default(), config(""));
+        w4.run(1, vec![redis_hit("Be \"terse\".")]);
+        assert_eq!(
+            fields(&only_record(&w4, 1)),
+            (AGENT, "unknown", "redis", "injected")
+        );
+    }
+
+    #[test]
+    fn every_outcome_is_recorded_once() {
+        let w = W::new(&SharedData::default(), config(""));
+        w.run(1, vec![redis_miss(), store_answer(None)]);
+        assert_eq!(
+            fields(&only_record(&w, 1)),
+            (AGENT, "none", "store", "no_directive")
+        );
+
+        let w = W::new(&SharedData::default(), config(""));
+        w.run(1, vec![failed(), failed()]);
+        assert_eq!(
+            fields(&only_record(&w, 1)),
+            (AGENT, "none", "none", "refused:directive_unavailable"),
+            "no tier answered"
+        );
+
+        let w = W::new(&SharedData::default(), config(r#","failure_mode":"open""#));
+        w.run(1, vec![failed(), failed()]);
+        assert_eq!(
+            fields(&only_record(&w, 1)),
+            (AGENT, "none", "none", "failed_open")
+        );
+
+        let w = W::new(&SharedData::default(), config(""));
+        let (_, _) = w.headers_with(1, head(Some("not-a-uuid")));
+        assert_eq!(
+            fields(&only_record(&w, 1)),
+            ("-", "none", "none", "refused:invalid_agent_id")
+        );
+
+        let w = W::new(&SharedData::default(), config(""));
+        let (_, _) = w.headers_with(1, head(None));
+        assert_eq!(fields(&only_record(&w, 1)), ("-", "none", "none", "passed"));
+
+        // A body that cannot take the directive: refused after the lookup.
+        let w = W::new(&SharedData::default(), config(""));
+        w.host.add_request(2, b"{\"messages\":1}");
+        let (flow, _) = w.headers(2);
+        let (flow, _) = w.answer(2, flow, redis_hit("D"));
+        let _ = w.body_end(2, flow);
+        assert_eq!(
+            fields(&only_record(&w, 2)),
+            (AGENT, "none", "redis", "refused:invalid_body")
+        );
+    }
+
+    #[test]
+    fn coalesced_requests_each_get_their_own_record() {
+        let w = W::new(&SharedData::default(), config(""));
+        w.host.add_request(2, BODY.as_bytes());
+        let (f1, _) = w.headers(1);
+        let (f2, _) = w.headers(2);
+        let (f1, _) = w.answer(1, f1, redis_miss());
+        let (f1, _) = w.answer(1, f1, versioned_store_answer("Be \"terse\"."));
+        let _ = w.body_end(1, f1);
+        let _ = w.body_end(2, f2);
+        for id in [1, 2] {
+            assert_eq!(
+                fields(&only_record(&w, id)),
+                (AGENT, VERSION, "store", "injected"),
+                "request {id}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_traced_request_s_lookups_carry_its_traceparent() {
+        let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let w = W::new(&SharedData::default(), config(""));
+        let (mut head, eos) = head(Some(AGENT));
+        head.traceparent = Some(trace.into());
+        let (flow, _) = w.headers_with(1, (head.clone(), eos));
+        assert_eq!(w.host.last_callout().1.traceparent.as_deref(), Some(trace));
+        let (_, _) = w.answer(1, flow, redis_miss());
+        assert_eq!(w.host.last_callout().1.cluster, "ibex_store");
+        assert_eq!(w.host.last_callout().1.traceparent.as_deref(), Some(trace));
+        // A malformed one is not passed on.
+        let w = W::new(&SharedData::default(), config(""));
+        head.traceparent = Some(format!("{trace}\r\nx-injected: 1"));
+        let _ = w.headers_with(1, (head, eos));
+        assert_eq!(w.host.last_callout().1.traceparent, None);
+    }
+}

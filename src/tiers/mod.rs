@@ -81,6 +81,7 @@ use ibex_wire::Redacted;
 
 use crate::agent::{AgentId, AGENT_ID_LEN};
 use crate::apikey::KeyHash;
+use crate::audit::Version;
 use crate::config::{Config, Dialect};
 
 mod upstash;
@@ -105,6 +106,9 @@ pub struct Callout {
     pub headers: &'static [(&'static str, &'static str)],
     /// `Authorization` of the Upstash dialect; `Debug` shows its length only.
     pub authorization: Option<Redacted<String>>,
+    /// The W3C `traceparent` of the request whose fill this is, so a trace shows the
+    /// lookup as part of that request.
+    pub traceparent: Option<String>,
 }
 
 /// What came back from a callout. `status` is `None` when there was no HTTP answer at
@@ -124,8 +128,8 @@ pub enum Answer {
     Unknown,
     /// The agent has no directive.
     NoDirective,
-    /// The agent's directive, raw text.
-    Directive(Redacted<String>),
+    /// The agent's directive, raw text, and its version.
+    Directive(Redacted<String>, Version),
 }
 
 /// A tier failed to answer usefully (the reason is for counters and debug logs; it
@@ -163,6 +167,7 @@ fn redis_callout(
         timeout_ms: config.redis.timeout_ms,
         headers: &[],
         authorization: None,
+        traceparent: None,
     }
 }
 
@@ -185,12 +190,20 @@ const SET_IF_ABSENT_URL: &str = "if%20redis.call%28%27EXISTS%27%2CKEYS%5B1%5D%2C
 pub fn redis_set(
     config: &Config,
     agent: &AgentId,
-    directive: Option<&str>,
+    directive: Option<(&str, Version)>,
     ttl_seconds: u64,
 ) -> Callout {
     let key = redis_key_path(config, agent);
     let marker = ibex_wire::flush_marker_key(&config.redis.key_prefix);
-    conditional_set(config, &key, &marker, directive, ttl_seconds)
+    // With its version, so an L2 hit elsewhere can name it too (audit trail).
+    let value = directive.map(|(text, version)| match version {
+        Version::Unknown => text.to_string(),
+        Version::Id(_) => {
+            let mut buf = [0u8; AGENT_ID_LEN];
+            ibex_wire::versioned_directive_value(version.write(&mut buf), text)
+        }
+    });
+    conditional_set(config, &key, &marker, value.as_deref(), ttl_seconds)
 }
 
 /// The conditional `EVAL` of `value` at `key`, unless `key` or `marker` exists.
@@ -360,6 +373,7 @@ pub fn store_get_key(config: &Config, key: &KeyHash) -> Callout {
         timeout_ms: config.store.timeout_ms,
         headers: &[],
         authorization: None,
+        traceparent: None,
     }
 }
 
@@ -426,24 +440,30 @@ fn check_status(resp: &Response) -> Result<(), TierError> {
     }
 }
 
-/// What a Redis value means: a tombstone, no directive, or a directive.
+/// What a Redis value means: a tombstone, no directive, or a directive with its
+/// version when the value carries one ([`ibex_wire::read_directive_value`]).
 fn read_value(value: &[u8]) -> Result<Answer, TierError> {
-    if ibex_wire::is_tombstone(value) {
-        return Ok(Answer::Unknown);
-    }
-    let text = std::str::from_utf8(value).map_err(|_| TierError("not UTF-8"))?;
-    directive(text)
+    let (version, text) = match ibex_wire::read_directive_value(value) {
+        ibex_wire::DirectiveValue::Tombstone => return Ok(Answer::Unknown),
+        ibex_wire::DirectiveValue::Text { version, text } => (version, text),
+    };
+    let version = match version {
+        None => Version::Unknown,
+        Some(id) => Version::parse_canonical(id).ok_or(TierError("bad version id"))?,
+    };
+    let text = std::str::from_utf8(text).map_err(|_| TierError("not UTF-8"))?;
+    directive(text, version)
 }
 
 /// Text from a tier as an answer: empty is "no directive"; NUL (which Postgres text
 /// cannot hold) makes it no directive of ours.
-fn directive(text: impl AsRef<str> + Into<String>) -> Result<Answer, TierError> {
+fn directive(text: impl AsRef<str> + Into<String>, version: Version) -> Result<Answer, TierError> {
     if text.as_ref().contains('\0') {
         Err(TierError("NUL in directive"))
     } else if text.as_ref().is_empty() {
         Ok(Answer::NoDirective)
     } else {
-        Ok(Answer::Directive(Redacted::new(text.into())))
+        Ok(Answer::Directive(Redacted::new(text.into()), version))
     }
 }
 
@@ -571,6 +591,7 @@ pub fn store_get(config: &Config, agent: &AgentId) -> Callout {
         timeout_ms: config.store.timeout_ms,
         headers: &[],
         authorization: None,
+        traceparent: None,
     }
 }
 
@@ -582,6 +603,10 @@ struct StoreBody {
     /// Required: `null` is "no directive", a missing member is an error.
     #[serde(deserialize_with = "required")]
     content: Option<String>,
+    /// The active version's id; a store that predates the audit trail sends none,
+    /// and `null` goes with `content: null`.
+    #[serde(default)]
+    version_id: Option<String>,
 }
 
 /// A member that must be present even though it may be `null` (serde reads a
@@ -604,10 +629,14 @@ pub fn parse_store(resp: &Response, agent: &AgentId) -> Result<Answer, TierError
     if body.agent_id != agent.encode(&mut buf) {
         return Err(TierError("answer for another agent"));
     }
+    let version = match body.version_id {
+        None => Version::Unknown,
+        Some(id) => Version::parse_canonical(&id).ok_or(TierError("bad version id"))?,
+    };
     match body.content {
         None => Ok(Answer::NoDirective),
         // An empty directive injects nothing useful; it is none, as in L2.
-        Some(c) => directive(c),
+        Some(c) => directive(c, version),
     }
 }
 
@@ -642,7 +671,7 @@ mod tests {
                 50
             )
         );
-        let w = redis_set(&cfg(), &agent(), Some("Be terse."), 60);
+        let w = redis_set(&cfg(), &agent(), Some(("Be terse.", Version::Unknown)), 60);
         let tail = "/2/directive:6f1c1a3e-5b7d-4c2a-9e0f-123456789abc/directive:__flush__/60";
         assert_eq!(w.method, "PUT");
         assert!(w.path.starts_with("/EVAL/if%20redis.call"), "{}", w.path);
@@ -669,7 +698,7 @@ mod tests {
         );
         assert_eq!(
             parse_redis_get(Dialect::Webdis, &ok(b"$7\r\nab\r\n\"\xc3\xa9\r\n")),
-            Ok(Answer::Directive("ab\r\n\"é".into()))
+            Ok(Answer::Directive("ab\r\n\"é".into(), Version::Unknown))
         );
         for bad in [
             &b"-ERR wrong"[..],
@@ -769,7 +798,7 @@ mod tests {
                 &ok(format!(r#"{{"agent_id":"{id}","content":"D"}}"#).as_bytes()),
                 &agent()
             ),
-            Ok(Answer::Directive("D".into()))
+            Ok(Answer::Directive("D".into(), Version::Unknown))
         );
         assert_eq!(
             parse_store(
@@ -856,12 +885,15 @@ mod tests {
     fn webdis_replies_are_read_strictly() {
         assert_eq!(
             webdis(b"$5\r\nhello\r\n"),
-            Ok(Answer::Directive("hello".into()))
+            Ok(Answer::Directive("hello".into(), Version::Unknown))
         );
         // The declared bytes exactly, whatever they contain.
         assert_eq!(
             webdis(b"$11\r\n$3\r\nabc\r\n\r\n\r\n"),
-            Ok(Answer::Directive("$3\r\nabc\r\n\r\n".into()))
+            Ok(Answer::Directive(
+                "$3\r\nabc\r\n\r\n".into(),
+                Version::Unknown
+            ))
         );
         for (bad, why) in [
             (&b"$+5\r\nhello\r\n"[..], "plus sign"),
@@ -913,10 +945,13 @@ mod tests {
     #[test]
     fn the_store_answer_is_read_strictly() {
         let good = format!(r#"{{"agent_id":"{ID}","content":"D"}}"#);
-        assert_eq!(store(&good), Ok(Answer::Directive("D".into())));
+        assert_eq!(
+            store(&good),
+            Ok(Answer::Directive("D".into(), Version::Unknown))
+        );
         assert_eq!(
             store(&format!(r#" {{ "content" : "D" , "agent_id" : "{ID}" }} "#)),
-            Ok(Answer::Directive("D".into())),
+            Ok(Answer::Directive("D".into(), Version::Unknown)),
             "member order and whitespace do not matter"
         );
         // serde would read a struct's members from an array too: one spelling only.
@@ -930,14 +965,40 @@ mod tests {
             parse_store(&ok(&unread_bad_utf8), &agent()).is_err(),
             "an ignored member is still read as UTF-8"
         );
-        for extra in [
-            r#""version_id":"v1""#,
-            r#""Content":"E""#,
-            r#""x":{"content":"E"}"#,
+        let v = "0b6c7a4e-1f2d-4c3b-8a9e-5d6f7a8b9c0d";
+        assert_eq!(
+            store(&format!(
+                r#"{{"agent_id":"{ID}","content":"D","version_id":"{v}"}}"#
+            )),
+            Ok(Answer::Directive(
+                "D".into(),
+                Version::parse_canonical(v).unwrap()
+            ))
+        );
+        assert_eq!(
+            store(&format!(
+                r#"{{"agent_id":"{ID}","content":null,"version_id":null}}"#
+            )),
+            Ok(Answer::NoDirective)
+        );
+        for bad in [
+            "\"v1\"",
+            "\"0B6C7A4E-1F2D-4C3B-8A9E-5D6F7A8B9C0D\"",
+            "1",
+            "{}",
         ] {
+            assert!(
+                store(&format!(
+                    r#"{{"agent_id":"{ID}","content":"D","version_id":{bad}}}"#
+                ))
+                .is_err(),
+                "{bad}"
+            );
+        }
+        for extra in [r#""Content":"E""#, r#""x":{"content":"E"}"#] {
             assert_eq!(
                 store(&format!(r#"{{"agent_id":"{ID}","content":"D",{extra}}}"#)),
-                Ok(Answer::Directive("D".into())),
+                Ok(Answer::Directive("D".into(), Version::Unknown)),
                 "other members are ignored: {extra}"
             );
         }
@@ -1115,7 +1176,7 @@ mod tests {
                 _ if value.first() == Some(&0) => Ok(Answer::Unknown),
                 Ok(t) if t.contains('\0') => Err(TierError("NUL in directive")),
                 Ok("") => Ok(Answer::NoDirective),
-                Ok(t) => Ok(Answer::Directive(t.into())),
+                Ok(t) => Ok(Answer::Directive(t.into(), Version::Unknown)),
                 Err(_) => Err(TierError("not UTF-8")),
             };
             prop_assert_eq!(got, expected);
@@ -1129,7 +1190,7 @@ mod tests {
             let expected = if other {
                 Err(TierError("answer for another agent"))
             } else {
-                directive(text.clone())
+                directive(text.clone(), Version::Unknown)
             };
             prop_assert_eq!(store(&body), expected);
         }
@@ -1340,7 +1401,12 @@ mod tests {
             let key = KeyHash::of(b"ibex_k");
             let calls = [
                 redis_get(&cfg(), &agent()),
-                redis_set(&cfg(), &agent(), Some("Be \"terse\".\r\n"), 60),
+                redis_set(
+                    &cfg(),
+                    &agent(),
+                    Some(("Be \"terse\".\r\n", Version::Unknown)),
+                    60,
+                ),
                 redis_set(&cfg(), &agent(), None, 10),
                 redis_get_key(&cfg(), &key),
                 redis_set_key(&cfg(), &key, Some(&agent()), 60),
@@ -1416,7 +1482,7 @@ mod tests {
             // "ab\r\n\"é" in base64: bytes are exactly what Redis holds.
             assert_eq!(
                 parse_redis_get(u, &up(r#"{"result":"YWINCiLDqQ=="}"#)),
-                Ok(Answer::Directive("ab\r\n\"é".into()))
+                Ok(Answer::Directive("ab\r\n\"é".into(), Version::Unknown))
             );
             for bad in [
                 r#"{"result":"YQBi"}"#, // NUL inside: no directive of ours

@@ -92,6 +92,71 @@ pub fn is_tombstone(value: &[u8]) -> bool {
     value.first() == Some(&0)
 }
 
+/// Start of a directive's Redis value that carries its version (the audit trail):
+/// NUL, `v`, the version id (36 characters, lower-case hyphenated UUID), then the
+/// text. The leading NUL makes filters that predate versions read it as a tombstone
+/// (ask the store), never as text.
+pub const VERSIONED_PREFIX: &[u8] = b"\0v";
+
+/// Length of a UUID in its canonical lower-case hyphenated spelling.
+pub const UUID_LEN: usize = 36;
+
+/// What a directive's Redis value says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectiveValue<'a> {
+    /// A tombstone (or anything else that starts with NUL): ask the store.
+    Tombstone,
+    /// The text (empty: no directive), with its version id when the value carries
+    /// one (values written by older filters or other writers do not).
+    Text {
+        /// The version id, canonical, if the value names one.
+        version: Option<&'a str>,
+        /// The directive text's bytes (not yet checked to be UTF-8).
+        text: &'a [u8],
+    },
+}
+
+/// Reads a directive's Redis value.
+pub fn read_directive_value(value: &[u8]) -> DirectiveValue<'_> {
+    let Some(rest) = value.strip_prefix(VERSIONED_PREFIX) else {
+        return if is_tombstone(value) {
+            DirectiveValue::Tombstone
+        } else {
+            DirectiveValue::Text {
+                version: None,
+                text: value,
+            }
+        };
+    };
+    match (rest.get(..UUID_LEN), rest.get(UUID_LEN..)) {
+        (Some(id), Some(text)) if is_canonical_uuid(id) => DirectiveValue::Text {
+            // Canonical means ASCII, so this cannot fail.
+            version: std::str::from_utf8(id).ok(),
+            text,
+        },
+        _ => DirectiveValue::Tombstone,
+    }
+}
+
+/// The Redis value of `text` at version `version_id` (canonical, see
+/// [`is_canonical_uuid`]).
+pub fn versioned_directive_value(version_id: &str, text: &str) -> String {
+    let mut out = String::with_capacity(VERSIONED_PREFIX.len() + version_id.len() + text.len());
+    out.push_str("\0v");
+    out.push_str(version_id);
+    out.push_str(text);
+    out
+}
+
+/// True for a UUID in its one canonical spelling: 8-4-4-4-12 lower-case hex digits.
+pub fn is_canonical_uuid(s: &[u8]) -> bool {
+    s.len() == UUID_LEN
+        && s.iter().enumerate().all(|(i, &b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        })
+}
+
 // ------------------------------------------------------------------ pub/sub
 
 /// Channel prefix of per-agent updates: a writer publishes
@@ -284,6 +349,48 @@ pub const DEBUG_HEADER: &str = "x-ibex-directive";
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn directive_values_carry_their_version_or_none() {
+        let id = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+        let v = versioned_directive_value(id, "Be terse.").into_bytes();
+        assert_eq!(
+            read_directive_value(&v),
+            DirectiveValue::Text {
+                version: Some(id),
+                text: b"Be terse."
+            }
+        );
+        assert!(is_tombstone(&v), "older filters read it as a tombstone");
+        assert_eq!(
+            read_directive_value(b"plain"),
+            DirectiveValue::Text {
+                version: None,
+                text: b"plain"
+            }
+        );
+        assert_eq!(
+            read_directive_value(b""),
+            DirectiveValue::Text {
+                version: None,
+                text: b""
+            }
+        );
+        for tomb in [
+            &b"\0"[..],
+            b"\0v",
+            b"\0v6f1c1a3e-5b7d-4c2a-9e0f-123456789ab",
+            b"\0v6F1C1A3E-5B7D-4C2A-9E0F-123456789ABC text",
+            b"\0x6f1c1a3e-5b7d-4c2a-9e0f-123456789abc",
+        ] {
+            assert_eq!(
+                read_directive_value(tomb),
+                DirectiveValue::Tombstone,
+                "{tomb:?}"
+            );
+        }
+    }
+
     use super::*;
 
     const AGENT: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
