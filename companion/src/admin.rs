@@ -1,12 +1,15 @@
-//! Operator helpers: set or clear an agent's directive, and publish the
-//! invalidation that tells every cache about it; issue, revoke and list an
-//! agent's gateway API keys (SPEC §3.1).
+//! Operator helpers: set or clear an agent's directive, list its versions
+//! ([`history`], which maps a version id from the audit trail to its text) and
+//! make an existing version active again ([`activate`]), and publish the
+//! invalidation that tells every cache about a change; issue, revoke and list
+//! an agent's gateway API keys (SPEC §3.1).
 //!
 //! Order matters: Postgres is committed first, then the update is published,
 //! so any reader woken by the message sees the new row. A failed publish leaves
 //! the committed change in place and is reported as [`AdminError::Publish`].
 //! Content goes to Postgres as a bind parameter and nowhere else: not to logs,
-//! not to stdout.
+//! not to stdout. The one way back out is [`history`] with content asked for,
+//! whose caller prints it on the operator's request; it is never logged.
 //!
 //! Keys: only their SHA-256 reaches Postgres, a log line or a channel name. The
 //! key itself is returned to the caller of [`issue_key`] (which prints it once)
@@ -198,6 +201,219 @@ pub async fn clear_directive(
     Ok(n)
 }
 
+/// UTC timestamps with microseconds, `YYYY-MM-DDTHH:MM:SS.ffffffZ` (RFC 3339):
+/// precise enough to order versions written within one second and to line
+/// them up with access-log times.
+const UTC_MICROS: &str = "YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"";
+
+/// One row of [`history`]: a version of one of the agent's directives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionRow {
+    /// The `directive_versions` id (what the store answers as `version_id`).
+    pub version_id: Uuid,
+    /// When it was written, UTC, `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+    pub created_at: String,
+    /// True for the active version of the agent's active directive: the one
+    /// the store serves.
+    pub active: bool,
+    /// Length of the text in bytes (`octet_length`).
+    pub bytes: i32,
+    /// The text, only when asked for (redacted in `Debug`).
+    pub content: Option<DirectiveText>,
+}
+
+impl VersionRow {
+    /// The row as `history` prints it: `version_id  created_at  active  bytes`
+    /// tab-separated (`active` is `yes` or `-`), then the content as one
+    /// escaped JSON string ([`DirectiveText::to_terminal_json`]) when it was
+    /// read, so no text can add a column, a line or a terminal escape. For
+    /// stdout only.
+    pub fn to_line(&self) -> String {
+        let active = if self.active { "yes" } else { "-" };
+        let mut line = format!(
+            "{}\t{}\t{active}\t{}",
+            self.version_id, self.created_at, self.bytes
+        );
+        if let Some(content) = &self.content {
+            line.push('\t');
+            line.push_str(&content.to_terminal_json());
+        }
+        line
+    }
+}
+
+/// The header line of `history`, with or without the content column.
+pub fn history_header(with_content: bool) -> &'static str {
+    if with_content {
+        "version_id\tcreated_at\tactive\tbytes\tcontent"
+    } else {
+        "version_id\tcreated_at\tactive\tbytes"
+    }
+}
+
+/// `history`: every version of the agent's directive(s), newest first (ties,
+/// which one transaction's versions would be, by id); the text only when
+/// `with_content`, otherwise it is not even read. An agent without directives
+/// has no rows. Runs in a read-only transaction: it cannot change anything.
+pub async fn history(
+    database_url: &str,
+    agent_id: Uuid,
+    with_content: bool,
+) -> Result<Vec<VersionRow>> {
+    let mut client = db::connect(database_url, ADMIN_TIMEOUT).await?;
+    let tx = client
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .map_err(DbFailure::from)?;
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT dv.id, \
+                 to_char(dv.created_at AT TIME ZONE 'UTC', '{UTC_MICROS}'), \
+                 COALESCE(d.is_active AND d.active_version_id = dv.id, false), \
+                 octet_length(dv.content), \
+                 CASE WHEN $2::boolean THEN dv.content END \
+                 FROM ibex_core.directive_versions dv \
+                 JOIN ibex_core.directives d ON d.id = dv.directive_id \
+                 WHERE d.agent_id = $1 \
+                 ORDER BY dv.created_at DESC, dv.id DESC"
+            ),
+            &[&agent_id, &with_content],
+        )
+        .await
+        .map_err(DbFailure::from)?;
+    tx.commit().await.map_err(DbFailure::from)?;
+    let versions = rows
+        .iter()
+        .map(|row| {
+            Ok(VersionRow {
+                version_id: row.try_get(0).map_err(DbFailure::from)?,
+                created_at: row.try_get(1).map_err(DbFailure::from)?,
+                active: row.try_get(2).map_err(DbFailure::from)?,
+                bytes: row.try_get(3).map_err(DbFailure::from)?,
+                content: row
+                    .try_get::<_, Option<String>>(4)
+                    .map_err(DbFailure::from)?
+                    .map(DirectiveText::new),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    tracing::info!(agent_id = %agent_id, versions = versions.len(), with_content, "history listed");
+    Ok(versions)
+}
+
+/// Result of [`activate_version`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActivateOutcome {
+    /// The agent whose directive the version belongs to.
+    pub agent_id: Uuid,
+    /// The directive row that now holds it as its active version.
+    pub directive_id: Uuid,
+    /// The version, now active.
+    pub version_id: Uuid,
+    /// True when it already was the active version of the active directive:
+    /// nothing was written.
+    pub already_active: bool,
+}
+
+/// Makes the existing version `version_id` its agent's active directive in
+/// one transaction: its directive gets `active_version_id = version_id`,
+/// `is_active = true`; any other active directive of the agent is deactivated
+/// first (one active directive per agent). Works in both directions (an older
+/// version: a rollback; a newer one: a roll forward) and on a cleared
+/// directive (it is reactivated). An unknown version is an error and changes
+/// nothing; the version already active is a success that writes nothing.
+pub async fn activate_version(database_url: &str, version_id: Uuid) -> Result<ActivateOutcome> {
+    let mut client = db::connect(database_url, ADMIN_TIMEOUT).await?;
+    let tx = client.transaction().await.map_err(DbFailure::from)?;
+    // A version never moves to another directive, nor a directive to another
+    // agent, so this read needs no lock.
+    let found = tx
+        .query_opt(
+            "SELECT d.id, d.agent_id FROM ibex_core.directive_versions dv \
+             JOIN ibex_core.directives d ON d.id = dv.directive_id WHERE dv.id = $1",
+            &[&version_id],
+        )
+        .await
+        .map_err(DbFailure::from)?;
+    let Some(found) = found else {
+        // Dropping the transaction rolls it back; nothing was written anyway.
+        return Err(Error::InvalidInput(
+            "no directive version has this id (see `history --agent-id …`)".into(),
+        ));
+    };
+    let directive_id: Uuid = found.try_get(0).map_err(DbFailure::from)?;
+    let agent_id: Uuid = found.try_get(1).map_err(DbFailure::from)?;
+    // The agent row first, as set-directive locks it, so the two serialise on
+    // one agent and always take their locks in the same order (agent, then
+    // directive): no deadlock between them.
+    tx.execute(
+        "SELECT 1 FROM ibex_core.agents WHERE id = $1 FOR UPDATE",
+        &[&agent_id],
+    )
+    .await
+    .map_err(DbFailure::from)?;
+    // Read under the row lock: a clear-directive or another activate that
+    // committed meanwhile is seen, none can commit until we do.
+    let current = tx
+        .query_one(
+            "SELECT is_active AND active_version_id IS NOT DISTINCT FROM $2 \
+             FROM ibex_core.directives WHERE id = $1 FOR UPDATE",
+            &[&directive_id, &version_id],
+        )
+        .await
+        .map_err(DbFailure::from)?;
+    let already_active: bool = current.try_get(0).map_err(DbFailure::from)?;
+    if !already_active {
+        // The partial unique index allows one active directive per agent:
+        // another one (written by other means than set-directive, which reuses
+        // one row) must give way before this one is activated.
+        tx.execute(
+            "UPDATE ibex_core.directives SET is_active = false, updated_at = now() \
+             WHERE agent_id = $1 AND is_active AND id <> $2",
+            &[&agent_id, &directive_id],
+        )
+        .await
+        .map_err(DbFailure::from)?;
+        tx.execute(
+            "UPDATE ibex_core.directives \
+             SET active_version_id = $2, is_active = true, updated_at = now() WHERE id = $1",
+            &[&directive_id, &version_id],
+        )
+        .await
+        .map_err(DbFailure::from)?;
+    }
+    tx.commit().await.map_err(DbFailure::from)?;
+    tracing::info!(agent_id = %agent_id, %directive_id, %version_id, already_active, "directive version activated");
+    Ok(ActivateOutcome {
+        agent_id,
+        directive_id,
+        version_id,
+        already_active,
+    })
+}
+
+/// `activate`: make the version active, then publish its agent's update
+/// unless `redis` is `None`, exactly as `set-directive` does.
+///
+/// The version already active is published too: nothing changed in Postgres,
+/// but running `activate` again is then how an operator repairs an earlier
+/// change whose publish failed (exit 3), and an extra update costs one refill
+/// of one agent's entries.
+pub async fn activate(
+    database_url: &str,
+    redis: Option<&RedisEndpoint>,
+    version_id: Uuid,
+) -> Result<ActivateOutcome, AdminError> {
+    let outcome = activate_version(database_url, version_id).await?;
+    publish_if(redis, &ibex_wire::updates_channel(outcome.agent_id))
+        .await
+        .map_err(AdminError::Publish)?;
+    Ok(outcome)
+}
+
 /// Longest `--label` of a key, in bytes.
 pub const MAX_LABEL_BYTES: usize = 200;
 
@@ -357,6 +573,29 @@ mod tests {
             "00000000-0000-4000-8000-000000000001"
         );
         assert_eq!(DEMO_ORG_ID.get_version_num(), 4);
+    }
+
+    #[test]
+    fn history_lines_keep_their_columns() {
+        let mut row = VersionRow {
+            version_id: Uuid::nil(),
+            created_at: "2025-01-02T03:04:05.000006Z".into(),
+            active: true,
+            bytes: 7,
+            content: None,
+        };
+        assert_eq!(
+            row.to_line(),
+            "00000000-0000-0000-0000-000000000000\t2025-01-02T03:04:05.000006Z\tyes\t7"
+        );
+        assert_eq!(history_header(false).split('\t').count(), 4);
+        row.active = false;
+        row.content = Some(DirectiveText::new("a\tb\nc"));
+        assert_eq!(
+            row.to_line(),
+            "00000000-0000-0000-0000-000000000000\t2025-01-02T03:04:05.000006Z\t-\t7\t\"a\\tb\\nc\""
+        );
+        assert_eq!(history_header(true).split('\t').count(), 5);
     }
 
     #[tokio::test]

@@ -35,6 +35,12 @@ pub enum Command {
     SetDirective(SetDirectiveArgs),
     /// Deactivate the agent's directive, then publish its update.
     ClearDirective(ClearDirectiveArgs),
+    /// List the agent's directive versions, newest first: id, date, which is
+    /// active, size (the text only with --show-content). Read-only.
+    History(HistoryArgs),
+    /// Make an existing directive version its agent's active one (a rollback
+    /// or a roll forward), then publish the agent's update.
+    Activate(ActivateArgs),
     /// Publish a flush: every cache drops every directive.
     Flush(FlushArgs),
     /// Turn published updates into Redis deletes and Envoy invalidations.
@@ -196,8 +202,40 @@ pub struct ClearDirectiveArgs {
     pub change: ChangeArgs,
 }
 
+/// `history` arguments.
+#[derive(Args)]
+pub struct HistoryArgs {
+    /// Agent whose directive versions are listed.
+    #[arg(long, env = "IBEX_AGENT_ID")]
+    pub agent_id: Uuid,
+    /// Add a `content` column: each version's text as a JSON string (one line,
+    /// control and invisible characters escaped; `jq -r` gives the exact text
+    /// back). This prints governance text, the agent's system prompts, to
+    /// stdout: mind where the output goes.
+    // No env variable on purpose: printing directive text must be asked for on
+    // the command line, never inherited from an environment.
+    #[arg(long)]
+    pub show_content: bool,
+    /// Postgres connection (used read-only).
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+}
+
+/// `activate` arguments.
+#[derive(Args)]
+pub struct ActivateArgs {
+    /// The directive version to make active, as `history` and `set-directive`
+    /// print it (its agent is found from it).
+    #[arg(long, env = "IBEX_VERSION_ID")]
+    pub version_id: Uuid,
+    /// Where the change is written and published.
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
 /// Where a directive change is written (Postgres) and its update published
-/// (Redis): the flags `set-directive` and `clear-directive` share.
+/// (Redis): the flags `set-directive`, `clear-directive`, `activate` and
+/// `revoke-key` share.
 #[derive(Args)]
 pub struct ChangeArgs {
     /// Do not publish the update to Redis.
@@ -397,6 +435,50 @@ mod tests {
             panic!("wrong subcommand")
         };
         assert!(!format!("{:?}", args.source).contains("\"a\""));
+    }
+
+    #[test]
+    fn history_and_activate_take_uuids() {
+        let id = "6f1c2a3b-0000-4000-8000-000000000001";
+        let db = ["--database-url", "postgres://x"];
+        let cli = Cli::try_parse_from(
+            ["ibex-companion", "history", "--agent-id", id]
+                .into_iter()
+                .chain(db),
+        )
+        .unwrap();
+        let Command::History(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(args.agent_id.to_string(), id);
+        assert!(!args.show_content, "content is shown only when asked for");
+        let cli = Cli::try_parse_from(
+            [
+                "ibex-companion",
+                "activate",
+                "--version-id",
+                id,
+                "--no-publish",
+            ]
+            .into_iter()
+            .chain(db),
+        )
+        .unwrap();
+        let Command::Activate(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(args.version_id.to_string(), id);
+        assert!(args.change.publish_endpoint().unwrap().is_none());
+        for bad in [
+            vec!["ibex-companion", "history", "--agent-id", "nope"],
+            vec!["ibex-companion", "activate", "--version-id", "nope"],
+            vec!["ibex-companion", "activate"],
+        ] {
+            assert!(
+                Cli::try_parse_from(bad.iter().copied().chain(db)).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `ibex-companion` binary: parses the command line and runs one subcommand.
 //! All behaviour lives in the library so tests can drive it in-process.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -90,6 +91,38 @@ async fn run(command: Command) -> Result<(), AdminError> {
                 admin::clear_directive(&args.change.db.database_url, redis.as_ref(), args.agent_id)
                     .await?;
             println!("{n}");
+        }
+        Command::History(args) => {
+            let rows =
+                admin::history(&args.db.database_url, args.agent_id, args.show_content).await?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", admin::history_header(args.show_content)).map_err(Error::from)?;
+            for row in rows {
+                writeln!(out, "{}", row.to_line()).map_err(Error::from)?;
+            }
+            // Written through a Result, not println!: a closed pipe (`| head`)
+            // is an error exit, not a panic.
+            out.flush().map_err(Error::from)?;
+        }
+        Command::Activate(args) => {
+            let redis = args.change.publish_endpoint()?;
+            let outcome = admin::activate(
+                &args.change.db.database_url,
+                redis.as_ref(),
+                args.version_id,
+            )
+            .await?;
+            println!("{}\t{}", outcome.agent_id, outcome.version_id);
+            if outcome.already_active {
+                let published = if redis.is_some() {
+                    " (its update was published again)"
+                } else {
+                    ""
+                };
+                eprintln!(
+                    "note: this version was already active; the database is unchanged{published}"
+                );
+            }
         }
         Command::Flush(args) => {
             admin::publish(&args.redis.endpoint()?, ibex_wire::FLUSH_CHANNEL).await?;

@@ -133,6 +133,7 @@ async fn content_and_token_never_appear_in_logs() {
         &mut logs,
     );
     assert!(out.status.success());
+    let v1 = String::from_utf8(out.stdout).unwrap().trim().to_string();
     control
         .wait_for(&format!("/ibex/v1/invalidate/{agent}"), 1)
         .await;
@@ -158,6 +159,70 @@ async fn content_and_token_never_appear_in_logs() {
     assert_eq!(body["content"], content, "the store does serve the content");
     let (status, _) = http_get(&format!("{store_base}/v1/agents/{MARKER}/directive")).await;
     assert_eq!(status, 400);
+
+    // history: without --show-content not even stdout has the text; with it,
+    // stdout does (the operator asked) and the logs still do not.
+    let out = run_logged(
+        &["history", "--agent-id", &agent_s, "--database-url", &url],
+        None,
+        &mut logs,
+    );
+    assert!(out.status.success());
+    logs.push_str(&String::from_utf8_lossy(&out.stdout));
+    let out = run_logged(
+        &[
+            "history",
+            "--agent-id",
+            &agent_s,
+            "--show-content",
+            "--database-url",
+            &url,
+        ],
+        None,
+        &mut logs,
+    );
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(MARKER),
+        "--show-content prints the text"
+    );
+    // activate: roll back to the first version (published, seen by the
+    // subscriber), then an unknown version.
+    let out = run_logged(
+        &[
+            "activate",
+            "--version-id",
+            &v1,
+            "--database-url",
+            &url,
+            "--redis-url",
+            &redis_url,
+        ],
+        None,
+        &mut logs,
+    );
+    assert!(out.status.success());
+    logs.push_str(&String::from_utf8_lossy(&out.stdout));
+    control
+        .wait_for(&format!("/ibex/v1/invalidate/{agent}"), 2)
+        .await;
+    let (status, body) = http_json(&format!("{store_base}/v1/agents/{agent}/directive")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["content"], format!("{MARKER} one"));
+    assert_eq!(body["version_id"], v1);
+    let out = run_logged(
+        &[
+            "activate",
+            "--version-id",
+            &Uuid::new_v4().to_string(),
+            "--database-url",
+            &url,
+            "--no-publish",
+        ],
+        None,
+        &mut logs,
+    );
+    assert_eq!(out.status.code(), Some(1));
 
     let out = run_logged(
         &[
@@ -271,6 +336,15 @@ async fn content_and_token_never_appear_in_logs() {
         &mut logs,
     );
     assert_eq!(out.status.code(), Some(1));
+    for args in [
+        vec!["history", "--agent-id", &agent_s, "--show-content"],
+        vec!["activate", "--version-id", &v1, "--no-publish"],
+    ] {
+        let mut args = args;
+        args.extend(["--database-url", &url]);
+        let out = run_logged(&args, None, &mut logs);
+        assert_eq!(out.status.code(), Some(1), "{args:?} with Postgres down");
+    }
 
     assert!(
         sigterm_and_wait(&mut store).success(),
@@ -291,6 +365,8 @@ async fn content_and_token_never_appear_in_logs() {
     assert!(logs.contains("DEBUG"), "{logs}");
     assert!(logs.contains("lookup"), "{logs}");
     assert!(logs.contains("key lookup"), "{logs}");
+    assert!(logs.contains("history listed"), "{logs}");
+    assert!(logs.contains("directive version activated"), "{logs}");
     // ...but never the content, nor the control token.
     assert!(!logs.contains(MARKER), "content leaked into logs:\n{logs}");
     assert!(!logs.contains(TOKEN), "token leaked into logs:\n{logs}");

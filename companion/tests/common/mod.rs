@@ -453,6 +453,7 @@ pub const COMPANION_ENV: &[&str] = &[
     "IBEX_REST_ALLOW_ANY_SCRIPT",
     "IBEX_REST_REDIS_TIMEOUT_MS",
     "IBEX_REDIS_CA_FILE",
+    "IBEX_VERSION_ID",
 ];
 
 /// A command for the companion binary with a clean environment and debug logs.
