@@ -7,9 +7,10 @@
 //!   L1/L2 miss (SPEC §4).
 //! - [`subscribe`]: turns `PUBLISH ibex:directive:updates:{agent}` into a Redis
 //!   `DEL` plus a POST to every Envoy control listener.
-//! - [`admin`]: `set-directive`, `clear-directive` and `flush` for operators and
-//!   tests; `issue-key`, `revoke-key` and `list-keys` for gateway API keys
-//!   ([`keys`]: only their SHA-256 is ever stored, published or logged).
+//! - [`admin`]: `set-directive`, `clear-directive`, `history`, `activate` and
+//!   `flush` for operators and tests; `issue-key`, `revoke-key` and `list-keys`
+//!   for gateway API keys ([`keys`]: only their SHA-256 is ever stored,
+//!   published or logged).
 //! - [`migrate`]: the embedded schema migrations.
 //! - [`redis_conn`]: every Redis client's endpoint: `redis://`, or TLS
 //!   `rediss://` against the webpki roots or a private CA.
