@@ -65,6 +65,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use ibex_directive::agent::AgentId;
 use ibex_directive::apikey::KeyHash;
+use ibex_directive::audit::Version;
 use ibex_directive::config::Dialect;
 use ibex_directive::tiers::{
     parse_redis_get, parse_redis_key_get, parse_store, parse_store_key, redis_set_outcome, Answer,
@@ -181,7 +182,7 @@ fuzz_target!(|data: &[u8]| {
                 let expected = if content.is_empty() {
                     Answer::NoDirective
                 } else {
-                    Answer::Directive(content.into_owned().into())
+                    Answer::Directive(content.into_owned().into(), Version::Unknown)
                 };
                 assert_eq!(got, Ok(expected), "a well-formed store answer misread");
             }
@@ -334,9 +335,14 @@ fn check_redis_get(status: Option<u16>, body: &[u8]) -> Result<Answer, ()> {
         }
     };
     assert_eq!(got, expected, "Webdis answer misread");
-    if let Ok(Answer::Directive(text)) = &got {
+    if let Ok(Answer::Directive(text, version)) = &got {
         let text = text.expose();
-        let rebuilt = format!("${}\r\n{}\r\n", text.len(), text);
+        let mut value = String::new();
+        if let Version::Id(id) = version {
+            value = format!("\0v{}", id.hyphenated());
+        }
+        value.push_str(text);
+        let rebuilt = format!("${}\r\n{}\r\n", value.len(), value);
         assert_eq!(
             rebuilt.as_bytes(),
             body,
@@ -363,16 +369,31 @@ fn canonical_bulk(body: &[u8]) -> Option<&[u8]> {
     (end == b"\r\n").then_some(value)
 }
 
-/// What a Redis value means.
+/// What a Redis value means: `\0v` + a canonical version id + text is that text at
+/// that version; anything else starting with NUL a tombstone (no key); else the text
+/// of an unknown version.
 fn expected_value(value: &[u8]) -> Result<Answer, ()> {
-    if value.first() == Some(&0) {
-        return Ok(Answer::Unknown);
-    }
-    match std::str::from_utf8(value) {
+    let (version, text) = match value {
+        [0, b'v', rest @ ..]
+            if rest.len() >= 36
+                && std::str::from_utf8(&rest[..36]).is_ok_and(canonical_uuid) =>
+        {
+            let id = std::str::from_utf8(&rest[..36]).map_err(|_| ())?;
+            (version_of(id), &rest[36..])
+        }
+        [0, ..] => return Ok(Answer::Unknown),
+        _ => (Version::Unknown, value),
+    };
+    match std::str::from_utf8(text) {
         Ok("") => Ok(Answer::NoDirective),
-        Ok(text) if !text.contains('\0') => Ok(Answer::Directive(text.to_owned().into())),
+        Ok(t) if !t.contains('\0') => Ok(Answer::Directive(t.to_owned().into(), version)),
         _ => Err(()),
     }
+}
+
+/// A canonical version id as the filter's type (the reference checked the spelling).
+fn version_of(id: &str) -> Version {
+    Version::parse_canonical(id).expect("a canonical UUID")
 }
 
 /// Reads `body` as a store answer and checks it against the reference.
@@ -404,10 +425,22 @@ fn reference_store(body: &[u8]) -> Result<Answer, ()> {
     if value["agent_id"] != ASKED {
         return Err(());
     }
+    // `version_id`: optional, at most once, null or a canonical UUID.
+    let version = match keys.iter().filter(|k| k.as_str() == "version_id").count() {
+        0 => Version::Unknown,
+        1 => match &value["version_id"] {
+            Value::Null => Version::Unknown,
+            Value::String(id) if canonical_uuid(id) => version_of(id),
+            _ => return Err(()),
+        },
+        _ => return Err(()),
+    };
     match &value["content"] {
         Value::Null => Ok(Answer::NoDirective),
         Value::String(s) if s.is_empty() => Ok(Answer::NoDirective),
-        Value::String(s) if !s.contains('\0') => Ok(Answer::Directive(s.clone().into())),
+        Value::String(s) if !s.contains('\0') => {
+            Ok(Answer::Directive(s.clone().into(), version))
+        }
         _ => Err(()),
     }
 }
@@ -423,12 +456,16 @@ fn check_upstash(status: Option<u16>, body: &[u8]) {
     let got = parse_redis_get(Dialect::Upstash, &resp).map_err(|_| ());
     let expected = result.as_ref().ok_or(()).and_then(upstash_get);
     assert_eq!(got, expected, "Upstash GET answer misread");
-    if let Ok(Answer::Directive(text)) = &got {
+    if let Ok(Answer::Directive(text, version)) = &got {
         // The directive is exactly the bytes the result's base64 spells.
-        let text = text.expose();
+        let mut value = String::new();
+        if let Version::Id(id) = version {
+            value = format!("\0v{}", id.hyphenated());
+        }
+        value.push_str(text.expose());
         assert_eq!(
             result.as_ref().and_then(Value::as_str),
-            Some(STANDARD.encode(text.as_bytes()).as_str()),
+            Some(STANDARD.encode(value.as_bytes()).as_str()),
             "the directive is not the encoded bytes"
         );
     }
