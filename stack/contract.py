@@ -6,6 +6,7 @@ test that configures another header or prefix says so itself.
 """
 
 import hashlib
+import re
 
 AGENT_HEADER = "x-agent-id"
 """Request header naming the agent (filter `agent.header`)."""
@@ -21,6 +22,41 @@ FLUSH_MARKER = KEY_PREFIX + "__flush__"
 
 TOMBSTONE = "\x00"
 """Redis value the subscriber leaves for an updated agent: no fill from before may write back."""
+
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+"""A UUID in its one canonical spelling (agent and version ids as the filter writes them)."""
+
+VERSIONED_PREFIX = "\x00v"
+"""Start of a directive's Redis value that names its version (wire/src/lib.rs VERSIONED_PREFIX):
+NUL, `v`, the version id (canonical UUID, 36 characters), then the text. The filter writes
+every directive back so; a value without the prefix (older filters, other writers) is the
+text alone, of version `unknown` in the audit trail."""
+
+
+def directive_value(text, version_id):
+    """The Redis value of `text` at version `version_id`, as the filter writes it back."""
+    return VERSIONED_PREFIX + version_id + text
+
+
+def read_directive_value(value):
+    """(version id or None, text) of a directive's Redis value; None for a missing key or a
+    tombstone (anything else that starts with NUL), as the filter reads it."""
+    if value is None:
+        return None
+    if value.startswith(VERSIONED_PREFIX):
+        rest = value[len(VERSIONED_PREFIX):]
+        version, text = rest[:36], rest[36:]
+        return (version, text) if CANONICAL_UUID.fullmatch(version) else None
+    if value.startswith(TOMBSTONE):
+        return None
+    return None, value
+
+
+def stored_text(value):
+    """The directive text a Redis value holds, versioned or not; None for a missing key or a
+    tombstone."""
+    read = read_directive_value(value)
+    return None if read is None else read[1]
 
 UPDATES_CHANNEL = "ibex:directive:updates:"
 """Prefix of the pub/sub channel of one agent's updates (the agent id follows)."""

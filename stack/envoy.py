@@ -40,6 +40,10 @@ CONTROL_LISTENER = "ibex_control"
 WASM_FILTER = "envoy.filters.http.wasm"
 HCM = "envoy.filters.network.http_connection_manager"
 COUNTER_PREFIX = "ibex_directive."
+FILE_ACCESS_LOG = "envoy.access_loggers.file"
+ACCESS_LOG_NAME = "access.log"
+"""The data listener's access log (the audit trail, README) in an Envoy's log directory:
+`make run` .run/logs/access.log, a test stack its Envoy's directory."""
 
 
 def merge(base, overrides):
@@ -100,6 +104,18 @@ def set_filter_json(listener_config, value):
     wasm_plugin(listener_config)["configuration"]["value"] = json.dumps(value, indent=2)
 
 
+def file_access_logs(listener_config):
+    """The typed configs of the file access loggers of the listener's HTTP connection manager."""
+    return [log["typed_config"] for log in http_connection_manager(listener_config).get("access_log", [])
+            if log.get("name") == FILE_ACCESS_LOG]
+
+
+def set_access_log_path(listener_config, path):
+    """Point every file access logger of the listener's HTTP connection manager at `path`."""
+    for log in file_access_logs(listener_config):
+        log["path"] = str(path)
+
+
 def set_port(listener_config, port):
     listener_config["address"]["socket_address"]["port_value"] = port
 
@@ -141,7 +157,8 @@ def redis_front_config(front, token=None):
 
 def render_config(template, *, admin_port, data_port, control_port, upstream_port, redis_front_port, store_port,
                   wasm, redis_front=None, filter_config=None, filter_defaults=None, control_config=None,
-                  control_token=None, with_filter=True, cluster_ports=None, http_filters_before=None):
+                  control_token=None, with_filter=True, cluster_ports=None, http_filters_before=None,
+                  access_log_path=None):
     """A complete Envoy config for one stack; the template is not modified.
 
     Cluster `ibex_redis` points at `redis_front_port`, the L2 front (the REST front
@@ -154,6 +171,8 @@ def render_config(template, *, admin_port, data_port, control_port, upstream_por
     stack's ports are set (failure tests aim ibex_redis at a server that hangs).
     `http_filters_before` (a list of Envoy HTTP filter configs) goes into the data
     listener's chain just before the wasm filter (test_jwt puts jwt_authn there).
+    `access_log_path` replaces the path of the data listener's file access log (the
+    committed configs write the audit trail to /dev/stdout).
     """
     config = copy.deepcopy(template)
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
@@ -161,6 +180,8 @@ def render_config(template, *, admin_port, data_port, control_port, upstream_por
     control = listener(config, CONTROL_LISTENER)
     set_port(data, data_port)
     set_port(control, control_port)
+    if access_log_path is not None:
+        set_access_log_path(data, access_log_path)
     set_cluster_port(config, "llm_upstream", upstream_port)
     set_cluster_port(config, "ibex_redis", redis_front_port)
     set_cluster_port(config, "ibex_store", store_port)
@@ -185,8 +206,8 @@ def render_config(template, *, admin_port, data_port, control_port, upstream_por
 
 
 FILE_FLUSH_MS = 100
-"""How often Envoy writes its log files out (its default, 10 s, would leave the
-last lines of a test in memory)."""
+"""How often Envoy writes its log files out, access logs included (its default, 10 s,
+would leave the last lines of a test in memory)."""
 
 PATIENT_FILTER_CONFIG = {"redis": {"timeout_ms": 2000}, "store": {"timeout_ms": 5000}}
 """Callout timeouts of test stacks (`Stack(patient=True)`): a loaded 2-core
@@ -340,7 +361,28 @@ class Envoy(EnvoyProcess):
             filter_config=self.filter_config,
             control_config=self.control_config, control_token=self.control_token, with_filter=self.with_filter,
             cluster_ports=self.cluster_ports, http_filters_before=self.http_filters_before,
+            access_log_path=self.access_log_path,
         )
+
+    @property
+    def access_log_path(self):
+        """The data listener's access log, one JSON object a line (the audit trail):
+        ACCESS_LOG_NAME in the log directory. Envoy appends to it, so an Envoy
+        restarted on the same directory (`Stack.restart_envoy`) keeps the earlier lines;
+        it writes its lines out every FILE_FLUSH_MS (tests/helpers.py `access_log` polls)."""
+        return self.log_dir / ACCESS_LOG_NAME
+
+    def log_paths(self):
+        return [*super().log_paths(), self.access_log_path]
+
+    def access_log(self):
+        """The access log's complete lines so far, parsed (a line still being written is left
+        out); [] before Envoy wrote any."""
+        try:
+            text = self.access_log_path.read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
 
     def prepare(self):
         if self.with_filter:

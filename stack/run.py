@@ -8,7 +8,10 @@ writes .run/env; prints a curl to try; stops everything on Ctrl-C or SIGTERM.
 
 Envoy runs envoy/local.yaml (agent.source "header"), or the config named by
 IBEX_ENVOY_CONFIG, e.g. one of envoy/examples/ (api_key.yaml, jwt.yaml,
-header.yaml); the hint it prints fits that config's agent source.
+header.yaml); the hint it prints fits that config's agent source. Its access
+log, the audit trail (one JSON line per request: agent, directive version, tier,
+outcome), goes to .run/logs/access.log (the committed configs say /dev/stdout;
+the harness points the data listener's file access log at its log directory).
 
 The control listener's bearer token is .run/control-token (mode 0600), made
 on the first run and kept: Envoy's config and the subscriber get it, nothing
@@ -283,6 +286,7 @@ missing_agent_id; no valid token, 401 from jwt_authn.
   . .run/env
   {chat} -H "{AGENT_HEADER}: $IBEX_DEMO_AGENT_ID" -d {CHAT_BODY}
   {received}
+  tail -n 1 {relative(LOG_DIR)}/access.log   # its audit line: agent, directive_version, tier, outcome
 
 A request without {AGENT_HEADER} gets 401 missing_agent_id (agent.missing "reject").
 {others}"""
@@ -334,6 +338,7 @@ ibex-directive is up in {seconds:.1f}s (Ctrl-C stops everything)
 {l2_front_line(stack)}
   envoy config   {relative(template)}
   logs           {LOG_DIR}/
+  access log     {stack.access_log_path}   (the audit trail: one JSON line per request)
   environment    {ENV_FILE}
 
 {try_it(agent_source(template), template)}

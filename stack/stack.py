@@ -235,6 +235,17 @@ class Stack:
     def gateway_url(self):
         return self.envoy.url
 
+    @property
+    def access_log_path(self):
+        """The data listener's JSON access log (the audit trail): `access.log` in Envoy's log
+        directory (make run: .run/logs/access.log). Kept over `restart_envoy`: every Envoy
+        of the stack appends to it."""
+        return self.envoy.access_log_path
+
+    def access_log(self):
+        """Its complete lines so far, parsed (tests/helpers.py `access_log_lines` polls)."""
+        return self.envoy.access_log()
+
     def control_headers(self):
         """Headers that authorise a request to the control listener (its bearer token)."""
         return {"authorization": f"Bearer {self.control_token}"}

@@ -70,6 +70,60 @@ def tier(received):
     return received.header(TIER_HEADER)
 
 
+# ---------------------------------------------------------------- the audit trail (access log)
+
+AUDIT_FIELDS = ("agent_id", "directive_version", "tier", "outcome")
+"""What the filter records per request (filter state wasm.ibex.*) and the committed configs log."""
+ACCESS_LOG_FIELDS = ("time", "request_id", "method", "path", "status", "duration_ms", *AUDIT_FIELDS)
+"""Every field of a line of the committed configs' access log."""
+
+
+def new_request_id():
+    """A request id no other request has (sent as `x-request-id`, which Envoy keeps and logs)."""
+    return "audit-" + uuid.uuid4().hex
+
+
+def access_log_lines(stack, at_least=1, timeout=15):
+    """The data listener's access log, parsed, once it has at least `at_least` complete lines.
+
+    Envoy writes its access log out every --file-flush-interval-msec (stack/envoy.py
+    FILE_FLUSH_MS), so lines show up a little after their requests ended: this polls."""
+    def enough():
+        lines = stack.access_log()
+        return lines if len(lines) >= at_least else None
+
+    return wait_until(enough, timeout=timeout, what=f"{at_least} lines in {stack.access_log_path}")
+
+
+def access_log_for(stack, *request_ids, timeout=15):
+    """{request id: [its access log lines]} once every one of `request_ids` has a line.
+
+    Envoy logs a request once, when its stream ends, so a second line of the same
+    request would have been written with the first; the caller checks there is one."""
+    wanted = set(request_ids)
+
+    def found():
+        lines = {rid: [] for rid in request_ids}
+        for line in stack.access_log():
+            if line.get("request_id") in wanted:
+                lines[line["request_id"]].append(line)
+        return lines if all(lines.values()) else None
+
+    return wait_until(found, timeout=timeout, what=f"access log lines of {sorted(wanted)} in {stack.access_log_path}")
+
+
+def audit_line(stack, request_id, timeout=15):
+    """The one access log line of the request sent with `x-request-id: request_id`."""
+    lines = access_log_for(stack, request_id, timeout=timeout)[request_id]
+    assert len(lines) == 1, f"{len(lines)} access log lines for request {request_id}: {lines}"
+    return lines[0]
+
+
+def audit_fields(line):
+    """(agent_id, directive_version, tier, outcome) of an access log line."""
+    return tuple(line[name] for name in AUDIT_FIELDS)
+
+
 def error_code(response):
     """`error.code` of an OpenAI-style local reply."""
     return response.json()["error"]["code"]

@@ -14,9 +14,11 @@ import pytest
 import yaml
 
 from stack import paths
+from helpers import ACCESS_LOG_FIELDS
 from stack.envoy import (
     CONTROL_LISTENER,
     DATA_LISTENER,
+    file_access_logs,
     filter_json,
     http_connection_manager,
     listener,
@@ -27,6 +29,22 @@ from stack.envoy import (
 )
 
 CONFIGS = sorted(paths.ENVOY_DIR.glob("*.yaml"))
+EVERY_CONFIG = CONFIGS + sorted((paths.ENVOY_DIR / "examples").glob("*.yaml"))
+ACCESS_LOG_FORMAT = {
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%PATH(NQ)%",
+    "status": "%RESPONSE_CODE%",
+    "duration_ms": "%DURATION%",
+    "agent_id": "%FILTER_STATE(wasm.ibex.agent_id:PLAIN)%",
+    "directive_version": "%FILTER_STATE(wasm.ibex.directive_version:PLAIN)%",
+    "tier": "%FILTER_STATE(wasm.ibex.tier:PLAIN)%",
+    "outcome": "%FILTER_STATE(wasm.ibex.outcome:PLAIN)%",
+}
+"""The audit trail's access log line (README, Audit trail): the filter's filter state
+printed PLAIN (the bare string; TYPED and no format print a BytesValue), the path without
+its query string (a client may put a credential there)."""
 TOKEN_PLACEHOLDER = "${IBEX_CONTROL_TOKEN}"
 REST_TOKEN_PLACEHOLDER = "${IBEX_REDIS_REST_TOKEN}"
 COMPOSE_ENTRYPOINT = paths.ENVOY_DIR / "compose-entrypoint.sh"
@@ -103,6 +121,26 @@ def test_config_has_safe_defaults(config):
     assert data_json["redis"]["token"] == REST_TOKEN_PLACEHOLDER
 
 
+def config_id(path):
+    return str(path.relative_to(paths.ENVOY_DIR))
+
+
+@pytest.mark.parametrize("config", EVERY_CONFIG, ids=config_id)
+def test_config_writes_the_audit_trail(config):
+    """Every committed config, the examples too, logs one JSON line per request on the data
+    listener with the audit fields (SPEC §7), to stdout (the harness and make run point it at a
+    file); the control listener logs nothing."""
+    data = load_template(config)
+    hcm = http_connection_manager(listener(data, DATA_LISTENER))
+    [log] = hcm["access_log"]
+    assert log["name"] == "envoy.access_loggers.file"
+    assert log["typed_config"]["path"] == "/dev/stdout"
+    assert log["typed_config"]["log_format"] == {"json_format": ACCESS_LOG_FORMAT}
+    assert log.get("filter") is None, "every request is logged"
+    assert "access_log" not in http_connection_manager(listener(data, CONTROL_LISTENER))
+    assert ACCESS_LOG_FIELDS == tuple(ACCESS_LOG_FORMAT)
+
+
 @pytest.mark.parametrize("front", ["rest", "webdis"])
 def test_rendered_test_config_validates(tmp_path, front):
     """The config the harness writes for a test stack (ports, overrides) loads too."""
@@ -111,7 +149,10 @@ def test_rendered_test_config_validates(tmp_path, front):
         load_template(), admin_port=1, data_port=2, control_port=3, upstream_port=4, redis_front_port=5,
         store_port=6, wasm=paths.wasm_path(), redis_front=redis_front_config(front, secrets.token_urlsafe(32)),
         filter_config={"cache": {"ttl_seconds": 1}, "agent": {"missing": "reject"}, "failure_mode": "open"},
+        access_log_path=tmp_path / "access.log",
     )
+    assert [log["path"] for log in file_access_logs(listener(rendered, DATA_LISTENER))] == [
+        str(tmp_path / "access.log")]
     data_json = filter_json(listener(rendered, DATA_LISTENER))
     assert data_json["redis"]["dialect"] == {"rest": "upstash", "webdis": "webdis"}[front]
     assert ("token" in data_json["redis"]) == (front == "rest")

@@ -17,6 +17,10 @@ request headers at debug level.
 The logs are read only once every part has stopped, so that each has written
 out all it had (Envoy buffers its log file; the harness also has it flushed
 every 100 ms): Envoy's log must hold its server's last line, `exiting`.
+
+Envoy's access log (the audit trail, README) is one of those logs: it must hold a
+line for every request sent here, the injected ones with the directive's version id,
+and never the text.
 """
 
 import re
@@ -24,10 +28,11 @@ import uuid
 
 import requests
 
-from helpers import CHAT, MESSAGES, RESPONSES, agent_with, bearer, chat_body, new_agent, send
+from helpers import CHAT, MESSAGES, RESPONSES, agent_with, bearer, chat_body, new_agent, new_request_id, send
 from stack import Stack, wait_until
-from stack.contract import (AGENT_HEADER, FLUSH_MARKER, INVALIDATE_KEY_PATH, TIER_HEADER, agent_key_redis_key,
-                            key_sha256, redis_key)
+from stack.contract import (AGENT_HEADER, FLUSH_MARKER, INVALIDATE_KEY_PATH, TIER_HEADER, TOMBSTONE,
+                            agent_key_redis_key, key_sha256, read_directive_value, redis_key)
+from stack.envoy import ACCESS_LOG_NAME
 from stack.envoy import merge
 
 LOG_LEVELS = {"envoy": "debug", "companion": "debug", "webdis": 8}
@@ -47,13 +52,22 @@ def test_directive_text_is_in_no_log(stack, upstream):
 def directive_goes_everywhere_and_no_log_holds_it(stack, upstream):
     """The directive through every path, then every log of the stopped stack read
     (test_webdis.py runs it on a Webdis stack)."""
-    agent = agent_with(stack, DIRECTIVE)
+    agent = new_agent()
+    version = stack.set_directive(agent, DIRECTIVE, publish=False).strip()
+    sent = []  # request ids, each in the access log once
+
+    def through(path, body, who=agent, method="POST"):
+        request_id = new_request_id()
+        sent.append(request_id)
+        return send(stack, path, body, agent=who, headers={"x-request-id": request_id}, method=method).status_code
+
     # L3 → write back → L1
-    assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
-    wait_until(lambda: stack.redis.get(redis_key(agent)) == DIRECTIVE, what="the L2 write-back")
-    assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
-    assert send(stack, RESPONSES, b'{"model":"m","input":"x"}', agent=agent).status_code == 200
-    assert send(stack, MESSAGES, b'{"model":"m","max_tokens":5,"messages":[]}', agent=agent).status_code == 200
+    assert through(CHAT, chat_body()) == 200
+    wait_until(lambda: read_directive_value(stack.redis.get(redis_key(agent))) == (version, DIRECTIVE),
+               what="the L2 write-back")
+    assert through(CHAT, chat_body()) == 200
+    assert through(RESPONSES, b'{"model":"m","input":"x"}') == 200
+    assert through(MESSAGES, b'{"model":"m","max_tokens":5,"messages":[]}') == 200
     # the directive did reach the model, so the logs had their chance
     assert CANARY in upstream.last().text
     # the provider learns neither the agent nor the tier that answered
@@ -61,16 +75,16 @@ def directive_goes_everywhere_and_no_log_holds_it(stack, upstream):
     for received in upstream.received():
         assert received.header(AGENT_HEADER) is None, "the agent header reached the upstream"
         assert received.header(TIER_HEADER) is None, "the debug header reached the upstream"
-    # L2 only: another agent whose entry only Redis holds
+    # L2 only: another agent whose entry only Redis holds (as an older filter wrote it)
     other = new_agent()
     stack.redis.command_call("SET", redis_key(other), DIRECTIVE, "EX", 300)
-    assert send(stack, CHAT, chat_body(), agent=other).status_code == 200
+    assert through(CHAT, chat_body(), who=other) == 200
     # update and invalidation through the subscriber
     stack.set_directive(agent, DIRECTIVE + " v2")
-    wait_until(lambda: stack.redis.get(redis_key(agent)) != DIRECTIVE, what="the subscriber's delete")
+    wait_until(lambda: stack.redis.get(redis_key(agent)) in (None, TOMBSTONE), what="the subscriber's delete")
     # local replies
-    send(stack, CHAT, b"{broken", agent=agent)
-    send(stack, CHAT, chat_body(), agent="nope")
+    through(CHAT, b"{broken")
+    through(CHAT, chat_body(), who="nope")
     stack.store.directive(agent)
 
     # the subscriber's invalidations went through, so it did present the token
@@ -97,6 +111,15 @@ def directive_goes_everywhere_and_no_log_holds_it(stack, upstream):
     assert SHUTDOWN.search(envoy_log), "Envoy's log was read before Envoy wrote its end"
     l2_log = next(path for path in logs if path.name == l2_log_name).read_text(errors="replace")
     assert l2_marker in l2_log, f"{l2_log_name} shows nothing at debug level"
+    # the access log was among the logs searched, and it recorded every request
+    assert stack.access_log_path in logs, [str(path) for path in logs]
+    assert stack.access_log_path.name == ACCESS_LOG_NAME
+    lines = stack.access_log()
+    logged = {line["request_id"]: line for line in lines}
+    assert set(sent) <= set(logged), "a request is missing from the access log"
+    injected = [logged[rid] for rid in sent if logged[rid]["outcome"] == "injected"]
+    assert len(injected) == 5, [logged[rid] for rid in sent]
+    assert {line["directive_version"] for line in injected} == {version, "unknown"}
 
 
 # -- gateway API keys (agent.source "api_key") ------------------------------------

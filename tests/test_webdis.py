@@ -16,7 +16,7 @@ import requests
 from helpers import (CHAT, TRICKY_DIRECTIVE, agent_with, assert_chat_injected, assert_injected, chat_body, new_agent,
                      send, tier)
 from stack import Stack, wait_until
-from stack.contract import FLUSH_MARKER, INVALIDATE_PATH, TOMBSTONE, redis_key
+from stack.contract import FLUSH_MARKER, INVALIDATE_PATH, TOMBSTONE, redis_key, stored_text
 from test_failures import (  # noqa: F401 - collected here, on this module's Webdis stack
     parts_back,
     test_expired_entry_is_served_stale_while_redis_and_store_fail,
@@ -47,7 +47,8 @@ def test_every_tier_through_webdis(stack, upstream):
     assert send(stack, CHAT, body, agent=agent).status_code == 200
     assert tier(upstream.last()) == "store"
     assert_chat_injected(body, upstream.last().body, TRICKY_DIRECTIVE)
-    wait_until(lambda: stack.redis.get(redis_key(agent)) == TRICKY_DIRECTIVE, what="the write-back through Webdis")
+    wait_until(lambda: stored_text(stack.redis.get(redis_key(agent))) == TRICKY_DIRECTIVE,
+               what="the write-back through Webdis")
     assert 0 < stack.redis.ttl(redis_key(agent)) <= 60
     # L1
     upstream.clear()
@@ -76,7 +77,8 @@ def test_an_awkward_64_kb_directive_that_only_redis_holds_comes_through_webdis_b
 def test_an_update_reaches_the_next_request_through_webdis(stack, upstream):
     agent = agent_with(stack, "Before the update.")
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
-    wait_until(lambda: stack.redis.get(redis_key(agent)) == "Before the update.", what="the write-back")
+    wait_until(lambda: stored_text(stack.redis.get(redis_key(agent))) == "Before the update.",
+               what="the write-back")
     stack.set_directive(agent, "After the update.")  # returns once the subscriber settled it
     assert stack.redis.get(redis_key(agent)) == TOMBSTONE
     upstream.clear()
