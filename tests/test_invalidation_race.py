@@ -198,7 +198,9 @@ def test_write_back_outcome_is_counted_after_its_request_ended(stack, upstream, 
     """Redis holds the write-back's EVAL until the request is long over; its
     answer (refused: the flush marker exists) must still be counted. Redis stops
     running writes (CLIENT PAUSE WRITE, which holds every EVAL) only once the fill's
-    L2 read is done and its store lookup waits at the gate."""
+    L2 read is done and its store lookup waits at the gate. A new Envoy: no write-back
+    of an earlier test may still be on its way."""
+    stack.restart_envoy()  # no write-back of an earlier test still in flight to move the counters
     agent = agent_with(stack, "Written back after the request ended.")
     stack.redis.command_call("SET", FLUSH_MARKER, TOMBSTONE, "EX", 300)  # the EVAL will refuse to write
     counters = stack.envoy.counters()
