@@ -236,8 +236,9 @@ def write_env_file(stack):
         "IBEX_DEMO_AGENT_ID": DEMO_AGENT_ID,
     }
     if stack.l2_part == "rest":
+        # The tokens themselves, not also their files: `ibex-companion rest` refuses
+        # both a token and a token file, and a shell that sourced this may start one.
         values.update({"IBEX_REDIS_REST_URL": stack.rest.url, "IBEX_REDIS_REST_TOKEN": stack.rest_token,
-                       "IBEX_REDIS_REST_TOKEN_FILE": REST_TOKEN_FILE,
                        "IBEX_REDIS_REST_ADMIN_TOKEN": stack.rest_admin_token})
     else:
         values["IBEX_WEBDIS_URL"] = stack.webdis.url
