@@ -8,6 +8,7 @@ through the environment, which the companion's CLI reads.
 import json
 import os
 import re
+import secrets
 import subprocess
 import tempfile
 import urllib.error
@@ -15,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from stack import paths
-from stack.contract import REST_TOKEN_ENV
+from stack.contract import REST_ADMIN_TOKEN_ENV, REST_TOKEN_ENV
 from stack.ports import http_status
 from stack.process import PortProcess
 
@@ -253,26 +254,39 @@ class RestFront(_CompanionServer):
     keep-alive, bearer token), on 127.0.0.1:`port` in front of `redis_url`.
 
     Ready once `/readyz` answers 200, which the front does only while Redis answers
-    PING (`/healthz` answers as soon as it listens, Redis or not). `token` reaches it as
-    IBEX_REDIS_REST_TOKEN, never on its command line, which any local user can read;
-    nothing here logs it. `call(*command)` and `pipeline(*commands)` speak the REST
-    API as a client would (`{"result": …}` / `{"error": …}`).
+    PING (`/healthz` answers as soon as it listens, Redis or not).
+
+    Two tokens, as `companion rest` takes them: `token` is the filter's (Envoy's
+    `redis.token`: PING, GET and EVAL of the filter's scripts on `directive:…` and
+    `agent_key:…` keys, nothing else), `admin_token` the operators' (GET, SET with EX,
+    DEL, PING and the filter's scripts on any key), a new random one unless given; it
+    must differ from `token`. They reach the front as IBEX_REDIS_REST_TOKEN and
+    IBEX_REDIS_REST_ADMIN_TOKEN, never on its command line, which any local user can
+    read; nothing here logs them. `call(*command)` and `pipeline(*commands)` speak the
+    REST API as a client would (`{"result": …}` / `{"error": …}`), with the filter's
+    token unless given `token=` (`token=front.admin_token` for what only operators run).
     """
 
     name = "rest"
     health_path = "/readyz"
     TOKEN_ENV = REST_TOKEN_ENV
+    ADMIN_TOKEN_ENV = REST_ADMIN_TOKEN_ENV
 
-    def __init__(self, directory, port, redis_url, token, **kwargs):
+    def __init__(self, directory, port, redis_url, token, admin_token=None, **kwargs):
         super().__init__(directory, port, **kwargs)
         self.redis_url = redis_url
         self.token = token
+        self.admin_token = admin_token or secrets.token_urlsafe(32)
+        if self.admin_token == self.token:
+            raise ValueError("the REST front's admin token must differ from its filter token")
 
     def environment(self):
         env = super().environment()
-        for name in (self.TOKEN_ENV, self.TOKEN_ENV + "_FILE"):  # never one inherited from the harness
+        for name in (self.TOKEN_ENV, self.ADMIN_TOKEN_ENV):  # never one inherited from the harness
             env.pop(name, None)
+            env.pop(name + "_FILE", None)
         env[self.TOKEN_ENV] = self.token
+        env[self.ADMIN_TOKEN_ENV] = self.admin_token
         return env
 
     def command(self):
@@ -304,12 +318,14 @@ class RestFront(_CompanionServer):
         except ValueError:
             return status, data.decode(errors="replace")
 
-    def call(self, *command, base64=False):
-        """One command (`POST /` with a JSON array); (status, answer). With `base64`, the
-        front encodes every string of the result (`Upstash-Encoding: base64`)."""
+    def call(self, *command, base64=False, token=None):
+        """One command (`POST /` with a JSON array) with the filter's token (or `token`);
+        (status, answer). With `base64`, the front encodes every string of the result
+        (`Upstash-Encoding: base64`)."""
         headers = {"upstash-encoding": "base64"} if base64 else None
-        return self.post("/", json.dumps([str(part) for part in command]).encode(), headers=headers)
+        return self.post("/", json.dumps([str(part) for part in command]).encode(), headers=headers, token=token)
 
-    def pipeline(self, *commands):
-        """`POST /pipeline` of several commands; (status, [answer, …])."""
-        return self.post("/pipeline", json.dumps([[str(p) for p in c] for c in commands]).encode())
+    def pipeline(self, *commands, token=None):
+        """`POST /pipeline` of several commands with the filter's token (or `token`);
+        (status, [answer, …])."""
+        return self.post("/pipeline", json.dumps([[str(p) for p in c] for c in commands]).encode(), token=token)

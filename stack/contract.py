@@ -85,7 +85,13 @@ FILTER_SCRIPTS = (SET_IF_ABSENT_SCRIPT, GET_WITH_PTTL_SCRIPT, GET_SCRIPT)
 """Every script the filter sends through EVAL: the only ones the REST front runs by default."""
 
 REST_TOKEN_ENV = "IBEX_REDIS_REST_TOKEN"
-"""Environment variable of the REST front's bearer token (`companion rest`, .run/env)."""
+"""Environment variable of the REST front's filter token (`companion rest --token`, .run/env):
+Envoy's `redis.token`, which runs only PING, GET and EVAL of FILTER_SCRIPTS on the filter's keys."""
+
+REST_ADMIN_TOKEN_ENV = "IBEX_REDIS_REST_ADMIN_TOKEN"
+"""Environment variable of the REST front's admin token (`companion rest --admin-token`, .run/env):
+the operators' and SDKs' (GET, SET with EX, DEL, PING, EVAL of FILTER_SCRIPTS, on any key);
+it must differ from the filter token."""
 
 
 def redis_key(agent):

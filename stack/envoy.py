@@ -347,9 +347,11 @@ class Envoy(EnvoyProcess):
         env = super().environment()
         if "IBEX_DIRECTIVE_CACHE_TTL" not in self.extra_env:
             env.pop("IBEX_DIRECTIVE_CACHE_TTL", None)
-        # the tokens are in the config; nothing in Envoy reads these
-        env.pop("IBEX_CONTROL_TOKEN", None)
-        env.pop("IBEX_REDIS_REST_TOKEN", None)
+        # the tokens are in the config; nothing in Envoy reads these, and the REST
+        # front's admin token (.run/env exports it) is no business of Envoy's
+        for name in ("IBEX_CONTROL_TOKEN", "IBEX_REDIS_REST_TOKEN", "IBEX_REDIS_REST_TOKEN_FILE",
+                     "IBEX_REDIS_REST_ADMIN_TOKEN", "IBEX_REDIS_REST_ADMIN_TOKEN_FILE"):
+            env.pop(name, None)
         return env
 
     def render(self):

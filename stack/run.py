@@ -15,9 +15,13 @@ the harness points the data listener's file access log at its log directory).
 
 The control listener's bearer token is .run/control-token (mode 0600), made
 on the first run and kept: Envoy's config and the subscriber get it, nothing
-prints it. The REST front's token is .run/rest-token, made and kept the same
-way: the front and Envoy's config get it, and .run/env (mode 0600) exports it
-as IBEX_REDIS_REST_TOKEN for clients of the front (an Upstash SDK, curl).
+prints it. The REST front has two tokens, made and kept the same way: the
+filter's in .run/rest-token (the front and Envoy's config get it; it runs only
+what the filter sends: PING, GET and the filter's EVAL scripts on directive:/
+agent_key: keys) and the operators' in .run/rest-admin-token (the front only;
+GET, SET with EX, DEL on any key). .run/env (mode 0600) exports them as
+IBEX_REDIS_REST_TOKEN and IBEX_REDIS_REST_ADMIN_TOKEN; clients of the front (an
+Upstash SDK, curl) use the admin token.
 
 Run it through `make run`, which installs and builds what is missing first.
 """
@@ -45,6 +49,7 @@ LOG_DIR = RUN_DIR / "logs"
 ENV_FILE = RUN_DIR / "env"
 TOKEN_FILE = RUN_DIR / "control-token"
 REST_TOKEN_FILE = RUN_DIR / "rest-token"
+REST_ADMIN_TOKEN_FILE = RUN_DIR / "rest-admin-token"
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9._~+/=-]{32,}")
 
 DEMO_AGENT_ID = "00000000-0000-4000-8000-00000000d0d0"
@@ -172,8 +177,9 @@ def clean_stale_pid_files():
         pid_file.unlink()
 
 
-def kept_token(path, what):
-    """The token in `path`, made (random, mode 0600) when missing or unusable.
+def kept_token(path, what, unlike=None):
+    """The token in `path`, made (random, mode 0600) when missing or unusable
+    (or equal to `unlike`, a token it must differ from).
 
     A file someone else could read is narrowed to 0600 before it is used.
     """
@@ -181,7 +187,7 @@ def kept_token(path, what):
         token = path.read_text().strip()
     except FileNotFoundError:
         token = ""
-    if TOKEN_SHAPE.fullmatch(token):
+    if TOKEN_SHAPE.fullmatch(token) and token != unlike:
         os.chmod(path, 0o600)
         return token
     token = secrets.token_urlsafe(32)
@@ -199,8 +205,13 @@ def control_token():
 
 
 def rest_token():
-    """The REST front's token (REST_TOKEN_FILE)."""
+    """The REST front's filter token (REST_TOKEN_FILE): Envoy's redis.token."""
     return kept_token(REST_TOKEN_FILE, "REST front token")
+
+
+def rest_admin_token(filter_token):
+    """The REST front's admin token (REST_ADMIN_TOKEN_FILE), never the filter's."""
+    return kept_token(REST_ADMIN_TOKEN_FILE, "REST front admin token", unlike=filter_token)
 
 
 def ensure_demo_agent(stack):
@@ -214,7 +225,7 @@ def ensure_demo_agent(stack):
 
 
 def write_env_file(stack):
-    """.run/env (mode 0600: it holds the REST front's token): shell exports of every
+    """.run/env (mode 0600: it holds the REST front's tokens): shell exports of every
     URL of the running stack."""
     values = {
         "IBEX_GATEWAY_URL": stack.envoy.url,
@@ -228,8 +239,10 @@ def write_env_file(stack):
         "IBEX_DEMO_AGENT_ID": DEMO_AGENT_ID,
     }
     if stack.l2_part == "rest":
+        # The tokens themselves, not also their files: `ibex-companion rest` refuses
+        # both a token and a token file, and a shell that sourced this may start one.
         values.update({"IBEX_REDIS_REST_URL": stack.rest.url, "IBEX_REDIS_REST_TOKEN": stack.rest_token,
-                       "IBEX_REDIS_REST_TOKEN_FILE": REST_TOKEN_FILE})
+                       "IBEX_REDIS_REST_ADMIN_TOKEN": stack.rest_admin_token})
     else:
         values["IBEX_WEBDIS_URL"] = stack.webdis.url
     lines = ["# written by `make run`; source it: . .run/env"]
@@ -295,8 +308,9 @@ A request without {AGENT_HEADER} gets 401 missing_agent_id (agent.missing "rejec
 def l2_front_line(stack):
     """The banner's line about the L2 front."""
     if stack.l2_part == "rest":
-        return (f"  redis front    {stack.rest.url}   (REST front, the Upstash REST API; "
-                f"token in {REST_TOKEN_FILE.relative_to(paths.REPO)})")
+        return (f"  redis front    {stack.rest.url}   (REST front, the Upstash REST API; filter token in "
+                f"{REST_TOKEN_FILE.relative_to(paths.REPO)}, admin token in "
+                f"{REST_ADMIN_TOKEN_FILE.relative_to(paths.REPO)})")
     return f"  redis front    {stack.webdis.url}   (Webdis, IBEX_L2=webdis)"
 
 
@@ -308,17 +322,20 @@ def l2_hint(stack):
   curl -s $IBEX_WEBDIS_URL/GET/{key}
 Without IBEX_L2, make run runs the REST front (companion rest) instead.
 """
-    auth = '-H "authorization: Bearer $IBEX_REDIS_REST_TOKEN"'
+    auth = '-H "authorization: Bearer $IBEX_REDIS_REST_ADMIN_TOKEN"'
     return f"""L2 is the REST front of Redis (ibex-companion rest, the Upstash REST API; the filter's
-redis.dialect "upstash"). Any Upstash client speaks to it with the token:
+redis.dialect "upstash"). Envoy has the filter token ($IBEX_REDIS_REST_TOKEN: PING, GET and the
+filter's scripts on directive:/agent_key: keys, no SET or DEL); any Upstash client speaks to it
+with the admin token:
 
   . .run/env
   curl -s $IBEX_REDIS_REST_URL {auth} -d '["SET","hello","world","EX","60"]'
   curl -s $IBEX_REDIS_REST_URL/get/hello {auth}
   curl -s $IBEX_REDIS_REST_URL/get/{key} {auth}   # null until a fill wrote it back
-  python: upstash_redis.Redis(url=os.environ["IBEX_REDIS_REST_URL"], token=os.environ["IBEX_REDIS_REST_TOKEN"])
+  python: upstash_redis.Redis(url=os.environ["IBEX_REDIS_REST_URL"], token=os.environ["IBEX_REDIS_REST_ADMIN_TOKEN"])
 
-A request without the token gets 401, a command the filter does not use (FLUSHALL, KEYS…) 403.
+A request without a token gets 401, a command outside the front's list (FLUSHALL, KEYS…) 403,
+and so does a SET, a DEL or another key with the filter token.
 IBEX_L2=webdis make run runs Webdis in its place.
 """
 
@@ -377,9 +394,10 @@ def main():
     # examples/api_key.yaml sends the upstream this instead of the client's gateway key
     envoy_env["IBEX_PROVIDER_API_KEY"] = os.environ.get("IBEX_PROVIDER_API_KEY") or DEMO_PROVIDER_KEY
     template = envoy_template()
+    filter_token = rest_token()
     stack = Stack(RUN_DIR, ports=ports, pg_dir=RUN_DIR / "pg", fast_pg=False, pid_dir=PID_DIR, log_dir=LOG_DIR,
                   envoy_env=envoy_env, concurrency=2, control_token=control_token(), envoy_template=template,
-                  l2=l2, rest_token=rest_token())
+                  l2=l2, rest_token=filter_token, rest_admin_token=rest_admin_token(filter_token))
     started = time.monotonic()
     code = 0
     try:

@@ -59,8 +59,13 @@ class Stack:
     l2               the L2 front: "rest" (default: `companion rest`, filter dialect "upstash",
                      with the stack's `rest_token`) or "webdis" (dialect "webdis"); the part's
                      name is `l2_part`, so `stack.stop(stack.l2_part)` stops whichever runs
-    rest_token       the REST front's bearer token; default a new random one (make run passes
-                     its own); never logged
+    rest_token       the REST front's filter token (Envoy's `redis.token`: PING, GET and the
+                     filter's EVAL scripts on the filter's keys only); default a new random one
+                     (make run passes its own); never logged
+    rest_admin_token the REST front's admin token (the operators' and SDKs': GET, SET with EX,
+                     DEL and the filter's scripts on any key); default a new random one, which
+                     must differ from rest_token (make run passes its own); Envoy never gets
+                     it; never logged
     log_levels       {"envoy": "info", "companion": "info", "webdis": 3} (the REST front logs at
                      the companion's level)
     patient          callout timeouts that hold on a loaded machine (PATIENT_FILTER_CONFIG
@@ -82,7 +87,8 @@ class Stack:
     def __init__(self, directory, *, ports=None, filter_config=None, control_config=None, envoy_env=None,
                  parts=ORDER, pg_dir=None, fast_pg=True, pid_dir=None, log_dir=None, concurrency=2,
                  log_levels=None, patient=False, debug_headers=False, control_token=None,
-                 http_filters_before=None, envoy_template=None, l2="rest", rest_token=None):
+                 http_filters_before=None, envoy_template=None, l2="rest", rest_token=None,
+                 rest_admin_token=None):
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = allocate_ports(ports, self.PORT_NAMES)
@@ -99,7 +105,8 @@ class Stack:
         self.redis = Redis(self.dir / "redis", p["redis"], **common)
         self.rest_token = rest_token or secrets.token_urlsafe(32)
         self.rest = RestFront(self.dir / "rest", p["rest"], self.redis.url, self.rest_token,
-                              log_level=levels["companion"], **common)
+                              admin_token=rest_admin_token, log_level=levels["companion"], **common)
+        self.rest_admin_token = self.rest.admin_token  # the front's SET/DEL token; Envoy keeps rest_token
         self.webdis = Webdis(self.dir / "webdis", p["webdis"], p["redis"], verbosity=levels["webdis"], **common)
         self.store = Store(self.dir / "store", p["store"], self.postgres.url, log_level=levels["companion"],
                            env=PATIENT_STORE_ENV if patient else None, **common)

@@ -217,6 +217,12 @@ def test_docker_compose_matches_its_envoy_config():
         assert services[name]["environment"]["IBEX_REDIS_REST_TOKEN"].startswith("${IBEX_REDIS_REST_TOKEN:?"), name
     assert [n for n, s in services.items() if "IBEX_REDIS_REST_TOKEN" in (s.get("environment") or {})] == \
         ["rest", "envoy"]
+    # the front's admin token (the operators') is optional, passed through from compose's
+    # environment when set (a key without a value: left out when unset, where an empty
+    # value would stop the front), and reaches the front only, never Envoy
+    assert services["rest"]["environment"]["IBEX_REDIS_REST_ADMIN_TOKEN"] is None
+    assert [n for n, s in services.items()
+            if any(k.startswith("IBEX_REDIS_REST_ADMIN_TOKEN") for k in (s.get("environment") or {}))] == ["rest"]
     # the L2 front is the REST front, on the port the ibex_redis cluster names, in front of the redis service
     rest = services["rest"]["command"]
     assert rest[0] == "rest" and rest[rest.index("--listen") + 1] == f"0.0.0.0:{expected_ports['rest']}"

@@ -63,19 +63,28 @@ def test_postgres_directory_is_reused(tmp_path):
     assert (tmp_path / "pg" / "initdb.log").read_text() == initdb_log  # no second initdb
 
 
-def test_a_stack_runs_one_l2_front_and_its_token_is_on_no_command_line(tmp_path):
+def test_a_stack_runs_one_l2_front_and_its_tokens_are_on_no_command_line(tmp_path):
     """`parts` naming both fronts starts only the stack's (the REST front by default);
-    the REST front's token reaches it through its environment, never argv, and it
-    answers only with that token."""
+    the REST front's two tokens (the filter's and the admin's, different) reach it
+    through its environment, never argv, never logged, and it answers only with them:
+    the filter's may not SET, the admin's may."""
     with Stack(tmp_path, parts=("redis", "rest", "webdis")) as stack:
         assert stack.parts == ["redis", "rest"] and stack.l2_part == "rest"
         assert stack.rest.running() and not stack.webdis.running()
-        assert stack.rest_token not in cmdline(stack.rest.pid)
-        assert stack.rest.call("PING") == (200, {"result": "PONG"})
-        assert stack.rest.post("/", b'["PING"]', token=stack.rest_token + "x")[0] == 401
+        assert stack.rest_admin_token and stack.rest_admin_token != stack.rest_token
+        for token in (stack.rest_token, stack.rest_admin_token):
+            assert token not in cmdline(stack.rest.pid)
+            assert stack.rest.call("PING", token=token) == (200, {"result": "PONG"})
+            assert stack.rest.post("/", b'["PING"]', token=token + "x")[0] == 401
+        assert stack.rest.call("SET", "ibex-test:harness", "v", "EX", 60)[0] == 403
+        assert stack.rest.call("SET", "ibex-test:harness", "v", "EX", 60, token=stack.rest_admin_token) == \
+            (200, {"result": "OK"})
         assert stack.rest.readyz() == 200 and stack.rest.live()
     logs = [path for path in tmp_path.rglob("*.log")]
     assert any(path.name == "rest.log" for path in logs)
-    assert not any(stack.rest_token in path.read_text(errors="replace") for path in logs)
+    for token in (stack.rest_token, stack.rest_admin_token):
+        assert not any(token in path.read_text(errors="replace") for path in logs)
+    with pytest.raises(ValueError, match="must differ"):
+        Stack(tmp_path / "same", rest_token="t" * 40, rest_admin_token="t" * 40)
     with pytest.raises(ValueError, match="unknown L2 front"):
         Stack(tmp_path / "other", l2="memcached")

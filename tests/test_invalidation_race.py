@@ -175,15 +175,39 @@ def test_request_after_an_invalidation_does_not_join_a_fill_from_before_it(stack
     assert second.directive() == NEW  # started after it was settled
 
 
-def test_write_back_outcome_is_counted_after_its_request_ended(stack, upstream):
+@pytest.fixture()
+def front_waits_for_redis(stack):
+    """The REST front waits for Redis as long as the module's filter waits for it (its
+    own default, 1 s, would answer 503 first); Webdis has no deadline of its own."""
+    if stack.l2_part != "rest":
+        yield
+        return
+    name = "IBEX_REST_REDIS_TIMEOUT_MS"
+    stack.rest.stop()
+    stack.rest.extra_env[name] = str(FILTER_CONFIG["redis"]["timeout_ms"])
+    stack.rest.start()
+    try:
+        yield
+    finally:
+        stack.rest.stop()
+        del stack.rest.extra_env[name]
+        stack.rest.start()
+
+
+def test_write_back_outcome_is_counted_after_its_request_ended(stack, upstream, gate, front_waits_for_redis):
     """Redis holds the write-back's EVAL until the request is long over; its
-    answer (refused: the flush marker exists) must still be counted."""
+    answer (refused: the flush marker exists) must still be counted. Redis stops
+    running writes (CLIENT PAUSE WRITE, which holds every EVAL) only once the fill's
+    L2 read is done and its store lookup waits at the gate. A new Envoy: no write-back
+    of an earlier test may still be on its way."""
+    stack.restart_envoy()  # no write-back of an earlier test still in flight to move the counters
     agent = agent_with(stack, "Written back after the request ended.")
     stack.redis.command_call("SET", FLUSH_MARKER, TOMBSTONE, "EX", 300)  # the EVAL will refuse to write
     counters = stack.envoy.counters()
-    stack.redis.command_call("CLIENT", "PAUSE", 300000, "WRITE")  # reads go on, the EVAL waits
     try:
-        assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
+        with fill_held(stack, gate, agent) as request:
+            stack.redis.command_call("CLIENT", "PAUSE", 300000, "WRITE")  # the EVAL to come waits
+        assert request.directive() == "Written back after the request ended."
         assert tier(stack.upstream.last()) == "store"
         # the request is over; the write-back goes out and waits in Redis
         wait_until(lambda: stack.envoy.counter("l2_write") > counters["l2_write"], what="the write-back to go out")
@@ -194,6 +218,7 @@ def test_write_back_outcome_is_counted_after_its_request_ended(stack, upstream):
                what="the filter to count the refused write-back")
     stack.redis.command_call("DEL", FLUSH_MARKER)
     assert stack.envoy.counter("l2_write_error") == counters["l2_write_error"]
+    assert stack.envoy.counter("l2_error") == counters["l2_error"], "the L2 read was held too"
     assert stack.redis.get(redis_key(agent)) is None
 
 

@@ -90,7 +90,8 @@ def directive_goes_everywhere_and_no_log_holds_it(stack, upstream):
     # the subscriber's invalidations went through, so it did present the token
     assert stack.subscriber.metric("ibex_subscribe_invalidations_sent_total") >= 1
     assert stack.subscriber.metric("ibex_subscribe_invalidation_failures_total") == 0
-    tokens = {"control": stack.control_token, "REST front": stack.rest_token}
+    tokens = {"control": stack.control_token, "REST front": stack.rest_token,
+              "REST front admin": stack.rest_admin_token}
     l2_log_name, l2_marker = L2_LOGS[stack.l2_part]
 
     stack.stop()  # every part writes out its last lines before the logs are read

@@ -6,10 +6,15 @@ front of a running stack (SPEC §4, issue 13).
   through the front) → filter again (an L2 read through the front), byte for byte,
   through each front: the REST front (dialect "upstash") and Webdis ("webdis").
 - The front refuses a missing or wrong token (401), a command outside its list
-  (403) and a malformed body (400), each without Redis running a command.
+  (403, whichever token), a malformed body (400) and HEAD (405), each without
+  Redis running a command.
+- Two tokens: the filter's (`stack.rest_token`, Envoy's `redis.token`) runs only
+  PING, GET and the filter's EVAL scripts on `directive:`/`agent_key:` keys; the
+  operators' (`stack.rest_admin_token`) runs SET (with EX), DEL and any key too.
 - The official Upstash SDK (upstash-redis) is a client of the front like of
-  Upstash itself: SET/GET/DEL and the filter's EVAL scripts round-trip, a wrong
-  token fails.
+  Upstash itself: with the admin token SET/GET/DEL and the filter's EVAL scripts
+  round-trip; with the filter token what the filter sends works and a SET, a DEL
+  or another key fail; a wrong token fails.
 - Envoy's callouts to the front reuse their connections (keep-alive); Webdis
   shows the opposite in test_webdis.py.
 """
@@ -17,6 +22,7 @@ front of a running stack (SPEC §4, issue 13).
 import base64
 import json
 import re
+import secrets
 
 import pytest
 import requests
@@ -26,7 +32,7 @@ from upstash_redis.errors import UpstashError
 from helpers import CHAT, assert_injected, chat_body, json_headers, new_agent, send, tier
 from stack import paths, wait_until
 from stack.contract import (FILTER_SCRIPTS, FLUSH_MARKER, GET_SCRIPT, GET_WITH_PTTL_SCRIPT, INVALIDATE_PATH,
-                            SET_IF_ABSENT_SCRIPT, redis_key)
+                            SET_IF_ABSENT_SCRIPT, agent_key_redis_key, redis_key)
 
 L2 = "rest"  # also under IBEX_TEST_L2=webdis: this module is about the REST front
 
@@ -138,16 +144,21 @@ def assert_untouched(stack, canary):
     assert stack.redis.get(key) == "still here"
 
 
-# case -> the authorization header made from the right token (None: no header)
+# case -> the authorization header made from the filter's and the admin token (None: no header)
 WRONG_TOKENS = {
-    "missing": lambda token: None,
-    "empty": lambda token: "Bearer ",
-    "wrong": lambda token: "Bearer not-the-token-at-all-but-long-enough-000",
-    "prefix": lambda token: f"Bearer {token[:-1]}",
-    "longer": lambda token: f"Bearer {token}x",
-    "other_case": lambda token: f"Bearer {token.swapcase()}",
-    "no_scheme": lambda token: token,
-    "basic_scheme": lambda token: f"Basic {token}",
+    "missing": lambda token, admin: None,
+    "empty": lambda token, admin: "Bearer ",
+    "wrong": lambda token, admin: "Bearer not-the-token-at-all-but-long-enough-000",
+    "prefix": lambda token, admin: f"Bearer {token[:-1]}",
+    "longer": lambda token, admin: f"Bearer {token}x",
+    "other_case": lambda token, admin: f"Bearer {token.swapcase()}",
+    "no_scheme": lambda token, admin: token,
+    "basic_scheme": lambda token, admin: f"Basic {token}",
+    "admin_prefix": lambda token, admin: f"Bearer {admin[:-1]}",
+    "admin_longer": lambda token, admin: f"Bearer {admin}x",
+    "admin_other_case": lambda token, admin: f"Bearer {admin.swapcase()}",
+    "admin_no_scheme": lambda token, admin: admin,
+    "both_joined": lambda token, admin: f"Bearer {token}{admin}",
     "control_token": None,  # the control listener's token is not the front's
 }
 
@@ -158,13 +169,14 @@ def test_a_missing_or_wrong_token_is_refused_401_without_touching_redis(stack, c
     key, _ = canary
     body = [["GET", key], ["DEL", key]] if path == "/pipeline" else ["DEL", key]
     headers = {"content-type": "application/json"}
-    value = (f"Bearer {stack.control_token}" if case == "control_token" else WRONG_TOKENS[case](stack.rest_token))
+    value = (f"Bearer {stack.control_token}" if case == "control_token"
+             else WRONG_TOKENS[case](stack.rest_token, stack.rest_admin_token))
     if value is not None:
         headers["authorization"] = value
     answer = requests.post(stack.rest.url + path, data=json.dumps(body), headers=headers, timeout=10)
     assert answer.status_code == 401, answer.text
     assert "error" in answer.json()
-    assert stack.rest_token not in answer.text
+    assert stack.rest_token not in answer.text and stack.rest_admin_token not in answer.text
     assert_untouched(stack, canary)
 
 
@@ -188,8 +200,10 @@ def test_a_wrong_token_in_the_query_is_refused_too(stack, canary):
     """Upstash also takes the token as `?_token=…`: a wrong one there is refused like in
     the header, and a right one in the query does not rescue a wrong header."""
     key, _ = canary
+    admin = stack.rest_admin_token
     for query, header in (("wrong-" + stack.rest_token, None), (stack.rest_token + "x", None),
-                          (stack.rest_token, "Bearer wrong-" + stack.rest_token)):
+                          (stack.rest_token, "Bearer wrong-" + stack.rest_token),
+                          (admin + "x", None), (admin, "Bearer wrong-" + admin)):
         headers = {"content-type": "application/json", **({"authorization": header} if header else {})}
         answer = requests.post(stack.rest.url + "/", params={"_token": query}, data=json.dumps(["DEL", key]),
                                headers=headers, timeout=10)
@@ -197,18 +211,59 @@ def test_a_wrong_token_in_the_query_is_refused_too(stack, canary):
     assert_untouched(stack, canary)
 
 
+def token_of(stack, role):
+    """The stack's REST front token of `role`: "filter" (Envoy's) or "admin" (the operators')."""
+    return {"filter": stack.rest_token, "admin": stack.rest_admin_token}[role]
+
+
+@pytest.mark.parametrize("role", ["filter", "admin"])
 @pytest.mark.parametrize("case", FORBIDDEN)
-def test_a_command_outside_the_list_is_refused_403_without_touching_redis(stack, canary, case):
-    status, answer = stack.rest.call(*FORBIDDEN[case])
+def test_a_command_outside_the_list_is_refused_403_without_touching_redis(stack, canary, case, role):
+    status, answer = stack.rest.call(*FORBIDDEN[case], token=token_of(stack, role))
     assert status == 403, answer
     assert "error" in answer
     assert_untouched(stack, canary)
 
 
 def test_a_pipeline_with_one_forbidden_command_runs_none_of_them(stack, canary):
+    """With the admin token, which may run the SET and the DEL: the FLUSHALL alone
+    stops the whole pipeline."""
     key, _ = canary
-    status, answer = stack.rest.pipeline(["SET", key, "overwritten"], ["DEL", key], ["FLUSHALL"])
+    status, answer = stack.rest.pipeline(["SET", key, "overwritten", "EX", 60], ["DEL", key], ["FLUSHALL"],
+                                         token=stack.rest_admin_token)
     assert status == 403, answer
+    assert_untouched(stack, canary)
+
+
+def test_a_filter_token_pipeline_with_one_write_runs_none_of_it(stack, canary):
+    """The filter's token: a GET it may run and a DEL it may not, in one pipeline: refused whole."""
+    agent = new_agent()
+    stack.redis.command_call("SET", redis_key(agent), "kept", "EX", 60)
+    before = redis_commands(stack)
+    status, answer = stack.rest.pipeline(["GET", redis_key(agent)], ["DEL", redis_key(agent)])
+    assert status == 403, answer
+    assert_untouched(stack, (canary[0], before))
+    assert stack.redis.get(redis_key(agent)) == "kept"
+
+
+HEAD_PATHS = {
+    "set": "/set/{key}/overwritten/EX/60",
+    "del": "/del/{key}",
+    "get": "/get/{key}",
+    "ping": "/ping",
+}
+
+
+@pytest.mark.parametrize("role", ["filter", "admin"])
+@pytest.mark.parametrize("path", HEAD_PATHS)
+def test_head_is_405_and_runs_nothing(stack, canary, path, role):
+    """Upstash would run `HEAD /set/k/v`; the front refuses HEAD whatever the path or token
+    (a crawler's or prefetcher's "harmless" request), before Redis sees anything."""
+    key, _ = canary
+    answer = requests.head(stack.rest.url + HEAD_PATHS[path].format(key=key), timeout=10,
+                           headers=stack.rest.auth_headers(token_of(stack, role)))
+    assert answer.status_code == 405, (answer.status_code, answer.headers)
+    assert "HEAD" not in answer.headers.get("allow", "").upper()
     assert_untouched(stack, canary)
 
 
@@ -238,26 +293,59 @@ def test_a_malformed_body_is_refused_400_without_touching_redis(stack, canary, c
 
 def test_what_is_allowed_runs(stack):
     """The refusals above refuse because of what they are: the same front runs the
-    listed commands (with the right token) and its answers are Upstash's shapes."""
+    listed commands (with the admin token, on any key) and its answers are Upstash's shapes."""
     key = "ibex-test:allowed:" + new_agent()
-    assert stack.rest.call("PING") == (200, {"result": "PONG"})
-    assert stack.rest.call("SET", key, "v", "EX", 60, "NX") == (200, {"result": "OK"})
-    assert stack.rest.call("SET", key, "w", "EX", 60, "NX") == (200, {"result": None})
-    assert stack.rest.call("GET", key) == (200, {"result": "v"})
-    assert stack.rest.call("GET", key, base64=True) == (200, {"result": base64.b64encode(b"v").decode()})
-    status, answer = stack.rest.pipeline(["GET", key], ["DEL", key], ["GET", key])
+    admin = stack.rest_admin_token
+    assert stack.rest.call("PING", token=admin) == (200, {"result": "PONG"})
+    assert stack.rest.call("SET", key, "v", "EX", 60, "NX", token=admin) == (200, {"result": "OK"})
+    assert stack.rest.call("SET", key, "w", "EX", 60, "NX", token=admin) == (200, {"result": None})
+    assert stack.rest.call("GET", key, token=admin) == (200, {"result": "v"})
+    assert stack.rest.call("GET", key, base64=True, token=admin) == (200, {"result": base64.b64encode(b"v").decode()})
+    status, answer = stack.rest.pipeline(["GET", key], ["DEL", key], ["GET", key], token=admin)
     assert (status, answer) == (200, [{"result": "v"}, {"result": 1}, {"result": None}])
+    # SET needs EX whatever the token (every key is written with a TTL)
+    status, answer = stack.rest.call("SET", key, "v", token=admin)
+    assert status == 400 and "error" in answer
+    assert stack.redis.get(key) is None
+
+
+# what the filter's token may not do (403 each, Redis untouched), besides FORBIDDEN
+FILTER_TOKEN_REFUSED = {
+    "set": lambda d, other: ["SET", d, "overwritten", "EX", 60],
+    "del": lambda d, other: ["DEL", d],
+    "get_other_key": lambda d, other: ["GET", other],
+    "read_script_on_other_key": lambda d, other: ["EVAL", GET_SCRIPT, 1, other],
+    "write_script_on_other_key": lambda d, other: ["EVAL", SET_IF_ABSENT_SCRIPT, 2, other, FLUSH_MARKER, 60, "x"],
+    "write_script_on_the_flush_marker": lambda d, other: ["EVAL", SET_IF_ABSENT_SCRIPT, 2, FLUSH_MARKER, d, 60, "x"],
+}
+
+
+@pytest.mark.parametrize("case", FILTER_TOKEN_REFUSED)
+def test_the_filter_token_runs_only_what_the_filter_sends(stack, canary, case):
+    """Envoy's token (the one in its config, so the likelier to leak) cannot SET, DEL,
+    reach a key outside `directive:`/`agent_key:` or aim the write script at a flush
+    marker: 403, and Redis runs nothing (test_what_is_allowed_runs: the admin token may)."""
+    key, _ = canary
+    directive_key = redis_key(new_agent())
+    stack.redis.command_call("SET", directive_key, "kept", "EX", 60)
+    before = redis_commands(stack)
+    status, answer = stack.rest.call(*FILTER_TOKEN_REFUSED[case](directive_key, key))
+    assert status == 403, answer
+    assert "error" in answer and key not in json.dumps(answer) and directive_key not in json.dumps(answer)
+    assert redis_commands(stack) == before, "a refused request made Redis run a command"
+    assert stack.redis.get(directive_key) == "kept" and stack.redis.get(key) == "still here"
 
 
 # -- the official Upstash SDK as a client ----------------------------------------------
 
 
-def sdk(stack, token=None):
-    return UpstashRedis(url=stack.rest.url, token=stack.rest_token if token is None else token)
+def sdk(stack, token):
+    return UpstashRedis(url=stack.rest.url, token=token)
 
 
 def test_the_upstash_sdk_round_trips_through_the_front(stack):
-    redis = sdk(stack)
+    """With the admin token, the operators' and SDKs' (README, make run's banner)."""
+    redis = sdk(stack, stack.rest_admin_token)
     key = redis_key(new_agent())
     marker = "ibex-test:marker:" + new_agent()
     value = "Upstash SDK: \ufffd, CR\r, 🦌, \"quoted\"."
@@ -289,16 +377,60 @@ def test_the_upstash_sdk_round_trips_through_the_front(stack):
     assert pipeline.exec() == [True, value, 1]
 
 
+def test_the_upstash_sdk_with_the_filter_token_reads_and_fills_but_never_writes(stack, canary):
+    """The SDK given Envoy's token does what the filter does (PING, GET of a `directive:`
+    key, the three scripts on the filter's keys) and nothing more: a SET, a DEL and a
+    GET of another key raise, and Redis runs none of them."""
+    key, _ = canary
+    redis = sdk(stack, stack.rest_token)
+    agent = new_agent()
+    directive_key = redis_key(agent)
+    gateway_key = agent_key_redis_key(secrets.token_hex(32))
+    stack.redis.command_call("DEL", FLUSH_MARKER)  # a flush marker would make the write script write nothing
+    stack.redis.command_call("SET", directive_key, "Read with the filter's token.", "EX", 60)
+    stack.redis.command_call("SET", gateway_key, agent, "EX", 60)
+
+    assert redis.ping() == "PONG"
+    assert redis.get(directive_key) == "Read with the filter's token."
+    assert redis.eval(GET_SCRIPT, keys=[directive_key]) == "Read with the filter's token."
+    got, pttl = redis.eval(GET_WITH_PTTL_SCRIPT, keys=[gateway_key])
+    assert got == agent and 0 < pttl <= 60_000
+    filled = redis_key(new_agent())
+    assert redis.eval(SET_IF_ABSENT_SCRIPT, keys=[filled, FLUSH_MARKER], args=["60", "Filled."]) == 1
+    assert redis.eval(SET_IF_ABSENT_SCRIPT, keys=[filled, FLUSH_MARKER], args=["60", "Again."]) == 0
+    assert stack.redis.get(filled) == "Filled." and 0 < stack.redis.ttl(filled) <= 60
+
+    before = redis_commands(stack)
+    with pytest.raises(UpstashError):
+        redis.set(directive_key, "overwritten", ex=60)
+    with pytest.raises(UpstashError):
+        redis.set(key, "overwritten", ex=60)
+    with pytest.raises(UpstashError):
+        redis.delete(directive_key)
+    with pytest.raises(UpstashError):
+        redis.delete(key)
+    with pytest.raises(UpstashError):
+        redis.get(key)
+    with pytest.raises(UpstashError):
+        redis.eval(GET_SCRIPT, keys=[key])
+    assert redis_commands(stack) == before, "a refused request made Redis run a command"
+    assert stack.redis.get(directive_key) == "Read with the filter's token."
+    assert stack.redis.get(filled) == "Filled."
+    assert stack.redis.get(key) == "still here"
+
+
 def test_the_upstash_sdk_fails_with_a_wrong_token_and_on_a_forbidden_command(stack, canary):
     key, _ = canary
-    with pytest.raises(UpstashError):
-        sdk(stack, token="wrong-" + stack.rest_token).get(key)
-    with pytest.raises(UpstashError):
-        sdk(stack, token="wrong-" + stack.rest_token).delete(key)
-    with pytest.raises(UpstashError):
-        sdk(stack).flushall()
-    with pytest.raises(UpstashError):
-        sdk(stack).eval("return redis.call('DEL', KEYS[1])", keys=[key])
+    for wrong in ("wrong-" + stack.rest_token, "wrong-" + stack.rest_admin_token):
+        with pytest.raises(UpstashError):
+            sdk(stack, wrong).get(key)
+        with pytest.raises(UpstashError):
+            sdk(stack, wrong).delete(key)
+    for token in (stack.rest_admin_token, stack.rest_token):
+        with pytest.raises(UpstashError):
+            sdk(stack, token).flushall()
+        with pytest.raises(UpstashError):
+            sdk(stack, token).eval("return redis.call('DEL', KEYS[1])", keys=[key])
     assert_untouched(stack, canary)
 
 

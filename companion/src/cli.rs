@@ -526,11 +526,35 @@ mod tests {
             panic!("wrong subcommand")
         };
         assert_eq!(args.listen.to_string(), "127.0.0.1:7380");
-        assert_eq!(args.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(args.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(args.max_pipeline_commands, 1000);
+        assert_eq!(args.max_command_args, 1024);
+        assert_eq!(args.max_request_args, 16384);
         assert_eq!(args.redis_timeout_ms, 1000);
+        assert_eq!(args.header_timeout_ms, 5000);
+        assert_eq!(args.idle_timeout_ms, 60000);
+        assert_eq!(args.body_timeout_ms, 10000);
+        assert_eq!(args.max_connections, 1024);
+        assert_eq!(args.shutdown_grace_ms, 5000);
+        assert_eq!(args.key_prefix, ibex_wire::DEFAULT_KEY_PREFIX);
         assert!(!args.allow_any_script);
         assert_eq!(args.token.resolve().unwrap().expose(), "tok-5e0f7a");
+        assert!(args.admin_token.resolve().unwrap().is_none());
         assert!(!format!("{args:?}").contains("tok-5e0f7a"));
+        // Caps and deadlines of 0 are usage errors, not silently something else.
+        for flag in [
+            "--max-connections",
+            "--max-pipeline-commands",
+            "--max-command-args",
+            "--max-request-args",
+            "--header-timeout-ms",
+            "--idle-timeout-ms",
+            "--body-timeout-ms",
+        ] {
+            let mut zero = base.to_vec();
+            zero.extend(["--token", "t", flag, "0"]);
+            assert!(Cli::try_parse_from(zero).is_err(), "{flag} 0");
+        }
         let mut empty = base.to_vec();
         empty.extend(["--token", ""]);
         let cli = Cli::try_parse_from(empty).unwrap();
@@ -543,6 +567,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("empty"));
+    }
+
+    #[test]
+    fn rest_admin_token_is_optional_and_takes_one_source() {
+        let base = ["ibex-companion", "rest", "--token", "filter-tok"];
+        let mut both = base.to_vec();
+        both.extend(["--admin-token", "a", "--admin-token-file", "/nonexistent"]);
+        assert!(Cli::try_parse_from(both).is_err());
+        let mut one = base.to_vec();
+        one.extend(["--admin-token", "adm-7c2e", "--key-prefix", "d:"]);
+        let cli = Cli::try_parse_from(one).unwrap();
+        let Command::Rest(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(
+            args.admin_token.resolve().unwrap().unwrap().expose(),
+            "adm-7c2e"
+        );
+        assert_eq!(args.key_prefix, "d:");
+        assert!(!format!("{args:?}").contains("adm-7c2e"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin");
+        std::fs::write(&path, "adm-file\n").unwrap();
+        let mut file = base.to_vec();
+        file.extend(["--admin-token-file", path.to_str().unwrap()]);
+        let cli = Cli::try_parse_from(file).unwrap();
+        let Command::Rest(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(
+            args.admin_token.resolve().unwrap().unwrap().expose(),
+            "adm-file"
+        );
+        std::fs::write(&path, "\n").unwrap();
+        let err = args.admin_token.resolve().unwrap_err().to_string();
+        assert!(err.contains("admin token is empty"), "{err}");
     }
 
     #[test]
@@ -590,16 +650,46 @@ mod tests {
     }
 }
 
-/// Where the REST front's bearer token comes from: exactly one of the two.
+/// A cap of at least 1: 0 would refuse everything, so it is a usage error
+/// rather than a front that answers nothing.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected an integer of at least 1".into()),
+    }
+}
+
+/// Reads a token file: its text with one trailing newline (`\n` or `\r\n`)
+/// dropped. Errors name the file, never its content.
+fn read_token_file(path: &std::path::Path, what: &str) -> crate::Result<Redacted<String>> {
+    let mut text = std::fs::read_to_string(path).map_err(|e| {
+        crate::Error::Config(format!(
+            "cannot read the {what} file {}: {e}",
+            path.display()
+        ))
+    })?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(Redacted::new(text))
+}
+
+/// Where the REST front's filter token comes from: exactly one of the two.
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("token_source").required(true).args(["token", "token_file"])))]
 pub struct TokenSource {
-    /// Bearer token clients must send (`Authorization: Bearer …` or
-    /// `?_token=…`). Visible in the process list: prefer the environment or
+    /// The filter's bearer token (`Authorization: Bearer …` or `?_token=…`):
+    /// the one in the filter's redis.token. It runs only PING, GET and EVAL of
+    /// the filter's scripts, on the filter's keys ({key-prefix}… and
+    /// agent_key:…). Visible in the process list: prefer the environment or
     /// --token-file.
     #[arg(long, env = "IBEX_REDIS_REST_TOKEN", hide_env_values = true)]
     pub token: Option<Redacted<String>>,
-    /// Read the bearer token from this file (one trailing newline is dropped).
+    /// Read the filter's bearer token from this file (one trailing newline is
+    /// dropped).
     #[arg(long, env = "IBEX_REDIS_REST_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 }
@@ -611,24 +701,44 @@ impl TokenSource {
         let token = if let Some(token) = &self.token {
             token.clone()
         } else if let Some(path) = &self.token_file {
-            let mut text = std::fs::read_to_string(path).map_err(|e| {
-                crate::Error::Config(format!(
-                    "cannot read the token file {}: {e}",
-                    path.display()
-                ))
-            })?;
-            if text.ends_with('\n') {
-                text.pop();
-                if text.ends_with('\r') {
-                    text.pop();
-                }
-            }
-            Redacted::new(text)
+            read_token_file(path, "token")?
         } else {
             return Err(crate::Error::Config("no REST token given".into()));
         };
         crate::rest::check_token(token.expose())?;
         Ok(token)
+    }
+}
+
+/// Where the REST front's admin token comes from: one of the two, or neither
+/// (then only the filter's token is served).
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("admin_token_source").args(["admin_token", "admin_token_file"])))]
+pub struct AdminTokenSource {
+    /// The operators' bearer token (Upstash SDKs, curl): GET, SET (with EX),
+    /// DEL, EVAL of the filter's scripts (any with --allow-any-script) and
+    /// PING, on any key. Never give it to the filter. Visible in the process
+    /// list: prefer the environment or --admin-token-file.
+    #[arg(long, env = "IBEX_REDIS_REST_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Redacted<String>>,
+    /// Read the admin token from this file (one trailing newline is dropped).
+    #[arg(long, env = "IBEX_REDIS_REST_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl AdminTokenSource {
+    /// The admin token if one was given; refused when empty or not printable
+    /// ASCII. Errors name the source, never the token.
+    pub fn resolve(&self) -> crate::Result<Option<Redacted<String>>> {
+        let token = if let Some(token) = &self.admin_token {
+            token.clone()
+        } else if let Some(path) = &self.admin_token_file {
+            read_token_file(path, "admin token")?
+        } else {
+            return Ok(None);
+        };
+        crate::rest::check_token_named(token.expose(), "REST admin token")?;
+        Ok(Some(token))
     }
 }
 
@@ -641,19 +751,68 @@ pub struct RestArgs {
     /// Redis connection (one multiplexed connection, reconnected by itself).
     #[command(flatten)]
     pub redis: RedisArgs,
-    /// The bearer token.
+    /// The filter's token.
     #[command(flatten)]
     pub token: TokenSource,
-    /// Larger request bodies are refused with 413.
+    /// The operators' token.
+    #[command(flatten)]
+    pub admin_token: AdminTokenSource,
+    /// Prefix of the Redis directive keys (must match the filter's
+    /// redis.key_prefix): with agent_key:, the keys the filter's token reaches.
+    #[arg(long, env = "IBEX_KEY_PREFIX", default_value = ibex_wire::DEFAULT_KEY_PREFIX)]
+    pub key_prefix: String,
+    /// Larger request bodies are refused with 413. The filter's largest body is
+    /// a write-back: its directive escaped as a JSON string (up to 6 bytes per
+    /// byte of text for control characters, 1 for ordinary text) plus about 200
+    /// bytes; 4 MiB fits a directive of 600 KiB of the worst text, while a client
+    /// cannot make the front buffer much.
     #[arg(long, env = "IBEX_REST_MAX_BODY_BYTES", default_value_t = crate::rest::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
-    /// Run any EVAL script. By default only the filter's two scripts
-    /// (ibex_wire::FILTER_SCRIPTS, exact text) run, so a leaked token cannot
-    /// run Lua of its own (redis.call('FLUSHALL'), CONFIG SET…).
+    /// Most commands in one /pipeline (400 past it, before any runs). The filter
+    /// sends no pipelines; a long one holds Redis, single-threaded, while every
+    /// other client (the filter's 50 ms L2 reads included) waits.
+    #[arg(long, env = "IBEX_REST_MAX_PIPELINE_COMMANDS", default_value_t = crate::rest::command::DEFAULT_MAX_PIPELINE_COMMANDS, value_parser = at_least_one)]
+    pub max_pipeline_commands: usize,
+    /// Most elements of one command, its name included (400 past it). The
+    /// filter's largest command has 7.
+    #[arg(long, env = "IBEX_REST_MAX_COMMAND_ARGS", default_value_t = crate::rest::command::DEFAULT_MAX_COMMAND_ARGS, value_parser = at_least_one)]
+    pub max_command_args: usize,
+    /// Most elements of all of one request's commands together (400 past it):
+    /// bounds a pipeline of long commands.
+    #[arg(long, env = "IBEX_REST_MAX_REQUEST_ARGS", default_value_t = crate::rest::command::DEFAULT_MAX_REQUEST_ARGS, value_parser = at_least_one)]
+    pub max_request_args: usize,
+    /// Let the admin token run any EVAL script (needs --admin-token). Without
+    /// it only the filter's scripts (ibex_wire::FILTER_SCRIPTS, exact text) run,
+    /// so a leaked token cannot run Lua of its own (redis.call('FLUSHALL'),
+    /// CONFIG SET…). The filter's token never runs another script.
     #[arg(long, env = "IBEX_REST_ALLOW_ANY_SCRIPT")]
     pub allow_any_script: bool,
     /// Deadline of one Redis round trip (connecting included; a whole
     /// pipeline), in milliseconds; past it the request answers 503.
     #[arg(long, env = "IBEX_REST_REDIS_TIMEOUT_MS", default_value_t = 1000)]
     pub redis_timeout_ms: u64,
+    /// Longest a request's headers may take to arrive, in milliseconds, from
+    /// the connection's opening or from the first byte after the previous
+    /// answer; then the connection is closed.
+    #[arg(long, env = "IBEX_REST_HEADER_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_ms: u64,
+    /// Longest a keep-alive connection may wait for its next request (or an
+    /// answer wait for its reader), in milliseconds; then it is closed. Keep it
+    /// above the filter's traffic gaps so Envoy reuses its connections.
+    #[arg(long, env = "IBEX_REST_IDLE_TIMEOUT_MS", default_value_t = 60000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_ms: u64,
+    /// Deadline of reading a request's body, in milliseconds; past it the
+    /// request answers 408 and the connection is closed.
+    #[arg(long, env = "IBEX_REST_BODY_TIMEOUT_MS", default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout_ms: u64,
+    /// Most client connections open at once; a connection past it is accepted
+    /// and closed at once, so its client fails fast (lowered to fit the
+    /// open-file limit when that cannot be raised enough).
+    #[arg(long, env = "IBEX_REST_MAX_CONNECTIONS", default_value_t = crate::rest::serve::DEFAULT_MAX_CONNECTIONS, value_parser = at_least_one)]
+    pub max_connections: usize,
+    /// On SIGTERM, how long in-flight requests may take to finish, in
+    /// milliseconds; connections still open then are closed and the process
+    /// exits.
+    #[arg(long, env = "IBEX_REST_SHUTDOWN_GRACE_MS", default_value_t = 5000)]
+    pub shutdown_grace_ms: u64,
 }

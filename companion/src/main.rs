@@ -153,14 +153,36 @@ async fn run(command: Command) -> Result<(), AdminError> {
                 .map_err(Error::from)?;
         }
         Command::Rest(args) => {
-            let token = args.token.resolve()?;
             let client = args.redis.endpoint()?.client()?;
             let options = rest::RestOptions {
                 max_body_bytes: args.max_body_bytes,
+                limits: rest::command::Limits {
+                    max_pipeline_commands: args.max_pipeline_commands,
+                    max_command_args: args.max_command_args,
+                    max_request_args: args.max_request_args,
+                },
                 allow_any_script: args.allow_any_script,
+                key_prefix: args.key_prefix,
                 redis_timeout: Duration::from_millis(args.redis_timeout_ms.max(1)),
+                body_timeout: Duration::from_millis(args.body_timeout_ms),
+                serve: rest::ServeOptions {
+                    header_timeout: Duration::from_millis(args.header_timeout_ms),
+                    idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+                    max_connections: args.max_connections,
+                    shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
+                },
             };
-            let state = rest::RestState::new(client, &token, options)?;
+            // The front keeps the tokens' digests only; the copies read here and
+            // clap's are dropped (not zeroed) before it serves. A token given by
+            // flag or environment stays in the process's argv or environ all
+            // the same (see the README).
+            let state = {
+                let token = args.token.resolve()?;
+                let admin = args.admin_token.resolve()?;
+                rest::RestState::new(client, &token, admin.as_ref(), options)?
+            };
+            drop(args.token);
+            drop(args.admin_token);
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .map_err(Error::from)?;

@@ -400,6 +400,7 @@ async fn rest_call(url: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_front_never_logs_arguments_results_or_token() {
     const REST_TOKEN: &str = "rest-token-9b2e41";
+    const ADMIN_TOKEN: &str = "rest-admin-4f7c03";
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("rest.log");
@@ -411,6 +412,7 @@ async fn rest_front_never_logs_arguments_results_or_token() {
         companion_cmd(&["rest", "--listen", &listen, "--redis-url", &redis.url()])
             .env("RUST_LOG", "trace")
             .env("IBEX_REDIS_REST_TOKEN", REST_TOKEN)
+            .env("IBEX_REDIS_REST_ADMIN_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()
@@ -425,12 +427,16 @@ async fn rest_front_never_logs_arguments_results_or_token() {
         (resp.status() == 200).then_some(())
     })
     .await;
+    // The filter's token for what the filter sends, the admin token for the
+    // writes only operators make.
     let bearer = format!("Bearer {REST_TOKEN}");
-    let auth = [("authorization", bearer.as_str())];
+    let filter = [("authorization", bearer.as_str())];
     let b64 = [
         ("authorization", bearer.as_str()),
         ("upstash-encoding", "base64"),
     ];
+    let admin_bearer = format!("Bearer {ADMIN_TOKEN}");
+    let auth = [("authorization", admin_bearer.as_str())];
     let key = format!("directive:{MARKER}");
     let text = format!("{MARKER} directive text");
     let json = |v: serde_json::Value| Some(v.to_string().into_bytes());
@@ -447,7 +453,7 @@ async fn rest_front_never_logs_arguments_results_or_token() {
         ),
         (
             root.clone(),
-            auth.to_vec(),
+            filter.to_vec(),
             json(serde_json::json!(["GET", key])),
             200,
         ),
@@ -461,7 +467,7 @@ async fn rest_front_never_logs_arguments_results_or_token() {
             format!("{base}/pipeline"),
             auth.to_vec(),
             json(serde_json::json!([
-                ["SET", key, text],
+                ["SET", key, text, "EX", 60],
                 ["GET", key],
                 ["DEL", key]
             ])),
@@ -475,7 +481,7 @@ async fn rest_front_never_logs_arguments_results_or_token() {
                 ibex_wire::SET_IF_ABSENT_SCRIPT,
                 2,
                 key,
-                format!("{MARKER}:__flush__"),
+                format!("agent_key:{MARKER}"),
                 60,
                 text
             ])),
@@ -500,21 +506,52 @@ async fn rest_front_never_logs_arguments_results_or_token() {
         ),
         (format!("{base}/get/{MARKER}"), auth.to_vec(), None, 200),
         (
-            format!("{base}/get/{MARKER}?_token={REST_TOKEN}"),
+            format!("{base}/get/{MARKER}?_token={ADMIN_TOKEN}"),
             vec![],
             None,
             200,
         ),
-        // A Redis error reply quoting nothing secret, still never logged.
+        (
+            format!("{base}/get/directive:{MARKER}?_token={REST_TOKEN}"),
+            vec![],
+            None,
+            200,
+        ),
+        // A Redis error reply (the script's KEYS[1] is nil), still never
+        // logged.
         (
             root.clone(),
-            auth.to_vec(),
+            filter.to_vec(),
+            json(serde_json::json!([
+                "EVAL",
+                ibex_wire::GET_WITH_PTTL_SCRIPT,
+                0,
+                MARKER
+            ])),
+            400,
+        ),
+        // The filter's token refused, with the marker as key, value and TTL.
+        (
+            root.clone(),
+            filter.to_vec(),
+            json(serde_json::json!(["SET", key, text, "EX", 60])),
+            403,
+        ),
+        (
+            root.clone(),
+            filter.to_vec(),
+            json(serde_json::json!(["GET", MARKER])),
+            403,
+        ),
+        (
+            root.clone(),
+            filter.to_vec(),
             json(serde_json::json!([
                 "EVAL",
                 ibex_wire::SET_IF_ABSENT_SCRIPT,
                 2,
-                format!("{MARKER}:2"),
-                "m",
+                key,
+                "directive:__flush__",
                 MARKER,
                 text
             ])),
@@ -576,10 +613,11 @@ async fn rest_front_never_logs_arguments_results_or_token() {
 
     // Redis away: 503s, then back.
     redis.kill();
-    let (got, answer) = rest_call(&root, &auth, json(serde_json::json!(["SET", key, text]))).await;
+    let set = json(serde_json::json!(["SET", key, text, "EX", 60]));
+    let (got, answer) = rest_call(&root, &auth, set.clone()).await;
     assert_eq!(got, 503, "{answer}");
     redis.resume();
-    let (got, _) = rest_call(&root, &auth, json(serde_json::json!(["SET", key, text]))).await;
+    let (got, _) = rest_call(&root, &auth, set).await;
     assert_eq!(got, 200);
 
     assert!(
@@ -594,14 +632,15 @@ async fn rest_front_never_logs_arguments_results_or_token() {
     assert!(logs.contains("DEBUG"), "{logs}");
     assert!(logs.contains("rest request"), "{logs}");
     assert!(logs.contains("command=\"eval\""), "{logs}");
+    assert!(logs.contains("token=\"filter\""), "{logs}");
+    assert!(logs.contains("token=\"admin\""), "{logs}");
     assert!(logs.contains("redis unavailable"), "{logs}");
     // ...and never showed a key, a value, a script argument or the token.
     assert!(
         !logs.contains(MARKER),
         "an argument or result leaked into logs:\n{logs}"
     );
-    assert!(
-        !logs.contains(REST_TOKEN),
-        "the token leaked into logs:\n{logs}"
-    );
+    for token in [REST_TOKEN, ADMIN_TOKEN] {
+        assert!(!logs.contains(token), "a token leaked into logs:\n{logs}");
+    }
 }

@@ -317,6 +317,7 @@ async fn subscribe_and_flush_over_rediss_with_the_private_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_over_rediss_with_the_private_ca() {
     const TOKEN: &str = "tls-token-31c7";
+    const ADMIN: &str = "tls-admin-8e2a";
     let redis = TlsRedis::start();
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
@@ -333,23 +334,30 @@ async fn rest_over_rediss_with_the_private_ca() {
             ca.to_str().unwrap(),
         ],
         &dir.path().join("rest.log"),
-        &[("IBEX_REDIS_REST_TOKEN", TOKEN)],
+        &[
+            ("IBEX_REDIS_REST_TOKEN", TOKEN),
+            ("IBEX_REDIS_REST_ADMIN_TOKEN", ADMIN),
+        ],
     );
     wait_status(&format!("{base}/readyz"), 200).await;
     let text = "über TLS \u{fffd}\r🦌";
     assert_eq!(
         rest_call(
             &base,
-            TOKEN,
-            serde_json::json!(["SET", "tls:k", text, "EX", 60])
+            ADMIN,
+            serde_json::json!(["SET", "directive:tls", text, "EX", 60])
         )
         .await,
         (200, r#"{"result":"OK"}"#.to_string())
     );
     let mut r = redis.conn();
-    let stored: String = redis::cmd("GET").arg("tls:k").query(&mut r).unwrap();
+    let stored: String = redis::cmd("GET")
+        .arg("directive:tls")
+        .query(&mut r)
+        .unwrap();
     assert_eq!(stored, text);
-    let (status, body) = rest_call(&base, TOKEN, serde_json::json!(["GET", "tls:k"])).await;
+    // The filter's token reads it back, as the filter would.
+    let (status, body) = rest_call(&base, TOKEN, serde_json::json!(["GET", "directive:tls"])).await;
     assert_eq!(status, 200);
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&body).unwrap()["result"],

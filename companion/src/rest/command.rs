@@ -1,22 +1,32 @@
 //! The REST front's request language, pure: how a request's bytes become one
-//! Redis command (or a pipeline of them), and which commands may run at all.
+//! Redis command (or a pipeline of them), and which commands a token may run.
 //!
 //! Three request forms carry a command, as Upstash documents them: a JSON array
 //! body (`["SET","k","v","EX",100]`), a JSON array of such arrays for
 //! `/pipeline`, and the path form `/set/k/v?EX=100` (percent-decoded segments, then
 //! a POST body as one more argument, then query parameters as `name`, `value`
 //! pairs). Every form yields the same argument list, which [`parse`] checks
-//! against the allowlist: `GET`, `SET` (`EX`, `NX`), `DEL`, `EVAL` of the filter's
-//! scripts, `PING`. Anything else is refused here, so Redis never sees it.
+//! against the allowlist (`GET`, `SET` with `EX` (and `NX`), `DEL`, `EVAL` of the
+//! filter's scripts, `PING`) and against the token's [`Role`]: the filter's token
+//! runs only what the filter sends (`PING`, `GET` and `EVAL` of
+//! [`ibex_wire::FILTER_SCRIPTS`] on the filter's keys, the write script with a TTL
+//! in range), the admin token the whole allowlist on any key. Anything else is
+//! refused here, so Redis never sees it.
+//!
+//! Sizes are counted while the JSON is read ([`Limits`]): past a cap the reader
+//! stops at once with a 400, so a body of a million empty commands costs a
+//! thousand, never a million allocations.
 //!
 //! What it must never do: put an argument into a message (arguments are
-//! directive text, keys and tokens; every message here is fixed or names the
-//! command only), touch the network, or accept an argument shape Redis would
-//! read differently from what was checked (numbers are re-spelled canonically).
+//! directive text, keys and tokens; every message here is fixed, names the
+//! command or a configured limit only), touch the network, allocate ahead from a
+//! count the client wrote, or accept an argument shape Redis would read
+//! differently from what was checked (numbers are re-spelled canonically).
 
+use std::cell::Cell;
 use std::fmt;
 
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
 /// Why a request was refused before reaching Redis.
@@ -85,11 +95,112 @@ impl Verb {
     }
 }
 
-/// What [`parse`] lets through.
-#[derive(Debug, Clone, Copy, Default)]
+/// Which token a request carried: what [`parse`] lets it run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The filter's token (`--token`): `PING`, `GET` and `EVAL` of the filter's
+    /// scripts, only on the filter's keys (`{key_prefix}…`, `agent_key:…`), and
+    /// the write script only with a TTL in range. A leaked filter token can read
+    /// and fill the cache, not empty it or write outside it.
+    Filter,
+    /// The operators' token (`--admin-token`): the whole allowlist on any key
+    /// (`SET` still only with `EX`), and any script with `--allow-any-script`.
+    Admin,
+}
+
+impl Role {
+    /// Lower-case name, for the log line.
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Filter => "filter",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// What [`parse`] lets through for one token.
+#[derive(Debug, Clone)]
 pub struct Policy {
-    /// Run any `EVAL` script, not only [`ibex_wire::FILTER_SCRIPTS`].
+    /// Whose request it is.
+    pub role: Role,
+    /// Run any `EVAL` script, not only [`ibex_wire::FILTER_SCRIPTS`]. Honoured
+    /// for [`Role::Admin`] only: the filter never sends another script.
     pub allow_any_script: bool,
+    /// The filter's `redis.key_prefix`: with `agent_key:`, the keys
+    /// [`Role::Filter`] may reach.
+    pub key_prefix: String,
+}
+
+impl Policy {
+    /// The filter token's policy over keys under `key_prefix`.
+    pub fn filter(key_prefix: impl Into<String>) -> Self {
+        Self {
+            role: Role::Filter,
+            allow_any_script: false,
+            key_prefix: key_prefix.into(),
+        }
+    }
+
+    /// The admin token's policy.
+    pub fn admin(key_prefix: impl Into<String>, allow_any_script: bool) -> Self {
+        Self {
+            role: Role::Admin,
+            allow_any_script,
+            key_prefix: key_prefix.into(),
+        }
+    }
+
+    /// A key the filter uses: a directive entry, a gateway key entry, or either
+    /// one's flush marker.
+    fn in_filter_scope(&self, key: &[u8]) -> bool {
+        key.starts_with(self.key_prefix.as_bytes())
+            || key.starts_with(ibex_wire::AGENT_KEY_PREFIX.as_bytes())
+    }
+
+    /// `{key_prefix}__flush__` or `agent_key:__flush__`: the subscriber's keys,
+    /// which the filter only ever names as the write script's second key.
+    fn is_flush_marker(&self, key: &[u8]) -> bool {
+        let marker = ibex_wire::FLUSH_MARKER_SUFFIX.as_bytes();
+        [self.key_prefix.as_str(), ibex_wire::AGENT_KEY_PREFIX]
+            .iter()
+            .any(|p| key.strip_prefix(p.as_bytes()) == Some(marker))
+    }
+
+    fn check_filter_key(&self, key: &[u8]) -> Result<(), Refusal> {
+        if self.role == Role::Filter && !self.in_filter_scope(key) {
+            return Err(Refusal::Forbidden(FORBIDDEN_KEY));
+        }
+        Ok(())
+    }
+}
+
+/// How much one request may carry. Counted while the body is read, so a
+/// refusal (400) comes as soon as a cap is passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Commands in one `/pipeline`.
+    pub max_pipeline_commands: usize,
+    /// Elements of one command, its name included.
+    pub max_command_args: usize,
+    /// Elements of all of a request's commands together.
+    pub max_request_args: usize,
+}
+
+/// Default of `--max-pipeline-commands`.
+pub const DEFAULT_MAX_PIPELINE_COMMANDS: usize = 1000;
+/// Default of `--max-command-args`.
+pub const DEFAULT_MAX_COMMAND_ARGS: usize = 1024;
+/// Default of `--max-request-args`.
+pub const DEFAULT_MAX_REQUEST_ARGS: usize = 16 * 1024;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_pipeline_commands: DEFAULT_MAX_PIPELINE_COMMANDS,
+            max_command_args: DEFAULT_MAX_COMMAND_ARGS,
+            max_request_args: DEFAULT_MAX_REQUEST_ARGS,
+        }
+    }
 }
 
 /// A checked command, ready for Redis: the verb and its arguments (after the
@@ -133,12 +244,31 @@ fn wrong_arity(verb: Verb) -> Refusal {
 const NOT_AN_INTEGER: &str = "ERR value is not an integer or out of range";
 const SYNTAX_ERROR: &str = "ERR syntax error";
 
+/// Longest TTL a write may carry, in seconds (a year: the filter's own bound on
+/// `cache.ttl_seconds`).
+pub const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
+
 /// Refusal of a command outside the allowlist.
 pub const FORBIDDEN_COMMAND: &str =
     "ERR command not allowed: this REST front runs only GET, SET, DEL, EVAL and PING";
 /// Refusal of an `EVAL` script that is not one of the filter's.
 pub const FORBIDDEN_SCRIPT: &str = "ERR script not allowed: this REST front runs only the \
      ibex-directive filter's scripts";
+/// Refusal of an allowlisted command the filter's token may not run.
+pub const FORBIDDEN_FOR_FILTER: &str = "ERR command not allowed for this token: the filter's \
+     token runs only PING, GET and EVAL of the filter's scripts";
+/// Refusal of a key outside the filter token's scope (the key is not named).
+pub const FORBIDDEN_KEY: &str = "ERR key not allowed for this token: the filter's token \
+     reaches only the filter's keys (its key prefix and agent_key:)";
+/// Refusal of the write script aimed at a flush marker with the filter's token.
+pub const FORBIDDEN_MARKER_WRITE: &str = "ERR key not allowed for this token: the filter \
+     never writes a flush marker";
+/// Refusal of a `SET` without `EX`.
+pub const SET_NEEDS_EX: &str =
+    "ERR SET needs EX seconds here (1 to 31536000): every key is written with a TTL";
+/// Refusal of the write script with a TTL (`ARGV[1]`) out of range.
+pub const WRITE_TTL_RANGE: &str = "ERR invalid expire time in 'eval' command: the write \
+     script's TTL (ARGV[1]) must be 1 to 31536000 seconds";
 
 /// A non-negative decimal integer as Redis reads it: ASCII digits only, no sign,
 /// no spaces, no leading `+`. `None` for anything else or above `i64::MAX`.
@@ -150,9 +280,10 @@ fn parse_decimal(arg: &[u8]) -> Option<u64> {
     (n <= i64::MAX as u64).then_some(n)
 }
 
-/// Checks a full argument list (command name first) against the allowlist and
-/// each command's grammar.
-pub fn parse(mut parts: Vec<Vec<u8>>, policy: Policy) -> Result<Command, Refusal> {
+/// Checks a full argument list (command name first) against the allowlist, the
+/// token's [`Role`] and each command's grammar, in that order: a command the
+/// token may not run is a 403 however malformed it is.
+pub fn parse(mut parts: Vec<Vec<u8>>, policy: &Policy) -> Result<Command, Refusal> {
     if parts.is_empty() {
         return Err(Refusal::bad("ERR empty command"));
     }
@@ -162,11 +293,15 @@ pub fn parse(mut parts: Vec<Vec<u8>>, policy: Policy) -> Result<Command, Refusal
         return Err(Refusal::bad("ERR command name must be UTF-8 text"));
     }
     let verb = Verb::from_name(&name).ok_or(Refusal::Forbidden(FORBIDDEN_COMMAND))?;
+    if policy.role == Role::Filter && !matches!(verb, Verb::Get | Verb::Eval | Verb::Ping) {
+        return Err(Refusal::Forbidden(FORBIDDEN_FOR_FILTER));
+    }
     let args = match verb {
         Verb::Get => {
-            if args.len() != 1 {
+            let [key] = args.as_slice() else {
                 return Err(wrong_arity(verb));
-            }
+            };
+            policy.check_filter_key(key)?;
             args
         }
         Verb::Del => {
@@ -187,8 +322,14 @@ pub fn parse(mut parts: Vec<Vec<u8>>, policy: Policy) -> Result<Command, Refusal
     Ok(Command { verb, args })
 }
 
-/// `SET key value` then `EX n` and `NX`, each at most once, in any order.
-/// Re-spelled as `SET key value [EX n] [NX]` with `n` canonical.
+/// A TTL as the front takes it: canonical decimal 1..=[`MAX_TTL_SECONDS`].
+fn ttl_in_range(arg: &[u8]) -> Option<u64> {
+    parse_decimal(arg).filter(|n| (1..=MAX_TTL_SECONDS).contains(n))
+}
+
+/// `SET key value EX n [NX]`, the options in any order, each once; `EX` is
+/// required (SPEC §4: every key is written with a TTL) and at most a year.
+/// Re-spelled as `SET key value EX n [NX]` with `n` canonical.
 fn parse_set(args: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, Refusal> {
     if args.len() < 2 {
         return Err(wrong_arity(Verb::Set));
@@ -203,7 +344,7 @@ fn parse_set(args: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, Refusal> {
         if opt.eq_ignore_ascii_case(b"EX") && ex.is_none() {
             let raw = it.next().ok_or_else(|| Refusal::bad(SYNTAX_ERROR))?;
             let n = parse_decimal(&raw).ok_or_else(|| Refusal::bad(NOT_AN_INTEGER))?;
-            if n == 0 {
+            if !(1..=MAX_TTL_SECONDS).contains(&n) {
                 return Err(Refusal::bad("ERR invalid expire time in 'set' command"));
             }
             ex = Some(n);
@@ -214,11 +355,10 @@ fn parse_set(args: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, Refusal> {
             return Err(Refusal::bad(SYNTAX_ERROR));
         }
     }
-    let mut out = vec![key, value];
-    if let Some(n) = ex {
-        out.push(b"EX".to_vec());
-        out.push(n.to_string().into_bytes());
-    }
+    let Some(n) = ex else {
+        return Err(Refusal::bad(SET_NEEDS_EX));
+    };
+    let mut out = vec![key, value, b"EX".to_vec(), n.to_string().into_bytes()];
     if nx {
         out.push(b"NX".to_vec());
     }
@@ -226,19 +366,23 @@ fn parse_set(args: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, Refusal> {
 }
 
 /// `EVAL script numkeys key… arg…`: the script must be one of the filter's
-/// (unless `allow_any_script`), and `numkeys` must fit the arguments.
-fn parse_eval(mut args: Vec<Vec<u8>>, policy: Policy) -> Result<Vec<Vec<u8>>, Refusal> {
+/// (unless the admin token and `allow_any_script`), `numkeys` must fit the
+/// arguments, the filter's token must name only its own keys, and the write
+/// script's TTL must be in range whoever sends it.
+fn parse_eval(mut args: Vec<Vec<u8>>, policy: &Policy) -> Result<Vec<Vec<u8>>, Refusal> {
     if args.len() < 2 {
         return Err(wrong_arity(Verb::Eval));
     }
     let script = &args[0];
-    if !policy.allow_any_script
+    let any_script = policy.allow_any_script && policy.role == Role::Admin;
+    if !any_script
         && !ibex_wire::FILTER_SCRIPTS
             .iter()
             .any(|s| s.as_bytes() == script.as_slice())
     {
         return Err(Refusal::Forbidden(FORBIDDEN_SCRIPT));
     }
+    let is_write = script.as_slice() == ibex_wire::SET_IF_ABSENT_SCRIPT.as_bytes();
     let numkeys = parse_decimal(&args[1]).ok_or_else(|| {
         if args[1].first() == Some(&b'-') {
             Refusal::bad("ERR Number of keys can't be negative")
@@ -246,11 +390,32 @@ fn parse_eval(mut args: Vec<Vec<u8>>, policy: Policy) -> Result<Vec<Vec<u8>>, Re
             Refusal::bad(NOT_AN_INTEGER)
         }
     })?;
-    let rest = (args.len() - 2) as u64;
-    if numkeys > rest {
+    let rest = &args[2..];
+    let Some((keys, argv)) = usize::try_from(numkeys)
+        .ok()
+        .and_then(|n| (n <= rest.len()).then(|| rest.split_at(n)))
+    else {
         return Err(Refusal::bad(
             "ERR Number of keys can't be greater than number of args",
         ));
+    };
+    if policy.role == Role::Filter {
+        for key in keys {
+            policy.check_filter_key(key)?;
+        }
+        // The write script sets KEYS[1]: the filter's entries, never a marker
+        // (a marker set for a year would keep every write-back out of Redis).
+        if is_write && keys.first().is_some_and(|k| policy.is_flush_marker(k)) {
+            return Err(Refusal::Forbidden(FORBIDDEN_MARKER_WRITE));
+        }
+    }
+    if is_write {
+        let ttl = argv.first().and_then(|a| ttl_in_range(a));
+        let Some(ttl) = ttl else {
+            return Err(Refusal::bad(WRITE_TTL_RANGE));
+        };
+        let at = 2 + keys.len();
+        args[at] = ttl.to_string().into_bytes();
     }
     args[1] = numkeys.to_string().into_bytes();
     Ok(args)
@@ -287,27 +452,126 @@ impl<'de> Deserialize<'de> for Arg {
     }
 }
 
-/// A JSON command: an array of [`Arg`].
-struct JsonCommand(Vec<Vec<u8>>);
+/// What one request has used of its [`Limits`] so far, and the refusal of the
+/// cap it passed, if any (serde's error carries no value of ours, so the reason
+/// waits here while the error unwinds the parser).
+struct Budget {
+    limits: Limits,
+    args: Cell<usize>,
+    over: Cell<Option<Refusal>>,
+}
 
-impl<'de> Deserialize<'de> for JsonCommand {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct CmdVisitor;
-        impl<'de> Visitor<'de> for CmdVisitor {
-            type Value = JsonCommand;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an array of strings and integers")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<JsonCommand, A::Error> {
-                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(4).min(64));
-                while let Some(Arg(a)) = seq.next_element()? {
-                    out.push(a);
-                }
-                Ok(JsonCommand(out))
-            }
+impl Budget {
+    fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            args: Cell::new(0),
+            over: Cell::new(None),
         }
-        d.deserialize_seq(CmdVisitor)
     }
+
+    /// Stops the parser: records why and returns the error that unwinds it.
+    fn exceeded<E: de::Error>(&self, why: String) -> E {
+        self.over.set(Some(Refusal::BadRequest(why)));
+        E::custom("limit")
+    }
+
+    /// Counts one more element of a command that holds `in_command` already.
+    fn count_arg<E: de::Error>(&self, in_command: usize) -> Result<(), E> {
+        if in_command >= self.limits.max_command_args {
+            return Err(self.exceeded(too_many_command_args(self.limits.max_command_args)));
+        }
+        let total = self.args.get().saturating_add(1);
+        if total > self.limits.max_request_args {
+            return Err(self.exceeded(format!(
+                "ERR request has more than {} arguments in all",
+                self.limits.max_request_args
+            )));
+        }
+        self.args.set(total);
+        Ok(())
+    }
+
+    /// The refusal for a parser failure: a passed cap if one was, else the
+    /// fixed text for `e`.
+    fn refusal(&self, e: &serde_json::Error, shape: &'static str) -> Refusal {
+        self.over.take().unwrap_or_else(|| json_refusal(e, shape))
+    }
+}
+
+fn too_many_command_args(max: usize) -> String {
+    format!("ERR command has more than {max} arguments")
+}
+
+/// Reads one JSON command (an array of [`Arg`]) against a [`Budget`]. No
+/// capacity is reserved ahead: a command grows only by what was read.
+struct CommandSeed<'b>(&'b Budget);
+
+impl<'de> DeserializeSeed<'de> for CommandSeed<'_> {
+    type Value = Vec<Vec<u8>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CommandSeed<'_> {
+    type Value = Vec<Vec<u8>>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of strings and integers")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Arg(a)) = seq.next_element()? {
+            self.0.count_arg(out.len())?;
+            out.push(a);
+        }
+        Ok(out)
+    }
+}
+
+/// Reads a JSON pipeline (an array of commands) against a [`Budget`], refusing
+/// at the first command past the cap.
+struct PipelineSeed<'b>(&'b Budget);
+
+impl<'de> DeserializeSeed<'de> for PipelineSeed<'_> {
+    type Value = Vec<Vec<Vec<u8>>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PipelineSeed<'_> {
+    type Value = Vec<Vec<Vec<u8>>>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of commands")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(cmd) = seq.next_element_seed(CommandSeed(self.0))? {
+            if out.len() >= self.0.limits.max_pipeline_commands {
+                return Err(self.0.exceeded(format!(
+                    "ERR pipeline has more than {} commands",
+                    self.0.limits.max_pipeline_commands
+                )));
+            }
+            out.push(cmd);
+        }
+        Ok(out)
+    }
+}
+
+/// Runs `seed` over the whole of `body` (trailing bytes other than whitespace
+/// are an error, as in `serde_json::from_slice`).
+fn read_json<'de, S: DeserializeSeed<'de>>(
+    body: &'de [u8],
+    seed: S,
+    budget: &Budget,
+    shape: &'static str,
+) -> Result<S::Value, Refusal> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    seed.deserialize(&mut de)
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| budget.refusal(&e, shape))
 }
 
 /// Maps a serde_json failure to a fixed message: its own text can quote the
@@ -324,30 +588,30 @@ const COMMAND_SHAPE: &str =
 const PIPELINE_SHAPE: &str =
     "ERR pipeline body must be a JSON array of commands: [[\"COMMAND\", \"arg\", …], …]";
 
-/// The body of `POST /`: one command as a JSON array. Not checked against the
-/// allowlist yet (see [`parse`]).
-pub fn json_command(body: &[u8]) -> Result<Vec<Vec<u8>>, Refusal> {
-    serde_json::from_slice::<JsonCommand>(body)
-        .map(|c| c.0)
-        .map_err(|e| json_refusal(&e, COMMAND_SHAPE))
+/// The body of `POST /`: one command as a JSON array, within `limits`. Not
+/// checked against the allowlist yet (see [`parse`]).
+pub fn json_command(body: &[u8], limits: Limits) -> Result<Vec<Vec<u8>>, Refusal> {
+    let budget = Budget::new(limits);
+    read_json(body, CommandSeed(&budget), &budget, COMMAND_SHAPE)
 }
 
-/// The body of `POST /pipeline`: a JSON array of commands, at least one; each
-/// command is checked later (see [`parse`]).
-pub fn json_pipeline(body: &[u8]) -> Result<Vec<Vec<Vec<u8>>>, Refusal> {
-    let cmds = serde_json::from_slice::<Vec<JsonCommand>>(body)
-        .map_err(|e| json_refusal(&e, PIPELINE_SHAPE))?;
+/// The body of `POST /pipeline`: a JSON array of commands, at least one, within
+/// `limits`; each command is checked later (see [`parse`]).
+pub fn json_pipeline(body: &[u8], limits: Limits) -> Result<Vec<Vec<Vec<u8>>>, Refusal> {
+    let budget = Budget::new(limits);
+    let cmds = read_json(body, PipelineSeed(&budget), &budget, PIPELINE_SHAPE)?;
     if cmds.is_empty() {
         return Err(Refusal::bad("ERR empty pipeline"));
     }
-    Ok(cmds.into_iter().map(|c| c.0).collect())
+    Ok(cmds)
 }
 
 /// A whole pipeline checked: every command allowed and well formed, or the
 /// first refusal, with forbidden commands winning over malformed ones (a
-/// pipeline that would run anything outside the allowlist is a 403 whatever
-/// else is wrong with it).
-pub fn parse_pipeline(cmds: Vec<Vec<Vec<u8>>>, policy: Policy) -> Result<Vec<Command>, Refusal> {
+/// pipeline that would run anything outside the token's allowlist is a 403
+/// whatever else is wrong with it).
+pub fn parse_pipeline(cmds: Vec<Vec<Vec<u8>>>, policy: &Policy) -> Result<Vec<Command>, Refusal> {
+    // Sized by commands already read (and capped), not by anything declared.
     let mut out = Vec::with_capacity(cmds.len());
     let mut first_bad = None;
     for parts in cmds {
@@ -417,27 +681,43 @@ pub fn query_pairs(query: &str) -> Result<Vec<QueryPair>, Refusal> {
 /// percent-decoded segments (empty ones included: `/set/k/` sets `k` to ""),
 /// then `body` as one argument when it is not empty, byte for byte, then every
 /// query parameter except `_token` as `name` followed by `value` (Upstash's
-/// `POST /set/foo?EX=100` with a body is `SET foo <body> EX 100`).
-pub fn path_args(path: &str, body: &[u8], query: Option<&str>) -> Result<Vec<Vec<u8>>, Refusal> {
+/// `POST /set/foo?EX=100` with a body is `SET foo <body> EX 100`). Refused as
+/// soon as there are more than `limits` allow for one command.
+pub fn path_args(
+    path: &str,
+    body: &[u8],
+    query: Option<&str>,
+    limits: Limits,
+) -> Result<Vec<Vec<u8>>, Refusal> {
+    let max = limits.max_command_args.min(limits.max_request_args);
+    let mut args = Vec::new();
+    let push = |args: &mut Vec<Vec<u8>>, a: Vec<u8>| {
+        if args.len() >= max {
+            return Err(Refusal::bad(too_many_command_args(max)));
+        }
+        args.push(a);
+        Ok(())
+    };
     let trimmed = path.strip_prefix('/').unwrap_or(path);
-    let mut args = trimmed
-        .split('/')
-        .map(|seg| {
-            percent_decode(seg)
-                .ok_or_else(|| Refusal::bad("ERR malformed percent-encoding in the path"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    for seg in trimmed.split('/') {
+        if args.len() >= max {
+            return Err(Refusal::bad(too_many_command_args(max)));
+        }
+        let a = percent_decode(seg)
+            .ok_or_else(|| Refusal::bad("ERR malformed percent-encoding in the path"))?;
+        push(&mut args, a)?;
+    }
     if !body.is_empty() {
-        args.push(body.to_vec());
+        push(&mut args, body.to_vec())?;
     }
     if let Some(q) = query {
         for (name, value) in query_pairs(q)? {
             if name == TOKEN_PARAM.as_bytes() {
                 continue;
             }
-            args.push(name);
+            push(&mut args, name)?;
             if let Some(v) = value {
-                args.push(v);
+                push(&mut args, v)?;
             }
         }
     }
@@ -452,26 +732,47 @@ mod tests {
         parts.iter().map(|p| p.as_bytes().to_vec()).collect()
     }
 
-    fn ok(parts: &[&str]) -> Command {
-        parse(v(parts), Policy::default()).unwrap()
+    fn admin() -> Policy {
+        Policy::admin(ibex_wire::DEFAULT_KEY_PREFIX, false)
     }
 
-    fn bad(parts: &[&str]) -> String {
-        match parse(v(parts), Policy::default()) {
+    fn filter() -> Policy {
+        Policy::filter(ibex_wire::DEFAULT_KEY_PREFIX)
+    }
+
+    fn ok_as(policy: &Policy, parts: &[&str]) -> Command {
+        parse(v(parts), policy).unwrap_or_else(|r| panic!("{parts:?}: {r:?}"))
+    }
+
+    fn bad_as(policy: &Policy, parts: &[&str]) -> String {
+        match parse(v(parts), policy) {
             Err(Refusal::BadRequest(m)) => m,
             other => panic!("expected 400 for {parts:?}, got {other:?}"),
         }
     }
 
-    fn forbidden(parts: &[&str]) {
-        assert!(
-            matches!(
-                parse(v(parts), Policy::default()),
-                Err(Refusal::Forbidden(_))
-            ),
-            "{parts:?}"
-        );
+    fn forbidden_as(policy: &Policy, parts: &[&str]) -> &'static str {
+        match parse(v(parts), policy) {
+            Err(Refusal::Forbidden(m)) => m,
+            other => panic!("expected 403 for {parts:?}, got {other:?}"),
+        }
     }
+
+    fn ok(parts: &[&str]) -> Command {
+        ok_as(&admin(), parts)
+    }
+
+    fn bad(parts: &[&str]) -> String {
+        bad_as(&admin(), parts)
+    }
+
+    fn forbidden(parts: &[&str]) {
+        forbidden_as(&admin(), parts);
+    }
+
+    const WRITE: &str = ibex_wire::SET_IF_ABSENT_SCRIPT;
+    const ENTRY: &str = "directive:6f1c2a3b-0000-4000-8000-000000000001";
+    const MARKER: &str = "directive:__flush__";
 
     #[test]
     fn names_are_case_insensitive_and_the_allowlist_is_closed() {
@@ -487,13 +788,13 @@ mod tests {
             forbidden(&[name, "x"]);
         }
         assert_eq!(
-            parse(vec![b"\xffGET".to_vec()], Policy::default()),
+            parse(vec![b"\xffGET".to_vec()], &admin()),
             Err(Refusal::BadRequest(
                 "ERR command name must be UTF-8 text".into()
             ))
         );
         assert!(matches!(
-            parse(vec![], Policy::default()),
+            parse(vec![], &admin()),
             Err(Refusal::BadRequest(_))
         ));
     }
@@ -509,8 +810,10 @@ mod tests {
     }
 
     #[test]
-    fn set_options_in_any_order_each_once() {
-        assert_eq!(ok(&["SET", "k", "v"]).args(), v(&["k", "v"]));
+    fn set_options_in_any_order_each_once_and_ex_required() {
+        // SPEC §4: every key is written with a TTL, whoever writes it.
+        assert_eq!(bad(&["SET", "k", "v"]), SET_NEEDS_EX);
+        assert_eq!(bad(&["SET", "k", "v", "NX"]), SET_NEEDS_EX);
         assert_eq!(
             ok(&["set", "k", "v", "ex", "100"]).args(),
             v(&["k", "v", "EX", "100"])
@@ -524,9 +827,17 @@ mod tests {
             v(&["k", "v", "EX", "7", "NX"])
         );
         // The value may itself look like an option.
-        assert_eq!(ok(&["SET", "k", "EX"]).args(), v(&["k", "EX"]));
+        assert_eq!(
+            ok(&["SET", "k", "EX", "EX", "5"]).args(),
+            v(&["k", "EX", "EX", "5"])
+        );
         assert_eq!(bad(&["SET", "k", "v", "EX"]), SYNTAX_ERROR);
         assert!(bad(&["SET", "k", "v", "EX", "0"]).contains("expire"));
+        assert_eq!(
+            ok(&["SET", "k", "v", "EX", "31536000"]).args(),
+            v(&["k", "v", "EX", "31536000"])
+        );
+        assert!(bad(&["SET", "k", "v", "EX", "31536001"]).contains("expire"));
         for n in [
             "-1",
             "+1",
@@ -569,11 +880,140 @@ mod tests {
             "return redis.call('CONFIG','SET','dir','/tmp')",
             "0",
         ]);
-        // Lifted by the flag.
-        let any = Policy {
+        // Lifted by the flag, for the admin token only.
+        let any = Policy::admin(ibex_wire::DEFAULT_KEY_PREFIX, true);
+        assert!(parse(v(&["EVAL", "return 1", "0"]), &any).is_ok());
+        let filter_any = Policy {
             allow_any_script: true,
+            ..filter()
         };
-        assert!(parse(v(&["EVAL", "return 1", "0"]), any).is_ok());
+        assert_eq!(
+            forbidden_as(&filter_any, &["EVAL", "return 1", "0"]),
+            FORBIDDEN_SCRIPT
+        );
+    }
+
+    #[test]
+    fn every_filter_script_runs_for_the_filter_token_on_its_keys() {
+        let f = filter();
+        let key_entry = format!("agent_key:{}", "a".repeat(64));
+        for script in ibex_wire::FILTER_SCRIPTS {
+            if script == WRITE {
+                continue;
+            }
+            for key in [ENTRY, key_entry.as_str()] {
+                assert_eq!(ok_as(&f, &["EVAL", script, "1", key]).verb(), Verb::Eval);
+                assert_eq!(
+                    forbidden_as(&f, &["EVAL", script, "1", "other:key"]),
+                    FORBIDDEN_KEY
+                );
+            }
+        }
+        // The write-back exactly as the filter sends it (numbers as strings).
+        let c = ok_as(&f, &["EVAL", WRITE, "2", ENTRY, MARKER, "60", "text"]);
+        assert_eq!(c.args()[4], b"60".to_vec());
+        ok_as(
+            &f,
+            &[
+                "EVAL",
+                WRITE,
+                "2",
+                &key_entry,
+                "agent_key:__flush__",
+                "31536000",
+                "agent",
+            ],
+        );
+        assert_eq!(ok_as(&f, &["GET", ENTRY]).verb(), Verb::Get);
+        assert_eq!(ok_as(&f, &["get", &key_entry]).verb(), Verb::Get);
+        assert_eq!(ok_as(&f, &["PING"]).verb(), Verb::Ping);
+        // Another prefix is another scope.
+        let other = Policy::filter("d:");
+        ok_as(&other, &["GET", "d:x"]);
+        assert_eq!(forbidden_as(&other, &["GET", ENTRY]), FORBIDDEN_KEY);
+    }
+
+    #[test]
+    fn the_filter_token_runs_nothing_else() {
+        let f = filter();
+        for parts in [
+            &["SET", ENTRY, "v", "EX", "60"][..],
+            &["SET", ENTRY, "v"],
+            &["SET"],
+            &["DEL", ENTRY],
+            &["DEL", MARKER],
+            &["del"],
+        ] {
+            assert_eq!(forbidden_as(&f, parts), FORBIDDEN_FOR_FILTER, "{parts:?}");
+        }
+        assert_eq!(forbidden_as(&f, &["FLUSHALL"]), FORBIDDEN_COMMAND);
+        assert_eq!(forbidden_as(&f, &["GET", "other"]), FORBIDDEN_KEY);
+        assert_eq!(forbidden_as(&f, &["GET", "directive"]), FORBIDDEN_KEY);
+        assert_eq!(
+            forbidden_as(&f, &["EVAL", "return 1", "0"]),
+            FORBIDDEN_SCRIPT
+        );
+        // Every key of the script is checked, the marker's too.
+        assert_eq!(
+            forbidden_as(&f, &["EVAL", WRITE, "2", ENTRY, "other", "60", "v"]),
+            FORBIDDEN_KEY
+        );
+        assert_eq!(
+            forbidden_as(&f, &["EVAL", WRITE, "2", "other", MARKER, "60", "v"]),
+            FORBIDDEN_KEY
+        );
+        // The filter never writes a marker.
+        for marker in [MARKER, "agent_key:__flush__"] {
+            assert_eq!(
+                forbidden_as(&f, &["EVAL", WRITE, "2", marker, ENTRY, "60", "1"]),
+                FORBIDDEN_MARKER_WRITE
+            );
+        }
+        // Arity is still checked for what it may run.
+        bad_as(&f, &["GET"]);
+        bad_as(&f, &["GET", ENTRY, ENTRY]);
+        // No message names the key.
+        let m = forbidden_as(&f, &["GET", "secret-key-7f3a"]);
+        assert!(!m.contains("secret"));
+    }
+
+    #[test]
+    fn the_write_script_needs_a_ttl_in_range_from_every_token() {
+        for p in [filter(), admin()] {
+            for ttl in ["0", "31536001", "99999999999", "-1", "1.5", "", "x", " 60"] {
+                assert_eq!(
+                    bad_as(&p, &["EVAL", WRITE, "2", ENTRY, MARKER, ttl, "v"]),
+                    WRITE_TTL_RANGE,
+                    "{:?} {ttl:?}",
+                    p.role
+                );
+            }
+            assert_eq!(
+                bad_as(&p, &["EVAL", WRITE, "2", ENTRY, MARKER]),
+                WRITE_TTL_RANGE
+            );
+            let c = ok_as(&p, &["EVAL", WRITE, "2", ENTRY, MARKER, "007", "v"]);
+            assert_eq!(c.args()[4], b"7".to_vec(), "re-spelled canonically");
+            ok_as(&p, &["EVAL", WRITE, "2", ENTRY, MARKER, "1", "v"]);
+        }
+        // The read scripts have no TTL.
+        ok_as(
+            &filter(),
+            &["EVAL", ibex_wire::GET_WITH_PTTL_SCRIPT, "1", ENTRY],
+        );
+    }
+
+    #[test]
+    fn the_admin_token_runs_the_allowlist_on_any_key() {
+        let a = admin();
+        ok_as(&a, &["SET", "any:key", "v", "EX", "60"]);
+        ok_as(&a, &["DEL", MARKER, "any:key"]);
+        ok_as(&a, &["GET", "any:key"]);
+        ok_as(
+            &a,
+            &["EVAL", ibex_wire::GET_WITH_PTTL_SCRIPT, "1", "any:key"],
+        );
+        ok_as(&a, &["EVAL", WRITE, "2", MARKER, "other", "60", "1"]);
     }
 
     #[test]
@@ -591,13 +1031,13 @@ mod tests {
     #[test]
     fn json_command_takes_strings_and_integers_only() {
         assert_eq!(
-            json_command(br#"["SET", "foo", "bar", "EX", 100]"#).unwrap(),
+            json_command(br#"["SET", "foo", "bar", "EX", 100]"#, L).unwrap(),
             v(&["SET", "foo", "bar", "EX", "100"])
         );
-        assert_eq!(json_command(b"[\"x\", -5]").unwrap(), v(&["x", "-5"]));
+        assert_eq!(json_command(b"[\"x\", -5]", L).unwrap(), v(&["x", "-5"]));
         // JSON escapes decode to the exact bytes, NUL included.
         assert_eq!(
-            json_command(br#"["\u0000", "\r", "\ufffd", "\ud83d\ude00"]"#).unwrap(),
+            json_command(br#"["\u0000", "\r", "\ufffd", "\ud83d\ude00"]"#, L).unwrap(),
             vec![
                 b"\0".to_vec(),
                 b"\r".to_vec(),
@@ -605,7 +1045,7 @@ mod tests {
                 "😀".as_bytes().to_vec()
             ]
         );
-        assert_eq!(json_command(b"[]").unwrap(), Vec::<Vec<u8>>::new());
+        assert_eq!(json_command(b"[]", L).unwrap(), Vec::<Vec<u8>>::new());
         for body in [
             &b"[1.5]"[..],
             b"[true]",
@@ -617,7 +1057,7 @@ mod tests {
             b"1e3",
         ] {
             assert_eq!(
-                json_command(body),
+                json_command(body, L),
                 Err(Refusal::BadRequest(COMMAND_SHAPE.into())),
                 "{}",
                 String::from_utf8_lossy(body)
@@ -625,7 +1065,7 @@ mod tests {
         }
         for body in [&b""[..], b"[", b"[\"a\",]", b"\xff", b"[\"\\ud800\"]"] {
             assert_eq!(
-                json_command(body),
+                json_command(body, L),
                 Err(Refusal::BadRequest(
                     "ERR request body is not valid JSON".into()
                 )),
@@ -639,12 +1079,12 @@ mod tests {
     fn json_refusals_never_quote_the_input() {
         let secret = "PRIVATE-MARKER-1234";
         let body = format!(r#"[{{"{secret}": "{secret}"}}]"#);
-        let Err(Refusal::BadRequest(m)) = json_command(body.as_bytes()) else {
+        let Err(Refusal::BadRequest(m)) = json_command(body.as_bytes(), L) else {
             panic!()
         };
         assert!(!m.contains(secret));
         let body = format!(r#"[["GET", "{secret}"], "{secret}"]"#);
-        let Err(Refusal::BadRequest(m)) = json_pipeline(body.as_bytes()) else {
+        let Err(Refusal::BadRequest(m)) = json_pipeline(body.as_bytes(), L) else {
             panic!()
         };
         assert!(!m.contains(secret));
@@ -652,27 +1092,120 @@ mod tests {
 
     #[test]
     fn pipelines() {
-        let cmds = json_pipeline(br#"[["SET","k","v"],["GET","k"]]"#).unwrap();
+        let cmds = json_pipeline(br#"[["SET","k","v","EX",1],["GET","k"]]"#, L).unwrap();
         assert_eq!(cmds.len(), 2);
-        let parsed = parse_pipeline(cmds, Policy::default()).unwrap();
+        let parsed = parse_pipeline(cmds, &admin()).unwrap();
         assert_eq!(parsed[1].verb(), Verb::Get);
-        assert!(matches!(json_pipeline(b"[]"), Err(Refusal::BadRequest(_))));
         assert!(matches!(
-            json_pipeline(br#"["GET","k"]"#),
+            json_pipeline(b"[]", L),
+            Err(Refusal::BadRequest(_))
+        ));
+        assert!(matches!(
+            json_pipeline(br#"["GET","k"]"#, L),
             Err(Refusal::BadRequest(_))
         ));
         // One forbidden command refuses the whole pipeline with 403, even after a
         // malformed one.
-        let cmds = json_pipeline(br#"[["GET"],["SET","k","v"],["FLUSHALL"]]"#).unwrap();
+        let cmds = json_pipeline(br#"[["GET"],["SET","k","v"],["FLUSHALL"]]"#, L).unwrap();
         assert!(matches!(
-            parse_pipeline(cmds, Policy::default()),
+            parse_pipeline(cmds, &admin()),
             Err(Refusal::Forbidden(_))
         ));
-        let cmds = json_pipeline(br#"[["GET","k"],["GET"],[]]"#).unwrap();
+        let cmds = json_pipeline(br#"[["GET","k"],["GET"],[]]"#, L).unwrap();
         assert!(matches!(
-            parse_pipeline(cmds, Policy::default()),
+            parse_pipeline(cmds, &admin()),
             Err(Refusal::BadRequest(_))
         ));
+        // A command the filter's token may not run refuses its whole pipeline.
+        let cmds = json_pipeline(br#"[["GET","directive:a"],["DEL","directive:a"]]"#, L).unwrap();
+        assert!(matches!(
+            parse_pipeline(cmds, &filter()),
+            Err(Refusal::Forbidden(FORBIDDEN_FOR_FILTER))
+        ));
+    }
+
+    const L: Limits = Limits {
+        max_pipeline_commands: DEFAULT_MAX_PIPELINE_COMMANDS,
+        max_command_args: DEFAULT_MAX_COMMAND_ARGS,
+        max_request_args: DEFAULT_MAX_REQUEST_ARGS,
+    };
+
+    fn repeated(item: &str, n: usize) -> Vec<u8> {
+        let mut body = b"[".to_vec();
+        for i in 0..n {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(item.as_bytes());
+        }
+        body.push(b']');
+        body
+    }
+
+    #[test]
+    fn caps_are_counted_while_reading() {
+        let small = Limits {
+            max_pipeline_commands: 3,
+            max_command_args: 4,
+            max_request_args: 10,
+        };
+        // Exactly at each cap: read.
+        assert_eq!(json_pipeline(&repeated("[]", 3), small).unwrap().len(), 3);
+        assert_eq!(json_command(&repeated("\"a\"", 4), small).unwrap().len(), 4);
+        // One past: refused, with the cap (never the input) in the message.
+        assert_eq!(
+            json_pipeline(&repeated("[]", 4), small),
+            Err(Refusal::bad("ERR pipeline has more than 3 commands"))
+        );
+        assert_eq!(
+            json_command(&repeated("\"a\"", 5), small),
+            Err(Refusal::bad("ERR command has more than 4 arguments"))
+        );
+        assert_eq!(
+            json_pipeline(&repeated(r#"["a","b","c"]"#, 3), small)
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(
+            json_pipeline(
+                br#"[["a","b","c","d"],["a","b","c","d"],["a","b","c"]]"#,
+                small
+            ),
+            Err(Refusal::bad(
+                "ERR request has more than 10 arguments in all"
+            ))
+        );
+        // The reader stops at the cap: what follows it is never parsed, so a
+        // syntax error there is not what is reported.
+        let mut body = repeated("[]", 4);
+        body.pop();
+        body.extend_from_slice(b",[\"unterminated");
+        assert_eq!(
+            json_pipeline(&body, small),
+            Err(Refusal::bad("ERR pipeline has more than 3 commands"))
+        );
+        // A cap refusal is not mistaken for a shape error, and vice versa.
+        assert_eq!(
+            json_pipeline(br#"[["a"],"x"]"#, small),
+            Err(Refusal::bad(PIPELINE_SHAPE))
+        );
+        // The default caps: a million empty commands are refused at the 1001st.
+        let huge = repeated("[]", 1_000_000);
+        assert_eq!(
+            json_pipeline(&huge, L),
+            Err(Refusal::bad("ERR pipeline has more than 1000 commands"))
+        );
+        assert_eq!(
+            json_pipeline(&repeated(r#"["PING"]"#, 1000), L)
+                .unwrap()
+                .len(),
+            1000
+        );
+        assert_eq!(
+            json_command(&repeated("\"\"", 1025), L),
+            Err(Refusal::bad("ERR command has more than 1024 arguments"))
+        );
     }
 
     #[test]
@@ -693,16 +1226,16 @@ mod tests {
     #[test]
     fn path_form_segments_body_then_query() {
         assert_eq!(
-            path_args("/set/foo/bar", b"", None).unwrap(),
+            path_args("/set/foo/bar", b"", None, L).unwrap(),
             v(&["set", "foo", "bar"])
         );
         assert_eq!(
-            path_args("/set/foo/bar/EX/100", b"", None).unwrap(),
+            path_args("/set/foo/bar/EX/100", b"", None, L).unwrap(),
             v(&["set", "foo", "bar", "EX", "100"])
         );
         // Upstash: POST /set/foo?EX=100 with a body ≡ /set/foo/$VALUE/EX/100.
         assert_eq!(
-            path_args("/set/foo", b"{\"a\": 1}\r\n", Some("EX=100")).unwrap(),
+            path_args("/set/foo", b"{\"a\": 1}\r\n", Some("EX=100"), L).unwrap(),
             vec![
                 b"set".to_vec(),
                 b"foo".to_vec(),
@@ -713,24 +1246,39 @@ mod tests {
         );
         // The token parameter is never an argument, wherever it is.
         assert_eq!(
-            path_args("/get/k", b"", Some("_token=s3cret&NX")).unwrap(),
+            path_args("/get/k", b"", Some("_token=s3cret&NX"), L).unwrap(),
             v(&["get", "k", "NX"])
         );
         assert_eq!(
-            path_args("/get/a%2Fb%00", b"", None).unwrap(),
+            path_args("/get/a%2Fb%00", b"", None, L).unwrap(),
             vec![b"get".to_vec(), b"a/b\0".to_vec()]
         );
         assert_eq!(
-            path_args("/set/k/", b"", None).unwrap(),
+            path_args("/set/k/", b"", None, L).unwrap(),
             v(&["set", "k", ""])
         );
-        assert!(path_args("/get/%zz", b"", None).is_err());
-        assert!(path_args("/get/k", b"", Some("a=%g0")).is_err());
+        assert!(path_args("/get/%zz", b"", None, L).is_err());
+        assert!(path_args("/get/k", b"", Some("a=%g0"), L).is_err());
+        // The argument cap covers segments, body and query alike.
+        let small = Limits {
+            max_command_args: 3,
+            ..L
+        };
+        assert_eq!(path_args("/del/a/b", b"", None, small).unwrap().len(), 3);
+        let over = Err(Refusal::bad("ERR command has more than 3 arguments"));
+        assert_eq!(path_args("/del/a/b/c", b"", None, small), over);
+        assert_eq!(path_args("/del/a/b", b"x", None, small), over);
+        assert_eq!(path_args("/del/a", b"", Some("b=c"), small), over);
+        let long = format!("/del{}", "/a".repeat(100_000));
+        assert_eq!(
+            path_args(&long, b"", None, L),
+            Err(Refusal::bad("ERR command has more than 1024 arguments"))
+        );
     }
 
     #[test]
     fn command_debug_shows_no_argument() {
-        let c = ok(&["SET", "k", "PRIVATE-MARKER"]);
+        let c = ok(&["SET", "k", "PRIVATE-MARKER", "EX", "1"]);
         let d = format!("{c:?}");
         assert!(!d.contains("PRIVATE"), "{d}");
         assert!(d.contains("Set"), "{d}");

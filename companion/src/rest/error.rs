@@ -30,6 +30,13 @@ pub enum RestError {
     /// Body above `--max-body-bytes` (413).
     #[error("ERR request body is larger than {0} bytes")]
     TooLarge(usize),
+    /// A method that runs no command (405): only GET, POST and PUT do.
+    #[error("ERR method not allowed: commands run only on GET, POST and PUT")]
+    MethodNotAllowed,
+    /// The body did not arrive within `--body-timeout-ms` (408); the
+    /// connection is closed after the answer.
+    #[error("ERR request body not received within {} ms", .0.as_millis())]
+    BodyTimeout(std::time::Duration),
     /// Redis unreachable or too slow (503). The cause is for logs only.
     #[error("ERR Redis is unavailable")]
     Unavailable(LinkFailure),
@@ -52,6 +59,8 @@ impl RestError {
             RestError::Forbidden(_) => StatusCode::FORBIDDEN,
             RestError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RestError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            RestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -61,7 +70,10 @@ impl RestError {
         match self {
             RestError::Unauthorized => Outcome::Unauthorized,
             RestError::Forbidden(_) => Outcome::Forbidden,
-            RestError::BadRequest(_) | RestError::TooLarge(_) => Outcome::BadRequest,
+            RestError::BadRequest(_)
+            | RestError::TooLarge(_)
+            | RestError::MethodNotAllowed
+            | RestError::BodyTimeout(_) => Outcome::BadRequest,
             RestError::Unavailable(_) => Outcome::Unavailable,
         }
     }
@@ -82,7 +94,21 @@ pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
 
 impl IntoResponse for RestError {
     fn into_response(self) -> Response {
-        json_response(self.status(), Reply::Error(self.to_string()).to_body())
+        let mut resp = json_response(self.status(), Reply::Error(self.to_string()).to_body());
+        match self {
+            RestError::MethodNotAllowed => {
+                resp.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, POST, PUT"));
+            }
+            // The rest of that body may still come: the connection cannot be
+            // reused, so it is closed instead of waiting to drain it.
+            RestError::BodyTimeout(_) => {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        resp
     }
 }
 
@@ -111,5 +137,16 @@ mod tests {
             RestError::from(Refusal::Forbidden("x")).status(),
             StatusCode::FORBIDDEN
         );
+        let r = RestError::MethodNotAllowed.into_response();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[header::ALLOW], "GET, POST, PUT");
+        let e = RestError::BodyTimeout(std::time::Duration::from_millis(1500));
+        assert_eq!(
+            e.to_string(),
+            "ERR request body not received within 1500 ms"
+        );
+        let r = e.into_response();
+        assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(r.headers()[header::CONNECTION], "close");
     }
 }

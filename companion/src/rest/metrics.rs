@@ -92,6 +92,42 @@ impl Outcome {
     }
 }
 
+/// Why the front closed a connection of its own accord.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Accepted past `--max-connections` and closed at once.
+    OverLimit,
+    /// A head not complete within `--header-timeout-ms`.
+    HeaderTimeout,
+    /// Nothing moved for `--idle-timeout-ms` while no request was served.
+    IdleTimeout,
+    /// Shutdown: no request in progress, or still open after the grace.
+    Shutdown,
+}
+
+impl Closed {
+    const ALL: [Closed; 4] = [
+        Closed::OverLimit,
+        Closed::HeaderTimeout,
+        Closed::IdleTimeout,
+        Closed::Shutdown,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Closed::OverLimit => "over_limit",
+            Closed::HeaderTimeout => "header_timeout",
+            Closed::IdleTimeout => "idle_timeout",
+            Closed::Shutdown => "shutdown",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    }
+}
+
 /// Counters of the REST front, exported on `/metrics`.
 #[derive(Debug)]
 pub struct RestMetrics {
@@ -107,6 +143,9 @@ pub struct RestMetrics {
     /// Latency of every command request, from after authentication to the
     /// answer.
     pub latency: Histogram,
+    /// Client connections open right now.
+    pub connections: Gauge,
+    closed: [Counter; 4],
 }
 
 impl Default for RestMetrics {
@@ -117,6 +156,8 @@ impl Default for RestMetrics {
             in_flight: Gauge::default(),
             redis_resets: Counter::default(),
             latency: Histogram::new(LATENCY_BUCKETS),
+            connections: Gauge::default(),
+            closed: Default::default(),
         }
     }
 }
@@ -139,6 +180,23 @@ impl RestMetrics {
             .get(command.index())
             .and_then(|row| row.get(outcome.index()))
             .map_or(0, Counter::get)
+    }
+
+    /// Counts one connection the front closed.
+    pub fn closed(&self, why: Closed) {
+        self.closed_by(why, 1);
+    }
+
+    /// Counts `n` connections the front closed.
+    pub fn closed_by(&self, why: Closed, n: u64) {
+        if let Some(c) = self.closed.get(why.index()) {
+            c.inc_by(n);
+        }
+    }
+
+    /// Connections closed for `why` so far.
+    pub fn closed_total(&self, why: Closed) -> u64 {
+        self.closed.get(why.index()).map_or(0, Counter::get)
     }
 
     /// Prometheus text exposition.
@@ -178,7 +236,21 @@ impl RestMetrics {
             "ibex_rest_request_seconds",
             "REST command latency, from after authentication to the answer.",
             &self.latency,
+        )
+        .gauge(
+            "ibex_rest_connections",
+            "Client connections open.",
+            &self.connections,
         );
+        let name = "ibex_rest_connections_closed_total";
+        e.family(
+            name,
+            "counter",
+            "Client connections the front closed: over_limit (past --max-connections), header_timeout, idle_timeout, shutdown.",
+        );
+        for why in Closed::ALL {
+            e.sample(name, &[("reason", why.label())], self.closed_total(why));
+        }
         e.finish()
     }
 }
@@ -203,5 +275,12 @@ mod tests {
         assert_eq!(text.matches("ibex_rest_requests_total{").count(), 48);
         assert!(text.contains("# TYPE ibex_rest_request_seconds histogram\n"));
         assert!(text.contains("ibex_rest_in_flight 0\n"));
+        m.closed(Closed::HeaderTimeout);
+        m.closed_by(Closed::Shutdown, 3);
+        let text = m.render();
+        assert!(text.contains("ibex_rest_connections_closed_total{reason=\"header_timeout\"} 1\n"));
+        assert!(text.contains("ibex_rest_connections_closed_total{reason=\"shutdown\"} 3\n"));
+        assert!(text.contains("ibex_rest_connections_closed_total{reason=\"over_limit\"} 0\n"));
+        assert!(text.contains("ibex_rest_connections 0\n"));
     }
 }

@@ -4,22 +4,29 @@
 //!
 //! It serves the subset of Upstash's REST API the filter and operators need:
 //! `POST /` with a JSON command, `POST /pipeline`, and the path form
-//! `/{command}/{arg}/…`, for `GET`, `SET` (`EX`, `NX`), `DEL`, `EVAL` (the
-//! filter's scripts only, unless `--allow-any-script`) and `PING`; answers
-//! `{"result": …}` / `{"error": "…"}` with Upstash's statuses, honours
-//! `Upstash-Encoding: base64`, keeps HTTP/1.1 connections alive, and runs every
-//! command on one shared, self-reconnecting Redis connection ([`link`]).
+//! `/{command}/{arg}/…` (on GET, POST or PUT; anything else is a 405), for `GET`,
+//! `SET` (`EX` required, `NX`), `DEL`, `EVAL` (the filter's scripts only, unless
+//! `--allow-any-script`) and `PING`; answers `{"result": …}` / `{"error": "…"}`
+//! with Upstash's statuses, honours `Upstash-Encoding: base64`, keeps HTTP/1.1
+//! connections alive ([`serve`]: with deadlines on heads, bodies and idle
+//! connections, and a connection cap), and runs every command on one shared,
+//! self-reconnecting Redis connection ([`link`]).
 //!
-//! Requests are authenticated (`Authorization: Bearer`, or `_token` in the
-//! query, compared in constant time) before their body is read, and checked
-//! against the allowlist ([`command`]) before Redis is touched, so a leaked
-//! token cannot `FLUSHALL`, `CONFIG SET` or run its own Lua.
+//! Two tokens: the filter's (`--token`) runs only what the filter sends (`PING`,
+//! `GET` and the filter's scripts on the filter's keys, see [`command::Role`]),
+//! the operators' (`--admin-token`, optional) the whole allowlist. Requests are
+//! authenticated (`Authorization: Bearer`, or `_token` in the query, compared in
+//! constant time) before their body is read, and checked against the token's
+//! allowlist ([`command`]) before Redis is touched, so a leaked filter token
+//! cannot `FLUSHALL`, `DEL` a tombstone, write a key without TTL or run its own
+//! Lua.
 //!
 //! What it must never do: log a command's arguments or results at any level
 //! (they are directive text, keys and gateway key hashes: only the command's
-//! verb, outcome and duration are logged, at debug), log or keep the token (only
-//! its SHA-256 is held), or tell a client more than a fixed message when Redis
-//! fails (no URL, no host, no connection error text).
+//! verb, the token's role, outcome and duration are logged, at debug), log or
+//! keep a token (only their SHA-256 digests are held here), or tell a client
+//! more than a fixed message when Redis fails (no URL, no host, no connection
+//! error text).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,9 +34,9 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, on, MethodFilter};
+use axum::routing::{any, get};
 use axum::{Json, Router};
 use ibex_wire::Redacted;
 use sha2::{Digest, Sha256};
@@ -40,16 +47,22 @@ pub mod encode;
 mod error;
 pub mod link;
 mod metrics;
+pub mod serve;
 
-use command::{Command, Policy, Refusal};
+use command::{Command, Limits, Policy, Refusal, Role};
 use encode::{Encoding, Reply};
 use error::json_response;
 pub use error::RestError;
 use link::RedisLink;
-pub use metrics::{CommandLabel, Outcome, RestMetrics};
+pub use metrics::{Closed, CommandLabel, Outcome, RestMetrics};
+pub use serve::ServeOptions;
 
-/// Default of `--max-body-bytes`: 16 MiB.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Default of `--max-body-bytes`: 4 MiB. The filter's largest body is a
+/// write-back, its directive escaped as a JSON string plus about 200 bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Default of `--body-timeout-ms`.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Request header that asks for base64 strings in the answer.
 pub const ENCODING_HEADER: &str = "upstash-encoding";
@@ -62,26 +75,40 @@ pub const RESPONSE_FORMAT_HEADER: &str = "upstash-response-format";
 pub struct RestOptions {
     /// Larger bodies are refused with 413.
     pub max_body_bytes: usize,
-    /// Run any `EVAL` script, not only the filter's.
+    /// Commands per pipeline and arguments per command and request (400 past
+    /// them).
+    pub limits: Limits,
+    /// Let the admin token run any `EVAL` script, not only the filter's.
     pub allow_any_script: bool,
+    /// The filter's `redis.key_prefix`: the filter token reaches keys under it
+    /// and under `agent_key:`.
+    pub key_prefix: String,
     /// Deadline of one Redis round trip (connecting included, and a whole
     /// pipeline); past it the request answers 503.
     pub redis_timeout: Duration,
+    /// Deadline of reading a request's body; past it the request answers 408.
+    pub body_timeout: Duration,
+    /// The server's deadlines and connection cap.
+    pub serve: ServeOptions,
 }
 
 impl Default for RestOptions {
     fn default() -> Self {
         Self {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            limits: Limits::default(),
             allow_any_script: false,
+            key_prefix: ibex_wire::DEFAULT_KEY_PREFIX.to_string(),
             redis_timeout: Duration::from_millis(1000),
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            serve: ServeOptions::default(),
         }
     }
 }
 
-/// The token, kept only as its SHA-256: comparing digests takes the same time
-/// whatever the candidate's length or content, and no copy of the secret stays
-/// in memory to leak through a `Debug`.
+/// A token as the front holds it, its SHA-256 only: comparing digests takes the
+/// same time whatever the candidate's length or content, and the front's state
+/// keeps no copy of the secret to leak through a `Debug`.
 struct TokenDigest([u8; 32]);
 
 impl TokenDigest {
@@ -89,8 +116,12 @@ impl TokenDigest {
         Self(Sha256::digest(token).into())
     }
 
+    #[cfg(test)]
     fn matches(&self, candidate: &[u8]) -> bool {
-        let theirs: [u8; 32] = Sha256::digest(candidate).into();
+        self.matches_digest(&Sha256::digest(candidate).into())
+    }
+
+    fn matches_digest(&self, theirs: &[u8; 32]) -> bool {
         // Fold every byte before deciding: no early exit on the first mismatch.
         let diff = theirs
             .iter()
@@ -101,7 +132,10 @@ impl TokenDigest {
 }
 
 struct Inner {
-    token: TokenDigest,
+    filter_token: TokenDigest,
+    admin_token: Option<TokenDigest>,
+    filter_policy: Policy,
+    admin_policy: Policy,
     link: RedisLink,
     options: RestOptions,
     metrics: RestMetrics,
@@ -118,37 +152,69 @@ impl std::fmt::Debug for RestState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RestState")
             .field("options", &self.inner.options)
-            .field("token", &"<sha256 only>")
+            .field("tokens", &"<sha256 only>")
             .finish_non_exhaustive()
     }
 }
 
 /// Checks an operator's token: not empty, and printable ASCII without spaces so
-/// it survives an `Authorization` header and a query string unchanged.
-pub fn check_token(token: &str) -> crate::Result<()> {
+/// it survives an `Authorization` header and a query string unchanged. `what`
+/// names it in the error ("REST token", "REST admin token").
+pub fn check_token_named(token: &str, what: &str) -> crate::Result<()> {
     if token.is_empty() {
-        return Err(crate::Error::Config("the REST token is empty".into()));
+        return Err(crate::Error::Config(format!("the {what} is empty")));
     }
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(crate::Error::Config(
-            "the REST token must be printable ASCII without spaces or control characters".into(),
-        ));
+        return Err(crate::Error::Config(format!(
+            "the {what} must be printable ASCII without spaces or control characters"
+        )));
     }
     Ok(())
 }
 
+/// [`check_token_named`] for the filter's token.
+pub fn check_token(token: &str) -> crate::Result<()> {
+    check_token_named(token, "REST token")
+}
+
 impl RestState {
     /// State over `client` (not connected yet: the first request or the
-    /// warm-up in [`run`] connects). `token` is checked with [`check_token`].
+    /// warm-up in [`run`] connects), with the filter's `token` and optionally
+    /// the operators' `admin_token`, both checked with [`check_token_named`]
+    /// and kept as digests only. Refused: the same text for both (the filter's
+    /// config would then hold the admin token), `allow_any_script` without an
+    /// admin token (it has no one to apply to), an empty key prefix (it would
+    /// put every key in the filter token's scope).
     pub fn new(
         client: redis::Client,
         token: &Redacted<String>,
+        admin_token: Option<&Redacted<String>>,
         options: RestOptions,
     ) -> crate::Result<Self> {
         check_token(token.expose())?;
+        if let Some(admin) = admin_token {
+            check_token_named(admin.expose(), "REST admin token")?;
+            if admin.expose() == token.expose() {
+                return Err(crate::Error::Config(
+                    "the REST admin token must differ from the filter's token".into(),
+                ));
+            }
+        } else if options.allow_any_script {
+            return Err(crate::Error::Config(
+                "--allow-any-script applies to the admin token only: give --admin-token too".into(),
+            ));
+        }
+        if options.key_prefix.is_empty() {
+            return Err(crate::Error::Config(
+                "the key prefix is empty: every key would be in the filter token's scope".into(),
+            ));
+        }
         Ok(Self {
             inner: Arc::new(Inner {
-                token: TokenDigest::of(token.expose().as_bytes()),
+                filter_token: TokenDigest::of(token.expose().as_bytes()),
+                admin_token: admin_token.map(|t| TokenDigest::of(t.expose().as_bytes())),
+                filter_policy: Policy::filter(options.key_prefix.clone()),
+                admin_policy: Policy::admin(options.key_prefix.clone(), options.allow_any_script),
                 link: RedisLink::new(client, options.redis_timeout),
                 options,
                 metrics: RestMetrics::default(),
@@ -161,20 +227,37 @@ impl RestState {
         &self.inner.metrics
     }
 
-    fn policy(&self) -> Policy {
-        Policy {
-            allow_any_script: self.inner.options.allow_any_script,
+    fn policy(&self, role: Role) -> &Policy {
+        match role {
+            Role::Filter => &self.inner.filter_policy,
+            Role::Admin => &self.inner.admin_policy,
         }
     }
 
-    /// True when the request carries the token: `Authorization: Bearer <token>`
+    /// Whose token the request carries: `Authorization: Bearer <token>`
     /// (scheme in any case) or, with no `Authorization` header, `?_token=`.
-    fn authorized(&self, headers: &HeaderMap, uri: &Uri) -> bool {
+    /// `None` for no token or a wrong one.
+    fn role_of(&self, headers: &HeaderMap, uri: &Uri) -> Option<Role> {
         let candidate = match headers.get(header::AUTHORIZATION) {
             Some(v) => bearer(v.as_bytes()),
             None => uri.query().and_then(token_param),
-        };
-        candidate.is_some_and(|c| self.inner.token.matches(&c))
+        }?;
+        let digest: [u8; 32] = Sha256::digest(&candidate).into();
+        // Both compared every time: the time taken does not tell which one
+        // matched, nor how much of either.
+        let filter = self.inner.filter_token.matches_digest(&digest);
+        let admin = self
+            .inner
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.matches_digest(&digest));
+        if admin {
+            Some(Role::Admin)
+        } else if filter {
+            Some(Role::Filter)
+        } else {
+            None
+        }
     }
 
     async fn run_one(&self, cmd: &Command, enc: Encoding) -> Result<Reply, RestError> {
@@ -270,8 +353,15 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, RestError> {
 }
 
 /// Reads the body, refusing more than `max` bytes (413) from the
-/// `Content-Length` alone when there is one.
-async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, RestError> {
+/// `Content-Length` alone when there is one, and a body still incomplete after
+/// `deadline` (408): a client that declares a body and sends it a byte at a time
+/// would otherwise hold the request for as long as it likes.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    max: usize,
+    deadline: Duration,
+) -> Result<Bytes, RestError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -279,7 +369,10 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes,
     if declared.is_some_and(|n| n > max as u64) {
         return Err(RestError::TooLarge(max));
     }
-    axum::body::to_bytes(body, max).await.map_err(|e| {
+    let read = tokio::time::timeout(deadline, axum::body::to_bytes(body, max))
+        .await
+        .map_err(|_| RestError::BodyTimeout(deadline))?;
+    read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
@@ -324,18 +417,41 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Methods that run a command. Upstash also takes HEAD, but a HEAD answer has no
+/// body, so its client cannot see what its command did, and HEAD is what
+/// crawlers, prefetchers and health checkers send believing it harmless: here it
+/// runs nothing (405). PUT is kept, read like POST: Upstash takes it, so a
+/// client written for Upstash may send it, and it can do nothing POST cannot.
+fn runs_commands(method: &Method) -> bool {
+    method == Method::GET || method == Method::POST || method == Method::PUT
+}
+
 impl RestState {
-    /// One command request, from authentication to the answer.
-    async fn serve(&self, form: Form, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+    /// One command request, from the method and authentication to the answer.
+    async fn serve(
+        &self,
+        form: Form,
+        method: Method,
+        headers: HeaderMap,
+        uri: Uri,
+        body: Body,
+    ) -> Response {
         let m = &self.inner.metrics;
         let _in_flight = InFlight::start(m);
-        if !self.authorized(&headers, &uri) {
+        if !runs_commands(&method) {
+            m.record(CommandLabel::None, Outcome::BadRequest);
+            tracing::debug!(outcome = "method_not_allowed", "rest request");
+            return RestError::MethodNotAllowed.into_response();
+        }
+        let Some(role) = self.role_of(&headers, &uri) else {
             m.record(CommandLabel::None, Outcome::Unauthorized);
             tracing::debug!(outcome = "unauthorized", "rest request");
             return RestError::Unauthorized.into_response();
-        }
+        };
         let started = Instant::now();
-        let served = self.serve_authorized(form, &headers, &uri, body).await;
+        let served = self
+            .serve_authorized(form, role, &headers, &uri, body)
+            .await;
         let elapsed = started.elapsed();
         m.latency.observe(elapsed);
         let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
@@ -350,6 +466,7 @@ impl RestState {
                 m.record(served.command, outcome);
                 tracing::debug!(
                     command,
+                    token = role.label(),
                     outcome = outcome.label(),
                     elapsed_us,
                     "rest request"
@@ -364,6 +481,7 @@ impl RestState {
                 } else {
                     tracing::debug!(
                         command,
+                        token = role.label(),
                         outcome = outcome.label(),
                         elapsed_us,
                         "rest request"
@@ -377,6 +495,7 @@ impl RestState {
     async fn serve_authorized(
         &self,
         form: Form,
+        role: Role,
         headers: &HeaderMap,
         uri: &Uri,
         body: Body,
@@ -393,11 +512,13 @@ impl RestState {
             Ok(enc) => enc,
             Err(e) => return early(label_of_form, e),
         };
-        let body = match read_body(body, headers, self.inner.options.max_body_bytes).await {
+        let o = &self.inner.options;
+        let body = match read_body(body, headers, o.max_body_bytes, o.body_timeout).await {
             Ok(b) => b,
             Err(e) => return early(label_of_form, e),
         };
-        let policy = self.policy();
+        let policy = self.policy(role);
+        let limits = o.limits;
         let label_of = |r: &Refusal| match (form, r) {
             (Form::Pipeline, _) => CommandLabel::Pipeline,
             (_, Refusal::Forbidden(_)) => CommandLabel::Other,
@@ -405,7 +526,7 @@ impl RestState {
         };
         match form {
             Form::Pipeline => {
-                let parsed = command::json_pipeline(&body)
+                let parsed = command::json_pipeline(&body, limits)
                     .and_then(|cmds| command::parse_pipeline(cmds, policy));
                 let cmds = match parsed {
                     Ok(c) => c,
@@ -423,8 +544,8 @@ impl RestState {
             }
             Form::Json | Form::Path => {
                 let parts = match form {
-                    Form::Json => command::json_command(&body),
-                    _ => command::path_args(uri.path(), &body, uri.query()),
+                    Form::Json => command::json_command(&body, limits),
+                    _ => command::path_args(uri.path(), &body, uri.query(), limits),
                 };
                 let cmd = match parts.and_then(|p| command::parse(p, policy)) {
                     Ok(c) => c,
@@ -449,29 +570,34 @@ impl RestState {
 
 async fn post_json(
     State(state): State<RestState>,
+    method: Method,
     headers: HeaderMap,
     uri: Uri,
     body: Body,
 ) -> Response {
-    state.serve(Form::Json, headers, uri, body).await
+    state.serve(Form::Json, method, headers, uri, body).await
 }
 
 async fn post_pipeline(
     State(state): State<RestState>,
+    method: Method,
     headers: HeaderMap,
     uri: Uri,
     body: Body,
 ) -> Response {
-    state.serve(Form::Pipeline, headers, uri, body).await
+    state
+        .serve(Form::Pipeline, method, headers, uri, body)
+        .await
 }
 
 async fn path_form(
     State(state): State<RestState>,
+    method: Method,
     headers: HeaderMap,
     uri: Uri,
     body: Body,
 ) -> Response {
-    state.serve(Form::Path, headers, uri, body).await
+    state.serve(Form::Path, method, headers, uri, body).await
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -501,25 +627,23 @@ async fn metrics_text(State(state): State<RestState>) -> Response {
 /// The front's router. `/healthz`, `/readyz` and `/metrics` need no token and
 /// take precedence over the path form (no Redis command has those names).
 pub fn app(state: RestState) -> Router {
-    // Upstash allows HEAD, GET, POST and PUT; PUT is read like POST. Other
-    // methods get axum's 405.
-    let commands = MethodFilter::GET
-        .or(MethodFilter::POST)
-        .or(MethodFilter::PUT);
+    // Every method reaches the handler, which refuses all but GET, POST and PUT
+    // (see `runs_commands`): axum would otherwise run a GET route for HEAD.
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .route("/", on(commands, post_json))
-        .route("/pipeline", on(commands, post_pipeline))
-        .route("/{*command}", on(commands, path_form))
+        .route("/", any(post_json))
+        .route("/pipeline", any(post_pipeline))
+        .route("/{*command}", any(path_form))
         .with_state(state)
 }
 
 /// Serves the front on `listener` until `shutdown` resolves, then stops
-/// accepting and waits for in-flight requests to finish. Connects to Redis in
-/// the background first; a Redis that is down delays nothing (requests answer
-/// 503 until it is back).
+/// accepting, answers in-flight requests and closes the rest, within
+/// `--shutdown-grace-ms` ([`serve`]). Connects to Redis in the background
+/// first; a Redis that is down delays nothing (requests answer 503 until it is
+/// back).
 pub async fn run(
     listener: TcpListener,
     state: RestState,
@@ -535,9 +659,8 @@ pub async fn run(
             .warm_up(&warm.inner.metrics.redis_resets)
             .await;
     });
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let inner = state.inner.clone();
+    serve::run(listener, app(state), inner, shutdown).await?;
     tracing::info!("rest front stopped");
     Ok(())
 }
@@ -585,6 +708,67 @@ mod tests {
     }
 
     #[test]
+    fn tokens_are_told_apart_and_checked_at_start() {
+        let client = || redis::Client::open("redis://127.0.0.1:1").unwrap();
+        let filter = Redacted::new("filter-token".to_string());
+        let admin = Redacted::new("admin-token".to_string());
+        let state =
+            RestState::new(client(), &filter, Some(&admin), RestOptions::default()).unwrap();
+        let role = |auth: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, auth.parse().unwrap());
+            state.role_of(&h, &Uri::from_static("/"))
+        };
+        assert_eq!(role("Bearer filter-token"), Some(Role::Filter));
+        assert_eq!(role("Bearer admin-token"), Some(Role::Admin));
+        assert_eq!(role("Bearer admin-tokenx"), None);
+        assert_eq!(
+            state.role_of(
+                &HeaderMap::new(),
+                &Uri::from_static("/get/k?_token=admin-token")
+            ),
+            Some(Role::Admin)
+        );
+        let refused = |admin: Option<&Redacted<String>>, options: RestOptions| {
+            RestState::new(client(), &filter, admin, options)
+                .unwrap_err()
+                .to_string()
+        };
+        let same = refused(Some(&filter), RestOptions::default());
+        assert!(same.contains("differ"), "{same}");
+        assert!(!same.contains("filter-token"), "{same}");
+        let any = RestOptions {
+            allow_any_script: true,
+            ..Default::default()
+        };
+        assert!(refused(None, any).contains("--admin-token"));
+        let empty = RestOptions {
+            key_prefix: String::new(),
+            ..Default::default()
+        };
+        assert!(refused(Some(&admin), empty).contains("key prefix"));
+        let bad = Redacted::new("a b".to_string());
+        assert!(refused(Some(&bad), RestOptions::default()).contains("admin token"));
+    }
+
+    #[test]
+    fn only_get_post_and_put_run_commands() {
+        for m in [Method::GET, Method::POST, Method::PUT] {
+            assert!(runs_commands(&m), "{m}");
+        }
+        for m in [
+            Method::HEAD,
+            Method::DELETE,
+            Method::PATCH,
+            Method::OPTIONS,
+            Method::TRACE,
+            Method::CONNECT,
+        ] {
+            assert!(!runs_commands(&m), "{m}");
+        }
+    }
+
+    #[test]
     fn encoding_headers() {
         let mut h = HeaderMap::new();
         assert_eq!(encoding(&h).unwrap(), Encoding::Text);
@@ -601,12 +785,14 @@ mod tests {
     }
 
     #[test]
-    fn state_debug_hides_the_token() {
+    fn state_debug_hides_the_tokens() {
         let client = redis::Client::open("redis://:hunter2@127.0.0.1:1").unwrap();
         let token = Redacted::new("tok-5e0f7a".to_string());
-        let state = RestState::new(client, &token, RestOptions::default()).unwrap();
+        let admin = Redacted::new("adm-9c1d2b".to_string());
+        let state = RestState::new(client, &token, Some(&admin), RestOptions::default()).unwrap();
         let d = format!("{state:?}");
         assert!(!d.contains("tok-5e0f7a"), "{d}");
+        assert!(!d.contains("adm-9c1d2b"), "{d}");
         assert!(!d.contains("hunter2"), "{d}");
         let d = format!("{:?}", state.inner.link);
         assert!(!d.contains("hunter2"), "{d}");
