@@ -25,6 +25,7 @@ from helpers import (
 )
 from stack import wait_until
 from stack.contract import redis_key as key
+from stack.contract import stored_text
 
 NEGATIVE_TTL = 10  # cache.negative_ttl_seconds of envoy/local.yaml
 
@@ -83,7 +84,7 @@ def test_redis_without_the_key_falls_through_to_the_store_and_is_filled(stack, u
     ttl = wait_until(lambda: stack.redis.ttl(key(agent)) > 0 and stack.redis.ttl(key(agent)),
                      what="the directive to be written back to Redis")
     assert 0 < ttl <= 60
-    assert stack.redis.get(key(agent)) == "Cite your sources."
+    assert stored_text(stack.redis.get(key(agent))) == "Cite your sources."
 
 
 def test_agent_without_directive_is_forwarded_byte_identical_and_cached_negatively(stack, upstream):

@@ -18,14 +18,14 @@ import requests
 from helpers import (CHAT, agent_with, assert_chat_injected, chat_body, new_agent, requests_on_every_worker, send,
                      tier)
 from stack import wait_until
-from stack.contract import FLUSH_CHANNEL, FLUSH_MARKER, INVALIDATE_PATH, TOMBSTONE, updates_channel
+from stack.contract import FLUSH_CHANNEL, FLUSH_MARKER, INVALIDATE_PATH, TOMBSTONE, stored_text, updates_channel
 from stack.contract import redis_key as key
 from stack.postgres import quote_literal
 
 def cached(stack, agent, directive):
     """Request once so the directive sits in L1 and L2; check the next one is local."""
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
-    wait_until(lambda: stack.redis.get(key(agent)) == directive, what="the L2 write-back")
+    wait_until(lambda: stored_text(stack.redis.get(key(agent))) == directive, what="the L2 write-back")
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
     assert tier(stack.upstream.last()) == "local"
 
@@ -323,7 +323,7 @@ def test_subscriber_down_during_an_update_flushes_when_it_starts(stack, upstream
     assert publish(stack, updates_channel(agent)) == 0  # nobody listens: the message is gone
     assert injected_text(stack, agent) == "Before the lost update."
     assert tier(stack.upstream.last()) == "local"
-    assert stack.redis.get(key(agent)) == "Before the lost update."
+    assert stored_text(stack.redis.get(key(agent))) == "Before the lost update."
     stack.start("subscriber")  # returns once its initial flush reached Envoy
     assert stack.redis.get(key(agent)) is None
     tiers = every_worker_carries(stack, agent, "After the lost update.")

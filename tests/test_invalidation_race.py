@@ -28,7 +28,7 @@ from helpers import (CHAT, agent_with, chat_body, connections_by_worker, json_he
                      tier)
 from pg_gate import HOLDING_FILTER_CONFIG, install_gate, psql_session, psql_until
 from stack import wait_until
-from stack.contract import FLUSH_MARKER, INVALIDATE_PATH, TOMBSTONE, redis_key, updates_channel
+from stack.contract import FLUSH_MARKER, INVALIDATE_PATH, TOMBSTONE, redis_key, stored_text, updates_channel
 from stack.postgres import quote_literal
 from stack.rawhttp import connect, read_response, request_bytes
 
@@ -351,7 +351,7 @@ def redis_value_ok(value, settled_before):
     the tombstone, nothing, or a version at least that new."""
     if value in (None, TOMBSTONE):
         return True
-    number = version_of(value)
+    number = version_of(stored_text(value))
     return number is not None and number >= settled_before
 
 
@@ -394,7 +394,7 @@ def race(stack, gate, apply_update, rounds, updates_per_round, record_property):
             assert response.status_code == 200
             assert directive_in(response.text) == version(k), f"worker {worker} served an old directive"
             value = stack.redis.get(key)
-            assert value in (None, TOMBSTONE, version(k)), f"Redis holds {value!r} after version {k}"
+            assert stored_text(value) in (None, version(k)), f"Redis holds {value!r} after version {k}"
     assert all(seen is not None for _, seen in traffic.served), "a request went up without a directive"
     old_served = [(began, seen) for began, seen in traffic.served if seen < began]
     assert old_served == [], "requests that began after an update was settled carried an older version"

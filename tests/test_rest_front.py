@@ -32,7 +32,7 @@ from upstash_redis.errors import UpstashError
 from helpers import CHAT, assert_injected, chat_body, json_headers, new_agent, send, tier
 from stack import paths, wait_until
 from stack.contract import (FILTER_SCRIPTS, FLUSH_MARKER, GET_SCRIPT, GET_WITH_PTTL_SCRIPT, INVALIDATE_PATH,
-                            SET_IF_ABSENT_SCRIPT, agent_key_redis_key, redis_key)
+                            SET_IF_ABSENT_SCRIPT, agent_key_redis_key, redis_key, stored_text)
 
 L2 = "rest"  # also under IBEX_TEST_L2=webdis: this module is about the REST front
 
@@ -81,12 +81,12 @@ def test_an_awkward_64_kb_directive_survives_l2_byte_for_byte(stack, upstream, f
 
     # the filter's write-back went through the front: Redis holds the exact bytes
     wait_until(lambda: stack.redis.get(redis_key(agent)) is not None, what=f"the write-back through {front}")
-    assert stack.redis.get(redis_key(agent)) == BINARYISH
+    assert stored_text(stack.redis.get(redis_key(agent))) == BINARYISH
     if front == "rest":  # and the front hands them to any client, base64 or not
         status, answer = stack.rest.call("GET", redis_key(agent), base64=True)
-        assert status == 200 and base64.b64decode(answer["result"]) == BINARYISH.encode()
+        assert status == 200 and stored_text(base64.b64decode(answer["result"]).decode()) == BINARYISH
         status, answer = stack.rest.call("GET", redis_key(agent))
-        assert status == 200 and answer["result"] == BINARYISH
+        assert status == 200 and stored_text(answer["result"]) == BINARYISH
 
     # an L2 read through the front: L1 dropped, Redis answers
     invalidate_l1(stack, agent)

@@ -41,6 +41,7 @@ pub mod store;
 pub mod subscribe;
 pub mod telemetry;
 mod text;
+pub mod trace;
 
 pub use error::{DbFailure, Error};
 pub use text::DirectiveText;

@@ -531,7 +531,14 @@ fn on_store_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
     // overtook must not put its old answer back into L2. The root context sends it.
     if l1::write(host, fill, &known, ttl_ms) {
         if let Some(write) = write {
-            ctx.worker.borrow_mut().queue_write(write);
+            let mut worker = ctx.worker.borrow_mut();
+            // The answer arrived in the context that asked: the write-back belongs
+            // to the same request's trace.
+            let write = tiers::Callout {
+                traceparent: worker.traceparent(ctx.id),
+                ..write
+            };
+            worker.queue_write(write);
         }
     }
     Step::Done(Outcome::Known(known), Source::Store)
@@ -574,7 +581,11 @@ fn key_answer<H: Host>(
             let mut worker = ctx.worker.borrow_mut();
             worker.remember_unknown_key(key, until, fill.anchor.generation, now);
             if let Some(write) = write.take() {
-                worker.queue_write(write);
+                let traceparent = worker.traceparent(ctx.id);
+                worker.queue_write(tiers::Callout {
+                    traceparent,
+                    ..write
+                });
             }
             Some(Step::Done(Outcome::Known(Known::NoAgent), source))
         }

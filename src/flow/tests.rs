@@ -1780,9 +1780,18 @@ mod audit_trail {
         head.traceparent = Some(trace.into());
         let (flow, _) = w.headers_with(1, (head.clone(), eos));
         assert_eq!(w.host.last_callout().1.traceparent.as_deref(), Some(trace));
-        let (_, _) = w.answer(1, flow, redis_miss());
+        let (flow, _) = w.answer(1, flow, redis_miss());
         assert_eq!(w.host.last_callout().1.cluster, "ibex_store");
         assert_eq!(w.host.last_callout().1.traceparent.as_deref(), Some(trace));
+        let _ = w.answer(1, flow, store_answer(Some("D")));
+        on_root_tick(&w.ctx(ROOT));
+        let write = w.host.last_callout().1;
+        assert!(
+            write.path.contains("EVAL"),
+            "the write-back: {}",
+            write.path
+        );
+        assert_eq!(write.traceparent.as_deref(), Some(trace));
         // A malformed one is not passed on.
         let w = W::new(&SharedData::default(), config(""));
         head.traceparent = Some(format!("{trace}\r\nx-injected: 1"));

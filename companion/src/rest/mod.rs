@@ -448,6 +448,7 @@ impl RestState {
             tracing::debug!(outcome = "unauthorized", "rest request");
             return RestError::Unauthorized.into_response();
         };
+        let trace_id = crate::trace::trace_id(&headers).unwrap_or("-").to_owned();
         let started = Instant::now();
         let served = self
             .serve_authorized(form, role, &headers, &uri, body)
@@ -468,6 +469,7 @@ impl RestState {
                     command,
                     token = role.label(),
                     outcome = outcome.label(),
+                    trace_id,
                     elapsed_us,
                     "rest request"
                 );
@@ -483,6 +485,7 @@ impl RestState {
                         command,
                         token = role.label(),
                         outcome = outcome.label(),
+                        trace_id,
                         elapsed_us,
                         "rest request"
                     );

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -274,8 +274,10 @@ impl DirectiveBody {
 
 async fn get_directive(
     State(state): State<StoreState>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Response {
+    let trace_id = crate::trace::trace_id(&headers).unwrap_or("-");
     let agent_id = match path.ok().and_then(|Path(raw)| Uuid::try_parse(&raw).ok()) {
         Some(id) => id,
         None => {
@@ -303,6 +305,7 @@ async fn get_directive(
             tracing::debug!(
                 agent_id = %agent_id,
                 outcome,
+                trace_id,
                 version_id = %found.as_ref().map_or_else(|| "none".to_owned(), |d| d.version_id.to_string()),
                 elapsed_us = elapsed.as_micros() as u64,
                 "lookup"
@@ -311,7 +314,7 @@ async fn get_directive(
         }
         Err(failure) => {
             m.error.inc();
-            tracing::warn!(agent_id = %agent_id, error = %failure, elapsed_us = elapsed.as_micros() as u64, "lookup failed");
+            tracing::warn!(agent_id = %agent_id, trace_id, error = %failure, elapsed_us = elapsed.as_micros() as u64, "lookup failed");
             Error::Db(failure).into_response()
         }
     }
@@ -327,8 +330,10 @@ struct KeyBody {
 
 async fn get_key(
     State(state): State<StoreState>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Response {
+    let trace_id = crate::trace::trace_id(&headers).unwrap_or("-");
     let key = match path.ok().and_then(|Path(raw)| KeySha256::parse(&raw)) {
         Some(key) => key,
         None => {
@@ -352,7 +357,7 @@ async fn get_key(
                 m.key_none.inc();
                 "none"
             };
-            tracing::debug!(key_sha256 = %key, outcome, elapsed_us = elapsed.as_micros() as u64, "key lookup");
+            tracing::debug!(key_sha256 = %key, outcome, trace_id, elapsed_us = elapsed.as_micros() as u64, "key lookup");
             Json(KeyBody {
                 key_sha256: key,
                 agent_id,
@@ -361,7 +366,7 @@ async fn get_key(
         }
         Err(failure) => {
             m.key_error.inc();
-            tracing::warn!(error = %failure, elapsed_us = elapsed.as_micros() as u64, "key lookup failed");
+            tracing::warn!(trace_id, error = %failure, elapsed_us = elapsed.as_micros() as u64, "key lookup failed");
             Error::Db(failure).into_response()
         }
     }
