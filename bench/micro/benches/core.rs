@@ -38,6 +38,11 @@ fn bench_entry(c: &mut Criterion) {
         fresh_until_ms: 1_900_000_000_000,
         generation: 7,
         escaped: ibex_wire::Redacted::new(ESCAPED_DIRECTIVE),
+        // A store answer's version, as every entry filled today carries one.
+        version: ibex_directive::audit::Version::parse_canonical(
+            "0b6c7a4e-1f2d-4c3b-8a9e-5d6f7a8b9c0d",
+        )
+        .unwrap_or_default(),
     };
     let raw = entry.encode();
     let mut group = c.benchmark_group("entry");
