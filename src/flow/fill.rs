@@ -154,7 +154,11 @@ fn resolve_for<H: Host>(
         // A request that arrives after an invalidation must not be answered with
         // what was read before it: `join` checks the fill's anchor against what we
         // found.
-        match ctx.worker.borrow_mut().join(&key, &found, p) {
+        // Bound first: a borrow in the scrutinee would live through the arms, and
+        // `waits` borrows the worker again for a participant that is not the
+        // current context (a panic, and the worker's VM with it).
+        let joined = ctx.worker.borrow_mut().join(&key, &found, p);
+        match joined {
             Ok(fill) => {
                 host.count(Counter::Coalesced);
                 waits(id, fill, &mut own, ctx);

@@ -1128,6 +1128,63 @@ mod api_key {
         w.ev(id, Flow::new(), event)
     }
 
+    /// Two keys of one agent: the second key's answer, for two coalesced requests,
+    /// moves both onto the directive fill the first key's request started. Joining it
+    /// for the request that is not the current context must not borrow the worker
+    /// twice (that was a panic, taking the worker's VM down).
+    #[test]
+    fn requests_of_a_second_key_join_the_agents_directive_fill_in_flight() {
+        let w = W::new(&SharedData::default(), key_config(""));
+        let (f1, _) = start(&w, 1, Some(&bearer()));
+        let (f1, _) = w.answer(1, f1, key_hit(AGENT));
+        let (f1, _) = w.answer(1, f1, key_hit(AGENT));
+        assert!(f1.is_waiting(), "the directive fill is in flight");
+        assert_eq!(
+            w.host.last_callout().1.path,
+            format!("/GET/directive:{AGENT}.raw")
+        );
+        let directive_token = w.host.last_callout().0;
+        let other = "Bearer ibex_second_key_of_the_same_agent_0123456789abcdef";
+        let (f2, _) = start(&w, 2, Some(other));
+        let (f3, _) = start(&w, 3, Some(other));
+        assert_eq!(
+            w.host.counter(Counter::Coalesced),
+            1,
+            "3 joined 2's key fill"
+        );
+        let (f2, _) = w.answer(2, f2, key_hit(AGENT));
+        let (f2, _) = w.answer(2, f2, key_hit(AGENT));
+        assert!(f2.is_waiting());
+        assert_eq!(
+            w.host.counter(Counter::Coalesced),
+            3,
+            "2 and 3 joined 1's directive fill"
+        );
+        // The directive's answer arrives in context 1 and serves all three.
+        let (f1, _) = w.ev(
+            1,
+            f1,
+            Event::Callout {
+                token: directive_token,
+                response: redis_hit("Be \"terse\"."),
+            },
+        );
+        for (id, flow) in [(1, f1), (2, f2), (3, f3)] {
+            let flow = w
+                .ev(
+                    id,
+                    flow,
+                    Event::Body {
+                        size: 0,
+                        end_of_stream: false,
+                    },
+                )
+                .0;
+            let _ = w.body_end(id, flow);
+            assert_eq!(w.body(id), INJECTED, "request {id}");
+        }
+    }
+
     #[test]
     fn a_cold_key_then_its_directive_through_every_tier_then_both_warm_cost_no_callout() {
         let shared = SharedData::default();
