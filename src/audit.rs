@@ -29,7 +29,11 @@ impl Version {
         if !ibex_wire::is_canonical_uuid(text.as_bytes()) {
             return None;
         }
-        Uuid::try_parse(text).ok().map(Version::Id)
+        // The nil UUID is how an entry spells "unknown": never a version.
+        Uuid::try_parse(text)
+            .ok()
+            .filter(|id| !id.is_nil())
+            .map(Version::Id)
     }
 
     /// Its 16 bytes in an L1 entry; the nil UUID (never a real row's id, which
@@ -194,6 +198,7 @@ mod tests {
             "0B6C7A4E-1F2D-4C3B-8A9E-5D6F7A8B9C0D",
             "0b6c7a4e1f2d4c3b8a9e5d6f7a8b9c0d",
             "{0b6c7a4e-1f2d-4c3b-8a9e-5d6f7a8b9c0d}",
+            "00000000-0000-0000-0000-000000000000",
             "",
         ] {
             assert_eq!(Version::parse_canonical(bad), None, "{bad}");

@@ -397,15 +397,15 @@ impl HttpContext for DataFilter {
                 .try_borrow()
                 .ok()
                 .and_then(|w| w.sent_version(self.id).map(str::to_string));
-            if let Some(version) = version {
-                // Response headers are modifiable in this callback, so the host answers
-                // Ok (the SDK would panic on anything else).
-                let _ = hostcalls::add_map_value(
-                    MapType::HttpResponseHeaders,
-                    AUDIT_RESPONSE_HEADER,
-                    &version,
-                );
-            }
+            // Set, not added: an upstream's own header of that name must not reach
+            // the client beside (or, with no record, instead of) ours. Response
+            // headers are modifiable in this callback, so the host answers Ok (the
+            // SDK would panic on anything else).
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                AUDIT_RESPONSE_HEADER,
+                version.as_deref(),
+            );
         }
         WasmAction::Continue
     }

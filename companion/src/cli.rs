@@ -225,8 +225,9 @@ pub struct HistoryArgs {
 #[derive(Args)]
 pub struct ActivateArgs {
     /// The directive version to make active, as `history` and `set-directive`
-    /// print it (its agent is found from it).
-    #[arg(long, env = "IBEX_VERSION_ID")]
+    /// print it (its agent is found from it). Only from the command line: a
+    /// variable left in the environment must not choose what a change activates.
+    #[arg(long)]
     pub version_id: Uuid,
     /// Where the change is written and published.
     #[command(flatten)]

@@ -391,8 +391,12 @@ fn expected_value(value: &[u8]) -> Result<Answer, ()> {
     }
 }
 
-/// A canonical version id as the filter's type (the reference checked the spelling).
+/// A canonical version id as the filter's type (the reference checked the spelling);
+/// the nil id is the filter's spelling of "unknown".
 fn version_of(id: &str) -> Version {
+    if id == "00000000-0000-0000-0000-000000000000" {
+        return Version::Unknown;
+    }
     Version::parse_canonical(id).expect("a canonical UUID")
 }
 
@@ -431,6 +435,8 @@ fn reference_store(body: &[u8]) -> Result<Answer, ()> {
         1 => match &value["version_id"] {
             Value::Null => Version::Unknown,
             Value::String(id) if canonical_uuid(id) => version_of(id),
+            // Spelled otherwise: an unknown version, not a failed lookup.
+            Value::String(_) => Version::Unknown,
             _ => return Err(()),
         },
         _ => return Err(()),

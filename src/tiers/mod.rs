@@ -447,10 +447,11 @@ fn read_value(value: &[u8]) -> Result<Answer, TierError> {
         ibex_wire::DirectiveValue::Tombstone => return Ok(Answer::Unknown),
         ibex_wire::DirectiveValue::Text { version, text } => (version, text),
     };
-    let version = match version {
-        None => Version::Unknown,
-        Some(id) => Version::parse_canonical(id).ok_or(TierError("bad version id"))?,
-    };
+    // Canonical already (the wire checked); only the nil id, which means unknown,
+    // is no version.
+    let version = version
+        .and_then(Version::parse_canonical)
+        .unwrap_or_default();
     let text = std::str::from_utf8(text).map_err(|_| TierError("not UTF-8"))?;
     directive(text, version)
 }
@@ -629,10 +630,13 @@ pub fn parse_store(resp: &Response, agent: &AgentId) -> Result<Answer, TierError
     if body.agent_id != agent.encode(&mut buf) {
         return Err(TierError("answer for another agent"));
     }
-    let version = match body.version_id {
-        None => Version::Unknown,
-        Some(id) => Version::parse_canonical(&id).ok_or(TierError("bad version id"))?,
-    };
+    // The version is for the audit trail only: an id spelled otherwise than the
+    // companion spells it (another store) is an unknown version, not a failed lookup
+    // (which would open the breaker and refuse cold agents over a log field).
+    let version = body
+        .version_id
+        .and_then(|id| Version::parse_canonical(&id))
+        .unwrap_or_default();
     match body.content {
         None => Ok(Answer::NoDirective),
         // An empty directive injects nothing useful; it is none, as in L2.
@@ -981,18 +985,22 @@ mod tests {
             )),
             Ok(Answer::NoDirective)
         );
-        for bad in [
-            "\"v1\"",
-            "\"0B6C7A4E-1F2D-4C3B-8A9E-5D6F7A8B9C0D\"",
-            "1",
-            "{}",
-        ] {
+        for odd in ["\"v1\"", "\"0B6C7A4E-1F2D-4C3B-8A9E-5D6F7A8B9C0D\"", "\"\""] {
+            assert_eq!(
+                store(&format!(
+                    r#"{{"agent_id":"{ID}","content":"D","version_id":{odd}}}"#
+                )),
+                Ok(Answer::Directive("D".into(), Version::Unknown)),
+                "{odd}: an unknown version, not a failed lookup"
+            );
+        }
+        for bad in ["1", "{}", "[]"] {
             assert!(
                 store(&format!(
                     r#"{{"agent_id":"{ID}","content":"D","version_id":{bad}}}"#
                 ))
                 .is_err(),
-                "{bad}"
+                "{bad}: not a string"
             );
         }
         for extra in [r#""Content":"E""#, r#""x":{"content":"E"}"#] {
