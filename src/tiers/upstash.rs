@@ -50,8 +50,8 @@ pub(super) fn get_with_pttl_body(key: &str) -> Vec<u8> {
 }
 
 /// `["EVAL",SET_IF_ABSENT_SCRIPT,"2","<key>","<marker>","<ttl>","<value>"]`, the
-/// value escaped as a JSON string (it is UTF-8 without NUL: a directive or an
-/// agent id).
+/// value escaped as a JSON string (UTF-8: a directive, its versioned form with its
+/// leading NUL, or an agent id; JSON spells the NUL `\u0000`).
 pub(super) fn set_if_absent_body(
     key: &str,
     marker: &str,
