@@ -15,12 +15,16 @@ import time
 from bench.measure import counter_delta, envoy_memory, filter_counters, log, median, percentile, rss_bytes
 from bench.workload import API_KEY_HEADER, CHAT_PATH, DIRECTIVE, ESCAPED, POP, WEBDIS_CLUSTER, agent_id
 from stack import paths
-from stack.contract import AGENT_HEADER, redis_key, updates_channel
+from stack.contract import AGENT_HEADER, directive_value, redis_key, updates_channel
 from stack.ports import wait_until
 from stack.postgres import quote_literal
 from stack.process import die_with_parent
 from stack.rawhttp import connect, read_response, request_bytes
 from stack.redis import encode_command
+
+BENCH_VERSION_ID = "0b6c7a4e-1f2d-4c3b-8a9e-5d6f7a8b9c0d"
+"""The version id of every directive the benchmark puts into Redis (a store answer's, to
+the filter)."""
 
 # The memory phase's agents in Redis: half as many again as it caches, plus a
 # few seconds' worth at the rates seen, so that its whole-second wrk runs never
@@ -100,7 +104,9 @@ def populate_redis(stack, args):
     proc = subprocess.Popen(["redis-cli", "-h", "127.0.0.1", "-p", str(stack.redis.port), "--pipe"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=die_with_parent)
-    value = DIRECTIVE.encode()
+    # Versioned, as the filter writes back a store answer today, so L1 holds the same
+    # entries (kind 5, with the version id) as in production.
+    value = directive_value(DIRECTIVE, BENCH_VERSION_ID).encode()
     total = 0
     for population, count in redis_sets:
         chunk = []
@@ -354,8 +360,9 @@ def invalidation(bench):
 
 # --------------------------------------------------------------------------- memory
 
-KEY_LEN = len("ibex:d:") + 36  # the filter's shared-data key: prefix and agent id
-ENTRY_HEADER = 18              # the encoded entry's bytes before the escaped directive
+KEY_LEN = 22                   # the filter's shared-data key: the agent's UUID in base64url
+ENTRY_HEADER = 18 + 16         # the encoded entry's bytes before the escaped directive:
+                               # header and version id
 
 
 def fill_l1(bench, target, before):

@@ -261,8 +261,9 @@ def memory_section(mem, d):
         f"Wasm binary: {d['wasm_bytes']:,} bytes.", "",
         f"Where the bytes go (model of Envoy's map, libc++ and tcmalloc; see `shared_data_model` in "
         f"bench/phases.py): hash node {model['node']} B + key on the heap {model['key_heap']} B "
-        f"(the 43-byte key is longer than libc++'s 22-byte inline string) + value on the heap "
-        f"{model['value_heap']} B (18-byte header + escaped directive, rounded by the allocator) + "
+        f"(the 22-byte key fits libc++'s inline string) + value on the heap "
+        f"{model['value_heap']} B (18-byte header, 16-byte version id and escaped directive, rounded by "
+        f"the allocator) + "
         f"bucket array {model['buckets']} B = {model['total_low']}–{model['total_high']} B per agent.")
 
 

@@ -18,6 +18,11 @@ impl AgentId {
         Uuid::try_parse(header_value.trim()).ok().map(AgentId)
     }
 
+    /// The UUID's 16 bytes.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+
     /// The canonical lower-case hyphenated form, without allocating.
     pub fn encode<'b>(&self, buf: &'b mut [u8; AGENT_ID_LEN]) -> &'b str {
         self.0.hyphenated().encode_lower(buf)

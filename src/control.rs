@@ -168,12 +168,20 @@ mod tests {
             escaped: Redacted::new("D"),
             version: Version::Unknown,
         };
-        h.shared_set(&format!("ibex:d:{AGENT}"), &e.encode(), None)
-            .unwrap();
+        h.shared_set(
+            &crate::entry::key_for(&crate::agent::AgentId::parse(AGENT).unwrap()),
+            &e.encode(),
+            None,
+        )
+        .unwrap();
     }
 
     fn entry_of(h: &FakeHost) -> Vec<u8> {
-        h.shared.get(&format!("ibex:d:{AGENT}")).unwrap()
+        h.shared
+            .get(&crate::entry::key_for(
+                &crate::agent::AgentId::parse(AGENT).unwrap(),
+            ))
+            .unwrap()
     }
 
     #[test]

@@ -503,7 +503,7 @@ mod tests {
     fn fill(participants: &[u32], cas: Option<u32>) -> Fill {
         Fill {
             subject: Subject::Directive(AgentId::parse(AGENT).unwrap()),
-            key: format!("ibex:d:{AGENT}"),
+            key: crate::entry::key_for(&crate::agent::AgentId::parse(AGENT).unwrap()),
             anchor: Anchor { cas, generation: 0 },
             stale: None,
             provisional: false,
@@ -526,7 +526,7 @@ mod tests {
     #[test]
     fn joining_needs_the_same_anchor_and_an_open_fill() {
         let mut w = Worker::default();
-        let key = format!("ibex:d:{AGENT}");
+        let key = crate::entry::key_for(&crate::agent::AgentId::parse(AGENT).unwrap());
         let anchor = Anchor {
             cas: Some(7),
             generation: 0,
@@ -563,7 +563,7 @@ mod tests {
         let (f, ticket, _) = w.take_answered(11).unwrap();
         assert!(w.take_answered(11).is_none(), "the token is gone with it");
         assert_eq!(w.register(f, Some(ticket), Tier::Store, 12, 1), id);
-        let key = format!("ibex:d:{AGENT}");
+        let key = crate::entry::key_for(&crate::agent::AgentId::parse(AGENT).unwrap());
         let anchor = Anchor {
             cas: Some(1),
             generation: 0,

@@ -248,7 +248,11 @@ fn redis_hit_fills_l1_without_asking_the_store() {
     assert_eq!(w.body(1), INJECTED);
     assert_eq!(w.tier(1).as_deref(), Some("redis"));
     assert_eq!(w.host.counter(Counter::L2Hit), 1);
-    let e = shared.get(&format!("ibex:d:{AGENT}")).unwrap();
+    let e = shared
+        .get(&crate::entry::key_for(
+            &crate::agent::AgentId::parse(AGENT).unwrap(),
+        ))
+        .unwrap();
     assert_eq!(Entry::decode(&e).unwrap().kind, Kind::Present);
 }
 
@@ -459,7 +463,11 @@ fn a_fill_overtaken_by_an_invalidation_writes_neither_l1_nor_l2() {
         "L2 read and L3 read only"
     );
     assert_eq!(w.worker.borrow().write_counts(), (0, 0));
-    let raw = shared.get(&format!("ibex:d:{AGENT}")).unwrap();
+    let raw = shared
+        .get(&crate::entry::key_for(
+            &crate::agent::AgentId::parse(AGENT).unwrap(),
+        ))
+        .unwrap();
     assert_eq!(Entry::decode(&raw).unwrap().kind, Kind::Tombstone);
 }
 
@@ -586,7 +594,11 @@ fn a_request_after_an_invalidation_does_not_join_a_fill_from_before_it() {
         assert!(w.body(1).contains(r#""content":"old""#));
         assert!(w.body(2).contains(r#""content":"new""#));
         // Only the fill that started after the invalidation was cached.
-        let raw = shared.get(&format!("ibex:d:{AGENT}")).unwrap();
+        let raw = shared
+            .get(&crate::entry::key_for(
+                &crate::agent::AgentId::parse(AGENT).unwrap(),
+            ))
+            .unwrap();
         assert_eq!(*Entry::decode(&raw).unwrap().escaped.expose(), "new");
         let (_, action) = w.headers(3);
         assert_eq!(action, Action::Continue, "served from L1");
