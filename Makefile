@@ -101,6 +101,9 @@ fmt-check: rust-deps
 clippy: rust-deps
 	cargo clippy --target wasm32-wasip1 -p ibex-directive -- -D warnings
 	cargo clippy --workspace --all-targets -- -D warnings
+	@# The micro-benchmarks are their own workspace, built only by `make bench`:
+	@# checked here so a change of the core cannot leave them broken unseen.
+	cargo check --manifest-path bench/micro/Cargo.toml --benches
 
 lint: fmt-check clippy
 
