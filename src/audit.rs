@@ -139,29 +139,10 @@ impl Outcome {
     }
 }
 
-/// A W3C trace context `traceparent` (version 00) in its one spelling: `00-`, 32
-/// lower-case hex digits of trace id, `-`, 16 of parent id, `-`, 2 of flags; ids not
-/// all zero. Anything else is not passed on: a callout carries no header a client
-/// could shape freely.
+/// Whether a `traceparent` is passed on to the lookups it causes
+/// ([`ibex_wire::traceparent_trace_id`] says which are).
 pub fn valid_traceparent(value: &str) -> bool {
-    let b = value.as_bytes();
-    let hex = |r: std::ops::Range<usize>| {
-        b.get(r).is_some_and(|s| {
-            s.iter()
-                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
-        })
-    };
-    let nonzero =
-        |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().any(|&c| c != b'0'));
-    b.len() == 55
-        && b.starts_with(b"00-")
-        && b.get(35) == Some(&b'-')
-        && b.get(52) == Some(&b'-')
-        && hex(3..35)
-        && hex(36..52)
-        && hex(53..55)
-        && nonzero(3..35)
-        && nonzero(36..52)
+    ibex_wire::traceparent_trace_id(value).is_some()
 }
 
 #[cfg(test)]

@@ -5,23 +5,10 @@
 
 use axum::http::HeaderMap;
 
-/// The 32-hex trace id of a valid version-00 `traceparent`, or `None`.
+/// The 32-hex trace id of a valid version-00 `traceparent`, or `None`
+/// ([`ibex_wire::traceparent_trace_id`], as the filter reads it).
 pub fn trace_id(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get("traceparent")?.to_str().ok()?;
-    let b = value.as_bytes();
-    let hex = |s: &[u8]| {
-        s.iter()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
-    };
-    let nonzero = |s: &[u8]| s.iter().any(|&c| c != b'0');
-    let ok = b.len() == 55
-        && b.starts_with(b"00-")
-        && b.get(35) == Some(&b'-')
-        && b.get(52) == Some(&b'-')
-        && b.get(3..35).is_some_and(|t| hex(t) && nonzero(t))
-        && b.get(36..52).is_some_and(|p| hex(p) && nonzero(p))
-        && b.get(53..55).is_some_and(hex);
-    ok.then(|| value.get(3..35)).flatten()
+    ibex_wire::traceparent_trace_id(headers.get("traceparent")?.to_str().ok()?)
 }
 
 #[cfg(test)]

@@ -364,10 +364,15 @@ fn canonical_agent(text: &str) -> Result<AgentId, TierError> {
 
 /// L3 read of a gateway key: `GET /v1/keys/{sha256hex}`.
 pub fn store_get_key(config: &Config, key: &KeyHash) -> Callout {
+    store_callout(config, ibex_wire::store_key_path(&key.hex()))
+}
+
+/// A `GET` of `path` from the store.
+fn store_callout(config: &Config, path: String) -> Callout {
     Callout {
         cluster: config.store.cluster.clone(),
         method: "GET",
-        path: ibex_wire::store_key_path(&key.hex()),
+        path,
         authority: config.store.authority.clone(),
         body: None,
         timeout_ms: config.store.timeout_ms,
@@ -583,17 +588,10 @@ pub fn redis_set_outcome(dialect: Dialect, resp: &Response) -> WriteOutcome {
 /// L3 read of an agent's directive.
 pub fn store_get(config: &Config, agent: &AgentId) -> Callout {
     let mut buf = [0u8; AGENT_ID_LEN];
-    Callout {
-        cluster: config.store.cluster.clone(),
-        method: "GET",
-        path: format!("/v1/agents/{}/directive", agent.encode(&mut buf)),
-        authority: config.store.authority.clone(),
-        body: None,
-        timeout_ms: config.store.timeout_ms,
-        headers: &[],
-        authorization: None,
-        traceparent: None,
-    }
+    store_callout(
+        config,
+        format!("/v1/agents/{}/directive", agent.encode(&mut buf)),
+    )
 }
 
 /// The store's answer: these two members, each exactly once (serde refuses a

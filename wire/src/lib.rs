@@ -16,6 +16,7 @@
 //!   lower-case hex ([`is_key_sha256_hex`], [`key_sha256_hex`]): the Redis key
 //!   [`agent_key_redis_key`], the update channel [`key_updates_channel`], the store
 //!   path [`store_key_path`] and the control path [`invalidate_key_path`].
+//! - Which W3C `traceparent` is passed on and logged ([`traceparent_trace_id`]).
 //! - The debug request header ([`DEBUG_HEADER`]) and the JSON error envelope of every
 //!   error answer ([`error_envelope`]).
 //! - [`Redacted`], the wrapper that keeps secrets and directive text out of `Debug`
@@ -146,6 +147,32 @@ pub fn versioned_directive_value(version_id: &str, text: &str) -> String {
     out.push_str(version_id);
     out.push_str(text);
     out
+}
+
+/// The trace id (32 lower-case hex digits) of a W3C trace context `traceparent` in
+/// its one version-00 spelling: `00-`, the trace id, `-`, 16 hex digits of parent
+/// id, `-`, 2 of flags, neither id all zeros. `None` for anything else, which the
+/// filter does not pass on and the companion does not log: a header a client could
+/// shape freely reaches neither a callout nor a log line.
+pub fn traceparent_trace_id(value: &str) -> Option<&str> {
+    let b = value.as_bytes();
+    let hex = |s: &[u8]| {
+        s.iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    let nonzero = |s: &[u8]| s.iter().any(|&c| c != b'0');
+    let ok = b.len() == 55
+        && b.starts_with(b"00-")
+        && b.get(35) == Some(&b'-')
+        && b.get(52) == Some(&b'-')
+        && b.get(3..35).is_some_and(|t| hex(t) && nonzero(t))
+        && b.get(36..52).is_some_and(|p| hex(p) && nonzero(p))
+        && b.get(53..55).is_some_and(hex);
+    if ok {
+        value.get(3..35)
+    } else {
+        None
+    }
 }
 
 /// True for a UUID in its one canonical spelling: 8-4-4-4-12 lower-case hex digits.
