@@ -239,7 +239,7 @@ pub struct Audit {
     /// The request's W3C `traceparent`, carried by the callouts its fills make.
     pub traceparent: Option<String>,
     /// The version the request was forwarded with (`x-ibex-directive-version`), once
-    /// its outcome is recorded.
+    /// its outcome is recorded, with `audit.response_header` on.
     pub sent: Option<String>,
 }
 

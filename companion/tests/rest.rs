@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -919,39 +918,6 @@ async fn a_slow_redis_answers_503_within_the_timeout() {
 }
 
 // ---------------------------------------------------------------- connections
-
-/// Writes `request` on `stream` and reads one whole response (status line,
-/// headers, Content-Length body).
-fn exchange(stream: &mut std::net::TcpStream, request: &[u8]) -> (u16, String, Vec<u8>) {
-    stream.write_all(request).unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = stream.read(&mut chunk).unwrap();
-        assert!(n > 0, "connection closed before a response");
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8(buf[..head_end].to_vec())
-        .unwrap()
-        .to_ascii_lowercase();
-    let status: u16 = head[9..12].parse().unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    while buf.len() < head_end + len {
-        let n = stream.read(&mut chunk).unwrap();
-        assert!(n > 0, "connection closed inside a body");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    (status, head, buf[head_end..head_end + len].to_vec())
-}
 
 fn post(path: &str, body: &str, token: Option<&str>) -> Vec<u8> {
     let auth = token

@@ -242,7 +242,10 @@ pub(super) fn record<H: Host>(outcome: audit::Outcome, ctx: &Ctx<'_, H>) {
         let mut worker = ctx.worker.borrow_mut();
         let trail = worker.audit(ctx.id);
         let fields = trail.record.fields(outcome);
-        trail.sent = Some(fields.directive_version.clone());
+        // Kept only for the response header, when it is on.
+        if ctx.config.audit_response_header {
+            trail.sent = Some(fields.directive_version.clone());
+        }
         fields
     };
     if ctx.host.record_audit(&fields).is_err() {

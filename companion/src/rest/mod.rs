@@ -457,42 +457,27 @@ impl RestState {
         m.latency.observe(elapsed);
         let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let command = served.command.label();
-        match served.result {
-            Ok(resp) => {
-                let outcome = if resp.status() == StatusCode::OK {
-                    Outcome::Ok
-                } else {
-                    Outcome::RedisError
-                };
-                m.record(served.command, outcome);
-                tracing::debug!(
-                    command,
-                    token = role.label(),
-                    outcome = outcome.label(),
-                    trace_id,
-                    elapsed_us,
-                    "rest request"
-                );
-                resp
-            }
+        let (resp, outcome) = match served.result {
+            Ok(resp) if resp.status() == StatusCode::OK => (resp, Outcome::Ok),
+            Ok(resp) => (resp, Outcome::RedisError),
             Err(e) => {
-                let outcome = e.outcome();
-                m.record(served.command, outcome);
                 if let RestError::Unavailable(cause) = &e {
                     tracing::warn!(command, error = %cause, elapsed_us, "redis unavailable");
-                } else {
-                    tracing::debug!(
-                        command,
-                        token = role.label(),
-                        outcome = outcome.label(),
-                        trace_id,
-                        elapsed_us,
-                        "rest request"
-                    );
                 }
-                e.into_response()
+                let outcome = e.outcome();
+                (e.into_response(), outcome)
             }
-        }
+        };
+        m.record(served.command, outcome);
+        tracing::debug!(
+            command,
+            token = role.label(),
+            outcome = outcome.label(),
+            trace_id,
+            elapsed_us,
+            "rest request"
+        );
+        resp
     }
 
     async fn serve_authorized(

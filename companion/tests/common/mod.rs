@@ -501,3 +501,48 @@ pub async fn migrate(url: &str) {
         .unwrap();
     ibex_companion::migrate::run(&mut client).await.unwrap();
 }
+
+// ---------------------------------------------------------------- raw HTTP/1.1
+
+/// Reads one response on `s`: status, lower-cased head, body (none for an
+/// answer to HEAD, whatever its Content-Length says).
+pub fn read_response(s: &mut std::net::TcpStream, head_only: bool) -> (u16, String, Vec<u8>) {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf[..head_end].to_vec())
+        .unwrap()
+        .to_ascii_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    if head_only {
+        return (status, head, Vec::new());
+    }
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    while buf.len() < head_end + len {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed inside a body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (status, head, buf[head_end..head_end + len].to_vec())
+}
+
+/// Writes a raw HTTP/1.1 request on `s` and reads its one response.
+pub fn exchange(s: &mut std::net::TcpStream, raw: &[u8]) -> (u16, String, Vec<u8>) {
+    use std::io::Write;
+    s.write_all(raw).unwrap();
+    read_response(s, raw.starts_with(b"HEAD "))
+}
