@@ -36,7 +36,7 @@ from stack.envoy import (DATA_LISTENER, HCM, WASM_FILTER, Envoy, EnvoyProcess, f
                          set_filter_json, set_port)
 from stack.stack import ORDER, PORT_NAMES, Stack
 
-from bench.workload import API_KEY_FILTER_CONFIG, WEBDIS_CLUSTER
+from bench.workload import API_KEY_FILTER_CONFIG, PROBES, VARIANTS, WEBDIS_CLUSTER
 
 ROUTER = "envoy.filters.http.router"
 SINK_BODY = '{"id":"chatcmpl-bench","object":"chat.completion","model":"bench","choices":[]}'
@@ -110,8 +110,10 @@ class BenchEnvoy(Envoy):
         return envoy
 
     def init_bench(self, *, bench_ports, sink_port, lua_code, ibex_overrides, noop_wasm, cpus=None,
-                   webdis_port=None):
+                   webdis_port=None, probe_wasm=None, probes=None):
         self.noop_wasm = noop_wasm
+        self.probe_wasm = probe_wasm
+        self.probes = dict(probes or {})
         self.webdis_port = webdis_port
         self.bench_ports = dict(bench_ports)
         self.sink_port = sink_port
@@ -174,13 +176,18 @@ class BenchEnvoy(Envoy):
                 config = merge(merge(config, redis_front_config("webdis")),
                                {"redis": {"cluster": WEBDIS_CLUSTER, "authority": WEBDIS_CLUSTER}})
             set_filter_json(item, config)
-        elif name == "noop":
+        elif name == "noop" or name in self.probes:
             wasm = copy.deepcopy(next(f for f in filters if f["name"] == WASM_FILTER))
             plugin = wasm["typed_config"]["config"]
             plugin.pop("configuration", None)
-            plugin.update(name="bench_noop", root_id="bench_noop")
-            plugin["vm_config"] = {"vm_id": "bench_noop", "runtime": plugin["vm_config"]["runtime"],
-                                   "code": {"local": {"filename": str(self.noop_wasm)}}}
+            code = self.noop_wasm
+            if name in self.probes:
+                code = self.probe_wasm
+                plugin["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                           "value": self.probes[name]}
+            plugin.update(name=f"bench_{name}", root_id=f"bench_{name}")
+            plugin["vm_config"] = {"vm_id": f"bench_{name}", "runtime": plugin["vm_config"]["runtime"],
+                                   "code": {"local": {"filename": str(code)}}}
             filters[:] = [wasm] + router
         else:
             raise KeyError(f"unknown bench listener {name}")
@@ -203,14 +210,15 @@ class BenchStack(Stack):
 
     BENCH_LISTENERS = ("bare", "lua", "ibex", "noop")
     OPTIONAL_LISTENERS = ("ibex_key", "ibex_webdis")
-    PORT_NAMES = PORT_NAMES + BENCH_LISTENERS + OPTIONAL_LISTENERS + ("sink", "sink_admin")
+    PORT_NAMES = (PORT_NAMES + BENCH_LISTENERS + OPTIONAL_LISTENERS + ("sink", "sink_admin")
+                  + tuple(VARIANTS[v].listener for v in PROBES))
 
     def __init__(self, directory, *, lua_code, ibex_overrides, noop_wasm, gateway_cpus=None, api_key=False,
-                 webdis=False, **kwargs):
+                 webdis=False, probe_wasm=None, probes=None, **kwargs):
         self._bench = {"lua_code": lua_code, "ibex_overrides": ibex_overrides, "noop_wasm": noop_wasm,
-                       "cpus": gateway_cpus}
+                       "cpus": gateway_cpus, "probe_wasm": probe_wasm, "probes": probes}
         self.listeners = (self.BENCH_LISTENERS + (("ibex_key",) if api_key else ())
-                          + (("ibex_webdis",) if webdis else ()))
+                          + (("ibex_webdis",) if webdis else ()) + tuple(probes or ()))
         super().__init__(directory, **kwargs)
         if webdis:  # the second L2 front, on the same Redis, started in order with the others
             self.parts = [name for name in ORDER if name in self.parts or name == "webdis"]

@@ -15,6 +15,8 @@ BENCH = Path(__file__).resolve().parent
 MICRO = BENCH / "micro"
 NOOP = BENCH / "noop-wasm"
 NOOP_WASM = NOOP / "target" / "wasm32-wasip1" / "release" / "bench_noop_wasm.wasm"
+PROBE = BENCH / "probe-wasm"
+PROBE_WASM = PROBE / "target" / "wasm32-wasip1" / "release" / "bench_probe_wasm.wasm"
 SIZES = {"1KB": 1024, "64KB": 65536}
 
 
@@ -23,6 +25,13 @@ def build_noop():
     run_checked(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
                  str(NOOP / "Cargo.toml")], "building bench/noop-wasm")
     return NOOP_WASM
+
+
+def build_probe():
+    """bench/probe-wasm, the host-call probe (probe_* listeners)."""
+    run_checked(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
+                 str(PROBE / "Cargo.toml")], "building bench/probe-wasm")
+    return PROBE_WASM
 
 
 def micro(log_dir):

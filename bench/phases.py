@@ -165,7 +165,8 @@ def sanity(bench):
     for listener_name, agent, injected in (("bare", agent_id("l1", 0), False),
                                            ("lua", agent_id("l1", 0), True),
                                            ("ibex", agent_id("l1", 0), True),
-                                           ("ibex", agent_id("l3", 10**9), None)):
+                                           ("ibex", agent_id("l3", 10**9), None),
+                                           *((probe, agent_id("l1", 0), False) for probe in bench.probes)):
         s.upstream.clear()
         status, _ = post(s.url_of(listener_name), "/_echo" + CHAT_PATH, body, agent)
         got = s.upstream.last()
@@ -178,7 +179,7 @@ def sanity(bench):
             raise RuntimeError(f"sanity: {listener_name} changed the body")
         if injected and got.body.replace(inserted, b"", 1) != body:
             raise RuntimeError(f"sanity: {listener_name} changed more than the inserted message")
-    for listener_name in ("bare", "lua", "ibex"):
+    for listener_name in ("bare", "lua", "ibex", *bench.probes):
         status, data = post(s.url_of(listener_name), CHAT_PATH, body, agent_id("l1", 0))
         if status != 200 or b"chatcmpl-bench" not in data:
             raise RuntimeError(f"sanity: {listener_name} → sink answered {status} {data[:200]!r}")

@@ -42,7 +42,7 @@ from bench import native, phases, variants  # noqa: E402
 from bench.benchstack import BenchStack  # noqa: E402
 from bench.measure import Wrk, log, machine_note, our_processes  # noqa: E402
 from bench.report import render_markdown, report_data  # noqa: E402
-from bench.workload import ESCAPED, VARIANTS, selected_variants, write_bodies  # noqa: E402
+from bench.workload import ESCAPED, VARIANTS, probe_listeners, selected_variants, write_bodies  # noqa: E402
 
 LUA_FILTER = BENCH / "envoy" / "lua_static.lua"
 RESULTS = BENCH / "results"
@@ -68,9 +68,12 @@ class Bench:
         self.wrk = None
         self.bodies = None
         # a selected variant sends an API key: the api_key listener and the key (phases.populate)
-        self.uses_api_key = any(VARIANTS[v].mode == "key" for v in selected_variants(args.only))
+        selected = selected_variants(args.only, args.probes)
+        self.uses_api_key = any(VARIANTS[v].mode == "key" for v in selected)
         # a selected variant goes through Webdis: Webdis beside the REST front, and its listener
-        self.uses_webdis = any(VARIANTS[v].listener == "ibex_webdis" for v in selected_variants(args.only))
+        self.uses_webdis = any(VARIANTS[v].listener == "ibex_webdis" for v in selected)
+        # the host-call probes selected: {listener: probe configuration}
+        self.probes = probe_listeners(selected)
         self.api_key_file = None
 
     def phase(self, name, fn, key=None):
@@ -98,7 +101,8 @@ class Bench:
             self.phase("micro", lambda: native.micro(self.dir), "micro")
         self.bodies = write_bodies(self.dir / "bodies")
         noop_wasm = self.phase("build-noop", native.build_noop)
-        self.stack = self.make_stack(noop_wasm)
+        probe_wasm = self.phase("build-probe", native.build_probe) if self.probes else None
+        self.stack = self.make_stack(noop_wasm, probe_wasm)
         try:
             self.phase("stack", self.stack.start)
             self.wrk = Wrk(self.bodies)
@@ -122,13 +126,14 @@ class Bench:
             self.phase("profile", lambda: native.profile(self.dir, self.notes), "profile")
         self.write_report()
 
-    def make_stack(self, noop_wasm):
+    def make_stack(self, noop_wasm, probe_wasm):
         """The benchmarks' stack (not started): the committed filter configuration's
         timeouts, plus the ibex listener's overrides."""
         escaped = ESCAPED.replace("\\", "\\\\").replace("'", "\\'")
         return BenchStack(
             self.dir / "stack", lua_code=LUA_FILTER.read_text().replace("@MESSAGE@", escaped),
             ibex_overrides={"cache": {"ttl_seconds": 3600}, "debug_headers": False}, noop_wasm=noop_wasm,
+            probe_wasm=probe_wasm, probes=self.probes,
             gateway_cpus=self.gateway_cpus, concurrency=self.args.workers, api_key=self.uses_api_key,
             webdis=self.uses_webdis, log_levels={"envoy": "warning", "companion": "warn", "webdis": 0})
 
@@ -199,6 +204,8 @@ def parse_args(argv=None):
     p.add_argument("--updates", type=int, default=200)
     p.add_argument("--only", nargs="*", metavar="VARIANT",
                    help="run only these variants (and their baselines): " + ", ".join(VARIANTS))
+    p.add_argument("--probes", action="store_true",
+                   help="also run the host-call probes (probe-*: wasm-noop plus given host calls, bench/probe-wasm)")
     p.add_argument("--variants-only", action="store_true",
                    help="after the variants (and perf), skip the stampede, invalidation and memory phases")
     p.add_argument("--no-pin", action="store_true", help="do not pin the gateway Envoy to its own CPU")

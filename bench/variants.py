@@ -142,7 +142,7 @@ def variants(bench):
     """Warm every selected variant, run rounds until enough were quiet, aggregate.
     Sets bench.order; fills bench.results["runs"], ["rounds"] and ["variants"]."""
     a = bench.args
-    order = selected_variants(a.only)
+    order = selected_variants(a.only, a.probes)
     bench.order = order
     for variant in order:
         log(f"warm-up {variant}")

@@ -71,12 +71,41 @@ VARIANTS = {
 }
 
 
-def selected_variants(only=None):
-    """The variants of a run, in VARIANTS order: all, or those of `only` (--only), each
-    with its baseline (the ratios are paired with it)."""
+# Host-call probes (bench/probe-wasm): each performs these host calls per request and
+# nothing else; beside wasm-noop they price every call the filter makes. Run only when
+# asked (`--probes`, or named in `--only`). {variant: probe configuration}
+PROBES = {
+    "probe-headers-x10": "headers*10",
+    "probe-header-x10": "header*10",
+    "probe-time-x50": "time*50",
+    "probe-counter-x50": "counter*50",
+    "probe-metric-x50": "metric*50",
+    "probe-shared-350b-x10": "shared*10",
+    "probe-shared-8b-x10": "shared8*10",
+    "probe-property-x10": "property*10",
+    "probe-unset-header-x10": "unset*10",
+    "probe-buffer": "buffer",
+    "probe-rewrite": "buffer,rewrite",
+}
+for _name, _ops in PROBES.items():
+    VARIANTS[_name] = Variant(_name.replace("-", "_"), "1k", "fixed", "l1", "bare-1k", CHAT_PATH,
+                              f"probe: wasm-noop plus these host calls per request: {_ops}")
+
+
+def probe_listeners(variants):
+    """{listener: probe configuration} of the probes among `variants`."""
+    return {VARIANTS[v].listener: PROBES[v] for v in variants if v in PROBES}
+
+
+def selected_variants(only=None, probes=False):
+    """The variants of a run, in VARIANTS order: all (the probes only with `probes`), or
+    those of `only` (--only), each with its baseline (the ratios are paired with it);
+    probes bring wasm-noop, the floor they are priced against."""
     if not only:
-        return list(VARIANTS)
+        return [v for v in VARIANTS if probes or v not in PROBES]
     wanted = set(only) | {VARIANTS[v].baseline for v in only if VARIANTS[v].baseline}
+    if any(v in PROBES for v in wanted):
+        wanted.add("wasm-noop-1k")
     return [v for v in VARIANTS if v in wanted]
 
 
