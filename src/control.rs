@@ -111,6 +111,10 @@ pub fn invalidate_key<H: Host>(key: &KeyHash, host: &H) -> Result<(), HostError>
     tombstone(&entry::key_for_api_key(key), host)
 }
 
+/// Writes the tombstone, then bumps the L1 epoch: in that order, so a worker that
+/// sees the new epoch and re-reads the entry finds the tombstone. An invalidation
+/// whose epoch bump failed is an error (503), for the subscriber to retry: workers'
+/// hot copies would not end otherwise.
 fn tombstone<H: Host>(key: &str, host: &H) -> Result<(), HostError> {
     let generation = entry::current_generation(host);
     let tombstone = Entry {
@@ -120,15 +124,25 @@ fn tombstone<H: Host>(key: &str, host: &H) -> Result<(), HostError> {
         escaped: Redacted::new(""),
         version: Version::Unknown,
     };
-    host.shared_set(key, &tombstone.encode(), None)
+    host.shared_set(key, &tombstone.encode(), None)?;
+    bump(entry::EPOCH_KEY, host)
 }
 
-/// Bumps the global generation (compare-and-swap, retried on contention).
+/// Bumps the global generation, then the L1 epoch (see [`tombstone`]).
 pub fn invalidate_all<H: Host>(host: &H) -> Result<(), HostError> {
+    bump(entry::GENERATION_KEY, host)?;
+    bump(entry::EPOCH_KEY, host)
+}
+
+/// Adds one to an 8-byte counter in shared data (compare-and-swap, retried on
+/// contention). A key that does not exist yet is created at 1: proxy-wasm checks
+/// CAS only for keys that exist, and two first bumps racing both write 1, which
+/// still differs from the 0 every reader took the absent key for.
+fn bump<H: Host>(key: &str, host: &H) -> Result<(), HostError> {
     for _ in 0..64 {
-        let (raw, cas) = host.shared_get(entry::GENERATION_KEY)?;
+        let (raw, cas) = host.shared_get(key)?;
         let next = entry::decode_generation(raw.as_deref()).saturating_add(1);
-        match host.shared_set(entry::GENERATION_KEY, &next.to_le_bytes(), cas) {
+        match host.shared_set(key, &next.to_le_bytes(), cas) {
             Ok(()) => return Ok(()),
             Err(HostError::CasMismatch) => continue,
             Err(e) => return Err(e),

@@ -32,6 +32,8 @@
 //! their fill): the filter never writes kind 4, which older entries may still hold
 //! and which reads as "no such key".
 
+use std::rc::Rc;
+
 use ibex_wire::Redacted;
 
 use crate::agent::{AgentId, AGENT_ID_LEN};
@@ -50,6 +52,12 @@ pub const HEADER_LEN: usize = 18;
 pub const AGENT_KEY_LEN: usize = 22;
 /// Shared-data key of the global generation counter ("invalidate all" bumps it).
 pub const GENERATION_KEY: &str = "ibex:gen";
+/// Shared-data key of the L1 epoch: 8 bytes, little endian, that the control role
+/// bumps after every write it makes (each tombstone, each generation bump). A
+/// worker's hot copy of an entry (`crate::hot`) serves only while the epoch is the
+/// one read before the entry was, so one small read per request stands for
+/// re-reading every entry.
+pub const EPOCH_KEY: &str = "ibex:epoch";
 
 /// What an entry says about its agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,8 +186,9 @@ impl<'a> Entry<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Known {
     /// The agent's directive, JSON-escaped (the inside of a string literal), and its
-    /// version.
-    Directive(Redacted<String>, Version),
+    /// version. Shared, not copied, by every request it answers and by the worker's
+    /// hot copy (`crate::hot`).
+    Directive(Redacted<Rc<str>>, Version),
     /// The agent has no active directive.
     NoDirective,
     /// The gateway key belongs to this agent.
@@ -193,7 +202,7 @@ impl Entry<'_> {
     pub fn known(&self) -> Option<Known> {
         match self.kind {
             Kind::Present => Some(Known::Directive(
-                Redacted::new((*self.escaped.expose()).to_owned()),
+                Redacted::new(Rc::from(*self.escaped.expose())),
                 self.version,
             )),
             Kind::NoDirective => Some(Known::NoDirective),
@@ -242,6 +251,17 @@ pub fn current_generation<H: crate::host::Host>(host: &H) -> u64 {
             .and_then(|(v, _)| v)
             .as_deref(),
     )
+}
+
+/// The L1 epoch as it is now in shared data. Unreadable (absent, malformed, or the
+/// read failed) is `None`: then no hot copy may serve, since a bump could not be
+/// seen either.
+pub fn current_epoch<H: crate::host::Host>(host: &H) -> Option<u64> {
+    match host.shared_get(EPOCH_KEY) {
+        Ok((None, _)) => Some(0),
+        Ok((Some(raw), _)) => raw.as_slice().try_into().ok().map(u64::from_le_bytes),
+        Err(_) => None,
+    }
 }
 
 /// Decodes the global generation counter (absent or malformed = 0).

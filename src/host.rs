@@ -90,6 +90,9 @@ pub mod fake {
         }
     }
 
+    /// Code run by a fake host call.
+    pub type Hook = Box<dyn FnOnce()>;
+
     /// What the host knows of one request context.
     #[derive(Default, Debug)]
     pub struct FakeRequest {
@@ -119,6 +122,11 @@ pub mod fake {
         /// paths that were read.
         pub properties: RefCell<HashMap<String, Vec<u8>>>,
         pub properties_read: RefCell<Vec<String>>,
+        /// Every shared-data key read, in order.
+        pub shared_reads: RefCell<Vec<String>>,
+        /// Runs once, right after the next read of this key (to land a concurrent
+        /// write between two reads of a lookup).
+        pub after_read: RefCell<Option<(String, Hook)>>,
     }
 
     impl FakeHost {
@@ -163,10 +171,18 @@ pub mod fake {
             self.now.get()
         }
         fn shared_get(&self, key: &str) -> Result<Shared, HostError> {
-            Ok(match self.shared.0.borrow().entries.get(key) {
+            self.shared_reads.borrow_mut().push(key.to_string());
+            let read = match self.shared.0.borrow().entries.get(key) {
                 Some((v, cas)) => (Some(v.clone()), Some(*cas)),
                 None => (None, None),
-            })
+            };
+            let due = matches!(&*self.after_read.borrow(), Some((k, _)) if k == key);
+            if due {
+                if let Some((_, hook)) = self.after_read.borrow_mut().take() {
+                    hook();
+                }
+            }
+            Ok(read)
         }
         fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
             let mut data = self.shared.0.borrow_mut();

@@ -21,6 +21,7 @@ pub mod entry;
 pub mod escape;
 pub mod flow;
 pub mod host;
+pub mod hot;
 pub mod inject;
 pub mod json;
 pub mod metrics;

@@ -13,10 +13,12 @@
 //! This module knows nothing of the flow's states and makes no host calls.
 
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 
 use crate::agent::AgentId;
 use crate::apikey::KeyHash;
 use crate::breaker::Breaker;
+use crate::config::{Config, Route};
 use crate::entry::Known;
 use crate::inject::Format;
 use crate::reply::Refusal;
@@ -202,12 +204,23 @@ pub struct Injection {
     /// Where it goes.
     pub format: Format,
     /// The directive, JSON-escaped.
-    pub escaped: Redacted<String>,
+    pub escaped: Redacted<Rc<str>>,
 }
+
+/// How many request paths' routes a worker remembers (then it starts over).
+pub const ROUTES_KEPT: usize = 256;
+/// Longer paths are routed every time, not remembered.
+pub const ROUTE_PATH_MAX: usize = 512;
 
 /// Per-worker shared state.
 #[derive(Debug, Default)]
 pub struct Worker {
+    /// Hot copies of fresh L1 answers (`crate::hot`), read by `flow::l1` only.
+    pub hot: crate::hot::Hot,
+    /// The routes of recent request paths (`Config::route` is pure, and clients use
+    /// a handful of paths): bounded by [`ROUTES_KEPT`] paths of at most
+    /// [`ROUTE_PATH_MAX`] bytes, since anyone can send any path.
+    routes: HashMap<String, Route>,
     fills: HashMap<FillId, Slot>,
     /// The fill of each L1 key that new requests may still join.
     joinable: HashMap<String, FillId>,
@@ -256,6 +269,22 @@ impl Worker {
     /// Request `ctx`'s `traceparent`, if it came with a valid one.
     pub fn traceparent(&self, ctx: u32) -> Option<String> {
         self.audits.get(&ctx).and_then(|a| a.traceparent.clone())
+    }
+
+    /// `config.route(path)`, remembered. A worker serves one plugin, so `config` is
+    /// always the same.
+    pub fn route(&mut self, path: &str, config: &Config) -> Route {
+        if let Some(route) = self.routes.get(path) {
+            return *route;
+        }
+        let route = config.route(path);
+        if path.len() <= ROUTE_PATH_MAX {
+            if self.routes.len() >= ROUTES_KEPT {
+                self.routes.clear();
+            }
+            self.routes.insert(path.to_owned(), route);
+        }
+        route
     }
 
     /// The version request `ctx` was forwarded with, once its outcome is recorded.
@@ -497,6 +526,24 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_are_remembered_and_bounded() {
+        let config = Config::parse(b"{}", None).unwrap();
+        let mut w = Worker::default();
+        let chat = "/v1/chat/completions";
+        assert_eq!(w.route(chat, &config), config.route(chat));
+        assert_eq!(w.route(chat, &config), config.route(chat), "remembered");
+        assert_eq!(w.routes.len(), 1);
+        let long = format!("/{}", "a".repeat(ROUTE_PATH_MAX));
+        assert_eq!(w.route(&long, &config), config.route(&long));
+        assert_eq!(w.routes.len(), 1, "a long path is not kept");
+        for i in 0..ROUTES_KEPT + 10 {
+            let path = format!("/v1/x{i}");
+            assert_eq!(w.route(&path, &config), config.route(&path));
+            assert!(w.routes.len() <= ROUTES_KEPT);
+        }
+    }
 
     const AGENT: &str = "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
 

@@ -185,6 +185,9 @@ pub struct Config {
     /// `cache.stale_if_error_seconds`: how long past expiry an entry may still be
     /// served while L2 and L3 both fail.
     pub stale_if_error_seconds: u64,
+    /// `cache.worker_copy_bytes`: how many bytes of L1 answers each worker VM keeps
+    /// a copy of in its own memory, so a warm hit reads no shared data (0: none).
+    pub worker_copy_bytes: usize,
     /// `redis.*`.
     pub redis: RedisConfig,
     /// `store.*`.
@@ -239,6 +242,11 @@ impl std::error::Error for ConfigError {}
 
 /// Longest TTL accepted, in seconds (one year): beyond it a typo is likelier than intent.
 const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
+/// Default of `cache.worker_copy_bytes`: about 2 500 agents of a 400-byte directive
+/// per worker VM, at most 2 MiB of VM memory (two halves of 1 MiB, `crate::hot`).
+const DEFAULT_WORKER_COPY_BYTES: u64 = 1 << 20;
+/// Upper bound of `cache.worker_copy_bytes` (1 GiB): a wasm32 VM has 4 GiB in all.
+const MAX_WORKER_COPY_BYTES: u64 = 1 << 30;
 /// Longest callout timeout accepted, in milliseconds.
 const MAX_TIMEOUT_MS: u64 = 60_000;
 
@@ -297,6 +305,12 @@ impl Config {
         let negative_ttl_seconds = cache.integer("negative_ttl_seconds", 10, 1, MAX_TTL_SECONDS)?;
         let stale_if_error_seconds =
             cache.integer("stale_if_error_seconds", 300, 0, MAX_TTL_SECONDS)?;
+        let worker_copy_bytes = cache.integer(
+            "worker_copy_bytes",
+            DEFAULT_WORKER_COPY_BYTES,
+            0,
+            MAX_WORKER_COPY_BYTES,
+        )?;
         cache.finish()?;
 
         let mut section = root.section("redis")?;
@@ -406,6 +420,7 @@ impl Config {
             ttl_seconds,
             negative_ttl_seconds,
             stale_if_error_seconds,
+            worker_copy_bytes: usize::try_from(worker_copy_bytes).unwrap_or(usize::MAX),
             redis,
             store: store_cfg,
             inject_role,

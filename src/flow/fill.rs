@@ -49,6 +49,7 @@ use crate::reply::Refusal;
 use crate::tiers::{self, Answer, KeyAnswer, Response, WriteOutcome};
 use crate::worker::{BodySeen, Delivered, Fill, FillId, Participant, Subject, Then, Ticket, Tier};
 use ibex_wire::Redacted;
+use std::rc::Rc;
 
 /// Where a fill's resolution stands.
 enum Step {
@@ -108,7 +109,8 @@ fn resolve_for<H: Host>(
         Subject::Key(hash) => entry::key_for_api_key(hash),
     };
     let stale_window_ms = ctx.config.stale_if_error_seconds.saturating_mul(1000);
-    let (found, stale) = match l1::lookup(host, &key, stale_window_ms) {
+    let copy_bytes = ctx.config.worker_copy_bytes;
+    let (found, stale) = match l1::lookup(host, ctx.worker, &key, stale_window_ms, copy_bytes) {
         Lookup::Fresh(known) => {
             for _ in &participants {
                 host.count(counters.l1_hit);
@@ -427,7 +429,10 @@ fn on_redis_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
         Subject::Directive(_) => {
             tiers::parse_redis_get(config.redis.dialect, response).map(|answer| match answer {
                 Answer::Directive(text, version) => Some((
-                    Known::Directive(Redacted::new(escape_json_str(text.expose())), version),
+                    Known::Directive(
+                        Redacted::new(Rc::from(escape_json_str(text.expose()))),
+                        version,
+                    ),
                     ttl_ms(config.ttl_seconds),
                 )),
                 Answer::NoDirective => {
@@ -490,7 +495,7 @@ fn on_store_answer<H: Host>(fill: &Fill, response: &Response, ctx: &Ctx<'_, H>) 
             };
             let known = match text {
                 Some((text, version)) => {
-                    Known::Directive(Redacted::new(escape_json_str(text)), version)
+                    Known::Directive(Redacted::new(Rc::from(escape_json_str(text))), version)
                 }
                 None => Known::NoDirective,
             };

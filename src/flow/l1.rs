@@ -17,8 +17,9 @@ use crate::audit::Version;
 use crate::entry::{self, Entry, Kind, Known};
 use crate::host::{Host, HostError};
 use crate::metrics::Counter;
-use crate::worker::{Anchor, Fill, Stale};
+use crate::worker::{Anchor, Fill, Stale, Worker};
 use ibex_wire::Redacted;
+use std::cell::RefCell;
 
 /// What L1 says about an agent.
 pub(super) enum Lookup {
@@ -34,15 +35,41 @@ pub(super) enum Lookup {
     },
 }
 
-/// Reads the agent's entry at `now_ms`.
-pub(super) fn lookup<H: Host>(host: &H, key: &str, stale_window_ms: u64) -> Lookup {
+/// Reads the agent's entry now: from the worker's hot copy when one still serves
+/// (`crate::hot`: one read of the L1 epoch instead of the entry), else from shared
+/// data, keeping a hot copy of a fresh answer. `copy_bytes` is
+/// `cache.worker_copy_bytes` (0: no copies).
+pub(super) fn lookup<H: Host>(
+    host: &H,
+    worker: &RefCell<Worker>,
+    key: &str,
+    stale_window_ms: u64,
+    copy_bytes: usize,
+) -> Lookup {
+    // Read before the entry: a copy is stamped with the epoch that preceded it, so
+    // an invalidation landing in between ends it at the next request.
+    let epoch = match copy_bytes {
+        0 => None,
+        _ => entry::current_epoch(host),
+    };
+    let now = host.now_ms();
+    if let Some(epoch) = epoch {
+        if let Some(known) = worker.borrow_mut().hot.get(key, epoch, now, copy_bytes) {
+            return Lookup::Fresh(known);
+        }
+    }
     let generation = entry::current_generation(host);
     let (raw, cas) = host.shared_get(key).unwrap_or((None, None));
-    let now = host.now_ms();
     let mut stale = None;
     if let Some(e) = raw.as_deref().and_then(Entry::decode) {
         if e.is_fresh(now, generation) {
             if let Some(known) = e.known() {
+                if let Some(epoch) = epoch {
+                    worker
+                        .borrow_mut()
+                        .hot
+                        .put(key, &known, e.fresh_until_ms, epoch, copy_bytes);
+                }
                 return Lookup::Fresh(known);
             }
         }
@@ -94,7 +121,7 @@ pub(super) fn anchor<H: Host>(host: &H, key: &str, found: Anchor) -> Anchor {
 pub(super) fn write<H: Host>(host: &H, fill: &Fill, known: &Known, ttl_ms: u64) -> bool {
     let mut buf = [0u8; AGENT_ID_LEN];
     let (kind, escaped, version) = match known {
-        Known::Directive(escaped, version) => (Kind::Present, escaped.expose().as_str(), *version),
+        Known::Directive(escaped, version) => (Kind::Present, &**escaped.expose(), *version),
         Known::NoDirective => (Kind::NoDirective, "", Version::Unknown),
         Known::Agent(agent) => (Kind::Agent, agent.encode(&mut buf), Version::Unknown),
         Known::NoAgent => (Kind::NoAgent, "", Version::Unknown),

@@ -1868,3 +1868,159 @@ mod audit_trail {
         assert_eq!(w.host.last_callout().1.traceparent, None);
     }
 }
+
+/// The agent's L1 key.
+fn agent_key() -> String {
+    crate::entry::key_for(&crate::agent::AgentId::parse(AGENT).unwrap())
+}
+
+/// How many times `w` read the agent's entry from shared data.
+fn entry_reads(w: &W) -> usize {
+    let key = agent_key();
+    w.host
+        .shared_reads
+        .borrow()
+        .iter()
+        .filter(|k| **k == key)
+        .count()
+}
+
+fn invalidate(w: &W) {
+    let r = crate::control::handle(
+        Some("POST"),
+        Some(&format!("/ibex/v1/invalidate/{AGENT}")),
+        None,
+        &w.host,
+        &w.config,
+    );
+    assert_eq!(r.status, 204);
+}
+
+#[test]
+fn a_warm_hit_is_served_from_the_workers_copy_without_reading_the_entry() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    w.run(1, vec![redis_hit("D")]);
+    w.run(2, vec![]);
+    let before = entry_reads(&w);
+    w.run(3, vec![]);
+    assert!(w.body(3).contains("\"D\""), "{}", w.body(3));
+    assert_eq!(entry_reads(&w), before, "no read of the entry");
+    assert_eq!(w.host.counter(Counter::L1Hit), 2);
+    assert_eq!(w.host.counter(Counter::Injected), 3);
+}
+
+#[test]
+fn no_copy_is_kept_when_worker_copy_bytes_is_zero() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(r#","cache":{"worker_copy_bytes":0}"#));
+    w.run(1, vec![redis_hit("D")]);
+    w.run(2, vec![]);
+    let before = entry_reads(&w);
+    w.run(3, vec![]);
+    assert_eq!(entry_reads(&w), before + 1);
+    assert!(!w
+        .host
+        .shared_reads
+        .borrow()
+        .iter()
+        .any(|k| k == crate::entry::EPOCH_KEY));
+}
+
+/// Every worker's copy ends with an invalidation made on any worker, and with a
+/// flush: the next request of the first worker asks Redis again, and the second
+/// worker's serves what that fill put into L1, not its own old copy.
+#[test]
+fn an_invalidation_or_a_flush_ends_every_workers_copy_at_once() {
+    for flush in [false, true] {
+        let shared = SharedData::default();
+        let w1 = W::new(&shared, config(""));
+        let w2 = W::new(&shared, config(""));
+        w1.run(1, vec![redis_hit("old")]);
+        for w in [&w1, &w2] {
+            w.run(2, vec![]);
+            w.run(3, vec![]);
+        }
+        if flush {
+            crate::control::invalidate_all(&w1.host).unwrap();
+        } else {
+            invalidate(&w1);
+        }
+        let calls = w1.host.callouts.borrow().len();
+        w1.run(4, vec![redis_hit("new")]);
+        assert_eq!(w1.host.callouts.borrow().len(), calls + 1, "asked Redis");
+        w2.run(4, vec![]);
+        for w in [&w1, &w2] {
+            assert!(
+                w.body(4).contains("\"new\""),
+                "flush {flush}: {}",
+                w.body(4)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_copy_expires_with_its_entry() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(r#","cache":{"ttl_seconds":1}"#));
+    w.run(1, vec![redis_hit("D")]);
+    w.run(2, vec![]);
+    w.host.now.set(w.host.now.get() + 999);
+    w.run(3, vec![]);
+    assert_eq!(w.host.counter(Counter::L1Hit), 2);
+    w.host.now.set(w.host.now.get() + 1);
+    let (_, action) = w.headers(4);
+    assert_eq!(action, Action::Pause, "expired with the entry, to the ms");
+    assert_eq!(w.host.counter(Counter::L1Miss), 2);
+}
+
+/// An invalidation that lands after a request read the entry but before it kept
+/// its copy: that request was served (it read first), the next one is not.
+#[test]
+fn an_invalidation_landing_while_a_copy_is_taken_ends_that_copy() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    w.run(1, vec![redis_hit("old")]);
+    let control = W::new(&shared, config(""));
+    let control = std::rc::Rc::new(control);
+    let hook = control.clone();
+    *w.host.after_read.borrow_mut() = Some((agent_key(), Box::new(move || invalidate(&hook))));
+    w.run(2, vec![]);
+    assert!(w.host.after_read.borrow().is_none(), "the invalidation ran");
+    assert!(w.body(2).contains("\"old\""));
+    let (_, action) = w.headers(3);
+    assert_eq!(
+        action,
+        Action::Pause,
+        "the copy taken before the bump does not serve"
+    );
+}
+
+/// Shared data that cannot say the epoch keeps no copy from serving on a stale one.
+#[test]
+fn an_unreadable_epoch_serves_no_copy() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    w.run(1, vec![redis_hit("D")]);
+    w.run(2, vec![]);
+    w.host
+        .shared_set(crate::entry::EPOCH_KEY, b"garbage", None)
+        .unwrap();
+    let before = entry_reads(&w);
+    w.run(3, vec![]);
+    assert_eq!(entry_reads(&w), before + 1, "read from shared data");
+    // A tombstone written behind the epoch's back is then seen at once.
+    let tomb = crate::entry::Entry {
+        kind: Kind::Tombstone,
+        fresh_until_ms: 0,
+        generation: 0,
+        escaped: ibex_wire::Redacted::new(""),
+        version: crate::audit::Version::Unknown,
+    };
+    w.host
+        .shared_set(&agent_key(), &tomb.encode(), None)
+        .unwrap();
+    let (_, action) = w.headers(4);
+    assert_eq!(action, Action::Pause);
+}
