@@ -264,6 +264,36 @@ extern "C" {
     ) -> u32;
 }
 
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+}
+
+/// The request headers as the host serializes them, or `None` when the call fails.
+fn request_header_map() -> Option<Vec<u8>> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer and a size into the two out-parameters. The
+    // buffer it points at was allocated in this VM through `proxy_on_memory_allocate`
+    // (the SDK's export: a boxed slice of exactly `size` bytes), so it is ours
+    // to take back as a `Vec` of that length and capacity, exactly as the SDK does.
+    let status = unsafe {
+        proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size)
+    };
+    if status != 0 {
+        return None;
+    }
+    if data.is_null() {
+        return Some(Vec::new());
+    }
+    // SAFETY: see above.
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
+}
+
 /// Sets a one-segment property of the current request. The SDK's `set_property`
 /// panics on any status but Ok, which would take the worker's VM down for an audit
 /// field; here any other status is an error.
@@ -361,14 +391,22 @@ impl Context for DataFilter {
 impl HttpContext for DataFilter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> WasmAction {
         // One host call for all headers: every call that returns data re-enters the VM
-        // to allocate, so four single-header reads cost several times more.
-        let fields = HeadFields::pick(
-            // Bytes, not strings: the SDK's string variant panics on a value that
-            // is not UTF-8, which any client can send.
-            self.get_http_request_headers_bytes(),
-            &self.plugin.config.agent_header,
-            self.plugin.config.agent_source.key_header(),
-        );
+        // to allocate, so four single-header reads cost several times more. Read
+        // from the host's serialized map in place: the SDK would make two heap
+        // strings of every header to keep five of them.
+        let config = &self.plugin.config;
+        let key_header = config.agent_source.key_header();
+        let fields = request_header_map()
+            .and_then(|raw| HeadFields::pick_serialized(&raw, &config.agent_header, key_header))
+            .unwrap_or_else(|| {
+                // Not the layout the ABI promises: the SDK's reader (bytes, not
+                // strings: its string variant panics on a value that is not UTF-8).
+                HeadFields::pick(
+                    self.get_http_request_headers_bytes(),
+                    &config.agent_header,
+                    key_header,
+                )
+            });
         wasm_action(self.step(Event::Headers {
             head: &fields,
             end_of_stream,

@@ -69,10 +69,41 @@ impl HeadFields {
         agent_header: &str,
         key_header: Option<&str>,
     ) -> HeadFields {
+        let pairs = headers.iter().map(|(n, v)| (n.as_bytes(), v.as_slice()));
+        HeadFields::pick_pairs(pairs, agent_header, key_header)
+    }
+
+    /// [`HeadFields::pick`] straight from the host's serialized header map (the
+    /// proxy-wasm layout: a `u32` count, a `u32` name and value length per header,
+    /// then each name and value followed by a NUL; little endian), copying only the
+    /// fields it keeps. `None` when `raw` is not such a map.
+    pub fn pick_serialized(
+        raw: &[u8],
+        agent_header: &str,
+        key_header: Option<&str>,
+    ) -> Option<HeadFields> {
+        let pairs = serialized_pairs(raw)?;
+        Some(HeadFields::pick_pairs(
+            pairs.into_iter(),
+            agent_header,
+            key_header,
+        ))
+    }
+
+    fn pick_pairs<'a>(
+        headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+        agent_header: &str,
+        key_header: Option<&str>,
+    ) -> HeadFields {
         let mut out = HeadFields::default();
         let mut key: Option<String> = None;
         for (name, value) in headers {
-            let slot = match name.as_str() {
+            // Envoy's header names are ASCII tokens; a name that is not UTF-8 is
+            // none of ours.
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
+            let slot = match name {
                 ":path" => &mut out.path,
                 "content-length" => &mut out.content_length,
                 "content-encoding" => &mut out.content_encoding,
@@ -81,10 +112,7 @@ impl HeadFields {
                 n if Some(n) == key_header => &mut key,
                 _ => continue,
             };
-            let value = match String::from_utf8(value) {
-                Ok(text) => text,
-                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-            };
+            let value = String::from_utf8_lossy(value).into_owned();
             match slot {
                 None => *slot = Some(value),
                 Some(existing) if *existing != value => {
@@ -97,6 +125,40 @@ impl HeadFields {
         out.api_key = key.map(Redacted::new);
         out
     }
+}
+
+/// The (name, value) pairs of a serialized proxy-wasm header map, or `None` when
+/// the lengths do not add up.
+fn serialized_pairs(raw: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let u32_at = |at: usize| -> Option<usize> {
+        let bytes: [u8; 4] = raw.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(bytes)).ok()
+    };
+    let count = u32_at(0)?;
+    let mut sizes = 4usize;
+    let mut data = 4usize.checked_add(count.checked_mul(8)?)?;
+    if data > raw.len() {
+        return None;
+    }
+    let mut pairs = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (name_len, value_len) = (u32_at(sizes)?, u32_at(sizes + 4)?);
+        sizes += 8;
+        let name = raw.get(data..data.checked_add(name_len)?)?;
+        data += name_len;
+        if raw.get(data) != Some(&0) {
+            return None;
+        }
+        data += 1;
+        let value = raw.get(data..data.checked_add(value_len)?)?;
+        data += value_len;
+        if raw.get(data) != Some(&0) {
+            return None;
+        }
+        data += 1;
+        pairs.push((name, value));
+    }
+    (data == raw.len()).then_some(pairs)
 }
 
 /// What to do with a request, decided from its headers.
@@ -133,8 +195,22 @@ enum Who {
 /// Decides what to do with a request from its headers and, with the `jwt` source,
 /// the agent claim of its verified token as the host returned it (`None` when there
 /// is no verified payload or no such claim; ignored with the `header` source).
+#[cfg(test)]
 pub fn admit(
     head: &HeadFields,
+    verified: Option<&[u8]>,
+    end_of_stream: bool,
+    config: &Config,
+) -> Admission {
+    let route = head.path.as_deref().map(|p| config.route(p));
+    admit_routed(head, route, verified, end_of_stream, config)
+}
+
+/// [`admit`], with the route of `head.path` already known (`config.route` of it,
+/// `None` without a path): the worker remembers the routes of the paths it sees.
+pub fn admit_routed(
+    head: &HeadFields,
+    route: Option<Route>,
     verified: Option<&[u8]>,
     end_of_stream: bool,
     config: &Config,
@@ -148,7 +224,7 @@ pub fn admit(
         Ok(who) => who,
         Err(decided) => return decided,
     };
-    match (who, then(head, end_of_stream, config)) {
+    match (who, then(head, route, end_of_stream, config)) {
         (Who::Key(key), then) => Admission::Identify { key, then },
         (Who::Agent(agent), Then::Inject(format)) => Admission::Resolve { agent, format },
         (Who::Agent(_), Then::Pass) => Admission::Pass,
@@ -157,12 +233,12 @@ pub fn admit(
 }
 
 /// What the request gets once its agent is known, by its headers alone.
-fn then(head: &HeadFields, end_of_stream: bool, config: &Config) -> Then {
+fn then(head: &HeadFields, route: Option<Route>, end_of_stream: bool, config: &Config) -> Then {
     if end_of_stream {
         // No body: nothing a model could read, and nothing to put a directive into.
         return Then::Pass;
     }
-    let format = match format_of(head.path.as_deref(), config) {
+    let format = match format_of(route, config) {
         Ok(format) => format,
         Err(Admission::Refuse(refusal)) => return Then::Refuse(refusal),
         Err(_) => return Then::Pass,
@@ -208,8 +284,8 @@ fn agent_of_claim(claim: Option<&[u8]>) -> Result<AgentId, Admission> {
 }
 
 /// The format a body on `path` is injected in, or what a body on any other path gets.
-fn format_of(path: Option<&str>, config: &Config) -> Result<Format, Admission> {
-    match path.map(|p| config.route(p)) {
+fn format_of(route: Option<Route>, config: &Config) -> Result<Format, Admission> {
+    match route {
         Some(Route::Inject(format)) => Ok(format),
         Some(Route::Pass) => Err(Admission::Pass),
         Some(Route::Other) => Err(match config.paths.other {
@@ -249,6 +325,65 @@ mod tests {
         v.iter()
             .map(|(a, b)| (a.to_string(), b.as_bytes().to_vec()))
             .collect()
+    }
+
+    /// The proxy-wasm serialization of a header map (as the host writes it).
+    fn serialize(headers: &[(String, Vec<u8>)]) -> Vec<u8> {
+        let mut out = (headers.len() as u32).to_le_bytes().to_vec();
+        for (n, v) in headers {
+            out.extend_from_slice(&(n.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        }
+        for (n, v) in headers {
+            out.extend_from_slice(n.as_bytes());
+            out.push(0);
+            out.extend_from_slice(v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn the_serialized_map_is_read_like_the_pairs() {
+        let headers = vec![
+            (":path".to_string(), b"/v1/chat/completions".to_vec()),
+            ("x-agent-id".to_string(), AGENT.as_bytes().to_vec()),
+            ("content-encoding".to_string(), b"identity".to_vec()),
+            ("content-encoding".to_string(), b"gzip".to_vec()),
+            ("x-junk".to_string(), b"caf\xe9\0".to_vec()),
+            ("authorization".to_string(), b"Bearer k".to_vec()),
+            ("empty".to_string(), Vec::new()),
+        ];
+        let raw = serialize(&headers);
+        for key in [None, Some("authorization")] {
+            assert_eq!(
+                HeadFields::pick_serialized(&raw, "x-agent-id", key),
+                Some(HeadFields::pick(headers.clone(), "x-agent-id", key))
+            );
+        }
+        assert_eq!(
+            HeadFields::pick_serialized(&serialize(&[]), "x-agent-id", None),
+            Some(HeadFields::default())
+        );
+        // Anything whose lengths do not add up is no map.
+        let mut bad = vec![
+            raw[..raw.len() - 1].to_vec(),
+            [raw.as_slice(), b"x"].concat(),
+        ];
+        let mut no_nul = raw.clone();
+        // The NUL after the first name, `:path`.
+        no_nul[4 + 7 * 8 + ":path".len()] = b'x';
+        bad.push(no_nul);
+        let mut huge = raw.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        bad.push(huge);
+        let mut long_name = raw.clone();
+        long_name[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        bad.push(long_name);
+        bad.push(vec![1, 0, 0]);
+        for raw in bad {
+            assert_eq!(HeadFields::pick_serialized(&raw, "x-agent-id", None), None);
+        }
     }
 
     #[test]

@@ -288,7 +288,11 @@ fn on_headers<H: Host>(
             None
         }
     };
-    match admit::admit(head, verified.as_deref(), end_of_stream, ctx.config) {
+    let route = head
+        .path
+        .as_deref()
+        .map(|p| ctx.worker.borrow_mut().route(p, ctx.config));
+    match admit::admit_routed(head, route, verified.as_deref(), end_of_stream, ctx.config) {
         admit::Admission::Pass => {
             ctx.host.count(Counter::PassedThrough);
             deliver::record(crate::audit::Outcome::Passed, ctx);
