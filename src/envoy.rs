@@ -1,40 +1,241 @@
-//! The host layer: proxy-wasm contexts for Envoy (wasm32 only).
+//! The host layer: the proxy-wasm callbacks Envoy calls, exported for Envoy
+//! (wasm32 only), and [`Host`] implemented with the host calls of [`crate::abi`].
 //!
 //! It does three things and nothing else: parse the configuration once in
 //! `on_configure` and share it with every request; translate Envoy callbacks into
 //! [`Event`]s for the pure [`Flow`] (data role) or [`control::handle`] (control role);
-//! implement [`Host`] with proxy-wasm calls, turning `Status` into [`HostError`].
-//! All decisions live in the pure core.
+//! implement [`Host`], turning the ABI's status into [`HostError`]. All decisions
+//! live in the pure core.
+//!
+//! Only the callbacks the filter uses are exported (see `crate::abi` for why): the
+//! VM start and configuration, context creation and deletion, the root's tick and
+//! callout answers, and the request headers, body and trailers and the response
+//! headers of each request. A context Envoy asks about that this VM does not know
+//! (it was never created, or its plugin failed to configure) is refused, never let
+//! through: `directive_unavailable` for a request's headers.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{
-    Action as WasmAction, BufferType, ContextType, LogLevel, MapType, MetricType, Status,
-};
-
+use crate::abi::{self, Buffer, Map, Metric};
 use crate::config::{Config, Role, TTL_ENV};
 use crate::control;
 use crate::flow::{self, Action, Ctx, Event, Flow, HeadFields};
 use crate::host::{Host, HostError, Shared};
 use crate::metrics::Counter;
+use crate::reply::Refusal;
 use crate::tiers::{Callout, Response};
 use crate::worker::Worker;
 
 /// How often the root context sends pending L2 write-backs and looks for fills
 /// whose owner went away. Short: a write-back waits for it.
-const ROOT_TICK: Duration = Duration::from_millis(50);
+const ROOT_TICK_MS: u32 = 50;
 
-proxy_wasm::main! {{
+/// ABI `Action`s.
+const CONTINUE: u32 = 0;
+const PAUSE: u32 = 1;
+
+static LOGGER: abi::Logger = abi::Logger;
+
+thread_local! {
+    /// Root contexts (one per plugin in this VM) by context id.
+    static ROOTS: RefCell<HashMap<u32, Root>> = RefCell::new(HashMap::new());
+    /// Request contexts by context id.
+    static STREAMS: RefCell<HashMap<u32, Stream>> = RefCell::new(HashMap::new());
+    /// The context each callout in flight was dispatched from, by token: the host
+    /// answers every callout on the root context, and its answer belongs to the
+    /// context that asked, when that still exists.
+    static CALLOUTS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
+    /// The context whose callback is running.
+    static ACTIVE: Cell<u32> = const { Cell::new(0) };
+}
+
+#[cfg(target_os = "wasi")]
+extern "C" {
+    fn __wasm_call_ctors();
+}
+
+/// The reactor's start: the C runtime's constructors, then our logger.
+#[no_mangle]
+pub extern "C" fn _initialize() {
+    // SAFETY: called once by the host before anything else, as a wasi reactor's
+    // `_initialize` must be.
+    #[cfg(target_os = "wasi")]
+    unsafe {
+        __wasm_call_ctors();
+    }
     // Envoy applies its own log level on top; ours only bounds what is sent to it.
-    proxy_wasm::set_log_level(LogLevel::Debug);
-    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
-        Box::new(Root { id, plugin: None, worker: Rc::new(RefCell::new(Worker::default())) })
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Debug);
+    }
+}
+
+/// The ABI version this module speaks.
+#[no_mangle]
+pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+/// Memory for the host to write an answer into (taken back by `abi`).
+#[no_mangle]
+pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+    abi::allocate(size)
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_vm_start(_root_id: u32, _size: usize) -> bool {
+    true
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_context_create(id: u32, parent: u32) {
+    if parent == 0 {
+        let root = Root {
+            id,
+            plugin: None,
+            worker: Rc::new(RefCell::new(Worker::default())),
+        };
+        ROOTS.with(|roots| roots.borrow_mut().insert(id, root));
+        return;
+    }
+    let stream = ROOTS.with(|roots| roots.borrow().get(&parent).and_then(|r| r.stream(id)));
+    if let Some(stream) = stream {
+        STREAMS.with(|streams| streams.borrow_mut().insert(id, stream));
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(root_id: u32, size: usize) -> bool {
+    ACTIVE.with(|a| a.set(root_id));
+    ROOTS.with(|roots| {
+        roots
+            .borrow_mut()
+            .get_mut(&root_id)
+            .is_some_and(|root| root.configure(size))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_tick(root_id: u32) {
+    ACTIVE.with(|a| a.set(root_id));
+    ROOTS.with(|roots| {
+        if let Some(root) = roots.borrow().get(&root_id) {
+            // A closure, not the fn item: only a closure is generic over the host's lifetime.
+            #[allow(clippy::redundant_closure)]
+            root.with_ctx(|ctx| flow::on_root_tick(ctx));
+        }
     });
-}}
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_http_call_response(
+    _root_id: u32,
+    token: u32,
+    num_headers: usize,
+    body_size: usize,
+    _num_trailers: usize,
+) {
+    let Some(owner) = CALLOUTS.with(|c| c.borrow_mut().remove(&token)) else {
+        return;
+    };
+    if abi::set_effective_context(owner).is_err() {
+        // The context that asked is gone (the host forgets it at once).
+        return;
+    }
+    ACTIVE.with(|a| a.set(owner));
+    let mut response = Some(callout_response(num_headers, body_size));
+    STREAMS.with(
+        |streams| match (streams.borrow_mut().get_mut(&owner), response.take()) {
+            (Some(Stream::Data(filter)), Some(response)) => {
+                filter.step(Event::Callout { token, response });
+            }
+            (None, r) => response = r,
+            _ => {}
+        },
+    );
+    if let Some(response) = response {
+        ROOTS.with(|roots| {
+            if let Some(root) = roots.borrow().get(&owner) {
+                root.with_ctx(|ctx| flow::on_root_callout(token, response, ctx));
+            }
+        });
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(
+    id: u32,
+    _num_headers: usize,
+    end_of_stream: bool,
+) -> u32 {
+    ACTIVE.with(|a| a.set(id));
+    let action = STREAMS.with(|streams| match streams.borrow_mut().get_mut(&id) {
+        Some(Stream::Data(filter)) => Some(filter.on_request_headers(end_of_stream)),
+        Some(Stream::Control(control)) => Some(control.on_request_headers()),
+        None => None,
+    });
+    action.unwrap_or_else(refuse_unknown)
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_body(id: u32, size: usize, end_of_stream: bool) -> u32 {
+    ACTIVE.with(|a| a.set(id));
+    STREAMS.with(|streams| match streams.borrow_mut().get_mut(&id) {
+        Some(Stream::Data(filter)) => wasm_action(filter.step(Event::Body {
+            size,
+            end_of_stream,
+        })),
+        Some(Stream::Control(_)) => PAUSE,
+        // Refused in its headers callback; nothing of it may pass.
+        None => PAUSE,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_trailers(id: u32, _num_trailers: usize) -> u32 {
+    ACTIVE.with(|a| a.set(id));
+    STREAMS.with(|streams| match streams.borrow_mut().get_mut(&id) {
+        Some(Stream::Data(filter)) => wasm_action(filter.step(Event::Trailers)),
+        Some(Stream::Control(_)) | None => PAUSE,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_response_headers(
+    id: u32,
+    _num_headers: usize,
+    _end_of_stream: bool,
+) -> u32 {
+    ACTIVE.with(|a| a.set(id));
+    STREAMS.with(|streams| {
+        if let Some(Stream::Data(filter)) = streams.borrow().get(&id) {
+            filter.on_response_headers();
+        }
+    });
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_delete(id: u32) {
+    // Dropping a request's filter tells the worker it is over.
+    let stream = STREAMS.with(|streams| streams.borrow_mut().remove(&id));
+    if stream.is_none() {
+        ROOTS.with(|roots| roots.borrow_mut().remove(&id));
+    }
+    drop(stream);
+}
+
+/// A request context this VM does not know: refused with the SPEC's 503, never
+/// forwarded (the filter cannot tell whether it carries a directive's request).
+fn refuse_unknown() -> u32 {
+    let refusal = Refusal::DirectiveUnavailable;
+    let body = refusal.body("x-agent-id");
+    let _ = abi::send_response(
+        u32::from(refusal.status()),
+        &[("content-type", b"application/json")],
+        body.as_bytes(),
+    );
+    PAUSE
+}
 
 /// What every request context of one plugin shares: the parsed configuration and
 /// the ids of the counters defined for it.
@@ -60,24 +261,12 @@ impl Root {
             f(&Ctx::new(&host, &plugin.config, &self.worker, self.id));
         }
     }
-}
 
-impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        num_headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
-        let response = callout_response(num_headers, body_size);
-        self.with_ctx(|ctx| flow::on_root_callout(token_id, response, ctx));
-    }
-}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let raw = self.get_plugin_configuration().unwrap_or_default();
+    fn configure(&mut self, size: usize) -> bool {
+        let raw = abi::buffer(Buffer::PluginConfiguration, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         let env_ttl = std::env::var(TTL_ENV).ok();
         let config = match Config::parse(&raw, env_ttl.as_deref()) {
             Ok(config) => config,
@@ -88,7 +277,7 @@ impl RootContext for Root {
         };
         let mut metrics = Vec::with_capacity(Counter::ALL.len());
         for counter in Counter::ALL {
-            match hostcalls::define_metric(MetricType::Counter, counter.name()) {
+            match abi::define_metric(Metric::Counter, counter.name()) {
                 Ok(id) => metrics.push(id),
                 Err(_) => {
                     log::error!(
@@ -106,35 +295,40 @@ impl RootContext for Root {
             config.negative_ttl_seconds,
             config.failure_mode
         );
-        if config.role == Role::Data {
-            self.set_tick_period(ROOT_TICK);
+        if config.role == Role::Data && abi::set_tick_period(ROOT_TICK_MS).is_err() {
+            log::error!("ibex_directive: could not set the root tick");
+            return false;
+        }
+        if config.role == Role::Control {
+            let host = EnvoyHost { metrics: &metrics };
+            if control::start_epoch(&host).is_err() {
+                // Workers then serve no hot copies: slower, never less coherent.
+                log::warn!("ibex_directive: could not create the L1 epoch");
+            }
         }
         self.plugin = Some(Rc::new(Plugin { config, metrics }));
         true
     }
 
-    fn on_tick(&mut self) {
-        // A closure, not the fn item: only a closure is generic over the host's lifetime.
-        #[allow(clippy::redundant_closure)]
-        self.with_ctx(|ctx| flow::on_root_tick(ctx));
-    }
-
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+    /// The context of a new request, once the plugin is configured.
+    fn stream(&self, id: u32) -> Option<Stream> {
         let plugin = self.plugin.clone()?;
         Some(match plugin.config.role {
-            Role::Data => Box::new(DataFilter {
-                id: context_id,
+            Role::Data => Stream::Data(DataFilter {
+                id,
                 plugin,
                 worker: self.worker.clone(),
                 flow: Some(Flow::new()),
             }),
-            Role::Control => Box::new(ControlFilter { plugin }),
+            Role::Control => Stream::Control(ControlFilter { plugin }),
         })
     }
+}
 
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
+/// A request context: of the data role or the control role.
+enum Stream {
+    Data(DataFilter),
+    Control(ControlFilter),
 }
 
 /// Host calls of one request context.
@@ -142,95 +336,93 @@ struct EnvoyHost<'a> {
     metrics: &'a [u32],
 }
 
-fn host_error(status: Status) -> HostError {
+fn host_error(status: abi::Status) -> HostError {
     match status {
-        Status::CasMismatch => HostError::CasMismatch,
-        Status::NotFound => HostError::NotFound,
-        Status::BadArgument => HostError::BadArgument,
-        _ => HostError::Failed,
+        abi::Status::CasMismatch => HostError::CasMismatch,
+        abi::Status::NotFound => HostError::NotFound,
+        abi::Status::BadArgument => HostError::BadArgument,
+        abi::Status::Other(_) => HostError::Failed,
     }
 }
 
 impl Host for EnvoyHost<'_> {
     fn now_ms(&self) -> u64 {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_millis() as u64)
+        abi::now_ns().map_or(0, |ns| ns / 1_000_000)
     }
 
     fn shared_get(&self, key: &str) -> Result<Shared, HostError> {
-        hostcalls::get_shared_data(key).map_err(host_error)
+        abi::shared_get(key).map_err(host_error)
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
-        hostcalls::set_shared_data(key, Some(value), cas).map_err(host_error)
+        abi::shared_set(key, value, cas).map_err(host_error)
     }
 
     fn dispatch(&self, call: &Callout) -> Result<u32, HostError> {
-        let mut headers = vec![
-            (":method", call.method),
-            (":path", call.path.as_str()),
-            (":authority", call.authority.as_str()),
+        let mut headers: Vec<(&str, &[u8])> = vec![
+            (":method", call.method.as_bytes()),
+            (":path", call.path.as_bytes()),
+            (":authority", call.authority.as_bytes()),
         ];
-        headers.extend_from_slice(call.headers);
+        headers.extend(call.headers.iter().map(|(n, v)| (*n, v.as_bytes())));
         if let Some(authorization) = &call.authorization {
-            headers.push(("authorization", authorization.expose().as_str()));
+            headers.push(("authorization", authorization.expose().as_bytes()));
         }
         if let Some(trace) = &call.traceparent {
-            headers.push(("traceparent", trace.as_str()));
+            headers.push(("traceparent", trace.as_bytes()));
         }
-        hostcalls::dispatch_http_call(
-            &call.cluster,
-            headers,
-            call.body.as_ref().map(|b| b.expose().as_slice()),
-            vec![],
-            Duration::from_millis(call.timeout_ms),
-        )
-        .map_err(host_error)
+        let body = call
+            .body
+            .as_ref()
+            .map_or(&[][..], |b| b.expose().as_slice());
+        let timeout = u32::try_from(call.timeout_ms).unwrap_or(u32::MAX);
+        let token = abi::http_call(&call.cluster, &headers, body, timeout).map_err(host_error)?;
+        // Its answer belongs to the context whose callback is running (not to one a
+        // fill switched to): `flow::deliver` dispatches nothing while switched.
+        let owner = ACTIVE.with(Cell::get);
+        CALLOUTS.with(|c| c.borrow_mut().insert(token, owner));
+        Ok(token)
     }
 
     fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
-        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+        abi::buffer(Buffer::RequestBody, size)
             .map(Option::unwrap_or_default)
             .map_err(host_error)
     }
 
     fn replace_request_body(&self, old_len: usize, body: &[u8]) -> Result<(), HostError> {
-        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, old_len, body).map_err(host_error)
+        abi::set_buffer(Buffer::RequestBody, old_len, body).map_err(host_error)
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
-        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).map_err(host_error)
+        abi::set_header(Map::Request, name, value).map_err(host_error)
     }
 
     fn send_json_reply(&self, status: u16, body: &str) -> Result<(), HostError> {
-        hostcalls::send_http_response(
+        abi::send_response(
             u32::from(status),
-            vec![("content-type", "application/json")],
-            Some(body.as_bytes()),
+            &[("content-type", b"application/json")],
+            body.as_bytes(),
         )
         .map_err(host_error)
     }
 
     fn resume_request(&self) -> Result<(), HostError> {
-        hostcalls::resume_http_request().map_err(host_error)
+        abi::resume_request().map_err(host_error)
     }
 
     fn switch_to(&self, context_id: u32) -> Result<(), HostError> {
-        hostcalls::set_effective_context(context_id).map_err(host_error)
+        abi::set_effective_context(context_id).map_err(host_error)
     }
 
     fn count(&self, counter: Counter) {
         if let Some(id) = self.metrics.get(counter as usize) {
-            let _ = hostcalls::increment_metric(*id, 1);
+            let _ = abi::increment_metric(*id, 1);
         }
     }
 
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
-        // Envoy answers Ok, NotFound (mapped to `None`), SerializationFailure or
-        // InternalFailure here, which the SDK all returns: nothing it would panic on.
-        hostcalls::get_property(path.to_vec()).map_err(host_error)
+        abi::property(path).map_err(host_error)
     }
 
     fn record_audit(&self, fields: &crate::audit::Fields) -> Result<(), HostError> {
@@ -240,7 +432,7 @@ impl Host for EnvoyHost<'_> {
             (AUDIT_TIER, fields.tier),
             (AUDIT_OUTCOME, fields.outcome.as_str()),
         ] {
-            set_property(name, value.as_bytes())?;
+            abi::set_property(name, value.as_bytes()).map_err(host_error)?;
         }
         Ok(())
     }
@@ -254,83 +446,28 @@ const AUDIT_VERSION: &str = "ibex.directive_version";
 const AUDIT_TIER: &str = "ibex.tier";
 const AUDIT_OUTCOME: &str = "ibex.outcome";
 
-#[link(wasm_import_module = "env")]
-extern "C" {
-    fn proxy_set_property(
-        path_data: *const u8,
-        path_size: usize,
-        value_data: *const u8,
-        value_size: usize,
-    ) -> u32;
-}
-
-#[link(wasm_import_module = "env")]
-extern "C" {
-    fn proxy_get_header_map_pairs(
-        map_type: u32,
-        return_data: *mut *mut u8,
-        return_size: *mut usize,
-    ) -> u32;
-}
-
-/// The request headers as the host serializes them, or `None` when the call fails.
-fn request_header_map() -> Option<Vec<u8>> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: the host writes a pointer and a size into the two out-parameters. The
-    // buffer it points at was allocated in this VM through `proxy_on_memory_allocate`
-    // (the SDK's export: a boxed slice of exactly `size` bytes), so it is ours
-    // to take back as a `Vec` of that length and capacity, exactly as the SDK does.
-    let status = unsafe {
-        proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size)
-    };
-    if status != 0 {
-        return None;
-    }
-    if data.is_null() {
-        return Some(Vec::new());
-    }
-    // SAFETY: see above.
-    Some(unsafe { Vec::from_raw_parts(data, size, size) })
-}
-
-/// Sets a one-segment property of the current request. The SDK's `set_property`
-/// panics on any status but Ok, which would take the worker's VM down for an audit
-/// field; here any other status is an error.
-fn set_property(name: &str, value: &[u8]) -> Result<(), HostError> {
-    // SAFETY: both pointers are valid for their lengths for the duration of the
-    // call; the host copies what it keeps.
-    let status =
-        unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
-    match status {
-        0 => Ok(()),
-        _ => Err(HostError::NotFound),
-    }
-}
-
-fn wasm_action(action: Action) -> WasmAction {
+fn wasm_action(action: Action) -> u32 {
     match action {
-        Action::Continue => WasmAction::Continue,
-        Action::Pause => WasmAction::Pause,
+        Action::Continue => CONTINUE,
+        Action::Pause => PAUSE,
     }
 }
 
 /// The answer of the callout being delivered (no `:status`: it failed or timed out).
 ///
 /// Envoy reports a failed callout (reset, timeout, even after response headers had
-/// arrived) with no headers, and then has no response map at all: reading it would
-/// make the SDK panic on the `BadArgument`, so a callout without headers is read as
-/// failed without asking.
+/// arrived) with no headers, and then has no response map at all, so a callout
+/// without headers is read as failed without asking.
 fn callout_response(num_headers: usize, body_size: usize) -> Response {
     if num_headers == 0 {
         return Response::default();
     }
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+    let status = abi::header(Map::CallResponse, ":status")
         .ok()
         .flatten()
-        .and_then(|s| s.parse::<u16>().ok());
+        .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok());
     let body = if status.is_some() {
-        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        abi::buffer(Buffer::CallResponseBody, body_size)
             .ok()
             .flatten()
             .unwrap_or_default()
@@ -360,6 +497,36 @@ impl DataFilter {
         self.flow = Some(next);
         action
     }
+
+    fn on_request_headers(&mut self, end_of_stream: bool) -> u32 {
+        // One host call for all headers: every call that returns data re-enters the VM
+        // to allocate, so four single-header reads cost several times more. Read
+        // from the host's serialized map in place, copying only the fields kept.
+        let config = &self.plugin.config;
+        let key_header = config.agent_source.key_header();
+        let fields = abi::header_map(Map::Request)
+            .ok()
+            .and_then(|raw| HeadFields::pick_serialized(&raw, &config.agent_header, key_header))
+            // Not the map the ABI promises: nothing about the request can be known.
+            .unwrap_or_else(HeadFields::unreadable);
+        wasm_action(self.step(Event::Headers {
+            head: &fields,
+            end_of_stream,
+        }))
+    }
+
+    fn on_response_headers(&self) {
+        if self.plugin.config.audit_response_header {
+            let version = self
+                .worker
+                .try_borrow()
+                .ok()
+                .and_then(|w| w.sent_version(self.id).map(str::to_string));
+            // Set, not added: an upstream's own header of that name must not reach
+            // the client beside (or, with no record, instead of) ours.
+            let _ = abi::set_header(Map::Response, AUDIT_RESPONSE_HEADER, version.as_deref());
+        }
+    }
 }
 
 impl Drop for DataFilter {
@@ -372,83 +539,6 @@ impl Drop for DataFilter {
     }
 }
 
-impl Context for DataFilter {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        num_headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
-        let response = callout_response(num_headers, body_size);
-        self.step(Event::Callout {
-            token: token_id,
-            response,
-        });
-    }
-}
-
-impl HttpContext for DataFilter {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> WasmAction {
-        // One host call for all headers: every call that returns data re-enters the VM
-        // to allocate, so four single-header reads cost several times more. Read
-        // from the host's serialized map in place: the SDK would make two heap
-        // strings of every header to keep five of them.
-        let config = &self.plugin.config;
-        let key_header = config.agent_source.key_header();
-        let fields = request_header_map()
-            .and_then(|raw| HeadFields::pick_serialized(&raw, &config.agent_header, key_header))
-            .unwrap_or_else(|| {
-                // Not the layout the ABI promises: the SDK's reader (bytes, not
-                // strings: its string variant panics on a value that is not UTF-8).
-                HeadFields::pick(
-                    self.get_http_request_headers_bytes(),
-                    &config.agent_header,
-                    key_header,
-                )
-            });
-        wasm_action(self.step(Event::Headers {
-            head: &fields,
-            end_of_stream,
-        }))
-    }
-
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {
-        wasm_action(self.step(Event::Body {
-            size: body_size,
-            end_of_stream,
-        }))
-    }
-
-    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> WasmAction {
-        wasm_action(self.step(Event::Trailers))
-    }
-
-    fn on_http_response_headers(
-        &mut self,
-        _num_headers: usize,
-        _end_of_stream: bool,
-    ) -> WasmAction {
-        if self.plugin.config.audit_response_header {
-            let version = self
-                .worker
-                .try_borrow()
-                .ok()
-                .and_then(|w| w.sent_version(self.id).map(str::to_string));
-            // Set, not added: an upstream's own header of that name must not reach
-            // the client beside (or, with no record, instead of) ours. Response
-            // headers are modifiable in this callback, so the host answers Ok (the
-            // SDK would panic on anything else).
-            let _ = hostcalls::set_map_value(
-                MapType::HttpResponseHeaders,
-                AUDIT_RESPONSE_HEADER,
-                version.as_deref(),
-            );
-        }
-        WasmAction::Continue
-    }
-}
-
 /// Response header naming the directive version the request was forwarded with
 /// (`audit.response_header`).
 const AUDIT_RESPONSE_HEADER: &str = "x-ibex-directive-version";
@@ -458,17 +548,16 @@ struct ControlFilter {
     plugin: Rc<Plugin>,
 }
 
-impl Context for ControlFilter {}
-
-impl HttpContext for ControlFilter {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> WasmAction {
+impl ControlFilter {
+    fn on_request_headers(&self) -> u32 {
         let host = EnvoyHost {
             metrics: &self.plugin.metrics,
         };
-        // Bytes, not strings: the SDK's string variant panics on a value that is not
-        // UTF-8. A lossy value matches no method, path or token, so it is refused.
+        // A value that is not UTF-8 matches no method, path or token: it is refused.
         let header = |name| {
-            self.get_http_request_header_bytes(name)
+            abi::header(Map::Request, name)
+                .ok()
+                .flatten()
                 .map(|v| String::from_utf8_lossy(&v).into_owned())
         };
         let method = header(":method");
@@ -481,15 +570,14 @@ impl HttpContext for ControlFilter {
             &host,
             &self.plugin.config,
         );
-        let body = (!reply.body.is_empty()).then_some(reply.body.as_bytes());
-        let headers = if body.is_some() {
-            vec![("content-type", "application/json")]
+        let headers: &[(&str, &[u8])] = if reply.body.is_empty() {
+            &[]
         } else {
-            vec![]
+            &[("content-type", b"application/json")]
         };
-        if hostcalls::send_http_response(u32::from(reply.status), headers, body).is_err() {
+        if abi::send_response(u32::from(reply.status), headers, reply.body.as_bytes()).is_err() {
             log::warn!("ibex_directive: control reply failed");
         }
-        WasmAction::Pause
+        PAUSE
     }
 }

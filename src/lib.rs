@@ -6,8 +6,9 @@
 //!   [`reply`] and [`flow`] are plain Rust, unit-tested natively with `cargo test`;
 //! - [`host::Host`] is the one seam to Envoy: shared data with CAS, callouts, the
 //!   request body and headers, local replies, the clock and counters;
-//! - `envoy` (wasm32 only) implements it with proxy-wasm calls and maps Envoy's
-//!   callbacks to [`flow::Event`]s. Native builds never link host calls.
+//! - `envoy` (wasm32 only) exports the proxy-wasm callbacks, maps them to
+//!   [`flow::Event`]s and implements the trait with `abi`'s host calls (our own
+//!   ABI layer, not the SDK). Native builds never link host calls.
 //!
 //! Nothing in this crate may log directive text, at any level.
 
@@ -30,5 +31,7 @@ pub mod reply;
 pub mod tiers;
 pub mod worker;
 
+#[cfg(target_arch = "wasm32")]
+mod abi;
 #[cfg(target_arch = "wasm32")]
 mod envoy;

@@ -54,9 +54,20 @@ pub struct HeadFields {
     /// The gateway key header (`api_key` source only), several headers joined by
     /// `, ` (which no key contains, so two keys are refused). Kept out of `Debug`.
     pub api_key: Option<Redacted<String>>,
+    /// The host's headers could not be read at all: nothing is known of the request,
+    /// which is refused (`directive_unavailable`) rather than guessed at.
+    pub unreadable: bool,
 }
 
 impl HeadFields {
+    /// The fields of a request whose headers could not be read.
+    pub fn unreadable() -> HeadFields {
+        HeadFields {
+            unreadable: true,
+            ..HeadFields::default()
+        }
+    }
+
     /// Picks the fields out of all request headers (names are lower case in Envoy).
     ///
     /// Values arrive as bytes: a client may send any byte but NUL, CR and LF in a
@@ -215,6 +226,9 @@ pub fn admit_routed(
     end_of_stream: bool,
     config: &Config,
 ) -> Admission {
+    if head.unreadable {
+        return Admission::Refuse(Refusal::DirectiveUnavailable);
+    }
     let who = match &config.agent_source {
         AgentSource::Header => agent_of(head, config).map(Who::Agent),
         AgentSource::Jwt(_) => agent_of_claim(verified).map(Who::Agent),
@@ -782,5 +796,74 @@ mod jwt_source {
             admit(&head(None), Some(AGENT.as_bytes()), false, &c),
             Admission::Pass
         );
+    }
+}
+
+#[cfg(test)]
+mod review_serialized {
+    use super::*;
+
+    fn serialize(headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+        let mut out = (headers.len() as u32).to_le_bytes().to_vec();
+        for (n, v) in headers {
+            out.extend_from_slice(&(n.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        }
+        for (n, v) in headers {
+            out.extend_from_slice(n);
+            out.push(0);
+            out.extend_from_slice(v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn random_maps_and_their_mutations_never_panic_and_agree_with_the_pairs() {
+        let mut s: u64 = 0x9e3779b97f4a7c15;
+        let mut rnd = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let names: [&[u8]; 7] = [
+            b":path",
+            b"x-agent-id",
+            b"authorization",
+            b"content-length",
+            b"\xff\xfe",
+            b"",
+            b"x",
+        ];
+        for _ in 0..20_000 {
+            let n = (rnd() % 6) as usize;
+            let headers: Vec<(Vec<u8>, Vec<u8>)> = (0..n)
+                .map(|_| {
+                    let name = names[(rnd() % 7) as usize].to_vec();
+                    let len = (rnd() % 6) as usize;
+                    let value = (0..len).map(|_| (rnd() % 256) as u8).collect();
+                    (name, value)
+                })
+                .collect();
+            let raw = serialize(&headers);
+            let got = HeadFields::pick_serialized(&raw, "x-agent-id", Some("authorization"));
+            let pairs = headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice()));
+            let want = HeadFields::pick_pairs(pairs, "x-agent-id", Some("authorization"));
+            assert_eq!(got, Some(want));
+            // Mutations: any byte, truncation, extension.
+            for _ in 0..8 {
+                let mut m = raw.clone();
+                match rnd() % 3 {
+                    0 if !m.is_empty() => {
+                        let i = (rnd() as usize) % m.len();
+                        m[i] = rnd() as u8;
+                    }
+                    1 => m.truncate((rnd() as usize) % (m.len() + 1)),
+                    _ => m.push(rnd() as u8),
+                }
+                let _ = HeadFields::pick_serialized(&m, "x-agent-id", Some("authorization"));
+            }
+        }
     }
 }
