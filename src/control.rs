@@ -114,7 +114,9 @@ pub fn invalidate_key<H: Host>(key: &KeyHash, host: &H) -> Result<(), HostError>
 /// Writes the tombstone, then bumps the L1 epoch: in that order, so a worker that
 /// sees the new epoch and re-reads the entry finds the tombstone. An invalidation
 /// whose epoch bump failed is an error (503), for the subscriber to retry: workers'
-/// hot copies would not end otherwise.
+/// hot copies would not end otherwise. (64 lost CAS races in a row, or a failing
+/// shared-data write: neither happens short of a host fault; a subscriber that
+/// gives up retrying leaves copies to their TTL, and logs it.)
 fn tombstone<H: Host>(key: &str, host: &H) -> Result<(), HostError> {
     let generation = entry::current_generation(host);
     let tombstone = Entry {
@@ -125,20 +127,49 @@ fn tombstone<H: Host>(key: &str, host: &H) -> Result<(), HostError> {
         version: Version::Unknown,
     };
     host.shared_set(key, &tombstone.encode(), None)?;
-    bump(entry::EPOCH_KEY, host)
+    bump_epoch(host)
 }
 
 /// Bumps the global generation, then the L1 epoch (see [`tombstone`]).
 pub fn invalidate_all<H: Host>(host: &H) -> Result<(), HostError> {
-    bump(entry::GENERATION_KEY, host)?;
-    bump(entry::EPOCH_KEY, host)
+    bump_generation(host)?;
+    bump_epoch(host)
 }
 
-/// Adds one to an 8-byte counter in shared data (compare-and-swap, retried on
+/// Creates the L1 epoch if it does not exist yet (a control role does, when it is
+/// configured): workers serve hot copies only under an epoch, and only a control
+/// role that bumps it may make one.
+pub fn start_epoch<H: Host>(host: &H) -> Result<(), HostError> {
+    match host.shared_get(entry::EPOCH_KEY)? {
+        (Some(_), _) => Ok(()),
+        (None, _) => bump_epoch(host),
+    }
+}
+
+/// Moves the L1 epoch to a value no copy can carry: past the current one, and at
+/// least the clock in milliseconds, so that even a malformed epoch (which workers
+/// read as "no copies") is replaced by one newer than any that was ever readable
+/// (compare-and-swap, retried on contention).
+fn bump_epoch<H: Host>(host: &H) -> Result<(), HostError> {
+    for _ in 0..64 {
+        let (raw, cas) = host.shared_get(entry::EPOCH_KEY)?;
+        let old = raw.as_deref().and_then(entry::decode_epoch).unwrap_or(0);
+        let next = old.wrapping_add(1).max(host.now_ms()).max(1);
+        match host.shared_set(entry::EPOCH_KEY, &next.to_le_bytes(), cas) {
+            Ok(()) => return Ok(()),
+            Err(HostError::CasMismatch) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(HostError::CasMismatch)
+}
+
+/// Adds one to the generation counter in shared data (compare-and-swap, retried on
 /// contention). A key that does not exist yet is created at 1: proxy-wasm checks
 /// CAS only for keys that exist, and two first bumps racing both write 1, which
 /// still differs from the 0 every reader took the absent key for.
-fn bump<H: Host>(key: &str, host: &H) -> Result<(), HostError> {
+fn bump_generation<H: Host>(host: &H) -> Result<(), HostError> {
+    let key = entry::GENERATION_KEY;
     for _ in 0..64 {
         let (raw, cas) = host.shared_get(key)?;
         let next = entry::decode_generation(raw.as_deref()).saturating_add(1);

@@ -255,13 +255,19 @@ pub fn current_generation<H: crate::host::Host>(host: &H) -> u64 {
 
 /// The L1 epoch as it is now in shared data. Unreadable (absent, malformed, or the
 /// read failed) is `None`: then no hot copy may serve, since a bump could not be
-/// seen either.
+/// seen either. Only a control role creates it (`control::start_epoch`), so a VM
+/// whose invalidations come from a control role that does not bump it (none, or an
+/// older build) never serves a copy.
 pub fn current_epoch<H: crate::host::Host>(host: &H) -> Option<u64> {
     match host.shared_get(EPOCH_KEY) {
-        Ok((None, _)) => Some(0),
-        Ok((Some(raw), _)) => raw.as_slice().try_into().ok().map(u64::from_le_bytes),
-        Err(_) => None,
+        Ok((Some(raw), _)) => decode_epoch(&raw),
+        _ => None,
     }
+}
+
+/// Decodes the L1 epoch (8 bytes, little endian); anything else is `None`.
+pub fn decode_epoch(raw: &[u8]) -> Option<u64> {
+    raw.try_into().ok().map(u64::from_le_bytes)
 }
 
 /// Decodes the global generation counter (absent or malformed = 0).

@@ -9,9 +9,13 @@
 //!   copy on every worker at once (the next request re-reads shared data), and
 //! - the entry's own freshness lasts (`fresh_until_ms`, the same instant).
 //!
-//! Nothing else changes an entry while it is fresh: fills write only over a miss,
-//! and a fill that lost the CAS race to a newer write is discarded (`flow::l1`). So
-//! a copy that passes both checks is the entry L1 would serve now.
+//! Every write the control role makes to L1 is followed by a bump, and a data
+//! role's fill writes only under the CAS version and generation it read before its
+//! tier's answer (`flow::l1`), so it cannot replace an entry a later invalidation
+//! made. So a copy that passes both checks is the entry L1 would serve now, or one
+//! as good (another worker's fill of the same answer). An epoch only a control role
+//! creates: a VM without one (no control role, or one of an older build that would
+//! not bump it) serves no copies.
 //!
 //! **Bounded.** Two halves of `cache.worker_copy_bytes / 2` each: copies go into
 //! the young half; when it is full it becomes the old half (the previous old half is
@@ -25,9 +29,11 @@ use std::collections::HashMap;
 
 use crate::entry::Known;
 
-/// Bytes counted per copy beyond its key and payload: the map's slot, the `Rc`'s
-/// header and the copy's own fields, rounded up.
-pub const OVERHEAD: usize = 64;
+/// Bytes counted per copy beyond its key and payload: the map's slot (key string,
+/// copy, control byte, at a load factor of 7/8), the key's heap block and the
+/// `Rc`'s header, with the allocator's rounding. Measured natively at about 1.5 ×
+/// a count of 64, so 128.
+pub const OVERHEAD: usize = 128;
 
 #[derive(Debug)]
 struct HotCopy {

@@ -242,11 +242,12 @@ impl std::error::Error for ConfigError {}
 
 /// Longest TTL accepted, in seconds (one year): beyond it a typo is likelier than intent.
 const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
-/// Default of `cache.worker_copy_bytes`: about 2 500 agents of a 400-byte directive
-/// per worker VM, at most 2 MiB of VM memory (two halves of 1 MiB, `crate::hot`).
+/// Default of `cache.worker_copy_bytes`: per worker VM, two halves of 512 KiB
+/// (`crate::hot`), about 2 000 agents of a 400-byte directive.
 const DEFAULT_WORKER_COPY_BYTES: u64 = 1 << 20;
-/// Upper bound of `cache.worker_copy_bytes` (1 GiB): a wasm32 VM has 4 GiB in all.
-const MAX_WORKER_COPY_BYTES: u64 = 1 << 30;
+/// Upper bound of `cache.worker_copy_bytes` (64 MiB): a wasm32 VM has 4 GiB in all,
+/// and the maps' real size is a multiple of what they count.
+const MAX_WORKER_COPY_BYTES: u64 = 64 << 20;
 /// Longest callout timeout accepted, in milliseconds.
 const MAX_TIMEOUT_MS: u64 = 60_000;
 

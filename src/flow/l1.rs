@@ -58,8 +58,9 @@ pub(super) fn lookup<H: Host>(
             return Lookup::Fresh(known);
         }
     }
-    let generation = entry::current_generation(host);
     let (raw, cas) = host.shared_get(key).unwrap_or((None, None));
+    // After the entry: an anchor's generation is never older than its CAS version.
+    let generation = entry::current_generation(host);
     let mut stale = None;
     if let Some(e) = raw.as_deref().and_then(Entry::decode) {
         if e.is_fresh(now, generation) {
@@ -89,8 +90,8 @@ pub(super) fn lookup<H: Host>(
 /// What the key looks like now, to anchor a fill on: its CAS version and the
 /// global generation.
 pub(super) fn found<H: Host>(host: &H, key: &str) -> Anchor {
-    let generation = entry::current_generation(host);
     let cas = host.shared_get(key).ok().and_then(|(_, cas)| cas);
+    let generation = entry::current_generation(host);
     Anchor { cas, generation }
 }
 
@@ -112,7 +113,9 @@ pub(super) fn anchor<H: Host>(host: &H, key: &str, found: Anchor) -> Anchor {
         Ok(()) => host.shared_get(key).ok().and_then(|(_, c)| c),
         Err(_) => None,
     };
-    Anchor { cas, ..found }
+    // After the placeholder: what the fill reads next is no older than this.
+    let generation = entry::current_generation(host);
+    Anchor { cas, generation }
 }
 
 /// Writes a fill's answer, fresh for `ttl_ms`, under the CAS version read when the

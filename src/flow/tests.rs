@@ -1900,6 +1900,7 @@ fn invalidate(w: &W) {
 fn a_warm_hit_is_served_from_the_workers_copy_without_reading_the_entry() {
     let shared = SharedData::default();
     let w = W::new(&shared, config(""));
+    crate::control::start_epoch(&w.host).unwrap();
     w.run(1, vec![redis_hit("D")]);
     w.run(2, vec![]);
     let before = entry_reads(&w);
@@ -1964,6 +1965,7 @@ fn an_invalidation_or_a_flush_ends_every_workers_copy_at_once() {
 fn a_copy_expires_with_its_entry() {
     let shared = SharedData::default();
     let w = W::new(&shared, config(r#","cache":{"ttl_seconds":1}"#));
+    crate::control::start_epoch(&w.host).unwrap();
     w.run(1, vec![redis_hit("D")]);
     w.run(2, vec![]);
     w.host.now.set(w.host.now.get() + 999);
@@ -1981,6 +1983,7 @@ fn a_copy_expires_with_its_entry() {
 fn an_invalidation_landing_while_a_copy_is_taken_ends_that_copy() {
     let shared = SharedData::default();
     let w = W::new(&shared, config(""));
+    crate::control::start_epoch(&w.host).unwrap();
     w.run(1, vec![redis_hit("old")]);
     let control = W::new(&shared, config(""));
     let control = std::rc::Rc::new(control);
@@ -2002,6 +2005,7 @@ fn an_invalidation_landing_while_a_copy_is_taken_ends_that_copy() {
 fn an_unreadable_epoch_serves_no_copy() {
     let shared = SharedData::default();
     let w = W::new(&shared, config(""));
+    crate::control::start_epoch(&w.host).unwrap();
     w.run(1, vec![redis_hit("D")]);
     w.run(2, vec![]);
     w.host
@@ -2023,4 +2027,126 @@ fn an_unreadable_epoch_serves_no_copy() {
         .unwrap();
     let (_, action) = w.headers(4);
     assert_eq!(action, Action::Pause);
+}
+
+// ---------------------------------------------------------------- review (attacker)
+
+/// Pre-existing (not from 68748e7/6af0b91), found while checking every writer:
+/// the "older generation replaces" rule of `l1::write` resurrects a directive an
+/// acknowledged invalidation ended. G reads the generation (0) before a flush and
+/// the entry after the agent's tombstone; F anchors between the flush (gen 1) and
+/// the tombstone, so its L2 GET may read the old text. G's fill (anchored on the
+/// tombstone, new text) is written with generation 0; F's answer then loses the CAS
+/// race but finds an entry of an older generation that is no tombstone, and writes
+/// its old text over it, fresh under generation 1.
+#[test]
+fn the_older_generation_rule_never_brings_back_what_an_invalidation_ended() {
+    use std::rc::Rc;
+    let shared = SharedData::default();
+    let wg = W::new(&shared, config(""));
+    let wf = Rc::new(W::new(&shared, config("")));
+    let f_flow: Rc<RefCell<Option<Flow>>> = Rc::new(RefCell::new(None));
+    {
+        let (wf, f_flow) = (wf.clone(), f_flow.clone());
+        *wg.host.after_read.borrow_mut() = Some((
+            crate::entry::GENERATION_KEY.to_string(),
+            Box::new(move || {
+                // G has read generation 0; before it reads the agent's entry:
+                crate::control::invalidate_all(&wf.host).unwrap(); // flush: gen 1
+                let (flow, action) = wf.headers(1); // F anchors at gen 1, GET leaves
+                assert_eq!(action, Action::Pause);
+                *f_flow.borrow_mut() = Some(flow);
+                invalidate(&wf); // the agent's tombstone + epoch bump: 204
+            }),
+        ));
+    }
+    let (g, action) = wg.headers(1);
+    assert_eq!(action, Action::Pause);
+    assert!(wg.host.after_read.borrow().is_none(), "the hook ran");
+    // G's GET left after the tombstone (and after the companion's L2 tombstone).
+    let (g, _) = wg.answer(1, g, redis_hit("new"));
+    wg.body_end(1, g);
+    assert!(wg.body(1).contains("\"new\""));
+    // F's GET left before the L2 tombstone: the old text.
+    let flow = f_flow.borrow_mut().take().unwrap();
+    let (flow, _) = wf.answer(1, flow, redis_hit("old"));
+    wf.body_end(1, flow);
+    // Any later request, on any worker, after the 204.
+    let wh = W::new(&shared, config(""));
+    let (flow, action) = wh.headers(1);
+    let flow = match action {
+        Action::Continue => flow,
+        _ => wh.answer(1, flow, redis_hit("new")).0,
+    };
+    wh.body_end(1, flow);
+    assert!(
+        wh.body(1).contains("\"new\""),
+        "after the 204 the provider gets: {}",
+        wh.body(1)
+    );
+}
+
+/// An L1 writer that does not bump the epoch (a control role of an older build
+/// during an upgrade) never made one: then no worker serves a copy, and the
+/// tombstone alone is seen by the next request.
+#[test]
+fn copies_serve_only_once_a_control_role_made_the_epoch() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    w.run(1, vec![redis_hit("old")]);
+    w.run(2, vec![]); // no epoch: no copy
+                      // The previous build's control role: the tombstone only.
+    let tomb = Entry {
+        kind: Kind::Tombstone,
+        fresh_until_ms: 0,
+        generation: crate::entry::current_generation(&w.host),
+        escaped: ibex_wire::Redacted::new(""),
+        version: crate::audit::Version::Unknown,
+    };
+    w.host
+        .shared_set(&agent_key(), &tomb.encode(), None)
+        .unwrap();
+    let (_, action) = w.headers(3);
+    assert_eq!(
+        action,
+        Action::Pause,
+        "the tombstone is not seen: {}",
+        w.body(3)
+    );
+}
+
+/// An epoch that became unreadable is replaced by one no copy carries: a copy
+/// stamped before does not serve again after the next invalidation.
+#[test]
+fn a_malformed_epoch_is_never_bumped_back_to_a_value_copies_carry() {
+    let shared = SharedData::default();
+    let w = W::new(&shared, config(""));
+    crate::control::start_epoch(&w.host).unwrap();
+    // Some other agent's invalidation: the epoch is 1.
+    let other = "11111111-2222-4333-8444-555555555555";
+    let r = crate::control::handle(
+        Some("POST"),
+        Some(&format!("/ibex/v1/invalidate/{other}")),
+        None,
+        &w.host,
+        &w.config,
+    );
+    assert_eq!(r.status, 204);
+    w.run(1, vec![redis_hit("old")]);
+    w.run(2, vec![]); // copy stamped 1
+                      // The epoch becomes unreadable (any writer of the vm_id's shared data).
+    w.host
+        .shared_set(crate::entry::EPOCH_KEY, b"garbage", None)
+        .unwrap();
+    invalidate(&w); // tombstone, then bump: garbage -> 0 -> 1
+    let (flow, action) = w.headers(3);
+    if action == Action::Continue {
+        w.body_end(3, flow);
+    }
+    assert_eq!(
+        action,
+        Action::Pause,
+        "served the copy after the 204: {}",
+        w.body(3)
+    );
 }
