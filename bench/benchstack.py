@@ -13,7 +13,10 @@ benchmarks need on top, composed here so stack/ stays untouched.
     bench_ibex  the ibex_directive wasm filter (same vm_id as ibex_data, so the
                 control listener's invalidations and the shared data are common)
     bench_noop  a proxy-wasm filter that does nothing (bench/noop-wasm, its own
-                vm_id): what any wasm filter costs before doing any work
+                vm_id): what any wasm filter made with the Rust SDK costs before
+                doing any work
+    bench_floor the same without the SDK, exporting only what Envoy needs
+                (bench/floor-wasm): Envoy's own floor of a wasm filter
     bench_ibex_key  (only with api_key=True) bench_ibex with `agent.source`
                 "api_key": the agent is the one a gateway API key names
     bench_ibex_webdis  (only with webdis=True) bench_ibex with L2 through Webdis
@@ -110,8 +113,9 @@ class BenchEnvoy(Envoy):
         return envoy
 
     def init_bench(self, *, bench_ports, sink_port, lua_code, ibex_overrides, noop_wasm, cpus=None,
-                   webdis_port=None, probe_wasm=None, probes=None):
+                   webdis_port=None, probe_wasm=None, probes=None, floor_wasm=None):
         self.noop_wasm = noop_wasm
+        self.floor_wasm = floor_wasm
         self.probe_wasm = probe_wasm
         self.probes = dict(probes or {})
         self.webdis_port = webdis_port
@@ -176,11 +180,11 @@ class BenchEnvoy(Envoy):
                 config = merge(merge(config, redis_front_config("webdis")),
                                {"redis": {"cluster": WEBDIS_CLUSTER, "authority": WEBDIS_CLUSTER}})
             set_filter_json(item, config)
-        elif name == "noop" or name in self.probes:
+        elif name in ("noop", "floor") or name in self.probes:
             wasm = copy.deepcopy(next(f for f in filters if f["name"] == WASM_FILTER))
             plugin = wasm["typed_config"]["config"]
             plugin.pop("configuration", None)
-            code = self.noop_wasm
+            code = self.floor_wasm if name == "floor" else self.noop_wasm
             if name in self.probes:
                 code = self.probe_wasm
                 plugin["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue",
@@ -208,15 +212,15 @@ class BenchStack(Stack):
                   (L2 through Webdis); off unless a selected variant needs it
     """
 
-    BENCH_LISTENERS = ("bare", "lua", "ibex", "noop")
+    BENCH_LISTENERS = ("bare", "lua", "ibex", "noop", "floor")
     OPTIONAL_LISTENERS = ("ibex_key", "ibex_webdis")
     PORT_NAMES = (PORT_NAMES + BENCH_LISTENERS + OPTIONAL_LISTENERS + ("sink", "sink_admin")
                   + tuple(VARIANTS[v].listener for v in PROBES))
 
     def __init__(self, directory, *, lua_code, ibex_overrides, noop_wasm, gateway_cpus=None, api_key=False,
-                 webdis=False, probe_wasm=None, probes=None, **kwargs):
+                 webdis=False, probe_wasm=None, probes=None, floor_wasm=None, **kwargs):
         self._bench = {"lua_code": lua_code, "ibex_overrides": ibex_overrides, "noop_wasm": noop_wasm,
-                       "cpus": gateway_cpus, "probe_wasm": probe_wasm, "probes": probes}
+                       "cpus": gateway_cpus, "probe_wasm": probe_wasm, "probes": probes, "floor_wasm": floor_wasm}
         self.listeners = (self.BENCH_LISTENERS + (("ibex_key",) if api_key else ())
                           + (("ibex_webdis",) if webdis else ()) + tuple(probes or ()))
         super().__init__(directory, **kwargs)

@@ -15,6 +15,8 @@ BENCH = Path(__file__).resolve().parent
 MICRO = BENCH / "micro"
 NOOP = BENCH / "noop-wasm"
 NOOP_WASM = NOOP / "target" / "wasm32-wasip1" / "release" / "bench_noop_wasm.wasm"
+FLOOR = BENCH / "floor-wasm"
+FLOOR_WASM = FLOOR / "target" / "wasm32-wasip1" / "release" / "bench_floor_wasm.wasm"
 PROBE = BENCH / "probe-wasm"
 PROBE_WASM = PROBE / "target" / "wasm32-wasip1" / "release" / "bench_probe_wasm.wasm"
 SIZES = {"1KB": 1024, "64KB": 65536}
@@ -25,6 +27,13 @@ def build_noop():
     run_checked(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
                  str(NOOP / "Cargo.toml")], "building bench/noop-wasm")
     return NOOP_WASM
+
+
+def build_floor():
+    """bench/floor-wasm, the filter without the SDK that does nothing (bench_floor listener)."""
+    run_checked(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
+                 str(FLOOR / "Cargo.toml")], "building bench/floor-wasm")
+    return FLOOR_WASM
 
 
 def build_probe():

@@ -166,6 +166,7 @@ def sanity(bench):
                                            ("lua", agent_id("l1", 0), True),
                                            ("ibex", agent_id("l1", 0), True),
                                            ("ibex", agent_id("l3", 10**9), None),
+                                           ("floor", agent_id("l1", 0), False),
                                            *((probe, agent_id("l1", 0), False) for probe in bench.probes)):
         s.upstream.clear()
         status, _ = post(s.url_of(listener_name), "/_echo" + CHAT_PATH, body, agent)
@@ -179,7 +180,7 @@ def sanity(bench):
             raise RuntimeError(f"sanity: {listener_name} changed the body")
         if injected and got.body.replace(inserted, b"", 1) != body:
             raise RuntimeError(f"sanity: {listener_name} changed more than the inserted message")
-    for listener_name in ("bare", "lua", "ibex", *bench.probes):
+    for listener_name in ("bare", "lua", "ibex", "noop", "floor", *bench.probes):
         status, data = post(s.url_of(listener_name), CHAT_PATH, body, agent_id("l1", 0))
         if status != 200 or b"chatcmpl-bench" not in data:
             raise RuntimeError(f"sanity: {listener_name} → sink answered {status} {data[:200]!r}")

@@ -100,7 +100,7 @@ class Bench:
         if not a.skip_micro:
             self.phase("micro", lambda: native.micro(self.dir), "micro")
         self.bodies = write_bodies(self.dir / "bodies")
-        noop_wasm = self.phase("build-noop", native.build_noop)
+        noop_wasm = self.phase("build-noop", lambda: (native.build_noop(), native.build_floor()))
         probe_wasm = self.phase("build-probe", native.build_probe) if self.probes else None
         self.stack = self.make_stack(noop_wasm, probe_wasm)
         try:
@@ -132,7 +132,8 @@ class Bench:
         escaped = ESCAPED.replace("\\", "\\\\").replace("'", "\\'")
         return BenchStack(
             self.dir / "stack", lua_code=LUA_FILTER.read_text().replace("@MESSAGE@", escaped),
-            ibex_overrides={"cache": {"ttl_seconds": 3600}, "debug_headers": False}, noop_wasm=noop_wasm,
+            ibex_overrides={"cache": {"ttl_seconds": 3600}, "debug_headers": False}, noop_wasm=noop_wasm[0],
+            floor_wasm=noop_wasm[1],
             probe_wasm=probe_wasm, probes=self.probes,
             gateway_cpus=self.gateway_cpus, concurrency=self.args.workers, api_key=self.uses_api_key,
             webdis=self.uses_webdis, log_levels={"envoy": "warning", "companion": "warn", "webdis": 0})

@@ -16,7 +16,7 @@ from bench.measure import TICKS, CpuWindow, counter_delta, filter_counters, log,
 from bench.workload import CHAT_PATH, EXPECTED_TIER, VARIANTS, selected_variants
 from stack.process import die_with_parent
 
-PERF_VARIANTS = ("bare-1k", "wasm-noop-1k", "wasm-pass-1k", "l1-none-1k", "l1-1k", "l1-64k")
+PERF_VARIANTS = ("bare-1k", "wasm-noop-1k", "wasm-floor-1k", "wasm-pass-1k", "l1-none-1k", "l1-1k", "l1-64k")
 IBEX_LISTENERS = ("ibex", "ibex_key", "ibex_webdis")  # the listeners with our filter (its counters are read)
 # Key lookups of an L1 hit: every request counted by key_l1_hit, and none of these
 # (a key answered by Redis or the store, missed, unknown, refused).
@@ -221,6 +221,8 @@ def aggregate(all_runs, order, used_rounds):
             "loaded_added_p50_us": latency(load, base_load, "p50"),
             "loaded_added_p99_us": latency(load, base_load, "p99"),
             "added_cpu_us_per_request": round(median(dcpu), 2) if dcpu else None,
+            # per round, to see how steady a variant (the floors above all) was in this run
+            "added_cpu_by_round": [round(x, 2) for x in dcpu],
         })
         base_cpu = median([r["envoy_cpu_us_per_request"] for r in base_load])
         # what the throughput ratio would be where the gateway's CPU is the only bottleneck

@@ -45,6 +45,9 @@ VARIANTS = {
     "wasm-noop-1k": Variant("noop", "1k", "fixed", "l1", "bare-1k", CHAT_PATH,
                             "profile: a proxy-wasm filter that does nothing (bench/noop-wasm): the floor of any "
                             "wasm filter"),
+    "wasm-floor-1k": Variant("floor", "1k", "fixed", "l1", "bare-1k", CHAT_PATH,
+                             "profile: a proxy-wasm filter that does nothing and exports only request headers and "
+                             "context creation and deletion, without the SDK (bench/floor-wasm): Envoy's own floor"),
     "wasm-pass-1k": Variant("ibex", "1k", "fixed", "l1", "bare-1k", "/v1/embeddings",
                             "profile: our filter on a path that is no LLM format (forwarded untouched): the wasm "
                             "filter's fixed cost per request"),
