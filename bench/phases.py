@@ -298,8 +298,8 @@ class Poller:
 
     BODY = b'{"model":"m","messages":[{"role":"user","content":"ping"}]}'
 
-    def __init__(self, stack, agent):
-        self.conn = http.client.HTTPConnection("127.0.0.1", stack.ports["data"], timeout=5)
+    def __init__(self, stack, agent, port=None):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port or stack.ports["data"], timeout=5)
         self.headers = {"content-type": "application/json", AGENT_HEADER: agent}
 
     def sees(self, marker):
@@ -355,6 +355,122 @@ def invalidation(bench):
         "p50": round(percentile(samples, 50), 2), "p90": round(percentile(samples, 90), 2),
         "p99": round(percentile(samples, 99), 2), "max": round(max(samples), 2),
         "min": round(min(samples), 2), "polls_median": median(polls),
+    }
+
+
+# --------------------------------------------------------------------------- fleet
+
+FLEET_SIZE = 3
+FLEET_POLL_TIMEOUT = 5.0
+
+
+def fleet(bench):
+    """A fleet of its own (stack/fleet.py): FLEET_SIZE Envoys, each with its subscriber,
+    over one Redis, REST front, store and Postgres, the committed timeouts. --fleet-updates
+    times: the directive written to Postgres only, each Envoy checked to still serve the
+    old text, then PUBLISH, then every Envoy polled at once (a thread and a keep-alive
+    connection each) until it serves the new text. Per Envoy and for the fleet (the last
+    Envoy to see it: "on every Envoy of a fleet"), the time from PUBLISH."""
+    import threading
+
+    from stack.fleet import Fleet
+
+    n = bench.args.fleet_updates
+    directory = bench.dir / "fleet"
+    with Fleet(directory, size=FLEET_SIZE, concurrency=bench.args.workers,
+               filter_config={"cache": {"ttl_seconds": 3600}},
+               log_levels={"envoy": "warning", "companion": "warn"}) as f:
+        agent = agent_id("inval", 1)
+        f.set_directive(agent, DIRECTIVE + " [rev-initial]")
+        pollers = [Poller(f, agent, port=envoy.data_port) for envoy in f.envoys]
+        for poller in pollers:
+            wait_until(lambda: poller.sees("[rev-initial]"), timeout=10, what="the initial directive")
+        redis = socket.create_connection(("127.0.0.1", f.redis.port), timeout=5)
+        stream = redis.makefile("rb")
+        start = threading.Barrier(FLEET_SIZE + 1, timeout=30)
+        done = threading.Barrier(FLEET_SIZE + 1, timeout=30)
+        state = {"marker": None, "t0": 0.0, "stop": False}
+        seen = [None] * FLEET_SIZE  # per Envoy: ms from PUBLISH to the new text of this update, or None
+        errors = []
+
+        def poll(index, poller):
+            while True:
+                try:
+                    start.wait()
+                except threading.BrokenBarrierError:
+                    return
+                if state["stop"]:
+                    return
+                try:
+                    count = 0
+                    while True:
+                        count += 1
+                        if poller.sees(state["marker"]):
+                            seen[index] = (time.monotonic() - state["t0"]) * 1000
+                            break
+                        if time.monotonic() - state["t0"] > FLEET_POLL_TIMEOUT:
+                            seen[index] = None
+                            break
+                except Exception as exc:  # noqa: BLE001 - reported with the results
+                    errors.append(repr(exc))
+                    seen[index] = None
+                try:
+                    done.wait()
+                except threading.BrokenBarrierError:
+                    return
+
+        threads = [threading.Thread(target=poll, args=(i, p), daemon=True) for i, p in enumerate(pollers)]
+        for thread in threads:
+            thread.start()
+        per_envoy = [[] for _ in range(FLEET_SIZE)]
+        fleet_ms, timeouts, early = [], 0, 0
+        try:
+            for i in range(n):
+                marker = f"[fleet-{i}-{os.getpid()}]"
+                f.companion.set_directive(agent, DIRECTIVE + " " + marker, publish=False)  # Postgres only
+                if any(p.sees(marker) for p in pollers):  # a cache was not in the way: no sample
+                    early += 1
+                    continue
+                state["marker"] = marker
+                state["t0"] = time.monotonic()
+                redis.sendall(encode_command("PUBLISH", updates_channel(agent), ""))
+                start.wait()
+                stream.readline()
+                done.wait()
+                if any(ms is None for ms in seen):
+                    timeouts += 1
+                    log(f"fleet update {i}: not seen on every Envoy within {FLEET_POLL_TIMEOUT} s: {seen}")
+                    continue
+                for index, ms in enumerate(seen):
+                    per_envoy[index].append(ms)
+                fleet_ms.append(max(seen))
+        finally:
+            state["stop"] = True
+            try:
+                start.wait(timeout=10)
+            except threading.BrokenBarrierError:
+                pass
+            start.abort()
+            done.abort()
+            for thread in threads:
+                thread.join(timeout=10)
+            redis.close()
+            for poller in pollers:
+                poller.close()
+        queries = f.store.metric("ibex_store_db_queries_total")
+
+    def stats(samples):
+        if not samples:
+            return {"p50": None, "p90": None, "p99": None, "max": None}
+        return {"p50": round(percentile(samples, 50), 2), "p90": round(percentile(samples, 90), 2),
+                "p99": round(percentile(samples, 99), 2), "max": round(max(samples), 2)}
+
+    return {
+        "envoys": FLEET_SIZE, "envoy_workers": bench.args.workers, "updates": n, "measured": len(fleet_ms),
+        "timeouts": timeouts, "visible_before_publish": early, "errors": errors[:5],
+        "all": stats(fleet_ms),
+        "per_envoy": [{"envoy": i, **stats(samples)} for i, samples in enumerate(per_envoy)],
+        "store_db_queries": int(queries),
     }
 
 
