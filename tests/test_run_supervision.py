@@ -201,6 +201,7 @@ def test_rest_front_killed_is_started_again(run):
     assert served(run, DEMO_AGENT_ID, DEMO_DIRECTIVE)
     back(run, "rest", old)
     assert "rest exited (killed by SIGKILL)" in run.text()
+    assert http_status(run.env["IBEX_REDIS_REST_URL"] + "/readyz") == 200
     served_from_redis(run)
 
 
