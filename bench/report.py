@@ -83,8 +83,9 @@ def targets(d):
     add("L2 hit (REST front): added p99", "≤ 1000 µs", l2.get("added_p99_us"), lambda x: x <= 1000)
     add("L3: added p99", "≤ 5000 µs", l3.get("added_p99_us"), lambda x: x <= 5000)
     add("invalidation p99", "≤ 50 ms", (d.get("invalidation_ms") or {}).get("p99"), lambda x: x <= 50)
-    add("fleet invalidation p99 (every Envoy of 3)", "≤ 20 ms", (d.get("fleet_invalidation_ms") or {}).get("p99"),
-        lambda x: x <= 20)
+    fleet = d.get("fleet") or {}
+    add(f"fleet invalidation p99 (every Envoy of {fleet.get('envoys', 3)})", "≤ 20 ms",
+        (d.get("fleet_invalidation_ms") or {}).get("p99"), lambda x: x <= 20)
     workers = d["envoy_workers"]
     add(f"cold agent, {(d.get('stampede') or {}).get('concurrent_requests', 500)} concurrent: store calls",
         f"≤ {workers} (1 per worker)", d.get("stampede_store_calls"), lambda x: x <= workers)
@@ -262,10 +263,13 @@ def fleet_section(fleet, d):
     return section(
         "Fleet invalidation delay",
         f"A fleet of its own: {fleet['envoys']} Envoys ({fleet['envoy_workers']} workers each), each with its "
-        f"subscriber, one Redis, REST front, store and Postgres. {fleet['measured']} of {fleet['updates']} updates "
-        f"measured (Postgres write, then PUBLISH; every Envoy polled at once on a keep-alive connection of its "
-        f"own until it serves the new text; ms from PUBLISH); timeouts {fleet['timeouts']}, visible before "
-        f"PUBLISH {fleet['visible_before_publish']}.", "",
+        f"subscriber, one Redis, REST front, store and Postgres, a sink Envoy as their upstream. "
+        f"{fleet['measured']} of {fleet['updates']} updates measured (a new version in Postgres, then PUBLISH; "
+        f"every Envoy polled at once, a process and a keep-alive connection each, until its response names the "
+        f"new version in `x-ibex-directive-version`; ms from PUBLISH); timeouts {fleet['timeouts']}, visible "
+        f"before PUBLISH {fleet['visible_before_publish']}. Postgres directive queries during the phase: "
+        f"{fleet['store_db_queries']} (after an update each Envoy's refill runs its own: the tombstone forbids "
+        f"sharing an older snapshot).", "",
         *table(["Envoy", "p50 ms", "p90 ms", "p99 ms", "max ms"], ["---", "---:", "---:", "---:", "---:"], rows))
 
 

@@ -214,6 +214,7 @@ def parse_args(argv=None):
     p.add_argument("--updates", type=int, default=200)
     p.add_argument("--fleet-updates", type=int, default=200,
                    help="updates of the fleet phase (3 Envoys of a fleet of their own)")
+    p.add_argument("--fleet-size", type=int, default=3, help="Envoys of the fleet phase's fleet")
     p.add_argument("--skip-fleet", action="store_true", help="no fleet phase")
     p.add_argument("--only-fleet", action="store_true",
                    help="only the fleet phase (its own fleet; no bench stack, variants or other phases)")

@@ -80,6 +80,8 @@ class Stack:
     envoy_template   the Envoy config the harness rewrites for the stack (stack/envoy.py);
                      default envoy/local.yaml (test_api_key and `make run` also run the
                      examples in envoy/examples/)
+    cluster_ports    {cluster: port}: Envoy's clusters pointed elsewhere than the stack's parts
+                     (the bench's fleet phase: llm_upstream at its sink), as restart_envoy takes it
     store_redis      the store gets the stack's Redis (IBEX_STORE_REDIS_URL): lookups of one
                      agent share a query across Envoys while Redis shows no invalidation
                      since it was sent (a fleet's cold start: stack/fleet.py); default off
@@ -91,7 +93,7 @@ class Stack:
                  parts=ORDER, pg_dir=None, fast_pg=True, pid_dir=None, log_dir=None, concurrency=2,
                  log_levels=None, patient=False, debug_headers=False, control_token=None,
                  http_filters_before=None, envoy_template=None, l2="rest", rest_token=None,
-                 rest_admin_token=None, store_redis=False):
+                 rest_admin_token=None, store_redis=False, cluster_ports=None):
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = allocate_ports(ports, self.PORT_NAMES)
@@ -121,7 +123,7 @@ class Stack:
             "env": envoy_env or {},
             "concurrency": concurrency,
             "log_level": levels["envoy"],
-            "cluster_ports": {},
+            "cluster_ports": dict(cluster_ports or {}),
             "http_filters_before": list(http_filters_before or []),
             "template": envoy_template,
             "l2": l2,
