@@ -5,9 +5,10 @@ one Redis (and its REST front), one store and one Postgres (stack/fleet.py).
   flush reach every Envoy: each is polled until it serves the new text (a generous
   deadline; speed is `make bench`'s fleet phase);
 - a cold start of the whole fleet costs Postgres one directive query per agent:
-  Redis, through the filters' write-backs, and the store, which shares an agent's
-  query with lookups that come in while it runs or shortly after once Redis shows no
-  invalidation since (companion/src/store/flight.rs), absorb the rest;
+  the store, which shares an agent's query with lookups that come in while it runs or
+  shortly after once Redis shows no invalidation since (companion/src/store/guard.rs),
+  and Redis, through the filters' write-backs (an Envoy restarted afterwards costs
+  Postgres nothing), absorb the rest;
 - an Envoy killed with SIGKILL changes nothing for the other two: they keep
   answering with the directive and keep getting invalidations.
 
@@ -23,7 +24,7 @@ import pytest
 
 from helpers import CHAT, new_agent
 from stack import wait_until
-from stack.contract import AGENT_HEADER, FLUSH_CHANNEL, FLUSH_MARKER, updates_channel
+from stack.contract import AGENT_HEADER, FLUSH_CHANNEL, FLUSH_MARKER, redis_key, stored_text, updates_channel
 from stack.fleet import Fleet
 from stack.postgres import quote_literal
 from stack.rawhttp import connect, read_response, request_bytes
@@ -161,6 +162,19 @@ def test_cold_fleet_costs_postgres_one_query_per_agent(fleet):
     lookups = fleet.store.lookups() - lookups_before
     assert queries == COLD_AGENTS, (f"Postgres saw {queries:.0f} directive queries for {COLD_AGENTS} cold agents "
                                     f"({lookups:.0f} store lookups from {SIZE} Envoys)")
+    # Redis absorbs the rest: once the write-backs landed, an Envoy with an empty L1 (restarted)
+    # costs Postgres nothing for these agents
+    for agent in agents:
+        wait_until(lambda: stored_text(fleet.redis.get(redis_key(agent))) == cold_text(agent),
+                   what="every agent's write-back in Redis")
+    late = fleet.envoys[-1]
+    late.stop()
+    late.start()
+    before = fleet.store.metric("ibex_store_db_queries_total")
+    for agent in agents:
+        assert injected(late.data_port, agent) == cold_text(agent)
+    assert fleet.store.metric("ibex_store_db_queries_total") == before
+    assert late.counter("l2_hit") == COLD_AGENTS
 
 
 def test_a_killed_envoy_changes_nothing_for_the_others(fleet):
