@@ -22,6 +22,7 @@ import json
 
 import pytest
 
+from conftest import default_l2
 from helpers import CHAT, new_agent
 from stack import wait_until
 from stack.contract import AGENT_HEADER, FLUSH_CHANNEL, FLUSH_MARKER, redis_key, stored_text, updates_channel
@@ -37,7 +38,8 @@ BODY = b'{"model":"demo","messages":[{"role":"user","content":"hello"}]}'
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    with Fleet(tmp_path_factory.mktemp("fleet"), size=SIZE, patient=True, debug_headers=True) as running:
+    with Fleet(tmp_path_factory.mktemp("fleet"), size=SIZE, patient=True, debug_headers=True,
+               l2=default_l2()) as running:
         yield running
 
 
