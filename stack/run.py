@@ -433,7 +433,10 @@ class Supervisor:
             process = self.stack.part(name)
             if not process.running():
                 status = exit_status(process) if process.proc is not None else "not running"
-                process.stop()
+                try:
+                    process.stop()
+                except Exception as exc:  # noqa: BLE001 - the part is started again whatever is left
+                    say(f"cleaning up after {name}: {exc!r}")
                 self.schedule(name, f"{name} exited ({status})")
 
     def schedule(self, name, what):
@@ -450,7 +453,7 @@ class Supervisor:
         self.restarts[name] += 1
         try:
             self.stack.start(name)
-        except (StartError, RuntimeError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - StartError, WaitTimeout, OSError…: try again later
             self.up_since[name] = self.clock()
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.schedule(name, f"{name} did not start again: {first}")
