@@ -300,9 +300,20 @@ class Poller:
 
     BODY = b'{"model":"m","messages":[{"role":"user","content":"ping"}]}'
 
-    def __init__(self, stack, agent):
-        self.conn = http.client.HTTPConnection("127.0.0.1", stack.ports["data"], timeout=5)
+    def __init__(self, stack, agent, port=None):
+        """`port`: another data listener than the stack's (the fleet phase: each Envoy's)."""
+        self.conn = http.client.HTTPConnection("127.0.0.1", port or stack.ports["data"], timeout=5)
         self.headers = {"content-type": "application/json", AGENT_HEADER: agent}
+
+    def version(self):
+        """The directive version the next response names (x-ibex-directive-version, with
+        audit.response_header on): the version whose text was injected."""
+        self.conn.request("POST", CHAT_PATH, body=self.BODY, headers=self.headers)
+        response = self.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"invalidation poll answered {response.status}: {data[:200]!r}")
+        return response.getheader(VERSION_HEADER)
 
     def sees(self, marker):
         """True when the next response carries `marker` (the directive it got)."""
@@ -357,6 +368,148 @@ def invalidation(bench):
         "p50": round(percentile(samples, 50), 2), "p90": round(percentile(samples, 90), 2),
         "p99": round(percentile(samples, 99), 2), "max": round(max(samples), 2),
         "min": round(min(samples), 2), "polls_median": median(polls),
+    }
+
+
+# --------------------------------------------------------------------------- fleet
+
+FLEET_POLL_TIMEOUT = 5.0
+VERSION_HEADER = "x-ibex-directive-version"
+
+
+def fleet_poller(conn, port, agent):
+    """In a process of its own (one per Envoy, so no poller waits for another's turn on
+    the harness's interpreter): on ("check", version) answer whether the Envoy on `port`
+    already serves that directive version; on ("go", version) poll until it does and
+    answer the monotonic time it did (None after FLEET_POLL_TIMEOUT); ("stop",) ends it."""
+    poller = Poller(None, agent, port=port)
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] == "stop":
+                return
+            kind, version = message
+            try:
+                if kind == "check":
+                    conn.send(poller.version() == version)
+                    continue
+                deadline = time.monotonic() + FLEET_POLL_TIMEOUT
+                while True:
+                    if poller.version() == version:
+                        conn.send(time.monotonic())
+                        break
+                    if time.monotonic() > deadline:
+                        conn.send(None)
+                        break
+            except Exception as exc:  # noqa: BLE001 - reported with the results
+                conn.send(("error", repr(exc)))
+    finally:
+        poller.close()
+        conn.close()
+
+
+def fleet(bench):
+    """A fleet of its own (stack/fleet.py): --fleet-size Envoys (3), each with its subscriber,
+    over one Redis, REST front, store and Postgres, the committed timeouts, their
+    upstream a sink Envoy (the echo upstream, one Python process, would be the polls'
+    bottleneck three times over). --fleet-updates times: a new directive version written
+    to Postgres only, each Envoy checked to still serve the old one, then PUBLISH, then
+    every Envoy polled at once (a process and a keep-alive connection each) until its
+    response names the new version (x-ibex-directive-version, audit.response_header:
+    the version whose text it injected). Per Envoy and for the fleet (the last Envoy to
+    serve it: "on every Envoy of a fleet"), the time from PUBLISH (CLOCK_MONOTONIC, the
+    same in every process)."""
+    import multiprocessing
+
+    from bench.benchstack import SinkEnvoy
+    from stack.fleet import Fleet
+    from stack.stack import allocate_ports
+
+    n, size = bench.args.fleet_updates, bench.args.fleet_size
+    ports = allocate_ports(names=("sink", "sink_admin"))
+    sink = SinkEnvoy(bench.dir / "fleet-sink", ports["sink"], ports["sink_admin"]).start()
+    try:
+        return fleet_run(bench, n, Fleet(
+            bench.dir / "fleet", size=size, concurrency=bench.args.workers,
+            cluster_ports={"llm_upstream": sink.port},
+            filter_config={"cache": {"ttl_seconds": 3600}, "audit": {"response_header": True}},
+            log_levels={"envoy": "warning", "companion": "warn"}), multiprocessing.get_context("fork"))
+    finally:
+        sink.stop()
+
+
+def fleet_run(bench, n, fleet_stack, context):
+    """The fleet phase's updates on `fleet_stack` (started and stopped here)."""
+    with fleet_stack as f:
+        agent = agent_id("inval", 1)
+        version = f.set_directive(agent, DIRECTIVE + " [rev-initial]").strip()
+        for envoy in f.envoys:
+            poller = Poller(None, agent, port=envoy.data_port)
+            wait_until(lambda: poller.version() == version, timeout=10, what="the initial directive")
+            poller.close()
+        links, workers = [], []
+        for envoy in f.envoys:
+            ours, theirs = context.Pipe()
+            worker = context.Process(target=fleet_poller, args=(theirs, envoy.data_port, agent), daemon=True)
+            worker.start()
+            theirs.close()
+            links.append(ours)
+            workers.append(worker)
+        redis = socket.create_connection(("127.0.0.1", f.redis.port), timeout=5)
+        stream = redis.makefile("rb")
+        per_envoy = [[] for _ in f.envoys]
+        fleet_ms, timeouts, early, errors = [], 0, 0, []
+        try:
+            for i in range(n):
+                marker = f"[fleet-{i}-{os.getpid()}]"
+                version = f.companion.set_directive(agent, DIRECTIVE + " " + marker, publish=False).strip()
+                for link in links:  # Postgres only so far: each Envoy still serves the old version
+                    link.send(("check", version))
+                checks = [link.recv() for link in links]
+                if any(check is not False for check in checks):  # a cache was not in the way: no sample
+                    early += 1
+                    errors += [check[1] for check in checks if isinstance(check, tuple)]
+                    continue
+                t0 = time.monotonic()
+                redis.sendall(encode_command("PUBLISH", updates_channel(agent), ""))
+                for link in links:
+                    link.send(("go", version))
+                stream.readline()
+                seen = [link.recv() for link in links]
+                if not all(isinstance(t, float) for t in seen):
+                    timeouts += 1
+                    errors += [t[1] for t in seen if isinstance(t, tuple)]
+                    log(f"fleet update {i}: not seen on every Envoy within {FLEET_POLL_TIMEOUT} s: {seen}")
+                    continue
+                ms = [(t - t0) * 1000 for t in seen]
+                for index, value in enumerate(ms):
+                    per_envoy[index].append(value)
+                fleet_ms.append(max(ms))
+        finally:
+            for link in links:
+                try:
+                    link.send(("stop",))
+                except OSError:
+                    pass
+            for worker in workers:
+                worker.join(timeout=10)
+                if worker.is_alive():
+                    worker.kill()
+            redis.close()
+        queries = f.store.metric("ibex_store_db_queries_total")
+
+    def stats(samples):
+        if not samples:
+            return {"p50": None, "p90": None, "p99": None, "max": None}
+        return {"p50": round(percentile(samples, 50), 2), "p90": round(percentile(samples, 90), 2),
+                "p99": round(percentile(samples, 99), 2), "max": round(max(samples), 2)}
+
+    return {
+        "envoys": len(per_envoy), "envoy_workers": bench.args.workers, "updates": n, "measured": len(fleet_ms),
+        "timeouts": timeouts, "visible_before_publish": early, "errors": errors[:5],
+        "all": stats(fleet_ms),
+        "per_envoy": [{"envoy": i, **stats(samples)} for i, samples in enumerate(per_envoy)],
+        "store_db_queries": int(queries),
     }
 
 

@@ -45,6 +45,8 @@ def report_data(bench):
         "wasm_bytes": paths.wasm_path().stat().st_size,
         "stampede": r.get("stampede"),
         "invalidation": r.get("invalidation"),
+        "fleet_invalidation_ms": {k: r["fleet"]["all"][k] for k in ("p50", "p99")} if "fleet" in r else None,
+        "fleet": r.get("fleet"),
         "memory": r.get("memory"),
         "micro": r.get("micro"),
         "profile": r.get("profile"),
@@ -98,6 +100,9 @@ def targets(d):
     add("L2 hit (REST front): added p99", "≤ 1000 µs", l2.get("added_p99_us"), lambda x: x <= 1000)
     add("L3: added p99", "≤ 3000 µs", l3.get("added_p99_us"), lambda x: x <= 3000)
     add("invalidation p99 (one Envoy)", "≤ 20 ms", (d.get("invalidation_ms") or {}).get("p99"), lambda x: x <= 20)
+    fleet = d.get("fleet") or {}
+    add(f"fleet invalidation p99 (every Envoy of {fleet.get('envoys', 3)})", "≤ 20 ms",
+        (d.get("fleet_invalidation_ms") or {}).get("p99"), lambda x: x <= 20)
     workers = d["envoy_workers"]
     add(f"cold agent, {(d.get('stampede') or {}).get('concurrent_requests', 500)} concurrent: store calls",
         f"≤ {workers} (1 per worker)", d.get("stampede_store_calls"), lambda x: x <= workers)
@@ -266,6 +271,25 @@ def invalidation_section(inv, d):
         f"timeouts {inv['timeouts']}.")
 
 
+def fleet_section(fleet, d):
+    rows = [[f"envoy {e['envoy']}", fmt(e["p50"], 2), fmt(e["p90"], 2), fmt(e["p99"], 2), fmt(e["max"], 2)]
+            for e in fleet["per_envoy"]]
+    a = fleet["all"]
+    rows.append([f"**all {fleet['envoys']}** (the last to see it)", fmt(a["p50"], 2), fmt(a["p90"], 2),
+                 fmt(a["p99"], 2), fmt(a["max"], 2)])
+    return section(
+        "Fleet invalidation delay",
+        f"A fleet of its own: {fleet['envoys']} Envoys ({fleet['envoy_workers']} workers each), each with its "
+        f"subscriber, one Redis, REST front, store and Postgres, a sink Envoy as their upstream. "
+        f"{fleet['measured']} of {fleet['updates']} updates measured (a new version in Postgres, then PUBLISH; "
+        f"every Envoy polled at once, a process and a keep-alive connection each, until its response names the "
+        f"new version in `x-ibex-directive-version`; ms from PUBLISH); timeouts {fleet['timeouts']}, visible "
+        f"before PUBLISH {fleet['visible_before_publish']}. Postgres directive queries during the phase: "
+        f"{fleet['store_db_queries']} (after an update each Envoy's refill runs its own: the tombstone forbids "
+        f"sharing an older snapshot).", "",
+        *table(["Envoy", "p50 ms", "p90 ms", "p99 ms", "max ms"], ["---", "---:", "---:", "---:", "---:"], rows))
+
+
 def memory_section(mem, d):
     model = mem["model"]
     return section(
@@ -360,6 +384,7 @@ def notes_section(notes, d):
 OPTIONAL_SECTIONS = (
     ("stampede", stampede_section),
     ("invalidation", invalidation_section),
+    ("fleet", fleet_section),
     ("memory", memory_section),
     ("micro", micro_section),
     ("cpu_ladder", ladder_section),

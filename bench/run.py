@@ -16,6 +16,8 @@ Phases (bench/README.md explains the method; each lives in its own module):
   perf         the gateway's CPU per request by object                                  variants.py
   stampede     500 concurrent requests for one cold agent → store calls                 phases.py
   invalidation PUBLISH → first response with the new text, ≥ 200 updates                phases.py
+  fleet        a fleet of its own (3 Envoys, a subscriber each, one Redis, store and      phases.py
+               Postgres): PUBLISH → the new text on every Envoy, ≥ 200 updates
   memory       Envoy heap before/after caching many agents in L1                        phases.py
   profile      callgrind of the splice (instructions per function)                      native.py
 
@@ -41,7 +43,7 @@ if str(REPO) not in sys.path:
 from bench import native, phases, variants  # noqa: E402
 from bench.benchstack import BenchStack  # noqa: E402
 from bench.measure import Wrk, log, machine_note, our_processes  # noqa: E402
-from bench.report import render_markdown, report_data  # noqa: E402
+from bench.report import fleet_section, render_markdown, report_data  # noqa: E402
 from bench.workload import ESCAPED, VARIANTS, probe_listeners, selected_variants, write_bodies  # noqa: E402
 
 LUA_FILTER = BENCH / "envoy" / "lua_static.lua"
@@ -97,6 +99,8 @@ class Bench:
         self.setup_cpus()
         self.machine = machine_note()
         self.machine["loadavg_start"] = os.getloadavg()
+        if a.only_fleet:
+            return self.fleet_only()
         if not a.skip_micro:
             self.phase("micro", lambda: native.micro(self.dir), "micro")
         self.bodies = write_bodies(self.dir / "bodies")
@@ -115,6 +119,8 @@ class Bench:
                 self.unpin()
                 self.phase("stampede", lambda: phases.stampede(self), "stampede")
                 self.phase("invalidation", lambda: phases.invalidation(self), "invalidation")
+                if not a.skip_fleet:
+                    self.phase("fleet", lambda: phases.fleet(self), "fleet")
                 self.phase("memory", lambda: phases.memory(self), "memory")
         finally:
             self.machine["loadavg_end"] = os.getloadavg()
@@ -125,6 +131,15 @@ class Bench:
         if not a.skip_profile:
             self.phase("profile", lambda: native.profile(self.dir, self.notes), "profile")
         self.write_report()
+
+    def fleet_only(self):
+        """--only-fleet: the fleet phase alone (its own fleet, unpinned); prints its section
+        and its JSON, writes no latest.md/json (a full run's report needs every phase)."""
+        self.unpin()
+        result = self.phase("fleet", lambda: phases.fleet(self), "fleet")
+        (self.dir / "fleet.json").write_text(json.dumps(result, indent=2) + "\n")
+        print("\n".join(fleet_section(result, {})))
+        print(json.dumps(result, indent=2))
 
     def make_stack(self, noop_wasm, probe_wasm):
         """The benchmarks' stack (not started): the committed filter configuration's
@@ -203,6 +218,12 @@ def parse_args(argv=None):
     p.add_argument("--stampede", type=int, default=500)
     p.add_argument("--stampede-trials", type=int, default=3)
     p.add_argument("--updates", type=int, default=200)
+    p.add_argument("--fleet-updates", type=int, default=200,
+                   help="updates of the fleet phase (3 Envoys of a fleet of their own)")
+    p.add_argument("--fleet-size", type=int, default=3, help="Envoys of the fleet phase's fleet")
+    p.add_argument("--skip-fleet", action="store_true", help="no fleet phase")
+    p.add_argument("--only-fleet", action="store_true",
+                   help="only the fleet phase (its own fleet; no bench stack, variants or other phases)")
     p.add_argument("--only", nargs="*", metavar="VARIANT",
                    help="run only these variants (and their baselines): " + ", ".join(VARIANTS))
     p.add_argument("--probes", action="store_true",
@@ -223,6 +244,7 @@ def parse_args(argv=None):
         args.rounds, args.duration, args.latency_duration, args.warm = 3, 1, 1, 1
         args.l2_agents, args.l3_agents, args.mem_agents = 60000, 30000, 5000
         args.updates, args.stampede_trials = 20, 1
+        args.fleet_updates = 20
         if args.out == str(RESULTS):
             args.out = str(REPO / ".bench" / "quick")
     return args

@@ -171,10 +171,22 @@ class Store(_CompanionServer):
     name = "store"
     health_path = "/readyz"
 
-    def __init__(self, directory, port, database_url, **kwargs):
+    def __init__(self, directory, port, database_url, redis_url=None, **kwargs):
         super().__init__(directory, port, **kwargs)
         self.database_url = database_url
+        self.redis_url = redis_url
         self.extra_env.setdefault("DATABASE_URL", database_url)
+
+    def environment(self):
+        """`redis_url`, when given, as IBEX_STORE_REDIS_URL: the store then shares an
+        agent's query with lookups that arrive while it runs or shortly after, once
+        Redis shows no invalidation since (companion/src/store/flight.rs); never one
+        inherited from the harness."""
+        env = super().environment()
+        env.pop("IBEX_STORE_REDIS_URL", None)
+        if self.redis_url:
+            env["IBEX_STORE_REDIS_URL"] = self.redis_url
+        return env
 
     def command(self):
         return [paths.companion_path(), "store", "--listen", f"127.0.0.1:{self.port}", "--database-url", self.database_url]

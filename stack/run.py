@@ -23,6 +23,18 @@ GET, SET with EX, DEL on any key). .run/env (mode 0600) exports them as
 IBEX_REDIS_REST_TOKEN and IBEX_REDIS_REST_ADMIN_TOKEN; clients of the front (an
 Upstash SDK, curl) use the admin token.
 
+It supervises its parts the way compose's `restart: unless-stopped` would: a part
+that exits (killed, crashed) is logged with its exit status and started again on
+the same port (Postgres on the same data directory), after 0.5 s, then twice as long
+after each quick death, up to 30 s (a part that stayed up 30 s starts again from
+0.5 s); the others stay up. Ctrl-C or SIGTERM stops everything and exits 0. So
+README's failure table can be tried on the demo stack: kill a part, watch the gateway
+answer as the table says, and the part come back by itself.
+
+IBEX_RUN_DIR puts everything under another directory than .run/ (tests run it in
+a temporary one), and IBEX_RUN_FREE_PORTS=1 runs every part on a free port instead
+of the fixed ones (.run/env names them).
+
 Run it through `make run`, which installs and builds what is missing first.
 """
 
@@ -41,9 +53,9 @@ from stack.envoy import DATA_LISTENER, filter_json, listener, load_template
 from stack.ports import port_is_free
 from stack.process import StartError, wait_for_pid_exit
 from stack.procfs import cmdline
-from stack.stack import L2_FRONTS, ORDER, Stack
+from stack.stack import L2_FRONTS, Stack, allocate_ports
 
-RUN_DIR = paths.REPO / ".run"
+RUN_DIR = Path(os.environ.get("IBEX_RUN_DIR") or paths.REPO / ".run").resolve()
 PID_DIR = RUN_DIR / "pids"
 LOG_DIR = RUN_DIR / "logs"
 ENV_FILE = RUN_DIR / "env"
@@ -71,6 +83,13 @@ FIXED_PORTS = {
     "redis": (16379, "Redis"),
     "postgres": (15432, "PostgreSQL"),
 }
+
+RESTART_FIRST = 0.5
+"""Seconds before a part that died is started again, the first time."""
+RESTART_MAX = 30.0
+"""The longest wait before a restart: each quick death doubles it up to this."""
+STABLE_AFTER = 30.0
+"""A part that stayed up this long counts as well again: its next restart waits RESTART_FIRST."""
 
 # Substrings of /proc/<pid>/cmdline that identify each part's process.
 PROCESS_MARKERS = {
@@ -110,6 +129,8 @@ def choose_l2():
 def choose_ports(l2):
     """The fixed ports of the parts that run (one L2 front), with the gateway from IBEX_PORT when set."""
     ports = {name: port for name, (port, _) in FIXED_PORTS.items() if name not in L2_FRONTS or name == l2}
+    if os.environ.get("IBEX_RUN_FREE_PORTS") == "1":
+        return allocate_ports(names=list(ports))
     if os.environ.get("IBEX_PORT"):
         ports["data"] = int(os.environ["IBEX_PORT"])
     return ports
@@ -195,7 +216,7 @@ def kept_token(path, what, unlike=None):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")
-    say(f"made a {what} in {path.relative_to(paths.REPO)}")
+    say(f"made a {what} in {relative(path)}")
     return token
 
 
@@ -233,6 +254,7 @@ def write_env_file(stack):
         "IBEX_CONTROL_URL": stack.envoy.control_url,
         "IBEX_CONTROL_TOKEN_FILE": TOKEN_FILE,
         "IBEX_STORE_URL": stack.store.url,
+        "IBEX_SUBSCRIBER_URL": stack.subscriber.url,
         "IBEX_UPSTREAM_URL": stack.upstream.url,
         "DATABASE_URL": stack.postgres.url,
         "REDIS_URL": stack.redis.url,
@@ -309,8 +331,8 @@ def l2_front_line(stack):
     """The banner's line about the L2 front."""
     if stack.l2_part == "rest":
         return (f"  redis front    {stack.rest.url}   (REST front, the Upstash REST API; filter token in "
-                f"{REST_TOKEN_FILE.relative_to(paths.REPO)}, admin token in "
-                f"{REST_ADMIN_TOKEN_FILE.relative_to(paths.REPO)})")
+                f"{relative(REST_TOKEN_FILE)}, admin token in "
+                f"{relative(REST_ADMIN_TOKEN_FILE)})")
     return f"  redis front    {stack.webdis.url}   (Webdis, IBEX_L2=webdis)"
 
 
@@ -347,7 +369,7 @@ ibex-directive is up in {seconds:.1f}s (Ctrl-C stops everything)
 
   gateway        {stack.envoy.url}
   envoy admin    {stack.envoy.admin_url}
-  control        {stack.envoy.control_url}   (bearer token in {TOKEN_FILE.relative_to(paths.REPO)})
+  control        {stack.envoy.control_url}   (bearer token in {relative(TOKEN_FILE)})
   store          {stack.store.url}
   echo upstream  {stack.upstream.url}   (GET /_demo/received shows what the model got)
   postgres       {stack.postgres.url}
@@ -362,15 +384,94 @@ ibex-directive is up in {seconds:.1f}s (Ctrl-C stops everything)
 {l2_hint(stack)}"""
 
 
-def wait_for_stop(stack):
-    """Block until SIGINT/SIGTERM or until a part exits by itself; return why."""
+def exit_status(process):
+    """How a part's child ended ("exit status 1", "killed by SIGKILL"), without reaping it."""
+    try:
+        info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        info = None
+    if info is None:
+        return "exit status unknown"
+    if info.si_code == os.CLD_EXITED:
+        return f"exit status {info.si_status}"
+    try:
+        return f"killed by {signal.Signals(info.si_status).name}"
+    except ValueError:
+        return f"killed by signal {info.si_status}"
+
+
+class Supervisor:
+    """Starts again every part of `stack` that exits, with backoff, as compose's
+    `restart: unless-stopped` would; the others keep running.
+
+    A part that died is stopped (reaped, what was left of its session killed, its pid
+    file removed), and started again on the same port after its backoff: RESTART_FIRST,
+    doubled after each death up to RESTART_MAX, and back to RESTART_FIRST once the part
+    has stayed up STABLE_AFTER. A restart that fails is logged and tried again the
+    same way. Each death and each return is logged with the part's name."""
+
+    def __init__(self, stack, clock=time.monotonic):
+        self.stack = stack
+        self.clock = clock
+        now = clock()
+        self.backoff = {name: RESTART_FIRST for name in stack.parts}
+        self.up_since = {name: now for name in stack.parts}
+        self.due = {}  # part -> when it is started again
+        self.restarts = {name: 0 for name in stack.parts}
+
+    def next_due(self):
+        """Seconds until the next restart is due (None: none waiting)."""
+        return max(0.0, min(self.due.values()) - self.clock()) if self.due else None
+
+    def check(self):
+        """Notice parts that exited; start again those whose backoff has passed."""
+        for name in self.stack.parts:
+            if name in self.due:
+                if self.clock() >= self.due[name]:
+                    self.restart(name)
+                continue
+            process = self.stack.part(name)
+            if not process.running():
+                status = exit_status(process) if process.proc is not None else "not running"
+                try:
+                    process.stop()
+                except Exception as exc:  # noqa: BLE001 - the part is started again whatever is left
+                    say(f"cleaning up after {name}: {exc!r}")
+                self.schedule(name, f"{name} exited ({status})")
+
+    def schedule(self, name, what):
+        now = self.clock()
+        if now - self.up_since[name] >= STABLE_AFTER:
+            self.backoff[name] = RESTART_FIRST
+        delay = self.backoff[name]
+        self.backoff[name] = min(delay * 2, RESTART_MAX)
+        self.due[name] = now + delay
+        say(f"{what}; starting it again in {delay:g} s (its log: {relative(self.stack.part(name).log_path)})")
+
+    def restart(self, name):
+        del self.due[name]
+        self.restarts[name] += 1
+        try:
+            self.stack.start(name)
+        except Exception as exc:  # noqa: BLE001 - StartError, WaitTimeout, OSError…: try again later
+            self.up_since[name] = self.clock()
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.schedule(name, f"{name} did not start again: {first}")
+            return
+        self.up_since[name] = self.clock()
+        say(f"{name} is back (pid {self.stack.part(name).pid}, port {self.stack.part(name).port})")
+
+
+def supervise(stack):
+    """Keep every part running until SIGINT/SIGTERM; return the signal's name."""
+    supervisor = Supervisor(stack)
     while True:
-        received = signal.sigtimedwait([signal.SIGINT, signal.SIGTERM], 1.0)
+        due = supervisor.next_due()
+        wait = 0.25 if due is None else min(0.25, max(due, 0.01))
+        received = signal.sigtimedwait([signal.SIGINT, signal.SIGTERM], wait)
         if received is not None:
             return signal.Signals(received.si_signo).name
-        for name in ORDER:
-            if name in stack.parts and not stack.part(name).running():
-                return f"{name} exited unexpectedly (see {LOG_DIR})"
+        supervisor.check()
 
 
 def main():
@@ -407,9 +508,8 @@ def main():
         ensure_demo_agent(stack)
         write_env_file(stack)
         print(banner(stack, time.monotonic() - started, template), flush=True)
-        reason = wait_for_stop(stack)
+        reason = supervise(stack)
         say(f"stopping: {reason}")
-        code = 0 if reason in ("SIGINT", "SIGTERM") else 1
     except (StartError, RuntimeError, FileNotFoundError) as exc:
         print(f"[make run] {exc}", file=sys.stderr)
         code = 1

@@ -80,6 +80,11 @@ class Stack:
     envoy_template   the Envoy config the harness rewrites for the stack (stack/envoy.py);
                      default envoy/local.yaml (test_api_key and `make run` also run the
                      examples in envoy/examples/)
+    cluster_ports    {cluster: port}: Envoy's clusters pointed elsewhere than the stack's parts
+                     (the bench's fleet phase: llm_upstream at its sink), as restart_envoy takes it
+    store_redis      the store gets the stack's Redis (IBEX_STORE_REDIS_URL): lookups of one
+                     agent share a query across Envoys while Redis shows no invalidation
+                     since it was sent (a fleet's cold start: stack/fleet.py); default off
     """
 
     PORT_NAMES = PORT_NAMES
@@ -88,7 +93,7 @@ class Stack:
                  parts=ORDER, pg_dir=None, fast_pg=True, pid_dir=None, log_dir=None, concurrency=2,
                  log_levels=None, patient=False, debug_headers=False, control_token=None,
                  http_filters_before=None, envoy_template=None, l2="rest", rest_token=None,
-                 rest_admin_token=None):
+                 rest_admin_token=None, store_redis=False, cluster_ports=None):
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = allocate_ports(ports, self.PORT_NAMES)
@@ -109,6 +114,7 @@ class Stack:
         self.rest_admin_token = self.rest.admin_token  # the front's SET/DEL token; Envoy keeps rest_token
         self.webdis = Webdis(self.dir / "webdis", p["webdis"], p["redis"], verbosity=levels["webdis"], **common)
         self.store = Store(self.dir / "store", p["store"], self.postgres.url, log_level=levels["companion"],
+                           redis_url=self.redis.url if store_redis else None,
                            env=PATIENT_STORE_ENV if patient else None, **common)
         self.upstream = EchoUpstream(self.dir / "upstream", p["upstream"], **common)
         self.envoy_settings = {
@@ -117,7 +123,7 @@ class Stack:
             "env": envoy_env or {},
             "concurrency": concurrency,
             "log_level": levels["envoy"],
-            "cluster_ports": {},
+            "cluster_ports": dict(cluster_ports or {}),
             "http_filters_before": list(http_filters_before or []),
             "template": envoy_template,
             "l2": l2,
@@ -135,12 +141,16 @@ class Stack:
     # -- lifecycle --------------------------------------------------------------
 
     def _make_envoy(self, filter_config, control_config, env, concurrency, log_level, cluster_ports=None,
-                    http_filters_before=None, template=None, l2="rest"):
+                    http_filters_before=None, template=None, l2="rest", member=0):
         """An Envoy wired to this stack's ports with the given settings (not started):
-        cluster ibex_redis at the L2 front `l2`, the filter speaking its dialect."""
+        cluster ibex_redis at the L2 front `l2`, the filter speaking its dialect.
+        `member` > 0: another Envoy of a fleet (stack/fleet.py), part `envoy-<member>`,
+        on the ports `data-<member>`, `control-<member>`, `admin-<member>`."""
         p = self.ports
-        return Envoy(self.dir / "envoy", data_port=p["data"], control_port=p["control"],
-                     admin_port=p["admin"], upstream_port=p["upstream"], redis_front_port=p[l2],
+        suffix = f"-{member}" if member else ""
+        return Envoy(self.dir / f"envoy{suffix}", data_port=p["data" + suffix], control_port=p["control" + suffix],
+                     admin_port=p["admin" + suffix], upstream_port=p["upstream"], redis_front_port=p[l2],
+                     name=f"envoy{suffix}" if member else None,
                      redis_front=redis_front_config(l2, self.rest_token), store_port=p["store"],
                      filter_config=filter_config, filter_defaults=self.filter_defaults,
                      control_config=control_config, control_token=self.control_token,

@@ -133,6 +133,20 @@ pub struct StoreArgs {
     /// concurrent lookups of the same agent.
     #[arg(long, env = "IBEX_STORE_NO_SINGLE_FLIGHT")]
     pub no_single_flight: bool,
+    /// Redis of the fleet (the one the subscribers tombstone), read only: a
+    /// directive query already sent is then shared with later lookups of the
+    /// same agent while Redis shows no invalidation of it since, so a fleet's
+    /// cold start costs Postgres one query per agent. Needs the subscribers'
+    /// tombstones (not `--tombstone-ttl 0`). Without it, no sent query is shared.
+    #[arg(long, env = "IBEX_STORE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Redacted<String>>,
+    /// The directive keys' prefix in that Redis (the filter's redis.key_prefix).
+    #[arg(long, env = "IBEX_STORE_KEY_PREFIX", default_value = ibex_wire::DEFAULT_KEY_PREFIX)]
+    pub key_prefix: String,
+    /// How long after its answer a query may still be shared, in milliseconds;
+    /// with --lookup-timeout-ms it must stay below the tombstone life (10 s).
+    #[arg(long, env = "IBEX_STORE_SHARE_WINDOW_MS", default_value_t = 3000)]
+    pub share_window_ms: u64,
 }
 
 /// Where `set-directive` reads the text from.

@@ -67,7 +67,21 @@ async fn run(command: Command) -> Result<(), AdminError> {
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .map_err(Error::from)?;
-            let state = store::StoreState::new(pool, options);
+            let state = match &args.redis_url {
+                None => store::StoreState::new(pool, options),
+                Some(url) => {
+                    let client =
+                        ibex_companion::redis_conn::RedisEndpoint::new(url.expose().clone())
+                            .client()?;
+                    let guard = store::InvalidationGuard::new(
+                        client,
+                        &args.key_prefix,
+                        store::DEFAULT_GUARD_TIMEOUT,
+                    );
+                    let window = Duration::from_millis(args.share_window_ms);
+                    store::StoreState::with_guard(pool, options, guard, window)
+                }
+            };
             store::run(listener, state, shutdown::signal())
                 .await
                 .map_err(Error::from)?;

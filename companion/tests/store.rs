@@ -27,7 +27,10 @@ struct Store {
 impl Store {
     async fn start(url: &str, settings: PoolSettings, options: StoreOptions) -> Store {
         let pool = db::read_only_pool(url, &settings).unwrap();
-        let state = StoreState::new(pool, options);
+        Self::serve(StoreState::new(pool, options)).await
+    }
+
+    async fn serve(state: StoreState) -> Store {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
@@ -394,4 +397,179 @@ async fn lookups_never_join_a_query_already_sent() {
 
 async fn http_json_owned(url: String) -> (u16, serde_json::Value) {
     http_json(&url).await
+}
+
+// -- sharing a sent query, guarded by Redis (a fleet's cold start) ----------------
+
+/// A one-connection store (as `single_connection_store`) whose guard reads `redis_url`,
+/// sharing answered queries for `window`.
+async fn guarded_store(url: &str, redis_url: &str, window: Duration) -> Store {
+    let pool = db::read_only_pool(
+        url,
+        &PoolSettings {
+            max_size: 1,
+            statement_timeout: Duration::from_secs(30),
+            acquire_timeout: Duration::from_secs(30),
+        },
+    )
+    .unwrap();
+    let options = StoreOptions {
+        lookup_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let client = redis::Client::open(redis_url).unwrap();
+    let guard = store::InvalidationGuard::new(client, "directive:", Duration::from_secs(2));
+    Store::serve(StoreState::with_guard(pool, options, guard, window)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_guard_lookups_share_a_sent_query_while_redis_shows_no_invalidation() {
+    // The Envoys of a fleet reach the store for a cold agent at slightly different
+    // moments: B and C come after A's query was sent, and share it.
+    let pg = Pg::start();
+    let redis = Redis::start();
+    migrate(&pg.url()).await;
+    let (agent, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let version = set(&pg.url(), agent, "shared").await;
+    set(&pg.url(), other, "warm-up").await;
+    let store = guarded_store(&pg.url(), &redis.url(), Duration::ZERO).await;
+    let metrics = store.state.metrics();
+    // Warm the statement cache (another agent, so no flight of `agent` is open).
+    assert_eq!(http_json(&store.directive_url(other)).await.0, 200);
+
+    let mut admin = db::connect(&pg.url(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let tx = admin.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE ibex_core.directives IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let a = tokio::spawn(http_json_owned(store.directive_url(agent)));
+    eventually("A's query sent", Duration::from_secs(20), || async {
+        (metrics.db_queries.get() == 2).then_some(())
+    })
+    .await;
+    let b = tokio::spawn(http_json_owned(store.directive_url(agent)));
+    let c = tokio::spawn(http_json_owned(store.directive_url(agent)));
+    eventually(
+        "B and C checked Redis and joined",
+        Duration::from_secs(20),
+        || async { (metrics.shared_late.get() == 2).then_some(()) },
+    )
+    .await;
+    tx.rollback().await.unwrap();
+    for r in [a, b, c] {
+        let (status, body) = r.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body["content"], "shared");
+        assert_eq!(body["version_id"], version.to_string());
+    }
+    assert_eq!(metrics.db_queries.get(), 2, "warm-up and A only");
+    assert_eq!(metrics.share_refused.get(), 0);
+    store.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_guard_a_tombstone_or_the_flush_marker_means_a_query_of_its_own() {
+    // Within the window an answered query is shared, unless Redis shows that the
+    // agent was invalidated (its tombstone) or everything was (the flush marker):
+    // then the lookup may answer a request made after an update, and gets a fresh
+    // snapshot. A Redis it cannot read counts as an invalidation.
+    let pg = Pg::start();
+    let redis = Redis::start();
+    migrate(&pg.url()).await;
+    let agent = Uuid::new_v4();
+    set(&pg.url(), agent, "first").await;
+    let store = guarded_store(&pg.url(), &redis.url(), Duration::from_secs(60)).await;
+    let metrics = store.state.metrics();
+    let content = |body: serde_json::Value| body["content"].as_str().unwrap_or("-").to_owned();
+
+    assert_eq!(
+        content(http_json(&store.directive_url(agent)).await.1),
+        "first"
+    );
+    assert_eq!(metrics.db_queries.get(), 1);
+    // Postgres changed, nothing published yet: the answer is shared (any cache would
+    // still serve it until the update is published).
+    set(&pg.url(), agent, "second").await;
+    assert_eq!(
+        content(http_json(&store.directive_url(agent)).await.1),
+        "first"
+    );
+    assert_eq!(
+        (metrics.db_queries.get(), metrics.shared_late.get()),
+        (1, 1)
+    );
+
+    // The subscriber's tombstone: a query of its own, which later lookups share.
+    let mut conn = redis.conn();
+    let key = format!("directive:{agent}");
+    redis::cmd("SET")
+        .arg(&key)
+        .arg("\0")
+        .arg("EX")
+        .arg(10)
+        .query::<()>(&mut conn)
+        .unwrap();
+    assert_eq!(
+        content(http_json(&store.directive_url(agent)).await.1),
+        "second"
+    );
+    assert_eq!(
+        (metrics.db_queries.get(), metrics.share_refused.get()),
+        (2, 1)
+    );
+
+    // A value written back (not a tombstone) is no invalidation.
+    let value = ibex_wire::versioned_directive_value(&Uuid::new_v4().to_string(), "second");
+    redis::cmd("SET")
+        .arg(&key)
+        .arg(value)
+        .arg("EX")
+        .arg(10)
+        .query::<()>(&mut conn)
+        .unwrap();
+    assert_eq!(
+        content(http_json(&store.directive_url(agent)).await.1),
+        "second"
+    );
+    assert_eq!(
+        (metrics.db_queries.get(), metrics.shared_late.get()),
+        (2, 2)
+    );
+
+    // The flush marker.
+    set(&pg.url(), agent, "third").await;
+    redis::cmd("SET")
+        .arg("directive:__flush__")
+        .arg("\0")
+        .arg("EX")
+        .arg(10)
+        .query::<()>(&mut conn)
+        .unwrap();
+    assert_eq!(
+        content(http_json(&store.directive_url(agent)).await.1),
+        "third"
+    );
+    assert_eq!(
+        (metrics.db_queries.get(), metrics.share_refused.get()),
+        (3, 2)
+    );
+
+    // Redis gone: no sharing.
+    redis::cmd("DEL")
+        .arg("directive:__flush__")
+        .query::<()>(&mut conn)
+        .unwrap();
+    set(&pg.url(), agent, "fourth").await;
+    redis.kill();
+    assert_eq!(
+        content(http_json(&store.directive_url(agent)).await.1),
+        "fourth"
+    );
+    assert_eq!(
+        (metrics.db_queries.get(), metrics.share_refused.get()),
+        (4, 3)
+    );
+    store.stop().await;
 }

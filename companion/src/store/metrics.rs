@@ -19,6 +19,12 @@ pub struct StoreMetrics {
     pub coalesced: Counter,
     /// Queries actually sent to Postgres.
     pub db_queries: Counter,
+    /// Lookups that shared a query already sent (or just answered) after Redis
+    /// showed no invalidation of the agent since they arrived.
+    pub shared_late: Counter,
+    /// Lookups that found such a query but Redis showed an invalidation (or could
+    /// not be read): they ran their own.
+    pub share_refused: Counter,
     /// End-to-end lookup latency, by request.
     pub latency: Histogram,
     /// Key lookups of an active key.
@@ -46,6 +52,8 @@ impl Default for StoreMetrics {
             bad_requests: Counter::default(),
             coalesced: Counter::default(),
             db_queries: Counter::default(),
+            shared_late: Counter::default(),
+            share_refused: Counter::default(),
             latency: Histogram::new(LATENCY_BUCKETS),
             key_found: Counter::default(),
             key_none: Counter::default(),
@@ -96,6 +104,16 @@ impl StoreMetrics {
             "ibex_store_db_queries_total",
             "Resolution queries sent to Postgres.",
             &self.db_queries,
+        )
+        .counter(
+            "ibex_store_shared_late_total",
+            "Lookups that shared a query for the same agent already sent or just answered, Redis showing no invalidation since.",
+            &self.shared_late,
+        )
+        .counter(
+            "ibex_store_share_refused_total",
+            "Lookups that found such a query but ran their own: Redis showed an invalidation or could not be read.",
+            &self.share_refused,
         )
         .histogram(
             "ibex_store_lookup_seconds",

@@ -38,9 +38,11 @@ use crate::metrics::{Counter, CONTENT_TYPE};
 use crate::{DbFailure, DirectiveText, Error};
 
 mod flight;
+mod guard;
 mod metrics;
 
-use flight::{OnDispatch, SingleFlight};
+use flight::{OnDispatch, Sharing, SingleFlight};
+pub use guard::{InvalidationGuard, DEFAULT_GUARD_TIMEOUT, DEFAULT_SHARE_WINDOW};
 pub use metrics::StoreMetrics;
 
 /// An agent's active directive as the store resolved it.
@@ -105,6 +107,9 @@ struct Inner {
     /// The version travels with the text, so a joiner gets the id of the text
     /// it is given, never one read apart from it.
     flights: Arc<SingleFlight<Uuid, Option<ActiveDirective>>>,
+    /// With it, a directive query already sent is shared with lookups for which
+    /// Redis shows no invalidation since (see [`InvalidationGuard`]).
+    guard: Option<InvalidationGuard>,
     /// Key lookups, by key hash (same rule: never a sent query).
     key_flights: Arc<SingleFlight<KeySha256, Option<Uuid>>>,
 }
@@ -116,16 +121,41 @@ pub struct StoreState {
 }
 
 impl StoreState {
-    /// State over a pool built by [`crate::db::read_only_pool`].
+    /// State over a pool built by [`crate::db::read_only_pool`]: no sent query
+    /// is ever shared.
     pub fn new(pool: Pool, options: StoreOptions) -> Self {
+        Self::build(pool, options, None)
+    }
+
+    /// As [`StoreState::new`], and a directive query already sent, or answered
+    /// less than `window` ago, is shared with a later lookup of the same agent
+    /// when `guard` finds no invalidation of it in Redis after that lookup arrived:
+    /// a fleet's cold start costs Postgres one query per agent. `window` plus the
+    /// lookup deadline must stay below the subscriber's tombstone life.
+    pub fn with_guard(
+        pool: Pool,
+        options: StoreOptions,
+        guard: InvalidationGuard,
+        window: Duration,
+    ) -> Self {
+        Self::build(pool, options, Some((guard, window)))
+    }
+
+    fn build(
+        pool: Pool,
+        options: StoreOptions,
+        guard: Option<(InvalidationGuard, Duration)>,
+    ) -> Self {
         let single_flight = options.single_flight;
+        let window = guard.as_ref().map(|(_, window)| *window);
         Self {
             inner: Arc::new(Inner {
                 pool,
                 options,
                 metrics: StoreMetrics::default(),
-                flights: SingleFlight::new(single_flight),
-                key_flights: SingleFlight::new(single_flight),
+                flights: SingleFlight::new(single_flight, window),
+                guard: guard.map(|(guard, _)| guard),
+                key_flights: SingleFlight::new(single_flight, None),
             }),
         }
     }
@@ -142,13 +172,26 @@ impl StoreState {
 
     /// Resolves the active directive of `agent_id`. With single flight on,
     /// lookups that arrive while a query for the same agent is still waiting
-    /// for a connection share its result.
+    /// for a connection share its result; with a guard, also those that arrive
+    /// while it runs or shortly after, once Redis shows no invalidation since.
     pub async fn lookup(&self, agent_id: Uuid) -> LookupResult {
         let state = self.clone();
         let m = &self.inner.metrics;
+        let sharing = Sharing {
+            coalesced: &m.coalesced,
+            shared_late: &m.shared_late,
+            refused: &m.share_refused,
+        };
+        let guard = self.inner.guard.as_ref();
+        let check = move || async move {
+            match guard {
+                Some(guard) => guard.clean(agent_id).await,
+                None => false,
+            }
+        };
         self.inner
             .flights
-            .lookup(agent_id, &m.coalesced, move |on_dispatch| async move {
+            .lookup_checked(agent_id, &sharing, check, move |on_dispatch| async move {
                 let sent = &state.inner.metrics.db_queries;
                 state
                     .query(RESOLVE_SQL, &agent_id, sent, on_dispatch, |row| {
