@@ -30,10 +30,13 @@ from pathlib import Path
 import jsonschema
 import kubernetes_validate
 import pytest
+import requests
 import yaml
 
-from stack import paths
-from stack.envoy import CONTROL_LISTENER, filter_json, listener, wasm_plugin
+from helpers import CHAT, agent_with, chat_body, send, tier
+from stack import REMOVE, paths
+from stack.contract import INVALIDATE_PATH
+from stack.envoy import CONTROL_LISTENER, DATA_LISTENER, filter_json, listener, load_template, wasm_plugin
 
 DEPLOY = paths.REPO / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
@@ -556,6 +559,38 @@ def test_envoy_gateway_subscriber_patch_is_a_valid_container():
         kubernetes_validate.validate(deployment, version, strict=True)
 
 
+@pytest.mark.parametrize("control_vm_id,shared", [("", True), ("another_vm", False)], ids=["same_vm_id", "other_vm_id"])
+def test_l1_is_shared_by_vms_that_share_the_vm_id(stack, tmp_path, control_vm_id, shared):
+    """Under Istio and Envoy Gateway the control listener's filter is configured apart
+    from the data filter (an EnvoyFilter or EnvoyPatchPolicy beside the WasmPlugin or
+    EnvoyExtensionPolicy), so it may run in a VM of its own; deploy/ gives it the data
+    filter's vm_id (Istio's empty one here) because Envoy keys shared data by vm_id. A
+    real Envoy with the two filters in two VMs (another VM configuration: another VM)
+    proves it: a control POST empties the data filter's L1 when the vm_ids match (the
+    next request goes to L2), and not when they differ (the check bites)."""
+    template = load_template()
+    data_vm = wasm_plugin(listener(template, DATA_LISTENER))["vm_config"]
+    control_vm = wasm_plugin(listener(template, CONTROL_LISTENER))["vm_config"]
+    data_vm["vm_id"] = ""
+    control_vm["vm_id"] = control_vm_id
+    control_vm["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "control"}
+    path = tmp_path / "two-vms.yaml"
+    path.write_text(yaml.safe_dump(template))
+    stack.restart_envoy(template=path)
+    try:
+        agent = agent_with(stack, "A directive of the deploy test.")
+        assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
+        assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
+        assert tier(stack.upstream.last()) == "local"
+        response = requests.post(f"{stack.envoy.control_url}{INVALIDATE_PATH}/{agent}",
+                                 headers={"authorization": f"Bearer {stack.control_token}"}, timeout=10)
+        assert response.status_code == 204, response.text
+        assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
+        assert tier(stack.upstream.last()) == ("redis" if shared else "local")
+    finally:
+        stack.restart_envoy(template=REMOVE)
+
+
 # ------------------------------------------------------------------- images
 
 
@@ -581,6 +616,11 @@ def test_wasm_image_has_the_layout_istio_and_envoy_gateway_read():
     assert not any(kind in ("WORKDIR", "USER", "ENTRYPOINT", "CMD", "VOLUME") for kind, _ in instructions)
     # the staged module is never committed
     assert (DEPLOY / "wasm" / ".gitignore").read_text().splitlines()[-1] == "plugin.wasm"
+    # built with OCI media types, the compat variant wants the annotation on the manifest
+    [build] = readme_commands("docker buildx build --annotation")
+    assert '--annotation "manifest:module.wasm.image/variant=compat"' in build and build.endswith(" deploy/wasm")
+    [copy] = readme_commands("cp target/wasm32-wasip1/release/ibex_directive.wasm ")
+    assert copy.split()[2] == "deploy/wasm/plugin.wasm"
 
 
 def test_companion_image_is_multi_stage_non_root_and_pinned():
