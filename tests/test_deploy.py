@@ -18,6 +18,7 @@ checked against what those would check (deploy/schemas/README.md names the sourc
   against what Istio and Envoy Gateway read from an oci:// image.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -34,8 +35,8 @@ import requests
 import yaml
 
 from helpers import CHAT, agent_with, chat_body, send, tier
-from stack import REMOVE, paths
-from stack.contract import INVALIDATE_PATH
+from stack import REMOVE, paths, wait_until
+from stack.contract import INVALIDATE_PATH, redis_key, stored_text
 from stack.envoy import CONTROL_LISTENER, DATA_LISTENER, filter_json, listener, load_template, wasm_plugin
 
 DEPLOY = paths.REPO / "deploy"
@@ -138,10 +139,13 @@ def structural(schema):
     return out
 
 
-def load_crds():
-    crds = {}
+@functools.cache
+def crds():
+    """(apiVersion, kind) -> (JSON Schema, vendored file) of every served CRD version."""
+    found = {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRDs are 4 MB
     for path in sorted(SCHEMAS.rglob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
+        for doc in yaml.load_all(path.read_text(), Loader=loader):
             if not doc or doc.get("kind") != "CustomResourceDefinition":
                 continue
             spec = doc["spec"]
@@ -152,17 +156,14 @@ def load_crds():
                     # the API server takes these at the root of every object, named or not
                     schema["properties"] = {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
                                             "metadata": {"type": "object"}, **schema["properties"]}
-                    crds[key] = (schema, path.relative_to(SCHEMAS))
-    return crds
-
-
-CRDS = load_crds()
+                    found[key] = (schema, path.relative_to(SCHEMAS))
+    return found
 
 
 def validate_custom_resource(item):
     key = (item["apiVersion"], item["kind"])
-    assert key in CRDS, f"no vendored CRD for {key}"
-    schema, _source = CRDS[key]
+    assert key in crds(), f"no vendored CRD for {key}"
+    schema, _source = crds()[key]
     jsonschema.Draft7Validator(schema).validate(item)
 
 
@@ -235,7 +236,7 @@ def test_vendored_schemas_are_named_with_their_source():
     # every custom resource kind deploy/ uses has its CRD here
     kinds = {(item["apiVersion"], item["kind"]) for name in ("istio", "envoy-gateway") for item in rendered(name)
              if "istio.io" in item["apiVersion"] or "gateway" in item["apiVersion"].split("/")[0]}
-    assert kinds <= set(CRDS)
+    assert kinds <= set(crds())
 
 
 # ------------------------------------------------------------------- the gateway pods
@@ -578,8 +579,12 @@ def test_l1_is_shared_by_vms_that_share_the_vm_id(stack, tmp_path, control_vm_id
     path.write_text(yaml.safe_dump(template))
     stack.restart_envoy(template=path)
     try:
-        agent = agent_with(stack, "A directive of the deploy test.")
+        directive = "A directive of the deploy test."
+        agent = agent_with(stack, directive)
         assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
+        # L1 filled; L2 too (written back without waiting), so that an emptied L1 is seen
+        # as a redis answer
+        wait_until(lambda: stored_text(stack.redis.get(redis_key(agent))) == directive, what="the L2 write-back")
         assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
         assert tier(stack.upstream.last()) == "local"
         response = requests.post(f"{stack.envoy.control_url}{INVALIDATE_PATH}/{agent}",
@@ -643,6 +648,35 @@ def test_companion_image_is_multi_stage_non_root_and_pinned():
     for source in (item for group in sources for item in group):
         assert source.rstrip("/").removeprefix("./") in admitted, source
         assert (paths.REPO / source).exists(), source
+
+
+def test_companion_build_context_is_a_complete_workspace(tmp_path):
+    """What companion/Dockerfile copies (and its .dockerignore admits) is a workspace
+    cargo loads with the locked dependencies: the build stage's `cargo build --locked
+    -p ibex-companion` starts from a manifest, a lock and member crates that agree."""
+    instructions = dockerfile_instructions(paths.REPO / "companion" / "Dockerfile")
+    context = tmp_path / "context"
+    context.mkdir()
+    for kind, args in instructions:
+        if kind != "COPY" or "--from" in args:
+            continue
+        *sources, destination = args.split()
+        for source in sources:
+            # each COPY keeps the repository's layout (files to ./, a directory to ./itself)
+            assert destination in ("./", f"./{source}"), args
+            origin = paths.REPO / source
+            if origin.is_dir():
+                shutil.copytree(origin, context / source, ignore=shutil.ignore_patterns("target"))
+            else:
+                shutil.copy(origin, context / source)
+    host = next(line.split()[1] for line in subprocess.run(["rustc", "-vV"], capture_output=True, text=True,
+                                                           check=True).stdout.splitlines()
+                if line.startswith("host:"))
+    result = subprocess.run(["cargo", "metadata", "--locked", "--format-version", "1", "--filter-platform", host],
+                            cwd=context, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    members = {package["name"] for package in json.loads(result.stdout)["packages"] if package["source"] is None}
+    assert members == {"ibex-companion", "ibex-wire", "ibex-directive"}
 
 
 @pytest.mark.parametrize("dockerfile", ["companion/Dockerfile", "deploy/wasm/Dockerfile"])
