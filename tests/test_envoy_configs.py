@@ -29,7 +29,10 @@ from stack.envoy import (
 )
 
 CONFIGS = sorted(paths.ENVOY_DIR.glob("*.yaml"))
-EVERY_CONFIG = CONFIGS + sorted((paths.ENVOY_DIR / "examples").glob("*.yaml"))
+DEPLOY_CONFIGS = [paths.REPO / "deploy" / "kubernetes" / "base" / "envoy.yaml"]
+"""Envoy configs of deploy/: the same contract and defaults (tests/test_deploy.py runs them
+through `envoy --mode validate` as their containers render them)."""
+EVERY_CONFIG = CONFIGS + sorted((paths.ENVOY_DIR / "examples").glob("*.yaml")) + DEPLOY_CONFIGS
 ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
     "request_id": "%REQ(X-REQUEST-ID)%",
@@ -72,7 +75,7 @@ def test_committed_config_validates(config):
     assert "OK" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", CONFIGS + DEPLOY_CONFIGS, ids=lambda p: str(p.relative_to(paths.REPO)))
 def test_config_keeps_the_contract(config):
     """Names the filter and the harness rely on are present in every config."""
     data = load_template(config)
@@ -94,7 +97,7 @@ def test_config_keeps_the_contract(config):
         assert "IBEX_DIRECTIVE_CACHE_TTL" in plugin["vm_config"]["environment_variables"]["host_env_keys"]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", CONFIGS + DEPLOY_CONFIGS, ids=lambda p: str(p.relative_to(paths.REPO)))
 def test_config_has_safe_defaults(config):
     """What a copied config must not get wrong (README, Threat model)."""
     data = load_template(config)
@@ -122,7 +125,9 @@ def test_config_has_safe_defaults(config):
 
 
 def config_id(path):
-    return str(path.relative_to(paths.ENVOY_DIR))
+    if path.is_relative_to(paths.ENVOY_DIR):
+        return str(path.relative_to(paths.ENVOY_DIR))
+    return str(path.relative_to(paths.REPO))
 
 
 @pytest.mark.parametrize("config", EVERY_CONFIG, ids=config_id)
