@@ -242,9 +242,10 @@ impl std::error::Error for ConfigError {}
 
 /// Longest TTL accepted, in seconds (one year): beyond it a typo is likelier than intent.
 const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
-/// Default of `cache.worker_copy_bytes`: per worker VM, two halves of 512 KiB
-/// (`crate::hot`), about 2 000 agents of a 400-byte directive.
-const DEFAULT_WORKER_COPY_BYTES: u64 = 1 << 20;
+/// Default of `cache.worker_copy_bytes`: per worker VM, two halves of 4 MiB
+/// (`crate::hot`), about 17 000 agents of a 400-byte directive. A hot set larger
+/// than a half turns every hit into a miss of the copies (one read more than none).
+const DEFAULT_WORKER_COPY_BYTES: u64 = 8 << 20;
 /// Upper bound of `cache.worker_copy_bytes` (64 MiB): a wasm32 VM has 4 GiB in all,
 /// and the maps' real size is a multiple of what they count.
 const MAX_WORKER_COPY_BYTES: u64 = 64 << 20;
@@ -548,6 +549,7 @@ mod tests {
             assert_eq!(c.ttl_seconds, 60);
             assert_eq!(c.negative_ttl_seconds, 10);
             assert_eq!(c.stale_if_error_seconds, 300);
+            assert_eq!(c.worker_copy_bytes, 8 << 20);
             assert_eq!(c.redis.cluster, "ibex_redis");
             assert_eq!(c.redis.authority, "ibex_redis");
             assert_eq!(c.redis.key_prefix, "directive:");
@@ -641,6 +643,16 @@ mod tests {
             (
                 r#"{"cache":{"ttl_seconds":-1}}"#,
                 "cache.ttl_seconds",
+                "integer",
+            ),
+            (
+                r#"{"cache":{"worker_copy_bytes":67108865}}"#,
+                "cache.worker_copy_bytes",
+                "between",
+            ),
+            (
+                r#"{"cache":{"worker_copy_bytes":"1M"}}"#,
+                "cache.worker_copy_bytes",
                 "integer",
             ),
             (
