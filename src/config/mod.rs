@@ -214,6 +214,10 @@ pub struct Config {
     pub debug_headers: bool,
     /// `audit.response_header`: the client gets `x-ibex-directive-version`.
     pub audit_response_header: bool,
+    /// `audit.filter_state`: write each request's audit record as filter state for
+    /// the access log (`wasm.ibex.*`). Four host calls per request (about 3.5 µs of
+    /// Envoy CPU, measured); a gateway that logs no access log may turn it off.
+    pub audit_filter_state: bool,
     /// Derived: `{"role":"<inject.role>","content":"` — the chat message prefix,
     /// built once so a request only appends the cached, already-escaped directive.
     pub chat_message_prefix: String,
@@ -404,6 +408,7 @@ impl Config {
 
         let mut audit = root.section("audit")?;
         let audit_response_header = audit.boolean("response_header", false)?;
+        let audit_filter_state = audit.boolean("filter_state", true)?;
         audit.finish()?;
 
         let debug_headers = root.boolean("debug_headers", false)?;
@@ -435,6 +440,7 @@ impl Config {
             control_token: control_token.map(Redacted::new),
             debug_headers,
             audit_response_header,
+            audit_filter_state,
             chat_message_prefix,
         })
     }

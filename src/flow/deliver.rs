@@ -238,6 +238,9 @@ fn go_on<H: Host>(done: Delivered, ctx: &Ctx<'_, H>) -> (Delivered, Action) {
 /// Writes the request's audit record with its outcome: once per request, at the
 /// point its fate is decided, in its own context (the host acts on the current one).
 pub(super) fn record<H: Host>(outcome: audit::Outcome, ctx: &Ctx<'_, H>) {
+    if !ctx.config.audit_filter_state && !ctx.config.audit_response_header {
+        return;
+    }
     let fields = {
         let mut worker = ctx.worker.borrow_mut();
         let trail = worker.audit(ctx.id);
@@ -248,7 +251,7 @@ pub(super) fn record<H: Host>(outcome: audit::Outcome, ctx: &Ctx<'_, H>) {
         }
         fields
     };
-    if ctx.host.record_audit(&fields).is_err() {
+    if ctx.config.audit_filter_state && ctx.host.record_audit(&fields).is_err() {
         log::debug!("ibex_directive: could not record the audit fields");
     }
 }

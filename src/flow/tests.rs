@@ -2150,3 +2150,15 @@ fn a_malformed_epoch_is_never_bumped_back_to_a_value_copies_carry() {
         w.body(3)
     );
 }
+
+#[test]
+fn no_audit_record_is_written_when_filter_state_is_off() {
+    let shared = SharedData::default();
+    let on = W::new(&shared, config(""));
+    on.run(1, vec![redis_hit("D")]);
+    assert_eq!(on.host.req(1).audits.len(), 1);
+    let off = W::new(&shared, config(r#","audit":{"filter_state":false}"#));
+    off.run(1, vec![]);
+    assert!(off.body(1).contains("\"D\""));
+    assert!(off.host.req(1).audits.is_empty());
+}
