@@ -222,7 +222,7 @@ pub fn header_map(kind: Map) -> Result<Vec<u8>, Status> {
     Ok(take(data, size).unwrap_or_default())
 }
 
-/// One header's value (`None` when absent; several are joined by the host).
+/// One header's value (`None` when absent; Envoy answers the first of several).
 pub fn header(kind: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
     let (mut data, mut size) = (null_mut(), 0usize);
     // SAFETY: `name` is valid for its length; the out-parameters are valid.

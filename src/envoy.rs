@@ -32,6 +32,9 @@ use crate::worker::Worker;
 /// whose owner went away. Short: a write-back waits for it.
 const ROOT_TICK_MS: u32 = 50;
 
+/// The largest callout answer read (see `callout_response`).
+const MAX_CALLOUT_BODY: usize = 16 << 20;
+
 /// ABI `Action`s.
 const CONTINUE: u32 = 0;
 const PAUSE: u32 = 1;
@@ -69,6 +72,16 @@ pub extern "C" fn _initialize() {
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Debug);
     }
+    // A panic's message may quote what it panicked on (a slice of a body, of a
+    // directive): only where it happened is logged. (Clippy denies panicking code
+    // outside tests; this is for what slips through, e.g. an allocation failure.)
+    std::panic::set_hook(Box::new(|info| {
+        let at = info.location().map_or_else(
+            || "unknown".to_string(),
+            |l| format!("{}:{}", l.file(), l.line()),
+        );
+        log::error!("ibex_directive: panic at {at}");
+    }));
 }
 
 /// The ABI version this module speaks.
@@ -459,7 +472,10 @@ fn wasm_action(action: Action) -> u32 {
 /// arrived) with no headers, and then has no response map at all, so a callout
 /// without headers is read as failed without asking.
 fn callout_response(num_headers: usize, body_size: usize) -> Response {
-    if num_headers == 0 {
+    // Nothing the filter asks for is that large (a directive in a JSON answer): a
+    // broken or hostile front or store must not grow the VM's memory, which never
+    // shrinks, or abort it past 2 GiB. Such an answer is a failed callout.
+    if num_headers == 0 || body_size > MAX_CALLOUT_BODY {
         return Response::default();
     }
     let status = abi::header(Map::CallResponse, ":status")

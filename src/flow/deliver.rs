@@ -59,21 +59,22 @@ pub(super) enum Outcome {
 
 /// Applies a finished fill's outcome to every participant. Returns what it did for
 /// the current context if that took part; the others find theirs with the worker.
-/// Makes no callout: the host would tie it to the context switched to, while the
-/// SDK routes its answer to the context whose callback runs.
+/// The current context's own answer is applied first, before any switch, so the
+/// host acts on it wherever it stands in the list. Makes no callout: a callout's
+/// answer belongs to the context whose callback runs, not the one switched to.
 pub(super) fn complete<H: Host>(
-    participants: Vec<Participant>,
+    mut participants: Vec<Participant>,
     outcome: Outcome,
     source: Source,
     ctx: &Ctx<'_, H>,
 ) -> Option<(Delivered, Action)> {
-    let mut own = None;
+    let own = participants
+        .iter()
+        .position(|p| p.id == ctx.id)
+        .map(|at| participants.remove(at))
+        .map(|p| apply(outcome.clone(), source, p.then, p.body, ctx));
     let mut switched = false;
     for p in participants {
-        if p.id == ctx.id {
-            own = Some(apply(outcome.clone(), source, p.then, p.body, ctx));
-            continue;
-        }
         if ctx.host.switch_to(p.id).is_err() {
             // Gone without telling us: nothing to resume.
             continue;

@@ -2162,3 +2162,31 @@ fn no_audit_record_is_written_when_filter_state_is_off() {
     assert!(off.body(1).contains("\"D\""));
     assert!(off.host.req(1).audits.is_empty());
 }
+
+/// The running context's own answer reaches it wherever it stands among the
+/// participants (the host acts on the context last switched to).
+#[test]
+fn the_running_context_gets_its_own_answer_whatever_its_place_among_participants() {
+    use crate::worker::{BodySeen, Participant, Then};
+    let w = W::new(&SharedData::default(), config(""));
+    w.host.add_request(2, BODY.as_bytes());
+    w.host.add_request(3, BODY.as_bytes());
+    let ctx = w.ctx(3);
+    let p = |id| Participant {
+        id,
+        then: Then::Pass,
+        body: BodySeen::NotYet,
+    };
+    let _ = deliver::complete(
+        vec![p(2), p(3)],
+        deliver::Outcome::Refuse(Refusal::DirectiveUnavailable),
+        deliver::Source::Local,
+        &ctx,
+    );
+    assert!(
+        w.host.req(3).reply.is_some(),
+        "the running context's refusal"
+    );
+    assert!(w.host.req(2).reply.is_some(), "the other participant's");
+    assert_eq!(w.host.current.get(), 3, "switched back");
+}
