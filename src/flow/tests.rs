@@ -1885,6 +1885,20 @@ fn entry_reads(w: &W) -> usize {
         .count()
 }
 
+/// The agent's tombstone, written as an older control role would: no epoch bump.
+fn tombstone_without_bump(w: &W) {
+    let tomb = Entry {
+        kind: Kind::Tombstone,
+        fresh_until_ms: 0,
+        generation: crate::entry::current_generation(&w.host),
+        escaped: ibex_wire::Redacted::new(""),
+        version: crate::audit::Version::Unknown,
+    };
+    w.host
+        .shared_set(&agent_key(), &tomb.encode(), None)
+        .unwrap();
+}
+
 fn invalidate(w: &W) {
     let r = crate::control::handle(
         Some("POST"),
@@ -2015,16 +2029,7 @@ fn an_unreadable_epoch_serves_no_copy() {
     w.run(3, vec![]);
     assert_eq!(entry_reads(&w), before + 1, "read from shared data");
     // A tombstone written behind the epoch's back is then seen at once.
-    let tomb = crate::entry::Entry {
-        kind: Kind::Tombstone,
-        fresh_until_ms: 0,
-        generation: 0,
-        escaped: ibex_wire::Redacted::new(""),
-        version: crate::audit::Version::Unknown,
-    };
-    w.host
-        .shared_set(&agent_key(), &tomb.encode(), None)
-        .unwrap();
+    tombstone_without_bump(&w);
     let (_, action) = w.headers(4);
     assert_eq!(action, Action::Pause);
 }
@@ -2094,18 +2099,10 @@ fn copies_serve_only_once_a_control_role_made_the_epoch() {
     let shared = SharedData::default();
     let w = W::new(&shared, config(""));
     w.run(1, vec![redis_hit("old")]);
-    w.run(2, vec![]); // no epoch: no copy
-                      // The previous build's control role: the tombstone only.
-    let tomb = Entry {
-        kind: Kind::Tombstone,
-        fresh_until_ms: 0,
-        generation: crate::entry::current_generation(&w.host),
-        escaped: ibex_wire::Redacted::new(""),
-        version: crate::audit::Version::Unknown,
-    };
-    w.host
-        .shared_set(&agent_key(), &tomb.encode(), None)
-        .unwrap();
+    // No epoch: no copy.
+    w.run(2, vec![]);
+    // The previous build's control role: the tombstone only.
+    tombstone_without_bump(&w);
     let (_, action) = w.headers(3);
     assert_eq!(
         action,
