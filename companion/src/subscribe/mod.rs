@@ -230,11 +230,10 @@ impl Subscriber {
         let mut failures = 0u32;
         let mut attempts = 0usize;
         loop {
-            // Each attempt subscribes through the next seed, so a cluster node
-            // that is down does not keep the subscriber away (never empty:
+            // A failed attempt moves on to the next seed, so a cluster node that
+            // is down does not keep the subscriber away (never empty:
             // `seed_clients` refuses a URL list without a node).
             let seed = &self.pubsub_clients[attempts % self.pubsub_clients.len()];
-            attempts = attempts.wrapping_add(1);
             let connected = tokio::select! {
                 r = redis_ops::connect(seed, self.cluster.as_ref(), self.link_timeout()) => r,
                 _ = wait_shutdown(&mut shutdown) => return,
@@ -243,6 +242,7 @@ impl Subscriber {
                 Ok(c) => c,
                 Err(e) => {
                     failures += 1;
+                    attempts = attempts.wrapping_add(1);
                     let delay = RetryPolicy {
                         initial: Duration::from_millis(50),
                         max: self.config.reconnect_max,
