@@ -54,8 +54,15 @@ pub(super) struct Master {
     slots: Vec<(u16, u16)>,
 }
 
-/// Commands per pipeline of markers or deletes: bounds one write and one reply.
-const PIPELINE_CHUNK: usize = 1024;
+/// Commands per pipeline of markers: bounds one write (about 400 KiB) and one
+/// reply, in few round trips (a flush writes 32768 markers and its L1
+/// invalidation waits for them).
+const PIPELINE_CHUNK: usize = 8192;
+
+/// `COUNT` of each `SCAN` of the sweep: the markers alone are 32768 keys, so a
+/// small count would make a flush hundreds of round trips; one call of this
+/// size holds Redis about a millisecond.
+const SCAN_COUNT: usize = 10_000;
 
 impl Link {
     async fn query(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
@@ -323,14 +330,18 @@ async fn set_markers(
 
 /// SCANs `master` for keys under `prefix` and deletes every one that is no
 /// flush marker under any of `prefixes`, one `DEL` per key (keys of one node
-/// may lie in different slots); returns how many were deleted.
+/// may lie in different slots); returns how many were deleted. Keys whose name
+/// goes on with `_` after the prefix are the markers' namespace and are not
+/// swept (no entry is named so: agent ids and key hashes are hex).
 async fn delete_matching(
     link: &mut Link,
     master: &Master,
     prefix: &str,
     prefixes: &[&str],
 ) -> redis::RedisResult<u64> {
-    let pattern = format!("{}*", glob_escape(prefix));
+    // Not the markers (`{prefix}__flush__…`, spared anyway): no entry's name
+    // starts with `_`, so SCAN need not send them back.
+    let pattern = format!("{}[^_]*", glob_escape(prefix));
     let mut cursor: u64 = 0;
     let mut deleted = 0u64;
     loop {
@@ -342,7 +353,7 @@ async fn delete_matching(
                     .arg("MATCH")
                     .arg(&pattern)
                     .arg("COUNT")
-                    .arg(500),
+                    .arg(SCAN_COUNT),
             )
             .await?;
         let (next, keys): (u64, Vec<String>) = redis::from_redis_value(&reply)?;
