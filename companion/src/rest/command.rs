@@ -100,7 +100,8 @@ impl Verb {
 pub enum Role {
     /// The filter's token (`--token`): `PING`, `GET` and `EVAL` of the filter's
     /// scripts, only on the filter's keys (`{key_prefix}…`, `agent_key:…`), and
-    /// the write script only with a TTL in range. A leaked filter token can read
+    /// the write script only with a TTL in range and its entry's slot marker as
+    /// second key. A leaked filter token can read
     /// and fill the cache, not empty it or write outside it.
     Filter,
     /// The operators' token (`--admin-token`): the whole allowlist on any key
