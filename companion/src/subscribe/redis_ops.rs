@@ -270,6 +270,17 @@ pub(super) async fn sweep(
     tombstone_ttl: Option<Duration>,
 ) -> Result<(), Attempt> {
     let transient = |e: redis::RedisError| Attempt::Transient(e.to_string());
+    if let Some(ttl) = tombstone_ttl {
+        // The single marker filters from before per-slot markers check
+        // (`{prefix}__flush__`, one key: routed like any other), so they stay
+        // guarded while a fleet is upgraded.
+        for prefix in prefixes {
+            let legacy = format!("{prefix}{}", ibex_wire::FLUSH_MARKER_SUFFIX);
+            link.query(&set_with_ttl(&legacy, TOMBSTONE, ttl))
+                .await
+                .map_err(transient)?;
+        }
+    }
     let masters = link.masters().await.map_err(transient)?;
     let mut deleted = 0u64;
     for master in &masters {
