@@ -17,8 +17,90 @@ TIER_HEADER = "x-ibex-directive"
 KEY_PREFIX = "directive:"
 """Redis key prefix of directives (filter `redis.key_prefix`, companion `--key-prefix`)."""
 
-FLUSH_MARKER = KEY_PREFIX + "__flush__"
-"""Redis key the subscriber keeps for a while after a flush; no L2 write-back while it exists."""
+SLOTS = 16384
+"""Redis Cluster hash slots (wire/src/slot.rs SLOTS)."""
+
+FLUSH_MARKER_SUFFIX = "__flush__"
+"""After a prefix, the start of every flush marker (wire/src/slot.rs FLUSH_MARKER_SUFFIX)."""
+
+FLUSH_MARKER_PATTERN = KEY_PREFIX + FLUSH_MARKER_SUFFIX + "*"
+"""SCAN/KEYS pattern of every directive flush marker (one per slot)."""
+
+AGENT_KEY_FLUSH_MARKER_PATTERN = "agent_key:" + FLUSH_MARKER_SUFFIX + "*"
+"""SCAN/KEYS pattern of every gateway key entry's flush marker (one per slot)."""
+
+
+def crc16(data):
+    """CRC16-XMODEM, as Redis Cluster hashes keys (wire/src/slot.rs crc16)."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def key_slot(key):
+    """The hash slot of `key` (str or bytes), hash tags included, as CLUSTER KEYSLOT answers."""
+    data = key.encode() if isinstance(key, str) else key
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1:end]
+    return crc16(data) % SLOTS
+
+
+def _tag_inverse():
+    """wire/src/slot.rs INVERSE: per slot bit, the tag bits (4 per character of `@A-O`,
+    over the base `@@@@`) whose CRC columns XOR to exactly that bit."""
+    base = crc16(b"@@@@")
+    basis = {}
+    for i in range(16):
+        tag = bytearray(b"@@@@")
+        tag[i // 4] |= 1 << (i % 4)
+        value, combo = (crc16(bytes(tag)) ^ base) % SLOTS, 1 << i
+        for b in range(13, -1, -1):
+            if value & (1 << b):
+                if b not in basis:
+                    basis[b] = (value, combo)
+                    break
+                value ^= basis[b][0]
+                combo ^= basis[b][1]
+    inverse = []
+    for j in range(14):
+        value, combo = 1 << j, 0
+        for b in range(13, -1, -1):
+            if value & (1 << b) and b in basis:
+                value ^= basis[b][0]
+                combo ^= basis[b][1]
+        inverse.append(combo)
+    return inverse
+
+
+_INVERSE = _tag_inverse()
+
+
+def slot_tag(slot):
+    """The 4-character hash tag of `slot` (wire/src/slot.rs slot_tag)."""
+    target = (slot ^ crc16(b"@@@@")) % SLOTS
+    bits = 0
+    for j, combo in enumerate(_INVERSE):
+        if target & (1 << j):
+            bits ^= combo
+    return "".join(chr(0x40 | ((bits >> (4 * k)) & 0xF)) for k in range(4))
+
+
+def flush_marker_key(slot, prefix=KEY_PREFIX):
+    """The flush marker of `slot`: `{prefix}__flush__{<tag>}`, a key in that slot."""
+    return f"{prefix}{FLUSH_MARKER_SUFFIX}{{{slot_tag(slot)}}}"
+
+
+def flush_marker_for(key, prefix=KEY_PREFIX):
+    """The flush marker that guards the write-back of `key`: its slot's. The subscriber
+    sets every slot's for a while after a flush; no write-back of `key` while it exists."""
+    return flush_marker_key(key_slot(key), prefix)
 
 TOMBSTONE = "\x00"
 """Redis value the subscriber leaves for an updated agent: no fill from before may write back."""

@@ -99,6 +99,37 @@ class Redis(PortProcess):
             with sock.makefile("rb") as stream:
                 return _read_reply(stream)
 
+    def pipeline(self, commands):
+        """Send `commands` (tuples of arguments) in one write; return their replies in order
+        (an error reply is returned as a RespError, not raised)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(b"".join(encode_command(*c) for c in commands))
+            with sock.makefile("rb") as stream:
+                replies = []
+                for _ in commands:
+                    try:
+                        replies.append(_read_reply(stream))
+                    except RespError as error:
+                        replies.append(error)
+                return replies
+
+    def keys(self, pattern):
+        """Every key matching `pattern` (SCAN, never KEYS)."""
+        found, cursor = [], "0"
+        while True:
+            cursor, batch = self.command_call("SCAN", cursor, "MATCH", pattern, "COUNT", 10000)
+            found.extend(batch)
+            if cursor == "0":
+                return found
+
+    def delete_matching(self, pattern):
+        """Delete every key matching `pattern`, one DEL per key (keys of one node of a
+        cluster may lie in different slots); returns how many there were."""
+        keys = self.keys(pattern)
+        for start in range(0, len(keys), 5000):
+            self.pipeline([("DEL", key) for key in keys[start:start + 5000]])
+        return len(keys)
+
     def get(self, key):
         """GET `key`: its value, or None when the key does not exist."""
         return self.command_call("GET", key)

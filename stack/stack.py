@@ -19,6 +19,7 @@ from stack.envoy import DEBUG_FILTER_CONFIG, PATIENT_FILTER_CONFIG, REMOVE, Envo
 from stack.ports import free_port, wait_until
 from stack.postgres import Postgres
 from stack.redis import Redis, Webdis
+from stack.redis_cluster import RedisCluster, free_cluster_ports
 from stack.upstream import EchoUpstream
 
 ORDER = ("postgres", "redis", "rest", "webdis", "store", "upstream", "envoy", "subscriber")
@@ -26,6 +27,11 @@ L2_FRONTS = ("rest", "webdis")
 """The HTTP fronts of Redis Envoy's ibex_redis cluster can point at: the REST front
 (`companion rest`, dialect "upstash", the default) and Webdis (dialect "webdis").
 A stack runs one of them (`l2`); `parts` naming both still starts only that one."""
+REDIS_KINDS = ("single", "cluster")
+"""What `redis` a stack runs: one redis-server ("single", the default) or a real
+three-master Redis Cluster ("cluster", stack/redis_cluster.py), which the REST front,
+the subscriber and the companion's CLI then use with --redis-cluster; Webdis cannot
+front a cluster, so a cluster stack's L2 front is the REST front."""
 PORT_NAMES = ("postgres", "redis", "rest", "webdis", "store", "subscriber", "upstream", "data", "control", "admin")
 
 
@@ -66,6 +72,8 @@ class Stack:
                      DEL and the filter's scripts on any key); default a new random one, which
                      must differ from rest_token (make run passes its own); Envoy never gets
                      it; never logged
+    redis            "single" (default: one redis-server) or "cluster" (a real three-master
+                     Redis Cluster, REDIS_KINDS; needs l2="rest")
     log_levels       {"envoy": "info", "companion": "info", "webdis": 3} (the REST front logs at
                      the companion's level)
     patient          callout timeouts that hold on a loaded machine (PATIENT_FILTER_CONFIG
@@ -93,7 +101,7 @@ class Stack:
                  parts=ORDER, pg_dir=None, fast_pg=True, pid_dir=None, log_dir=None, concurrency=2,
                  log_levels=None, patient=False, debug_headers=False, control_token=None,
                  http_filters_before=None, envoy_template=None, l2="rest", rest_token=None,
-                 rest_admin_token=None, store_redis=False, cluster_ports=None):
+                 rest_admin_token=None, store_redis=False, cluster_ports=None, redis="single"):
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = allocate_ports(ports, self.PORT_NAMES)
@@ -107,10 +115,21 @@ class Stack:
         p = self.ports
         self.postgres = Postgres(Path(pg_dir) if pg_dir else self.dir / "postgres", p["postgres"], fast=fast_pg,
                                  **common)
-        self.redis = Redis(self.dir / "redis", p["redis"], **common)
+        if redis not in REDIS_KINDS:
+            raise ValueError(f"unknown Redis {redis!r}; kinds are {', '.join(REDIS_KINDS)}")
+        if redis == "cluster" and l2 != "rest":
+            raise ValueError("Webdis cannot front a Redis Cluster: a cluster stack's L2 front is the REST front")
+        self.redis_kind = redis
+        # The companion's parts learn the cluster from IBEX_REDIS_CLUSTER (its --redis-cluster).
+        redis_env = {"IBEX_REDIS_CLUSTER": "true"} if redis == "cluster" else {}
+        if redis == "cluster":
+            self.redis = RedisCluster(self.dir / "redis", free_cluster_ports(3, taken=set(p.values())), **common)
+        else:
+            self.redis = Redis(self.dir / "redis", p["redis"], **common)
         self.rest_token = rest_token or secrets.token_urlsafe(32)
         self.rest = RestFront(self.dir / "rest", p["rest"], self.redis.url, self.rest_token,
-                              admin_token=rest_admin_token, log_level=levels["companion"], **common)
+                              admin_token=rest_admin_token, log_level=levels["companion"], env=redis_env,
+                              **common)
         self.rest_admin_token = self.rest.admin_token  # the front's SET/DEL token; Envoy keeps rest_token
         self.webdis = Webdis(self.dir / "webdis", p["webdis"], p["redis"], verbosity=levels["webdis"], **common)
         self.store = Store(self.dir / "store", p["store"], self.postgres.url, log_level=levels["companion"],
@@ -134,9 +153,9 @@ class Stack:
         self.envoy = self._make_envoy(**self.envoy_settings)
         self.subscriber = Subscriber(self.dir / "subscriber", p["subscriber"], self.redis.url,
                                      [self.envoy.control_url], control_token=self.control_token,
-                                     log_level=levels["companion"], **common)
+                                     log_level=levels["companion"], env=redis_env, **common)
         self.companion = Companion(self.postgres.url, self.redis.url, directory=log_dir or self.dir,
-                                   env={"RUST_LOG": levels["companion"]})
+                                   env={"RUST_LOG": levels["companion"], **redis_env})
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -13,6 +13,8 @@ A module tunes its stack with module-level constants:
 IBEX_TEST_L2=webdis runs every module that sets no L2 of its own on Webdis.
     DEBUG_HEADERS = False   the committed configs' debug_headers (default True: the
                             upstream gets x-ibex-directive, which helpers.tier reads)
+    REDIS = "cluster"       a real three-master Redis Cluster instead of one server
+                            (default "single"; needs the REST front)
 
 Every stack has its own random control token (stack.control_token), which its
 subscriber presents; stack.control_headers() authorises a test's own POSTs.
@@ -29,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from stack import Stack  # noqa: E402
-from stack.contract import FLUSH_MARKER, agent_key_redis_key  # noqa: E402
+from stack.contract import AGENT_KEY_FLUSH_MARKER_PATTERN, FLUSH_MARKER_PATTERN  # noqa: E402
 from stack.stack import ORDER  # noqa: E402
 
 _STACK_DIRS = {}
@@ -60,6 +62,7 @@ def stack(tmp_path_factory, request):
         l2=getattr(module, "L2", default_l2()),
         patient=True,
         debug_headers=getattr(module, "DEBUG_HEADERS", True),
+        redis=getattr(module, "REDIS", "single"),
     ) as running:
         yield running
 
@@ -69,16 +72,17 @@ def no_flush_marker(request):
     """Drop the subscriber's flush markers before each test that has a stack.
 
     After a full flush (the subscriber does one each time it connects, and
-    test_flush publishes one) the companion keeps FLUSH_MARKER (and
-    `agent_key:__flush__` for gateway keys) for 10 s, and while they exist the filter
-    skips every L2 write-back. The tests
+    test_flush publishes one) the companion keeps a flush marker in every hash slot
+    (FLUSH_MARKER_PATTERN, and AGENT_KEY_FLUSH_MARKER_PATTERN for gateway keys) for
+    10 s, and while they exist the filter skips every L2 write-back. The tests
     use brand-new agents that no cache has seen, so the marker guards nothing
     for them; left in place it would make write-back checks wait out a timer.
     test_invalidation checks the marker's effect itself.
     """
     if "stack" in request.fixturenames:
         redis = request.getfixturevalue("stack").redis
-        redis.command_call("DEL", FLUSH_MARKER, agent_key_redis_key("__flush__"))
+        for pattern in (FLUSH_MARKER_PATTERN, AGENT_KEY_FLUSH_MARKER_PATTERN):
+            redis.delete_matching(pattern)
 
 
 @pytest.fixture()

@@ -25,7 +25,8 @@ import pytest
 from conftest import default_l2
 from helpers import CHAT, new_agent
 from stack import wait_until
-from stack.contract import AGENT_HEADER, FLUSH_CHANNEL, FLUSH_MARKER, redis_key, stored_text, updates_channel
+from stack.contract import (AGENT_HEADER, FLUSH_CHANNEL, FLUSH_MARKER_PATTERN, redis_key, stored_text,
+                            updates_channel)
 from stack.fleet import Fleet
 from stack.postgres import quote_literal
 from stack.rawhttp import connect, read_response, request_bytes
@@ -138,11 +139,11 @@ def test_cold_fleet_costs_postgres_one_query_per_agent(fleet):
     agents = [new_agent() for _ in range(COLD_AGENTS)]
     seed_postgres(fleet, agents)
     # A flush (test_flush's, and each subscriber's when it connects) leaves a marker in
-    # Redis for 10 s during which no fill may write Redis, not the filters' write-backs
-    # and so not the store's sharing either (a fill may have read text from before the
-    # flush). These agents are new to every cache: drop the marker, as tests/conftest.py
-    # does before every test of a single stack.
-    fleet.redis.command_call("DEL", FLUSH_MARKER)
+    # every hash slot for 10 s during which no fill may write Redis, not the filters'
+    # write-backs and so not the store's sharing either (a fill may have read text from
+    # before the flush). These agents are new to every cache: drop the markers, as
+    # tests/conftest.py does before every test of a single stack.
+    fleet.redis.delete_matching(FLUSH_MARKER_PATTERN)
     before = fleet.store.metric("ibex_store_db_queries_total")
     lookups_before = fleet.store.lookups()
     sockets = []

@@ -18,7 +18,8 @@ import requests
 from helpers import (CHAT, agent_with, assert_chat_injected, chat_body, new_agent, requests_on_every_worker, send,
                      tier)
 from stack import wait_until
-from stack.contract import FLUSH_CHANNEL, FLUSH_MARKER, INVALIDATE_PATH, TOMBSTONE, stored_text, updates_channel
+from stack.contract import (FLUSH_CHANNEL, FLUSH_MARKER_PATTERN, INVALIDATE_PATH, SLOTS, TOMBSTONE, flush_marker_for,
+                            stored_text, updates_channel)
 from stack.contract import redis_key as key
 from stack.postgres import quote_literal
 
@@ -213,8 +214,10 @@ def test_flush_marker_keeps_write_backs_out_of_redis(stack, upstream):
     that read Postgres meanwhile must not write Redis (it could carry text
     from before the flush). The marker outlives the test's two requests."""
     stack.flush()
-    assert stack.redis.get(FLUSH_MARKER) is not None
+    # one marker in every hash slot, and the single one filters from before them check
+    assert len(stack.redis.keys(FLUSH_MARKER_PATTERN)) == SLOTS + 1
     agent = agent_with(stack, "Not written back during a flush window.")
+    assert stack.redis.get(flush_marker_for(key(agent))) is not None
     skipped = stack.envoy.counter("l2_write_skipped")
     assert send(stack, CHAT, chat_body(), agent=agent).status_code == 200
     assert tier(stack.upstream.last()) == "store"

@@ -28,7 +28,7 @@ from helpers import (CHAT, agent_with, chat_body, connections_by_worker, json_he
                      tier)
 from pg_gate import HOLDING_FILTER_CONFIG, install_gate, psql_session, psql_until
 from stack import wait_until
-from stack.contract import FLUSH_MARKER, INVALIDATE_PATH, TOMBSTONE, redis_key, stored_text, updates_channel
+from stack.contract import INVALIDATE_PATH, TOMBSTONE, flush_marker_for, redis_key, stored_text, updates_channel
 from stack.postgres import quote_literal
 from stack.rawhttp import connect, read_response, request_bytes
 
@@ -202,7 +202,8 @@ def test_write_back_outcome_is_counted_after_its_request_ended(stack, upstream, 
     of an earlier test may still be on its way."""
     stack.restart_envoy()  # no write-back of an earlier test still in flight to move the counters
     agent = agent_with(stack, "Written back after the request ended.")
-    stack.redis.command_call("SET", FLUSH_MARKER, TOMBSTONE, "EX", 300)  # the EVAL will refuse to write
+    marker = flush_marker_for(redis_key(agent))
+    stack.redis.command_call("SET", marker, TOMBSTONE, "EX", 300)  # the EVAL will refuse to write
     counters = stack.envoy.counters()
     try:
         with fill_held(stack, gate, agent) as request:
@@ -216,7 +217,7 @@ def test_write_back_outcome_is_counted_after_its_request_ended(stack, upstream, 
         stack.redis.command_call("CLIENT", "UNPAUSE")
     wait_until(lambda: stack.envoy.counter("l2_write_skipped") > counters["l2_write_skipped"],
                what="the filter to count the refused write-back")
-    stack.redis.command_call("DEL", FLUSH_MARKER)
+    stack.redis.command_call("DEL", marker)
     assert stack.envoy.counter("l2_write_error") == counters["l2_write_error"]
     assert stack.envoy.counter("l2_error") == counters["l2_error"], "the L2 read was held too"
     assert stack.redis.get(redis_key(agent)) is None

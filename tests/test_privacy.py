@@ -30,8 +30,8 @@ import requests
 
 from helpers import CHAT, MESSAGES, RESPONSES, agent_with, bearer, chat_body, new_agent, new_request_id, send
 from stack import Stack, wait_until
-from stack.contract import (AGENT_HEADER, FLUSH_MARKER, INVALIDATE_KEY_PATH, TIER_HEADER, TOMBSTONE,
-                            agent_key_redis_key, key_sha256, read_directive_value, redis_key)
+from stack.contract import (AGENT_HEADER, AGENT_KEY_FLUSH_MARKER_PATTERN, FLUSH_MARKER_PATTERN, INVALIDATE_KEY_PATH,
+                            TIER_HEADER, TOMBSTONE, agent_key_redis_key, key_sha256, read_directive_value, redis_key)
 from stack.envoy import ACCESS_LOG_NAME
 from stack.envoy import merge
 
@@ -154,7 +154,8 @@ def test_api_key_text_is_in_no_log(tmp_path):
     with Stack(tmp_path / "stack", filter_config=API_KEY_CONFIG, log_levels=LOG_LEVELS, patient=True,
                debug_headers=DEBUG_HEADERS) as stack:
         # The subscriber's first flush leaves markers that hold back write-backs for 10 s.
-        stack.redis.command_call("DEL", FLUSH_MARKER, agent_key_redis_key("__flush__"))
+        for pattern in (FLUSH_MARKER_PATTERN, AGENT_KEY_FLUSH_MARKER_PATTERN):
+            stack.redis.delete_matching(pattern)
         agent = agent_with(stack, DIRECTIVE)
         key = stack.issue_key(agent, label="privacy")
         stdin_key = stack.issue_key(agent)

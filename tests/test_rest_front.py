@@ -31,8 +31,9 @@ from upstash_redis.errors import UpstashError
 
 from helpers import CHAT, assert_injected, chat_body, json_headers, new_agent, send, tier
 from stack import paths, wait_until
-from stack.contract import (FILTER_SCRIPTS, FLUSH_MARKER, GET_SCRIPT, GET_WITH_PTTL_SCRIPT, INVALIDATE_PATH,
-                            SET_IF_ABSENT_SCRIPT, agent_key_redis_key, redis_key, stored_text)
+from stack.contract import (FILTER_SCRIPTS, FLUSH_MARKER_PATTERN, GET_SCRIPT, GET_WITH_PTTL_SCRIPT, INVALIDATE_PATH,
+                            SET_IF_ABSENT_SCRIPT, agent_key_redis_key, flush_marker_for, redis_key,
+                            stored_text)
 
 L2 = "rest"  # also under IBEX_TEST_L2=webdis: this module is about the REST front
 
@@ -315,8 +316,12 @@ FILTER_TOKEN_REFUSED = {
     "del": lambda d, other: ["DEL", d],
     "get_other_key": lambda d, other: ["GET", other],
     "read_script_on_other_key": lambda d, other: ["EVAL", GET_SCRIPT, 1, other],
-    "write_script_on_other_key": lambda d, other: ["EVAL", SET_IF_ABSENT_SCRIPT, 2, other, FLUSH_MARKER, 60, "x"],
-    "write_script_on_the_flush_marker": lambda d, other: ["EVAL", SET_IF_ABSENT_SCRIPT, 2, FLUSH_MARKER, d, 60, "x"],
+    "write_script_on_other_key": lambda d, other: ["EVAL", SET_IF_ABSENT_SCRIPT, 2, other, flush_marker_for(other), 60,
+                                                   "x"],
+    "write_script_on_the_flush_marker": lambda d, other: ["EVAL", SET_IF_ABSENT_SCRIPT, 2, flush_marker_for(d), d, 60,
+                                                          "x"],
+    "write_script_past_another_marker": lambda d, other: ["EVAL", SET_IF_ABSENT_SCRIPT, 2, d, "directive:__flush__",
+                                                          60, "x"],
 }
 
 
@@ -386,7 +391,7 @@ def test_the_upstash_sdk_with_the_filter_token_reads_and_fills_but_never_writes(
     agent = new_agent()
     directive_key = redis_key(agent)
     gateway_key = agent_key_redis_key(secrets.token_hex(32))
-    stack.redis.command_call("DEL", FLUSH_MARKER)  # a flush marker would make the write script write nothing
+    stack.redis.delete_matching(FLUSH_MARKER_PATTERN)  # a flush marker would make the write script write nothing
     stack.redis.command_call("SET", directive_key, "Read with the filter's token.", "EX", 60)
     stack.redis.command_call("SET", gateway_key, agent, "EX", 60)
 
@@ -396,8 +401,9 @@ def test_the_upstash_sdk_with_the_filter_token_reads_and_fills_but_never_writes(
     got, pttl = redis.eval(GET_WITH_PTTL_SCRIPT, keys=[gateway_key])
     assert got == agent and 0 < pttl <= 60_000
     filled = redis_key(new_agent())
-    assert redis.eval(SET_IF_ABSENT_SCRIPT, keys=[filled, FLUSH_MARKER], args=["60", "Filled."]) == 1
-    assert redis.eval(SET_IF_ABSENT_SCRIPT, keys=[filled, FLUSH_MARKER], args=["60", "Again."]) == 0
+    marker = flush_marker_for(filled)  # the one the filter sends: its slot's
+    assert redis.eval(SET_IF_ABSENT_SCRIPT, keys=[filled, marker], args=["60", "Filled."]) == 1
+    assert redis.eval(SET_IF_ABSENT_SCRIPT, keys=[filled, marker], args=["60", "Again."]) == 0
     assert stack.redis.get(filled) == "Filled." and 0 < stack.redis.ttl(filled) <= 60
 
     before = redis_commands(stack)
@@ -467,7 +473,7 @@ def l2_reads(stack, upstream, count):
 
 
 def test_envoy_reuses_its_connections_to_the_rest_front(stack, upstream):
-    stack.redis.command_call("DEL", FLUSH_MARKER)
+    stack.redis.delete_matching(FLUSH_MARKER_PATTERN)
     delta = l2_reads(stack, upstream, L2_READS)
     print(f"\n{L2_READS} L2 reads through the REST front: {delta}")
     assert delta["upstream_rq_total"] >= L2_READS

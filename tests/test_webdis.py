@@ -16,7 +16,7 @@ import requests
 from helpers import (CHAT, TRICKY_DIRECTIVE, agent_with, assert_chat_injected, assert_injected, chat_body, new_agent,
                      send, tier)
 from stack import Stack, wait_until
-from stack.contract import FLUSH_MARKER, INVALIDATE_PATH, TOMBSTONE, redis_key, stored_text
+from stack.contract import FLUSH_MARKER_PATTERN, INVALIDATE_PATH, TOMBSTONE, redis_key, stored_text
 from test_failures import (  # noqa: F401 - collected here, on this module's Webdis stack
     parts_back,
     test_expired_entry_is_served_stale_while_redis_and_store_fail,
@@ -106,5 +106,5 @@ def test_directive_text_is_in_no_log_with_webdis_at_full_verbosity(tmp_path):
     with Stack(tmp_path / "stack", log_levels=DEBUG_LOG_LEVELS, patient=True, debug_headers=COMMITTED_DEBUG_HEADERS,
                l2="webdis") as stack:
         # the subscriber's first flush leaves a marker that holds back write-backs for 10 s
-        stack.redis.command_call("DEL", FLUSH_MARKER)
+        stack.redis.delete_matching(FLUSH_MARKER_PATTERN)
         directive_goes_everywhere_and_no_log_holds_it(stack, stack.upstream)

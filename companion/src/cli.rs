@@ -81,13 +81,20 @@ pub struct RedisArgs {
     /// rediss:// URL to a server with a private CA; then only these are trusted.
     #[arg(long, env = "IBEX_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
+    /// The Redis is a Redis Cluster (self-managed, ElastiCache cluster mode):
+    /// --redis-url is then a comma-separated list of seed nodes (one is
+    /// enough), commands go to the master of their key's slot and the flush
+    /// sweeps every master.
+    #[arg(long, env = "IBEX_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
 }
 
 impl RedisArgs {
     /// The endpoint these flags name; reads the CA file. Errors never show the
     /// URL.
     pub fn endpoint(&self) -> crate::Result<RedisEndpoint> {
-        let e = RedisEndpoint::new(self.redis_url.expose().clone());
+        let e =
+            RedisEndpoint::new(self.redis_url.expose().clone()).with_cluster(self.redis_cluster);
         let e = match &self.redis_ca_file {
             Some(path) => e.with_ca_file(path)?,
             None => e,
@@ -95,6 +102,9 @@ impl RedisArgs {
         // Fails now on a bad URL or a CA file beside a redis:// URL, not at the
         // first connection.
         e.client()?;
+        if e.is_cluster() {
+            e.cluster_client(std::time::Duration::from_secs(1))?;
+        }
         Ok(e)
     }
 }
@@ -387,7 +397,7 @@ pub struct SubscribeArgs {
     #[arg(long, env = "IBEX_KEY_PREFIX", default_value = ibex_wire::DEFAULT_KEY_PREFIX)]
     pub key_prefix: String,
     /// How long the Redis tombstone of an updated agent (a `"\0"` value) and the
-    /// flush marker `{prefix}__flush__` of a full flush live. While they do, the
+    /// flush markers `{prefix}__flush__{<slot tag>}` of a full flush live. While they do, the
     /// filter's conditional write-back cannot put old text back into Redis, so N
     /// must exceed the longest filter fill (its callout timeouts). 0 falls back
     /// to a plain DEL, which an in-flight write-back can undo.

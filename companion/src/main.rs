@@ -167,7 +167,13 @@ async fn run(command: Command) -> Result<(), AdminError> {
                 .map_err(Error::from)?;
         }
         Command::Rest(args) => {
-            let client = args.redis.endpoint()?.client()?;
+            let endpoint = args.redis.endpoint()?;
+            let client: rest::link::Backend = if endpoint.is_cluster() {
+                let timeout = Duration::from_millis(args.redis_timeout_ms.max(1));
+                endpoint.cluster_client(timeout)?.into()
+            } else {
+                endpoint.client()?.into()
+            };
             let options = rest::RestOptions {
                 max_body_bytes: args.max_body_bytes,
                 limits: rest::command::Limits {

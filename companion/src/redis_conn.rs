@@ -9,6 +9,14 @@
 //! trusted). There is no "insecure" mode: a certificate that does not check out
 //! means no connection.
 //!
+//! A Redis Cluster (self-managed, ElastiCache cluster mode) is named by
+//! [`RedisEndpoint::with_cluster`] (`--redis-cluster`): the URL is then a
+//! comma-separated list of seed nodes (one is enough; the client learns the
+//! others from the cluster), and [`RedisEndpoint::cluster_client`] gives the
+//! client that routes each command to the master of its key's slot. Pub/sub and
+//! `PUBLISH` need no routing (a cluster broadcasts them to every node), so they
+//! use a plain client to one seed ([`RedisEndpoint::seed_clients`]).
+//!
 //! What it must never do: put the URL into an error or a `Debug` (it may carry
 //! a password), or accept a CA file with no certificate in it (which would
 //! silently trust nothing and fail every connection later, far from the cause).
@@ -30,6 +38,7 @@ use crate::{Error, Result};
 pub struct RedisEndpoint {
     url: Redacted<String>,
     ca_pem: Option<Arc<[u8]>>,
+    cluster: bool,
 }
 
 impl fmt::Debug for RedisEndpoint {
@@ -38,6 +47,7 @@ impl fmt::Debug for RedisEndpoint {
             .field("url", &self.url)
             .field("tls", &self.is_tls())
             .field("ca_pem_bytes", &self.ca_pem.as_ref().map(|p| p.len()))
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -58,7 +68,32 @@ impl RedisEndpoint {
         Self {
             url: Redacted::new(url.into()),
             ca_pem: None,
+            cluster: false,
         }
+    }
+
+    /// Names a Redis Cluster (`true`): the URL is then a comma-separated list of
+    /// seed nodes, all `redis://` or all `rediss://`.
+    pub fn with_cluster(mut self, cluster: bool) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// True for a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// The URLs: the one URL, or a cluster's seeds (never empty ones).
+    fn urls(&self) -> Vec<&str> {
+        let url = self.url.expose().as_str();
+        if !self.cluster {
+            return vec![url];
+        }
+        url.split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
     }
 
     /// Trusts the certificates of `pem` (and only those) for `rediss://`.
@@ -101,16 +136,71 @@ impl RedisEndpoint {
         self.url.expose().starts_with("rediss://")
     }
 
-    /// A client for this endpoint (it does not connect yet). Errors name what is
-    /// wrong, never the URL.
+    /// A client for this endpoint (it does not connect yet): for a cluster, to
+    /// its first seed (enough for `PUBLISH`, which a cluster broadcasts). Errors
+    /// name what is wrong, never the URL.
     pub fn client(&self) -> Result<redis::Client> {
+        let seeds = self.seed_clients()?;
+        seeds
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Config("REDIS_URL names no Redis node".into()))
+    }
+
+    /// One client per URL (a cluster's seeds, in order; else the one URL).
+    pub fn seed_clients(&self) -> Result<Vec<redis::Client>> {
+        let urls = self.urls();
+        if urls.is_empty() {
+            return Err(Error::Config("REDIS_URL names no Redis node".into()));
+        }
+        urls.into_iter().map(|u| self.client_for(u)).collect()
+    }
+
+    /// The cluster client over the seeds, every command and connection bounded
+    /// by `timeout`; refused for an endpoint that is not a cluster.
+    pub fn cluster_client(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<redis::cluster::ClusterClient> {
+        if !self.cluster {
+            return Err(Error::Config("not a Redis Cluster endpoint".into()));
+        }
+        let invalid = || Error::Config("REDIS_URL is not a list of valid Redis URLs".into());
+        let mut infos = Vec::new();
+        for url in self.urls() {
+            infos.push(url.into_connection_info().map_err(|_| invalid())?);
+        }
+        let tls = infos
+            .iter()
+            .filter(|i| matches!(i.addr, redis::ConnectionAddr::TcpTls { .. }))
+            .count();
+        if tls != 0 && tls != infos.len() {
+            return Err(Error::Config(
+                "the Redis Cluster seeds mix redis:// and rediss://".into(),
+            ));
+        }
+        if tls != 0 {
+            install_crypto_provider();
+        } else if self.ca_pem.is_some() {
+            return Err(Error::Config(
+                "--redis-ca-file needs a rediss:// REDIS_URL".into(),
+            ));
+        }
+        let mut builder = redis::cluster::ClusterClientBuilder::new(infos)
+            .connection_timeout(timeout)
+            .response_timeout(timeout);
+        if let Some(pem) = &self.ca_pem {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            });
+        }
+        builder.build().map_err(|_| invalid())
+    }
+
+    fn client_for(&self, url: &str) -> Result<redis::Client> {
         let invalid = || Error::Config("REDIS_URL is not a valid Redis URL".into());
-        let info = self
-            .url
-            .expose()
-            .as_str()
-            .into_connection_info()
-            .map_err(|_| invalid())?;
+        let info = url.into_connection_info().map_err(|_| invalid())?;
         let tls = matches!(info.addr, redis::ConnectionAddr::TcpTls { .. });
         if tls {
             install_crypto_provider();
@@ -164,6 +254,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn cluster_endpoints_take_seed_lists() {
+        let e = RedisEndpoint::new("redis://127.0.0.1:7000, redis://127.0.0.1:7001,")
+            .with_cluster(true);
+        assert_eq!(e.seed_clients().unwrap().len(), 2);
+        assert!(e.client().is_ok());
+        assert!(e.cluster_client(std::time::Duration::from_secs(1)).is_ok());
+        // Not a cluster: one URL, and no cluster client.
+        let single = RedisEndpoint::new("redis://127.0.0.1:7000");
+        assert!(single
+            .cluster_client(std::time::Duration::from_secs(1))
+            .is_err());
+        let mixed =
+            RedisEndpoint::new("redis://127.0.0.1:7000,rediss://:pw@h:7001").with_cluster(true);
+        let Err(err) = mixed.cluster_client(std::time::Duration::from_secs(1)) else {
+            panic!("mixed seeds accepted");
+        };
+        let err = err.to_string();
+        assert!(!err.contains("pw@"), "{err}");
+        assert!(RedisEndpoint::new(" , ")
+            .with_cluster(true)
+            .client()
+            .is_err());
     }
 
     #[test]

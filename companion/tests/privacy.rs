@@ -481,7 +481,7 @@ async fn rest_front_never_logs_arguments_results_or_token() {
                 ibex_wire::SET_IF_ABSENT_SCRIPT,
                 2,
                 key,
-                format!("agent_key:{MARKER}"),
+                ibex_wire::flush_marker_for("directive:", &key),
                 60,
                 text
             ])),
@@ -551,7 +551,7 @@ async fn rest_front_never_logs_arguments_results_or_token() {
                 ibex_wire::SET_IF_ABSENT_SCRIPT,
                 2,
                 key,
-                "directive:__flush__",
+                ibex_wire::flush_marker_for("directive:", &key),
                 MARKER,
                 text
             ])),

@@ -397,7 +397,7 @@ async fn awkward_values_round_trip_byte_for_byte() {
         // GET_WITH_PTTL, base64.
         let agent = Uuid::new_v4();
         let entry = ibex_wire::redis_key(ibex_wire::DEFAULT_KEY_PREFIX, agent);
-        let marker = ibex_wire::flush_marker_key(ibex_wire::DEFAULT_KEY_PREFIX);
+        let marker = ibex_wire::flush_marker_for(ibex_wire::DEFAULT_KEY_PREFIX, &entry);
         let write = json!([
             "EVAL",
             ibex_wire::SET_IF_ABSENT_SCRIPT,
@@ -455,7 +455,7 @@ async fn awkward_values_round_trip_byte_for_byte() {
     // The subscriber's tombstone blocks the write-back, and reads back as one NUL.
     let agent = Uuid::new_v4();
     let entry = ibex_wire::redis_key(ibex_wire::DEFAULT_KEY_PREFIX, agent);
-    let marker = ibex_wire::flush_marker_key(ibex_wire::DEFAULT_KEY_PREFIX);
+    let marker = ibex_wire::flush_marker_for(ibex_wire::DEFAULT_KEY_PREFIX, &entry);
     r.set_ex::<_, _, ()>(&entry, ibex_wire::TOMBSTONE, 10)
         .unwrap();
     assert_eq!(
@@ -488,9 +488,10 @@ async fn awkward_values_round_trip_byte_for_byte() {
             .await,
         (200, r#"{"result":"\u0000"}"#.into())
     );
-    // So does the flush marker.
+    // So does the flush marker (of the entry's slot).
     let agent = Uuid::new_v4();
     let entry = ibex_wire::redis_key(ibex_wire::DEFAULT_KEY_PREFIX, agent);
+    let marker = ibex_wire::flush_marker_for(ibex_wire::DEFAULT_KEY_PREFIX, &entry);
     r.set_ex::<_, _, ()>(&marker, "1", 10).unwrap();
     assert_eq!(
         front

@@ -713,10 +713,10 @@ fn the_filter_token_runs_exactly_what_the_filter_sends() {
     let prefix = ibex_wire::DEFAULT_KEY_PREFIX;
     let agent = uuid::Uuid::new_v4();
     let entry = ibex_wire::redis_key(prefix, agent);
-    let marker = ibex_wire::flush_marker_key(prefix);
+    let marker = ibex_wire::flush_marker_for(prefix, &entry);
     let hash = ibex_wire::key_sha256_hex(&[9u8; 32]);
     let key_entry = ibex_wire::agent_key_redis_key(&hash);
-    let key_marker = ibex_wire::flush_marker_key(ibex_wire::AGENT_KEY_PREFIX);
+    let key_marker = ibex_wire::flush_marker_for(ibex_wire::AGENT_KEY_PREFIX, &key_entry);
     let write = ibex_wire::SET_IF_ABSENT_SCRIPT;
 
     // What the filter sends, spelled as it spells it (numbers as strings).
@@ -771,6 +771,7 @@ fn the_filter_token_runs_exactly_what_the_filter_sends() {
     // And nothing else: each refused before Redis, naming no key.
     let other = "other:secret-key-5d2e";
     let entry2 = ibex_wire::redis_key(prefix, uuid::Uuid::new_v4());
+    let marker2 = ibex_wire::flush_marker_for(prefix, &entry2);
     let cases: Vec<(Value, u16)> = vec![
         (json!(["SET", entry, "x", "EX", "60"]), 403),
         (json!(["SET", other, "x", "EX", "60"]), 403),
@@ -789,13 +790,19 @@ fn the_filter_token_runs_exactly_what_the_filter_sends() {
             json!(["EVAL", write, "2", marker, entry2, "31536000", "1"]),
             403,
         ),
-        (json!(["EVAL", write, "2", entry2, marker, "0", "v"]), 400),
+        // Only the marker of the entry's own slot.
+        (json!(["EVAL", write, "2", entry2, marker, "60", "v"]), 403),
         (
-            json!(["EVAL", write, "2", entry2, marker, "99999999999", "v"]),
+            json!(["EVAL", write, "2", entry2, "directive:__flush__", "60", "v"]),
+            403,
+        ),
+        (json!(["EVAL", write, "2", entry2, marker2, "0", "v"]), 400),
+        (
+            json!(["EVAL", write, "2", entry2, marker2, "99999999999", "v"]),
             400,
         ),
         (
-            json!(["EVAL", write, "2", entry2, marker, "31536001", "v"]),
+            json!(["EVAL", write, "2", entry2, marker2, "31536001", "v"]),
             400,
         ),
         (json!(["EVAL", "return redis.call('FLUSHALL')", "0"]), 403),
@@ -890,7 +897,7 @@ fn the_admin_token_sets_with_ex_deletes_and_never_sets_without_ttl() {
     });
     // DEL of what the filter's token cannot touch: a tombstone and the marker.
     let entry = ibex_wire::redis_key(ibex_wire::DEFAULT_KEY_PREFIX, uuid::Uuid::new_v4());
-    let marker = ibex_wire::flush_marker_key(ibex_wire::DEFAULT_KEY_PREFIX);
+    let marker = ibex_wire::flush_marker_for(ibex_wire::DEFAULT_KEY_PREFIX, &entry);
     let _: () = redis::cmd("SET")
         .arg(&entry)
         .arg(ibex_wire::TOMBSTONE)

@@ -538,10 +538,12 @@ async fn with_a_guard_a_tombstone_or_the_flush_marker_means_a_query_of_its_own()
         (2, 2)
     );
 
-    // The flush marker.
+    // The flush marker of the agent's slot (a flush sets one in every slot).
+    let marker =
+        ibex_wire::flush_marker_for("directive:", &ibex_wire::redis_key("directive:", agent));
     set(&pg.url(), agent, "third").await;
     redis::cmd("SET")
-        .arg("directive:__flush__")
+        .arg(&marker)
         .arg("\0")
         .arg("EX")
         .arg(10)
@@ -558,7 +560,7 @@ async fn with_a_guard_a_tombstone_or_the_flush_marker_means_a_query_of_its_own()
 
     // Redis gone: no sharing.
     redis::cmd("DEL")
-        .arg("directive:__flush__")
+        .arg(&marker)
         .query::<()>(&mut conn)
         .unwrap();
     set(&pg.url(), agent, "fourth").await;

@@ -270,7 +270,7 @@ async fn waits_for_redis_that_is_down_at_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tombstone_mode_writes_tombstones_and_the_flush_marker() {
+async fn tombstone_mode_writes_tombstones_and_the_flush_markers() {
     let redis = Redis::start();
     let a = FakeControl::start().await;
     let mut c = config(&redis, &[&a], None);
@@ -278,12 +278,24 @@ async fn tombstone_mode_writes_tombstones_and_the_flush_marker() {
     let sub = Running::start(c).await;
     a.wait_for(FLUSH, 1).await;
     let mut conn = redis.conn();
-    // The connect-time flush set the marker, with a TTL.
-    let ttl: i64 = conn.ttl("directive:__flush__").unwrap();
-    assert!((1..=10).contains(&ttl), "marker ttl {ttl}");
-
+    // The connect-time flush set the marker of every slot, with a TTL: the
+    // one of an agent's key's slot among them.
     let agent = Uuid::new_v4();
     let key = format!("directive:{agent}");
+    let ttl: i64 = conn
+        .ttl(ibex_wire::flush_marker_for("directive:", &key))
+        .unwrap();
+    assert!((1..=10).contains(&ttl), "marker ttl {ttl}");
+    let mut markers: Vec<String> = conn.keys("directive:__flush__*").unwrap();
+    markers.sort();
+    // Every slot's, and the single marker filters from before them check.
+    let mut expected: Vec<String> = (0..ibex_wire::SLOTS)
+        .map(|s| ibex_wire::flush_marker_key("directive:", s))
+        .chain(["directive:__flush__".to_string()])
+        .collect();
+    expected.sort();
+    assert_eq!(markers, expected);
+
     let _: () = conn.set(&key, "old text").unwrap();
     let _: i64 = conn
         .publish(format!("ibex:directive:updates:{agent}"), "")
@@ -294,13 +306,13 @@ async fn tombstone_mode_writes_tombstones_and_the_flush_marker() {
     let ttl: i64 = conn.ttl(&key).unwrap();
     assert!((1..=10).contains(&ttl), "tombstone ttl {ttl}");
 
-    // A flush sweeps keys and tombstones but keeps (re-arms) the marker.
+    // A flush sweeps keys and tombstones but keeps (re-arms) the markers.
     let other = format!("directive:{}", Uuid::new_v4());
     let _: () = conn.set(&other, "x").unwrap();
     let _: i64 = conn.publish("ibex:directive:flush", "").unwrap();
     a.wait_for(FLUSH, 2).await;
     let mut left: Vec<String> = conn.keys("directive:*").unwrap();
     left.sort();
-    assert_eq!(left, vec!["directive:__flush__".to_string()]);
+    assert_eq!(left, expected);
     sub.stop().await;
 }

@@ -196,8 +196,16 @@ pub(super) fn plain_token(field: &str, value: &str) -> Result<String, ConfigErro
 }
 
 /// The key prefix becomes part of a URL path segment on the Redis front, so it must
-/// not need escaping there.
+/// not need escaping there; and a `{` in it must open a whole hash tag, so that an
+/// entry and its flush marker share a Redis Cluster slot
+/// ([`ibex_wire::is_cluster_safe_prefix`]).
 pub(super) fn key_prefix(field: &str, value: &str) -> Result<String, ConfigError> {
+    if !ibex_wire::is_cluster_safe_prefix(value) {
+        return Err(err(
+            field,
+            "a { must open a non-empty hash tag closed by } within the prefix",
+        ));
+    }
     let ok = value
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b":_-.{}".contains(&b));

@@ -168,10 +168,10 @@ fn cold_agent_goes_through_every_tier_and_is_cached_in_l1_and_l2() {
     assert_eq!(calls.len(), 3, "L2 get, L3 get, L2 write");
     assert_eq!(calls[0].1.cluster, "ibex_redis");
     assert_eq!(calls[1].1.cluster, "ibex_store");
-    assert!(calls[2]
-        .1
-        .path
-        .ends_with(&format!("/2/directive:{AGENT}/directive:__flush__/60")));
+    assert!(calls[2].1.path.ends_with(&format!(
+        "/2/directive:{AGENT}/{}/60",
+        ibex_wire::flush_marker_for("directive:", &format!("directive:{AGENT}"))
+    )));
     assert_eq!(
         calls[2].1.body.as_ref().map(|b| b.expose().as_slice()),
         Some(&b"Be \"terse\"."[..])
@@ -269,9 +269,10 @@ fn agent_without_directive_is_untouched_and_cached_negatively() {
     on_root_tick(&w.ctx(ROOT));
     let (_, write) = w.host.last_callout();
     assert_eq!(write.method, "GET");
-    assert!(write
-        .path
-        .ends_with(&format!("/2/directive:{AGENT}/directive:__flush__/10/")));
+    assert!(write.path.ends_with(&format!(
+        "/2/directive:{AGENT}/{}/10/",
+        ibex_wire::flush_marker_for("directive:", &format!("directive:{AGENT}"))
+    )));
     assert_eq!(w.host.counter(Counter::NoDirective), 1);
 
     let w2 = W::new(&shared, config(""));
@@ -1252,7 +1253,11 @@ mod api_key {
             .filter(|p| p.starts_with("/EVAL/") && p.contains("__flush__"))
             .collect();
         assert_eq!(writes.len(), 2, "both answers written back: {writes:?}");
-        assert!(writes[0].ends_with(&format!("/2/agent_key:{}/agent_key:__flush__/60", hex())));
+        assert!(writes[0].ends_with(&format!(
+            "/2/agent_key:{}/{}/60",
+            hex(),
+            ibex_wire::flush_marker_for("agent_key:", &format!("agent_key:{}", hex()))
+        )));
         for c in [
             Counter::KeyL1Miss,
             Counter::KeyL2Miss,
@@ -1482,7 +1487,9 @@ mod api_key {
             .borrow()
             .iter()
             .filter(|(_, c)| {
-                c.path.starts_with("/EVAL/") && c.path.ends_with("/agent_key:__flush__/10/")
+                c.path.starts_with("/EVAL/")
+                    && c.path.contains("/agent_key:__flush__{")
+                    && c.path.ends_with("}/10/")
             })
             .count();
         assert_eq!(negative_writes, 50);

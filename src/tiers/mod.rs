@@ -13,8 +13,11 @@
 //!   written by the subscriber when the directive changed; Postgres text can never
 //!   contain NUL, so no directive is mistaken for one. A tombstone reads as "no key".
 //! - L2 writes never overwrite: an `EVAL` sets the key (with its TTL) only if
-//!   neither the key nor the flush marker ([`ibex_wire::flush_marker_key`], set by
-//!   the subscriber for a while after "invalidate all") exists. A fill that read the old
+//!   neither the key nor the flush marker of its hash slot
+//!   ([`ibex_wire::flush_marker_for`], set in every slot by the subscriber for a
+//!   while after "invalidate all") exists. Both keys are in one slot, so the
+//!   script runs on a Redis Cluster too (no `CROSSSLOT`); every other L2 command
+//!   names one key. A fill that read the old
 //!   directive before an invalidation therefore cannot put it back into Redis after
 //!   the subscriber's tombstone. The value travels as the PUT body (Webdis's last
 //!   argument); the empty string cannot, so it is sent as a trailing `/` instead.
@@ -194,7 +197,8 @@ pub fn redis_set(
     ttl_seconds: u64,
 ) -> Callout {
     let key = redis_key_path(config, agent);
-    let marker = ibex_wire::flush_marker_key(&config.redis.key_prefix);
+    // The marker of the key's own slot: one script touches one Redis Cluster slot.
+    let marker = ibex_wire::flush_marker_for(&config.redis.key_prefix, &key);
     // With its version, so an L2 hit elsewhere can name it too (audit trail).
     let value = directive.map(|(text, version)| match version {
         Version::Unknown => text.to_string(),
@@ -270,13 +274,9 @@ pub fn redis_set_key(
 ) -> Callout {
     let mut buf = [0u8; AGENT_ID_LEN];
     let value = agent.map(|a| a.encode(&mut buf));
-    conditional_set(
-        config,
-        &ibex_wire::agent_key_redis_key(&key.hex()),
-        &ibex_wire::flush_marker_key(ibex_wire::AGENT_KEY_PREFIX),
-        value,
-        ttl_seconds,
-    )
+    let entry = ibex_wire::agent_key_redis_key(&key.hex());
+    let marker = ibex_wire::flush_marker_for(ibex_wire::AGENT_KEY_PREFIX, &entry);
+    conditional_set(config, &entry, &marker, value, ttl_seconds)
 }
 
 /// Reads an L2 answer for a gateway key ([`redis_get_key`]) and how long Redis keeps
@@ -674,17 +674,24 @@ mod tests {
             )
         );
         let w = redis_set(&cfg(), &agent(), Some(("Be terse.", Version::Unknown)), 60);
-        let tail = "/2/directive:6f1c1a3e-5b7d-4c2a-9e0f-123456789abc/directive:__flush__/60";
+        let key = "directive:6f1c1a3e-5b7d-4c2a-9e0f-123456789abc";
+        let marker = ibex_wire::flush_marker_for("directive:", key);
+        // The marker of the key's own slot, so the script is cluster-safe.
+        assert_eq!(
+            ibex_wire::key_slot(marker.as_bytes()),
+            ibex_wire::key_slot(key.as_bytes())
+        );
+        let tail = format!("/2/{key}/{marker}/60");
         assert_eq!(w.method, "PUT");
         assert!(w.path.starts_with("/EVAL/if%20redis.call"), "{}", w.path);
-        assert!(w.path.ends_with(tail), "{}", w.path);
+        assert!(w.path.ends_with(&tail), "{}", w.path);
         assert_eq!(
             w.body.as_ref().map(|b| b.expose().as_slice()),
             Some(&b"Be terse."[..])
         );
         let n = redis_set(&cfg(), &agent(), None, 10);
         assert_eq!((n.method, n.body), ("GET", None));
-        assert!(n.path.ends_with("/directive:__flush__/10/"), "{}", n.path);
+        assert!(n.path.ends_with(&format!("/{marker}/10/")), "{}", n.path);
         assert!(!format!("{w:?}").contains("terse"));
     }
 
@@ -1228,18 +1235,17 @@ mod tests {
                 (c.cluster.as_str(), c.path),
                 ("ibex_store", format!("/v1/keys/{hex}"))
             );
+            let marker = ibex_wire::flush_marker_for("agent_key:", &format!("agent_key:{hex}"));
             let w = redis_set_key(&cfg(), &key(), Some(&agent()), 60);
             assert_eq!(w.method, "PUT");
-            assert!(w
-                .path
-                .ends_with(&format!("/2/agent_key:{hex}/agent_key:__flush__/60")));
+            assert!(w.path.ends_with(&format!("/2/agent_key:{hex}/{marker}/60")));
             assert_eq!(
                 w.body.as_ref().map(|b| b.expose().as_slice()),
                 Some(&b"6f1c1a3e-5b7d-4c2a-9e0f-123456789abc"[..])
             );
             let n = redis_set_key(&cfg(), &key(), None, 10);
             assert_eq!((n.method, n.body), ("GET", None));
-            assert!(n.path.ends_with("/agent_key:__flush__/10/"));
+            assert!(n.path.ends_with(&format!("/{marker}/10/")));
         }
 
         #[test]
@@ -1435,7 +1441,7 @@ mod tests {
                 assert!(!format!("{c:?}").contains("tok\""), "token in Debug: {c:?}");
             }
             let dkey = format!("directive:{id}");
-            let marker = "directive:__flush__";
+            let marker = ibex_wire::flush_marker_for("directive:", &dkey);
             assert_eq!(
                 body_of(&calls[0]),
                 ["EVAL", ibex_wire::GET_SCRIPT, "1", dkey.as_str()]
@@ -1447,7 +1453,7 @@ mod tests {
                     ibex_wire::SET_IF_ABSENT_SCRIPT,
                     "2",
                     &dkey,
-                    marker,
+                    &marker,
                     "60",
                     "Be \"terse\".\r\n"
                 ]
@@ -1460,7 +1466,12 @@ mod tests {
             );
             assert_eq!(
                 body_of(&calls[4])[3..],
-                [kkey.as_str(), "agent_key:__flush__", "60", id]
+                [
+                    kkey.as_str(),
+                    &ibex_wire::flush_marker_for("agent_key:", &kkey),
+                    "60",
+                    id
+                ]
             );
             assert_eq!(body_of(&calls[5])[6], "");
             assert!(!format!("{:?}", calls[1]).contains("terse"));

@@ -4,8 +4,9 @@
 //!
 //! - Redis: the key of an agent's directive ([`DEFAULT_KEY_PREFIX`], [`redis_key`]),
 //!   the tombstone value the subscriber writes over a changed key ([`TOMBSTONE`]) and
-//!   the flush marker that blocks write-backs after "invalidate all"
-//!   ([`FLUSH_MARKER_SUFFIX`]).
+//!   the per-slot flush markers that block write-backs after "invalidate all"
+//!   ([`flush_marker_for`], [`flush_marker_key`]), and the Redis Cluster hash slots
+//!   they rest on ([`key_slot`], [`crc16`], module `slot`).
 //! - The two Lua scripts the filter runs through `EVAL` ([`FILTER_SCRIPTS`]), which
 //!   the REST front allows by default.
 //! - Pub/sub: the update and flush channels ([`UPDATES_CHANNEL_PREFIX`],
@@ -32,9 +33,14 @@
 
 mod envelope;
 mod redacted;
+mod slot;
 
 pub use envelope::error_envelope;
 pub use redacted::{Redacted, SecretLen};
+pub use slot::{
+    crc16, flush_marker_for, flush_marker_key, hashed_part, is_cluster_safe_prefix,
+    is_flush_marker, key_slot, slot_tag, FLUSH_MARKER_SUFFIX, SLOTS, TAG_LEN,
+};
 
 use std::fmt::Display;
 
@@ -42,8 +48,9 @@ use std::fmt::Display;
 
 /// The filter's conditional write-back: `KEYS[1]` (the entry) is set to `ARGV[2]`
 /// with `EX ARGV[1]` only if neither it (a value or a tombstone) nor `KEYS[2]` (the
-/// flush marker) exists; returns 1 when written, 0 when not. The REST front runs no
-/// other write script unless told to.
+/// flush marker of the entry's slot, [`flush_marker_for`], so both keys share a
+/// Redis Cluster slot) exists; returns 1 when written, 0 when not. The REST front
+/// runs no other write script unless told to.
 pub const SET_IF_ABSENT_SCRIPT: &str = "if redis.call('EXISTS',KEYS[1],KEYS[2])==0 then redis.call('SET',KEYS[1],ARGV[2],'EX',ARGV[1]) return 1 end return 0";
 
 /// The filter's read of a gateway key's entry: nil when `KEYS[1]` does not exist,
@@ -70,16 +77,6 @@ pub const DEFAULT_KEY_PREFIX: &str = "directive:";
 /// lower-case hyphenated UUID form).
 pub fn redis_key(prefix: &str, agent_id: impl Display) -> String {
     format!("{prefix}{agent_id}")
-}
-
-/// Suffix of the flush marker key, `{prefix}__flush__`. The subscriber sets it for a
-/// while after "invalidate all"; while it exists the filter's conditional write-back
-/// writes nothing, so a fill that read old text cannot put it back into Redis.
-pub const FLUSH_MARKER_SUFFIX: &str = "__flush__";
-
-/// The flush marker key for `prefix`: `{prefix}__flush__`.
-pub fn flush_marker_key(prefix: &str) -> String {
-    format!("{prefix}{FLUSH_MARKER_SUFFIX}")
 }
 
 /// Value of a Redis tombstone, written by the subscriber over the key of an agent
@@ -317,9 +314,9 @@ pub fn parse_key_sha256_hex(s: &str) -> Option<[u8; 32]> {
 /// the directive's `redis.key_prefix`). The value is the agent id (lower-case
 /// hyphenated UUID), the empty string for "no such key, or revoked" (kept for the
 /// negative TTL), or a [`TOMBSTONE`] the subscriber wrote after a revocation.
-/// Every such key is written with a TTL. The flush marker of these entries is
-/// [`flush_marker_key`]`(AGENT_KEY_PREFIX)`, `agent_key:__flush__` (never a valid
-/// hash, so it cannot collide with an entry).
+/// Every such key is written with a TTL. The flush markers of these entries are
+/// [`flush_marker_key`]`(AGENT_KEY_PREFIX, slot)`, `agent_key:__flush__{<tag>}`
+/// (never a valid hash, so they cannot collide with an entry).
 pub const AGENT_KEY_PREFIX: &str = "agent_key:";
 
 /// The Redis key of one key's entry: `agent_key:{sha256hex}`.
@@ -428,8 +425,8 @@ mod tests {
             redis_key(DEFAULT_KEY_PREFIX, AGENT),
             "directive:6f1c1a3e-5b7d-4c2a-9e0f-123456789abc"
         );
-        assert_eq!(flush_marker_key(DEFAULT_KEY_PREFIX), "directive:__flush__");
-        assert_eq!(flush_marker_key("d:"), "d:__flush__");
+        assert!(flush_marker_key(DEFAULT_KEY_PREFIX, 0).starts_with("directive:__flush__{"));
+        assert!(flush_marker_key("d:", 1).starts_with("d:__flush__{"));
     }
 
     #[test]
@@ -516,7 +513,7 @@ mod tests {
     #[test]
     fn key_names() {
         assert_eq!(agent_key_redis_key(HASH), format!("agent_key:{HASH}"));
-        assert_eq!(flush_marker_key(AGENT_KEY_PREFIX), "agent_key:__flush__");
+        assert!(flush_marker_key(AGENT_KEY_PREFIX, 7).starts_with("agent_key:__flush__{"));
         assert_eq!(
             key_updates_channel(HASH),
             format!("ibex:agent_key:updates:{HASH}")

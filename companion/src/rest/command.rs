@@ -100,7 +100,8 @@ impl Verb {
 pub enum Role {
     /// The filter's token (`--token`): `PING`, `GET` and `EVAL` of the filter's
     /// scripts, only on the filter's keys (`{key_prefix}…`, `agent_key:…`), and
-    /// the write script only with a TTL in range. A leaked filter token can read
+    /// the write script only with a TTL in range and its entry's slot marker as
+    /// second key. A leaked filter token can read
     /// and fill the cache, not empty it or write outside it.
     Filter,
     /// The operators' token (`--admin-token`): the whole allowlist on any key
@@ -157,13 +158,26 @@ impl Policy {
             || key.starts_with(ibex_wire::AGENT_KEY_PREFIX.as_bytes())
     }
 
-    /// `{key_prefix}__flush__` or `agent_key:__flush__`: the subscriber's keys,
-    /// which the filter only ever names as the write script's second key.
+    /// `{key_prefix}__flush__…` or `agent_key:__flush__…`: the subscriber's
+    /// per-slot markers, which the filter only ever names as the write
+    /// script's second key.
     fn is_flush_marker(&self, key: &[u8]) -> bool {
-        let marker = ibex_wire::FLUSH_MARKER_SUFFIX.as_bytes();
         [self.key_prefix.as_str(), ibex_wire::AGENT_KEY_PREFIX]
             .iter()
-            .any(|p| key.strip_prefix(p.as_bytes()) == Some(marker))
+            .any(|p| ibex_wire::is_flush_marker(p, key))
+    }
+
+    /// True when `marker` is the flush marker of `entry`'s slot
+    /// ([`ibex_wire::flush_marker_for`]) under the prefix `entry` is in: the
+    /// one marker the filter sends beside that entry.
+    fn is_marker_of(&self, entry: &[u8], marker: &[u8]) -> bool {
+        let Ok(entry) = std::str::from_utf8(entry) else {
+            return false;
+        };
+        [self.key_prefix.as_str(), ibex_wire::AGENT_KEY_PREFIX]
+            .iter()
+            .filter(|p| entry.starts_with(*p))
+            .any(|p| ibex_wire::flush_marker_for(p, entry).as_bytes() == marker)
     }
 
     fn check_filter_key(&self, key: &[u8]) -> Result<(), Refusal> {
@@ -263,6 +277,10 @@ pub const FORBIDDEN_KEY: &str = "ERR key not allowed for this token: the filter'
 /// Refusal of the write script aimed at a flush marker with the filter's token.
 pub const FORBIDDEN_MARKER_WRITE: &str = "ERR key not allowed for this token: the filter \
      never writes a flush marker";
+/// Refusal of the write script whose second key is not its entry's flush
+/// marker, with the filter's token (another key would let it write past a flush).
+pub const FORBIDDEN_MARKER_MISMATCH: &str = "ERR key not allowed for this token: the write \
+     script's second key must be the flush marker of its entry's slot";
 /// Refusal of a `SET` without `EX`.
 pub const SET_NEEDS_EX: &str =
     "ERR SET needs EX seconds here (1 to 31536000): every key is written with a TTL";
@@ -407,6 +425,14 @@ fn parse_eval(mut args: Vec<Vec<u8>>, policy: &Policy) -> Result<Vec<Vec<u8>>, R
         // (a marker set for a year would keep every write-back out of Redis).
         if is_write && keys.first().is_some_and(|k| policy.is_flush_marker(k)) {
             return Err(Refusal::Forbidden(FORBIDDEN_MARKER_WRITE));
+        }
+        // ... and checks the marker of that entry's slot, nothing else: the one
+        // the subscriber sets on a flush, and in the entry's Redis Cluster slot.
+        if is_write {
+            match keys {
+                [entry, marker] if policy.is_marker_of(entry, marker) => {}
+                _ => return Err(Refusal::Forbidden(FORBIDDEN_MARKER_MISMATCH)),
+            }
         }
     }
     if is_write {
@@ -772,7 +798,9 @@ mod tests {
 
     const WRITE: &str = ibex_wire::SET_IF_ABSENT_SCRIPT;
     const ENTRY: &str = "directive:6f1c2a3b-0000-4000-8000-000000000001";
-    const MARKER: &str = "directive:__flush__";
+    /// The flush marker of ENTRY's slot: the one the filter sends beside it.
+    static MARKER: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| ibex_wire::flush_marker_for("directive:", ENTRY));
 
     #[test]
     fn names_are_case_insensitive_and_the_allowlist_is_closed() {
@@ -910,7 +938,10 @@ mod tests {
             }
         }
         // The write-back exactly as the filter sends it (numbers as strings).
-        let c = ok_as(&f, &["EVAL", WRITE, "2", ENTRY, MARKER, "60", "text"]);
+        let c = ok_as(
+            &f,
+            &["EVAL", WRITE, "2", ENTRY, MARKER.as_str(), "60", "text"],
+        );
         assert_eq!(c.args()[4], b"60".to_vec());
         ok_as(
             &f,
@@ -919,7 +950,7 @@ mod tests {
                 WRITE,
                 "2",
                 &key_entry,
-                "agent_key:__flush__",
+                &ibex_wire::flush_marker_for("agent_key:", &key_entry),
                 "31536000",
                 "agent",
             ],
@@ -941,7 +972,7 @@ mod tests {
             &["SET", ENTRY, "v"],
             &["SET"],
             &["DEL", ENTRY],
-            &["DEL", MARKER],
+            &["DEL", MARKER.as_str()],
             &["del"],
         ] {
             assert_eq!(forbidden_as(&f, parts), FORBIDDEN_FOR_FILTER, "{parts:?}");
@@ -959,11 +990,35 @@ mod tests {
             FORBIDDEN_KEY
         );
         assert_eq!(
-            forbidden_as(&f, &["EVAL", WRITE, "2", "other", MARKER, "60", "v"]),
+            forbidden_as(
+                &f,
+                &["EVAL", WRITE, "2", "other", MARKER.as_str(), "60", "v"]
+            ),
             FORBIDDEN_KEY
         );
+        // The second key is the marker of the entry's slot, no other: not the
+        // old single marker, not another slot's, not the other prefix's.
+        let other_entry = "directive:6f1c2a3b-0000-4000-8000-000000000002";
+        let other_slot = ibex_wire::flush_marker_for("directive:", other_entry);
+        assert_ne!(other_slot, *MARKER);
+        for wrong in [
+            "directive:__flush__",
+            other_slot.as_str(),
+            &ibex_wire::flush_marker_for("agent_key:", ENTRY),
+            other_entry,
+        ] {
+            assert_eq!(
+                forbidden_as(&f, &["EVAL", WRITE, "2", ENTRY, wrong, "60", "v"]),
+                FORBIDDEN_MARKER_MISMATCH,
+                "{wrong}"
+            );
+        }
+        assert_eq!(
+            forbidden_as(&f, &["EVAL", WRITE, "1", ENTRY, "60", "v"]),
+            FORBIDDEN_MARKER_MISMATCH
+        );
         // The filter never writes a marker.
-        for marker in [MARKER, "agent_key:__flush__"] {
+        for marker in [MARKER.as_str(), "agent_key:__flush__"] {
             assert_eq!(
                 forbidden_as(&f, &["EVAL", WRITE, "2", marker, ENTRY, "60", "1"]),
                 FORBIDDEN_MARKER_WRITE
@@ -982,19 +1037,22 @@ mod tests {
         for p in [filter(), admin()] {
             for ttl in ["0", "31536001", "99999999999", "-1", "1.5", "", "x", " 60"] {
                 assert_eq!(
-                    bad_as(&p, &["EVAL", WRITE, "2", ENTRY, MARKER, ttl, "v"]),
+                    bad_as(&p, &["EVAL", WRITE, "2", ENTRY, MARKER.as_str(), ttl, "v"]),
                     WRITE_TTL_RANGE,
                     "{:?} {ttl:?}",
                     p.role
                 );
             }
             assert_eq!(
-                bad_as(&p, &["EVAL", WRITE, "2", ENTRY, MARKER]),
+                bad_as(&p, &["EVAL", WRITE, "2", ENTRY, MARKER.as_str()]),
                 WRITE_TTL_RANGE
             );
-            let c = ok_as(&p, &["EVAL", WRITE, "2", ENTRY, MARKER, "007", "v"]);
+            let c = ok_as(
+                &p,
+                &["EVAL", WRITE, "2", ENTRY, MARKER.as_str(), "007", "v"],
+            );
             assert_eq!(c.args()[4], b"7".to_vec(), "re-spelled canonically");
-            ok_as(&p, &["EVAL", WRITE, "2", ENTRY, MARKER, "1", "v"]);
+            ok_as(&p, &["EVAL", WRITE, "2", ENTRY, MARKER.as_str(), "1", "v"]);
         }
         // The read scripts have no TTL.
         ok_as(
@@ -1007,13 +1065,16 @@ mod tests {
     fn the_admin_token_runs_the_allowlist_on_any_key() {
         let a = admin();
         ok_as(&a, &["SET", "any:key", "v", "EX", "60"]);
-        ok_as(&a, &["DEL", MARKER, "any:key"]);
+        ok_as(&a, &["DEL", MARKER.as_str(), "any:key"]);
         ok_as(&a, &["GET", "any:key"]);
         ok_as(
             &a,
             &["EVAL", ibex_wire::GET_WITH_PTTL_SCRIPT, "1", "any:key"],
         );
-        ok_as(&a, &["EVAL", WRITE, "2", MARKER, "other", "60", "1"]);
+        ok_as(
+            &a,
+            &["EVAL", WRITE, "2", MARKER.as_str(), "other", "60", "1"],
+        );
     }
 
     #[test]

@@ -14,6 +14,15 @@
 //! [`STALE_AFTER_TIMEOUTS`] timeouts in a row, and a manager whose reconnect
 //! failed for a reason other than I/O (it would not retry) is replaced at once.
 //!
+//! On a Redis Cluster (`--redis-cluster`) the connection is redis-rs's cluster
+//! connection instead, which sends each command to the master of its key's slot
+//! (multi-key `DEL` split by slot), follows `MOVED`/`ASK` and reconnects by
+//! itself. A pipeline is then sent command by command, concurrently, its
+//! replies kept in order: a cluster pipeline must stay in one slot, an Upstash
+//! pipeline need not (it is no transaction either way). Error replies stay
+//! answers as on one server; cluster states (`CLUSTERDOWN`, a `MOVED` still
+//! unresolved after the client's retries) are a failed link.
+//!
 //! What it must never do: log or return a command's arguments or replies (it
 //! moves them only), or put Redis's connection error text into a client answer
 //! (the caller logs it; the client gets a fixed message).
@@ -22,8 +31,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, Pipeline, RedisError, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, Value};
 
 use crate::metrics::Counter;
 
@@ -43,11 +54,70 @@ pub enum LinkFailure {
     Connection(String),
 }
 
+/// Where the front's Redis is: one server, or a Redis Cluster.
+#[derive(Clone)]
+pub enum Backend {
+    /// One server (`--redis-url`).
+    Single(redis::Client),
+    /// A Redis Cluster (`--redis-cluster`, seeds in `--redis-url`).
+    Cluster(ClusterClient),
+}
+
+impl From<redis::Client> for Backend {
+    fn from(client: redis::Client) -> Self {
+        Backend::Single(client)
+    }
+}
+
+impl From<ClusterClient> for Backend {
+    fn from(client: ClusterClient) -> Self {
+        Backend::Cluster(client)
+    }
+}
+
+/// A connection of either kind; clones share it.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// The cluster connection hands error replies back as errors; the ones a
+/// command itself caused (`ERR …`, `WRONGTYPE`, `NOSCRIPT`, `CROSSSLOT` of an
+/// operator's script) become the answer they are on one server. The rest
+/// (`CLUSTERDOWN`, `MOVED` after the client's retries, I/O) stay failures.
+fn as_reply(e: RedisError) -> Result<Value, RedisError> {
+    let answer = matches!(
+        e.kind(),
+        ErrorKind::ResponseError
+            | ErrorKind::ExtensionError
+            | ErrorKind::NoScriptError
+            | ErrorKind::ExecAbortError
+            | ErrorKind::CrossSlot
+    );
+    let Some(code) = e.code().filter(|_| answer) else {
+        return Err(e);
+    };
+    // redis-rs exports no constructor of an error reply: read one back from its
+    // wire form (one line, as Redis sends it).
+    let mut line = format!("-{code}");
+    if let Some(detail) = e.detail() {
+        line.push(' ');
+        line.extend(
+            detail
+                .chars()
+                .map(|c| if c == '\r' || c == '\n' { ' ' } else { c }),
+        );
+    }
+    line.push_str("\r\n");
+    redis::parse_redis_value(line.as_bytes()).or(Err(e))
+}
+
 /// The shared connection and how it is made.
 pub struct RedisLink {
-    client: redis::Client,
+    client: Backend,
     timeout: Duration,
-    current: Mutex<Option<ConnectionManager>>,
+    current: Mutex<Option<Conn>>,
     /// Held while a manager is being made, so a burst of requests during an
     /// outage makes one connection attempt at a time, not one each.
     connecting: tokio::sync::Mutex<()>,
@@ -66,9 +136,9 @@ impl std::fmt::Debug for RedisLink {
 impl RedisLink {
     /// A link over `client` whose every command (connecting included) must
     /// answer within `timeout`. Does not connect yet.
-    pub fn new(client: redis::Client, timeout: Duration) -> Self {
+    pub fn new(client: impl Into<Backend>, timeout: Duration) -> Self {
         Self {
-            client,
+            client: client.into(),
             timeout,
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
@@ -76,7 +146,7 @@ impl RedisLink {
         }
     }
 
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<ConnectionManager>> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Conn>> {
         // A panic while holding this lock cannot leave the Option half-written.
         self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -91,7 +161,7 @@ impl RedisLink {
             .set_number_of_retries(0)
     }
 
-    async fn manager(&self) -> Result<ConnectionManager, RedisError> {
+    async fn manager(&self) -> Result<Conn, RedisError> {
         if let Some(m) = self.slot().clone() {
             return Ok(m);
         }
@@ -99,7 +169,12 @@ impl RedisLink {
         if let Some(m) = self.slot().clone() {
             return Ok(m);
         }
-        let m = ConnectionManager::new_with_config(self.client.clone(), self.config()).await?;
+        let m = match &self.client {
+            Backend::Single(client) => Conn::Single(
+                ConnectionManager::new_with_config(client.clone(), self.config()).await?,
+            ),
+            Backend::Cluster(client) => Conn::Cluster(client.get_async_connection().await?),
+        };
         *self.slot() = Some(m.clone());
         Ok(m)
     }
@@ -143,10 +218,12 @@ impl RedisLink {
     /// ([`Value::ServerError`]), which is an answer, not a failure.
     pub async fn query(&self, cmd: &Cmd, resets: &Counter) -> Result<Value, LinkFailure> {
         self.bounded(resets, async {
-            let mut m = self.manager().await?;
-            match m.send_packed_command(cmd).await {
-                Err(e) if e.is_connection_refusal() => m.send_packed_command(cmd).await,
-                r => r,
+            match self.manager().await? {
+                Conn::Single(mut m) => match m.send_packed_command(cmd).await {
+                    Err(e) if e.is_connection_refusal() => m.send_packed_command(cmd).await,
+                    r => r,
+                },
+                Conn::Cluster(mut c) => c.req_packed_command(cmd).await.or_else(as_reply),
             }
         })
         .await
@@ -160,11 +237,26 @@ impl RedisLink {
         count: usize,
         resets: &Counter,
     ) -> Result<Vec<Value>, LinkFailure> {
+        if let Conn::Cluster(c) = self.bounded(resets, self.manager()).await? {
+            // One by one (concurrently): the commands may name keys of any slot.
+            let replies = futures_util::future::join_all(pipe.cmd_iter().take(count).map(|cmd| {
+                let mut c = c.clone();
+                self.bounded(resets, async move {
+                    c.req_packed_command(cmd).await.or_else(as_reply)
+                })
+            }))
+            .await;
+            return replies.into_iter().collect();
+        }
         self.bounded(resets, async {
-            let mut m = self.manager().await?;
-            match m.send_packed_commands(pipe, 0, count).await {
-                Err(e) if e.is_connection_refusal() => m.send_packed_commands(pipe, 0, count).await,
-                r => r,
+            match self.manager().await? {
+                Conn::Single(mut m) => match m.send_packed_commands(pipe, 0, count).await {
+                    Err(e) if e.is_connection_refusal() => {
+                        m.send_packed_commands(pipe, 0, count).await
+                    }
+                    r => r,
+                },
+                Conn::Cluster(mut c) => c.req_packed_commands(pipe, 0, count).await,
             }
         })
         .await

@@ -178,7 +178,8 @@ pub fn check_token(token: &str) -> crate::Result<()> {
 }
 
 impl RestState {
-    /// State over `client` (not connected yet: the first request or the
+    /// State over `client` (a [`redis::Client`], or a cluster's
+    /// [`redis::cluster::ClusterClient`]; not connected yet: the first request or the
     /// warm-up in [`run`] connects), with the filter's `token` and optionally
     /// the operators' `admin_token`, both checked with [`check_token_named`]
     /// and kept as digests only. Refused: the same text for both (the filter's
@@ -186,7 +187,7 @@ impl RestState {
     /// admin token (it has no one to apply to), an empty key prefix (it would
     /// put every key in the filter token's scope).
     pub fn new(
-        client: redis::Client,
+        client: impl Into<link::Backend>,
         token: &Redacted<String>,
         admin_token: Option<&Redacted<String>>,
         options: RestOptions,
@@ -207,6 +208,13 @@ impl RestState {
         if options.key_prefix.is_empty() {
             return Err(crate::Error::Config(
                 "the key prefix is empty: every key would be in the filter token's scope".into(),
+            ));
+        }
+        if !ibex_wire::is_cluster_safe_prefix(&options.key_prefix) {
+            return Err(crate::Error::Config(
+                "the key prefix has a { that opens no hash tag closed within it: entries \
+                 and their flush markers would lie in different Redis Cluster slots"
+                    .into(),
             ));
         }
         Ok(Self {

@@ -22,7 +22,7 @@
 
 use std::time::Duration;
 
-use ibex_wire::{flush_marker_key, read_directive_value, redis_key, DirectiveValue};
+use ibex_wire::{flush_marker_for, read_directive_value, redis_key, DirectiveValue};
 use redis::Value;
 use uuid::Uuid;
 
@@ -43,7 +43,6 @@ pub const DEFAULT_GUARD_TIMEOUT: Duration = Duration::from_millis(50);
 pub struct InvalidationGuard {
     link: RedisLink,
     key_prefix: String,
-    marker: String,
     resets: Counter,
 }
 
@@ -63,7 +62,6 @@ impl InvalidationGuard {
         Self {
             link: RedisLink::new(client, timeout),
             key_prefix: key_prefix.to_owned(),
-            marker: flush_marker_key(key_prefix),
             resets: Counter::default(),
         }
     }
@@ -71,11 +69,12 @@ impl InvalidationGuard {
     /// True when Redis holds neither `agent`'s tombstone nor the flush marker.
     /// Reads only; never logs a value.
     pub async fn clean(&self, agent: Uuid) -> bool {
+        // The flush marker of the entry's own slot (a flush sets one in every slot):
+        // both keys in one slot, so the pipeline is one node's on a cluster too.
+        let key = redis_key(&self.key_prefix, agent);
+        let marker = flush_marker_for(&self.key_prefix, &key);
         let mut pipe = redis::pipe();
-        pipe.cmd("GET")
-            .arg(redis_key(&self.key_prefix, agent))
-            .cmd("EXISTS")
-            .arg(&self.marker);
+        pipe.cmd("GET").arg(&key).cmd("EXISTS").arg(&marker);
         match self.link.query_pipeline(&pipe, 2, &self.resets).await {
             Ok(replies) => match replies.as_slice() {
                 [value, Value::Int(0)] => match value {

@@ -26,10 +26,11 @@ pub struct SubscribeConfig {
     pub(super) control_token: Option<Redacted<String>>,
     pub(super) key_prefix: String,
     /// `None`: invalidate Redis by `DEL`. `Some(ttl)`: write a tombstone
-    /// (`"\0"`, expiring after `ttl`) instead, and set the flush marker
-    /// `{prefix}__flush__` for `ttl` on a full flush, so that a filter
-    /// write-back already in flight cannot put old text back into Redis (the
-    /// filter writes only when neither the key nor the marker exists).
+    /// (`"\0"`, expiring after `ttl`) instead, and set the flush markers of
+    /// every slot (`{prefix}__flush__{<tag>}`) for `ttl` on a full flush, so
+    /// that a filter write-back already in flight cannot put old text back into
+    /// Redis (the filter writes only when neither the key nor its slot's marker
+    /// exists).
     pub tombstone_ttl: Option<Duration>,
     /// Retry policy for every Redis command and control POST.
     pub retry: RetryPolicy,
@@ -67,6 +68,14 @@ impl SubscribeConfig {
         key_prefix: impl Into<String>,
     ) -> Result<Self> {
         redis.client()?;
+        let key_prefix = key_prefix.into();
+        if !ibex_wire::is_cluster_safe_prefix(&key_prefix) {
+            return Err(Error::Config(
+                "--key-prefix has a { that opens no hash tag closed within it: entries \
+                 and their flush markers would lie in different Redis Cluster slots"
+                    .into(),
+            ));
+        }
         let mut urls = Vec::new();
         for raw in control_urls {
             let raw = raw.trim();
@@ -79,7 +88,7 @@ impl SubscribeConfig {
             redis,
             control_urls: urls,
             control_token: control_token.filter(|t| !t.is_empty()).map(Redacted::new),
-            key_prefix: key_prefix.into(),
+            key_prefix,
             tombstone_ttl: Some(DEFAULT_TOMBSTONE_TTL),
             retry: RetryPolicy::default(),
             request_timeout: Duration::from_secs(1),

@@ -7,8 +7,10 @@
 //! refill cannot read the old L2 entry, then POSTs
 //! `/ibex/v1/invalidate/{agent}` to every control URL. For
 //! `ibex:directive:flush`, and after every (re)connect to Redis — messages sent
-//! while disconnected are lost — it deletes every `{prefix}*` key and POSTs
-//! `/ibex/v1/invalidate` everywhere. Every target is retried with exponential
+//! while disconnected are lost — it sets the flush marker of every hash slot
+//! (tombstone mode), deletes every other `{prefix}*` key on every master and
+//! POSTs `/ibex/v1/invalidate` everywhere. One Redis or a Redis Cluster
+//! (`--redis-cluster`): no command names keys of two slots (`redis_ops`). Every target is retried with exponential
 //! backoff until a deadline, then counted as a failure.
 //!
 //! Gateway API keys (SPEC §3.1) go the same way: for
@@ -17,14 +19,14 @@
 //! `/ibex/v1/invalidate/key/{sha256hex}` everywhere; a control listener that
 //! answers that path 404 or 400 (a filter from before keys) gets one
 //! `/ibex/v1/invalidate` instead, with the same retries, and the key path is not
-//! retried. A flush also sweeps every `agent_key:*` key (the marker
-//! `agent_key:__flush__` spared, in tombstone mode). Only the key's SHA-256 is
+//! retried. A flush also sweeps every `agent_key:*` key (the markers
+//! `agent_key:__flush__{<tag>}` set and spared, in tombstone mode). Only the key's SHA-256 is
 //! ever seen here; it is logged at debug level at most.
 //!
 //! This file is the task: the loop that connects, `select!`s on messages, pings
 //! and shutdown, and turns each message into an invalidation. Its seams, one
 //! module each: `config` ([`SubscribeConfig`]), `metrics` ([`SubscribeMetrics`]),
-//! `redis_ops` (the subscription, tombstones, the flush marker, DEL), `control`
+//! `redis_ops` (the subscription, tombstones, the flush markers, DEL), `control`
 //! (the POSTs to every Envoy control listener), `retry` ([`RetryPolicy`] and the
 //! loop both of those use) and `endpoints` ([`app`]: health and metrics).
 //!
@@ -36,7 +38,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::MultiplexedConnection;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -58,7 +59,7 @@ mod retry;
 pub use config::{SubscribeConfig, DEFAULT_TOMBSTONE_TTL};
 pub use endpoints::app;
 pub use metrics::SubscribeMetrics;
-pub use redis_ops::glob_escape;
+pub use redis_ops::{glob_escape, Link};
 pub use retry::RetryPolicy;
 
 use control::ControlClient;
@@ -100,18 +101,29 @@ pub struct Subscriber {
     config: Arc<SubscribeConfig>,
     metrics: Arc<SubscribeMetrics>,
     control: ControlClient,
-    redis: redis::Client,
+    /// Where the subscription goes: the one server, or each seed of a
+    /// cluster in turn (a cluster broadcasts every `PUBLISH` to every node).
+    pubsub_clients: Arc<[redis::Client]>,
+    /// The routing client of a Redis Cluster, for invalidations.
+    cluster: Option<redis::cluster::ClusterClient>,
 }
 
 impl Subscriber {
     /// A subscriber for `config`.
     pub fn new(config: SubscribeConfig) -> Result<Self> {
-        let redis = config.redis.client()?;
+        let pubsub_clients = config.redis.seed_clients()?.into();
+        let timeout = link_timeout(&config);
+        let cluster = if config.redis.is_cluster() {
+            Some(config.redis.cluster_client(timeout)?)
+        } else {
+            None
+        };
         Ok(Self {
             control: ControlClient::new(&config),
             config: Arc::new(config),
             metrics: Arc::new(SubscribeMetrics::default()),
-            redis,
+            pubsub_clients,
+            cluster,
         })
     }
 
@@ -137,7 +149,7 @@ impl Subscriber {
 
     /// Invalidates one agent: Redis key first (DEL or tombstone), then every
     /// Envoy.
-    pub async fn invalidate_agent(&self, conn: MultiplexedConnection, agent_id: Uuid) {
+    pub async fn invalidate_agent(&self, conn: Link, agent_id: Uuid) {
         let started = Instant::now();
         let key = ibex_wire::redis_key(&self.config.key_prefix, agent_id);
         let tombstone_ttl = self.config.tombstone_ttl;
@@ -159,7 +171,7 @@ impl Subscriber {
     /// Invalidates one gateway API key: `agent_key:{sha256hex}` first (DEL or
     /// tombstone, exactly like a directive key), then every Envoy, on the key
     /// path (falling back to "invalidate all" where that path is unknown).
-    pub async fn invalidate_key(&self, conn: MultiplexedConnection, key: KeySha256) {
+    pub async fn invalidate_key(&self, conn: Link, key: KeySha256) {
         let started = Instant::now();
         let hex = key.hex();
         let redis_key = ibex_wire::agent_key_redis_key(&hex);
@@ -180,27 +192,19 @@ impl Subscriber {
     }
 
     /// Invalidates everything: every `{prefix}*` key and every `agent_key:*`
-    /// key, then every Envoy. In tombstone mode each flush marker is set first
-    /// (and spared), so no write-back lands between the sweep and the marker.
-    pub async fn flush_all(&self, conn: MultiplexedConnection) {
+    /// key, on every master, then every Envoy. In tombstone mode the flush
+    /// markers of every slot ([`ibex_wire::flush_marker_key`]) are set first
+    /// (and spared), so no write-back lands between the sweep and the markers.
+    pub async fn flush_all(&self, conn: Link) {
         let started = Instant::now();
         self.metrics.full_flushes.inc();
-        let pattern = format!("{}*", glob_escape(&self.config.key_prefix));
-        let marker = ibex_wire::flush_marker_key(&self.config.key_prefix);
-        let key_pattern = format!("{}*", glob_escape(ibex_wire::AGENT_KEY_PREFIX));
-        let key_marker = ibex_wire::flush_marker_key(ibex_wire::AGENT_KEY_PREFIX);
+        let prefixes = [self.config.key_prefix.as_str(), ibex_wire::AGENT_KEY_PREFIX];
         let tombstone_ttl = self.config.tombstone_ttl;
-        // One step (one count, one retry unit) for both sweeps; the directive
-        // sweep first, so a prefix that also matches `agent_key:` cannot delete
-        // the key marker after it was set.
+        // One step (one count, one retry unit) for both prefixes, master by
+        // master; markers of either prefix are spared by both sweeps, so a
+        // prefix that also matches `agent_key:` cannot delete the key markers.
         self.redis_step("redis SCAN+DEL", || {
-            let conn = conn.clone();
-            let (pattern, marker) = (&pattern, &marker);
-            let (key_pattern, key_marker) = (&key_pattern, &key_marker);
-            async move {
-                redis_ops::sweep(conn.clone(), pattern, marker, tombstone_ttl).await?;
-                redis_ops::sweep(conn, key_pattern, key_marker, tombstone_ttl).await
-            }
+            redis_ops::sweep(conn.clone(), &prefixes, tombstone_ttl)
         })
         .await;
         self.control
@@ -215,7 +219,7 @@ impl Subscriber {
     /// Bound of connecting to Redis and of each answer on the link (PINGs
     /// included): the control POST timeout, at least one second.
     fn link_timeout(&self) -> Duration {
-        self.config.request_timeout.max(Duration::from_secs(1))
+        link_timeout(&self.config)
     }
 
     /// The subscriber loop: connect, subscribe, flush all, handle messages;
@@ -224,15 +228,21 @@ impl Subscriber {
     pub async fn run_loop(&self, mut shutdown: watch::Receiver<bool>) {
         let mut first = true;
         let mut failures = 0u32;
+        let mut attempts = 0usize;
         loop {
+            // A failed attempt moves on to the next seed, so a cluster node that
+            // is down does not keep the subscriber away (never empty:
+            // `seed_clients` refuses a URL list without a node).
+            let seed = &self.pubsub_clients[attempts % self.pubsub_clients.len()];
             let connected = tokio::select! {
-                r = redis_ops::connect(&self.redis, self.link_timeout()) => r,
+                r = redis_ops::connect(seed, self.cluster.as_ref(), self.link_timeout()) => r,
                 _ = wait_shutdown(&mut shutdown) => return,
             };
             let (pubsub, conn) = match connected {
                 Ok(c) => c,
                 Err(e) => {
                     failures += 1;
+                    attempts = attempts.wrapping_add(1);
                     let delay = RetryPolicy {
                         initial: Duration::from_millis(50),
                         max: self.config.reconnect_max,
@@ -269,7 +279,7 @@ impl Subscriber {
     async fn session(
         &self,
         pubsub: redis::aio::PubSub,
-        conn: MultiplexedConnection,
+        conn: Link,
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
         let mut tasks = JoinSet::new();
@@ -321,13 +331,13 @@ impl Subscriber {
         true
     }
 
-    fn spawn_flush(&self, tasks: &mut JoinSet<()>, conn: &MultiplexedConnection) {
+    fn spawn_flush(&self, tasks: &mut JoinSet<()>, conn: &Link) {
         let this = self.clone();
         let conn = conn.clone();
         tasks.spawn(async move { this.flush_all(conn).await });
     }
 
-    fn dispatch(&self, channel: &str, tasks: &mut JoinSet<()>, conn: &MultiplexedConnection) {
+    fn dispatch(&self, channel: &str, tasks: &mut JoinSet<()>, conn: &Link) {
         let action = classify(channel);
         match action {
             Action::Agent(_) => self.metrics.messages_update.inc(),
@@ -370,6 +380,12 @@ impl Subscriber {
             Action::Ignore => {}
         }
     }
+}
+
+/// Bound of connecting to Redis and of each answer: the control POST timeout,
+/// at least one second.
+fn link_timeout(config: &SubscribeConfig) -> Duration {
+    config.request_timeout.max(Duration::from_secs(1))
 }
 
 /// Resolves once `rx` holds true or its sender is gone.
