@@ -414,6 +414,49 @@ fn scan_once<'a>(
     Ok(top)
 }
 
+/// The keys of one object, folded, to refuse a duplicate: compared one by one
+/// while there are few of them (most objects have a handful of keys, and a set
+/// would hash every one), hashed once there are more.
+struct Seen<'a> {
+    few: [Cow<'a, str>; FEW_KEYS],
+    len: usize,
+    many: HashSet<Cow<'a, str>>,
+}
+
+/// How many keys [`Seen`] compares one by one.
+const FEW_KEYS: usize = 16;
+
+impl Default for Seen<'_> {
+    fn default() -> Self {
+        const NONE: Cow<'static, str> = Cow::Borrowed("");
+        Seen {
+            few: [NONE; FEW_KEYS],
+            len: 0,
+            many: HashSet::new(),
+        }
+    }
+}
+
+impl<'a> Seen<'a> {
+    /// Adds `key`; false when it was there already.
+    fn insert(&mut self, key: Cow<'a, str>) -> bool {
+        if self.len < FEW_KEYS {
+            if self.few.iter().take(self.len).any(|k| *k == key) {
+                return false;
+            }
+            if let Some(slot) = self.few.get_mut(self.len) {
+                *slot = key;
+                self.len += 1;
+                return true;
+            }
+        }
+        if self.many.is_empty() {
+            self.many.extend(self.few.iter_mut().map(std::mem::take));
+        }
+        self.many.insert(key)
+    }
+}
+
 struct Scanner<'a> {
     b: &'a [u8],
     p: usize,
@@ -439,7 +482,7 @@ impl<'a> Scanner<'a> {
         let tally_at_open = self.tally;
         self.expect(b'{').map_err(BodyError::Malformed)?;
         let mut members: Vec<Member<'a>> = Vec::new();
-        let mut seen: HashSet<Cow<'a, str>> = HashSet::new();
+        let mut seen = Seen::default();
         self.ws();
         if self.peek() == Some(b'}') {
             self.p += 1;
@@ -1541,5 +1584,38 @@ mod tests {
             scan(b"{\"a\":1,\"a\":\"\xc3\xa9\"}"),
             Err(BodyError::DuplicateKey("a".into()))
         );
+    }
+
+    #[test]
+    fn many_keys_are_compared_one_by_one_then_hashed_alike() {
+        let body = |keys: &[String]| {
+            let members: Vec<String> = keys.iter().map(|k| format!("\"{k}\":0")).collect();
+            format!("{{{}}}", members.join(","))
+        };
+        for n in [1, 2, FEW_KEYS - 1, FEW_KEYS, FEW_KEYS + 1, FEW_KEYS + 2, 40] {
+            let keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+            let all = body(&keys);
+            assert_eq!(scan(all.as_bytes()).unwrap().members.len(), n);
+            // A duplicate of every earlier key, in every position, also folded.
+            for later in 0..=n {
+                for earlier in 0..n {
+                    for spelled in [keys[earlier].clone(), keys[earlier].to_uppercase()] {
+                        let mut dup = keys.clone();
+                        dup.insert(later, spelled.clone());
+                        let expected = if later <= earlier {
+                            // The copy comes first: the original is the duplicate.
+                            keys[earlier].clone()
+                        } else {
+                            spelled
+                        };
+                        assert_eq!(
+                            scan(body(&dup).as_bytes()),
+                            Err(BodyError::DuplicateKey(expected)),
+                            "{n} keys, k{earlier} again at {later}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
