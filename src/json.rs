@@ -366,10 +366,26 @@ pub fn scan_with<'a>(
     shape: &'static Shape,
     counted: &'static [&'static str],
 ) -> Result<TopLevel<'a>, BodyError> {
-    let text = std::str::from_utf8(body).map_err(|_| BodyError::InvalidUtf8)?;
+    // UTF-8 is checked in the same pass: the grammar takes only ASCII outside
+    // strings, and the string scan validates every non-ASCII byte inside them, so an
+    // accepted body is valid UTF-8. A refused one is refused as invalid UTF-8 when
+    // it is not UTF-8, whatever the scan found first (as when UTF-8 was checked in a
+    // pass of its own before the grammar): refusals are the rare path.
+    scan_once(body, shape, counted).map_err(|e| match std::str::from_utf8(body) {
+        Ok(_) => e,
+        Err(_) => BodyError::InvalidUtf8,
+    })
+}
+
+/// [`scan_with`] but for the kind of a refusal: a body that is not UTF-8 may be
+/// refused as malformed (at the byte that is not UTF-8, or at an earlier error).
+fn scan_once<'a>(
+    body: &'a [u8],
+    shape: &'static Shape,
+    counted: &'static [&'static str],
+) -> Result<TopLevel<'a>, BodyError> {
     let mut s = Scanner {
-        b: text.as_bytes(),
-        text,
+        b: body,
         p: 0,
         counted,
         tally: Tally::default(),
@@ -398,9 +414,51 @@ pub fn scan_with<'a>(
     Ok(top)
 }
 
+/// The keys of one object, folded, to refuse a duplicate: compared one by one
+/// while there are few of them (most objects have a handful of keys, and a set
+/// would hash every one), hashed once there are more.
+struct Seen<'a> {
+    few: [Cow<'a, str>; FEW_KEYS],
+    len: usize,
+    many: HashSet<Cow<'a, str>>,
+}
+
+/// How many keys [`Seen`] compares one by one.
+const FEW_KEYS: usize = 16;
+
+impl Default for Seen<'_> {
+    fn default() -> Self {
+        const NONE: Cow<'static, str> = Cow::Borrowed("");
+        Seen {
+            few: [NONE; FEW_KEYS],
+            len: 0,
+            many: HashSet::new(),
+        }
+    }
+}
+
+impl<'a> Seen<'a> {
+    /// Adds `key`; false when it was there already.
+    fn insert(&mut self, key: Cow<'a, str>) -> bool {
+        if self.len < FEW_KEYS {
+            if self.few.iter().take(self.len).any(|k| *k == key) {
+                return false;
+            }
+            if let Some(slot) = self.few.get_mut(self.len) {
+                *slot = key;
+                self.len += 1;
+                return true;
+            }
+        }
+        if self.many.is_empty() {
+            self.many.extend(self.few.iter_mut().map(std::mem::take));
+        }
+        self.many.insert(key)
+    }
+}
+
 struct Scanner<'a> {
     b: &'a [u8],
-    text: &'a str,
     p: usize,
     /// Names whose keys are counted wherever they appear; empty on the fast path.
     counted: &'static [&'static str],
@@ -424,7 +482,7 @@ impl<'a> Scanner<'a> {
         let tally_at_open = self.tally;
         self.expect(b'{').map_err(BodyError::Malformed)?;
         let mut members: Vec<Member<'a>> = Vec::new();
-        let mut seen: HashSet<Cow<'a, str>> = HashSet::new();
+        let mut seen = Seen::default();
         self.ws();
         if self.peek() == Some(b'}') {
             self.p += 1;
@@ -700,31 +758,44 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    /// Skips a string, validating escapes. Returns whether it contained any.
-    fn string(&mut self) -> Result<bool, At> {
+    /// Skips a string, validating escapes, control bytes and UTF-8. Offsets of
+    /// errors are those of the first offending byte (of an unfinished escape at the
+    /// end of the body: its last byte; of an unfinished string: the body's length);
+    /// an error at a byte that is not UTF-8 becomes [`BodyError::InvalidUtf8`] in
+    /// [`scan_with`].
+    ///
+    /// Plain text is skipped sixteen bytes at a time ([`after_plain`]); the byte
+    /// that ends it is handled as a byte-by-byte scan would, and the scan goes on
+    /// after it.
+    fn string(&mut self) -> Result<(), At> {
         self.expect(b'"')?;
-        let mut escaped = false;
+        let b = self.b;
+        // The bytes after the ones read so far; offsets are computed back from it.
+        let mut rest = b.get(self.p..).unwrap_or_default();
+        let at = |rest: &[u8]| b.len() - rest.len();
         loop {
-            match self.next() {
-                None => return Err(self.p),
-                Some(b'"') => return Ok(escaped),
-                Some(b'\\') => {
-                    escaped = true;
-                    match self.next() {
-                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {}
-                        Some(b'u') => {
-                            for _ in 0..4 {
-                                match self.next() {
-                                    Some(c) if c.is_ascii_hexdigit() => {}
-                                    _ => return Err(self.p.saturating_sub(1)),
-                                }
-                            }
+            rest = after_plain(rest);
+            let Some((&c, tail)) = rest.split_first() else {
+                // The body ends inside the string.
+                return Err(b.len());
+            };
+            match c {
+                b'"' => {
+                    self.p = at(tail);
+                    return Ok(());
+                }
+                b'\\' => rest = after_escape(rest).map_err(|e| at(rest) + e)?,
+                0x80..=0xff => {
+                    // Non-ASCII text comes in runs (CJK, emoji): read on.
+                    loop {
+                        rest = after_utf8(rest).ok_or(at(rest))?;
+                        if !matches!(rest.first(), Some(0x80..=0xff)) {
+                            break;
                         }
-                        _ => return Err(self.p.saturating_sub(1)),
                     }
                 }
-                Some(0x00..=0x1f) => return Err(self.p - 1),
-                Some(_) => {}
+                // A control byte.
+                _ => return Err(at(rest)),
             }
         }
     }
@@ -732,13 +803,193 @@ impl<'a> Scanner<'a> {
     /// A top-level key, decoded (borrowed when it has no escapes).
     fn string_key(&mut self) -> Result<Cow<'a, str>, At> {
         let start = self.p;
-        let escaped = self.string()?;
-        let inner = &self.text[start + 1..self.p - 1];
-        if !escaped {
+        self.string()?;
+        let b: &'a [u8] = self.b;
+        // UTF-8 already, as the string scan validated it: the check cannot fail.
+        let inner = b
+            .get(start + 1..self.p - 1)
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .ok_or(start)?;
+        if !inner.contains('\\') {
             return Ok(Cow::Borrowed(inner));
         }
         Ok(Cow::Owned(decode_escapes(inner)))
     }
+}
+
+/// One in each byte of a word.
+const ONES: u64 = u64::from_le_bytes([1; 8]);
+/// The high bit of each byte of a word.
+const HIGH: u64 = ONES * 0x80;
+
+/// Whether `c` ends a run of plain string text: `"`, `\`, a control byte (< 0x20) or
+/// a non-ASCII byte (≥ 0x80). What [`stops`] flags.
+#[inline(always)]
+fn is_stop(c: u8) -> bool {
+    c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c)
+}
+
+/// The bytes of `w` (eight body bytes, little-endian) that end a run of plain
+/// string text ([`is_stop`]) have their high bit set in the result, no other bit
+/// is, and the result is 0 exactly when there is none. Exact for the lowest such
+/// byte, not above it: a byte above may be flagged without being one.
+///
+/// Three terms, each on every byte at once. `x ^ 0x02` is below 0x21 exactly when
+/// `x` is a control byte (xor 2 permutes 0x00..=0x1f) or `"` (0x22 ^ 2 = 0x20),
+/// and subtracting 0x21 then sets the high bit; `x ^ b'\\'` is 0 exactly for `\`,
+/// and subtracting 1 sets it; the last term is the high bits themselves. A byte
+/// that is none of these is in 0x20..=0x7f: its first two terms are then
+/// 0..=0x5e and 0..=0x7e, high bit clear. A subtraction borrows out of a byte
+/// only where that byte underflowed, which is where it is one of the flagged
+/// kinds; so below the lowest flagged byte nothing borrowed, and every byte there
+/// is read as it is.
+#[inline(always)]
+fn stops(w: u64) -> u64 {
+    stops_unmasked(w) & HIGH
+}
+
+/// [`stops`] before its mask: its high bits are those of [`stops`], the others noise.
+#[inline(always)]
+fn stops_unmasked(w: u64) -> u64 {
+    let control_or_quote = (w ^ (ONES * 0x02)).wrapping_sub(ONES * 0x21);
+    let backslash = (w ^ (ONES * u64::from(b'\\'))).wrapping_sub(ONES);
+    control_or_quote | backslash | w
+}
+
+/// `s` from its first byte that ends a run of plain string text ([`is_stop`]) on,
+/// empty when it has none: sixteen bytes at a time (two words), then the last ones
+/// one by one.
+#[inline(always)]
+fn after_plain(mut s: &[u8]) -> &[u8] {
+    while let Some((pair, tail)) = s.split_first_chunk::<16>() {
+        let (lo, hi) = pair.split_at(8);
+        let (lo, hi) = (word(lo), word(hi));
+        if (stops_unmasked(lo) | stops_unmasked(hi)) & HIGH != 0 {
+            let m = stops(lo);
+            let at = if m != 0 {
+                first_flagged(m)
+            } else {
+                8 + first_flagged(stops(hi))
+            };
+            return s.get(at..).unwrap_or_default();
+        }
+        s = tail;
+    }
+    let plain = s.iter().position(|&c| is_stop(c)).unwrap_or(s.len());
+    s.get(plain..).unwrap_or_default()
+}
+
+/// Eight bytes, little-endian (from a slice of eight, as [`after_plain`] cuts them;
+/// a shorter one would be padded with spaces, which cannot happen).
+#[inline(always)]
+fn word(bytes: &[u8]) -> u64 {
+    let mut w = [b' '; 8];
+    for (to, from) in w.iter_mut().zip(bytes) {
+        *to = *from;
+    }
+    u64::from_le_bytes(w)
+}
+
+/// The index of the lowest byte whose high bit is set in `m` (not 0).
+#[inline(always)]
+fn first_flagged(m: u64) -> usize {
+    (m.trailing_zeros() / 8) as usize
+}
+
+/// `s` (starting with a `\`) after its escape, or the offset in `s` of the first
+/// offending byte (the last byte of `s` when it ends inside the escape).
+#[inline(always)]
+fn after_escape(s: &[u8]) -> Result<&[u8], usize> {
+    let Some(&c) = s.get(1) else {
+        return Err(0);
+    };
+    if SIMPLE_ESCAPES[usize::from(c)] {
+        return Ok(s.get(2..).unwrap_or_default());
+    }
+    if c != b'u' {
+        return Err(1);
+    }
+    for i in 2..6 {
+        match s.get(i) {
+            Some(c) if c.is_ascii_hexdigit() => {}
+            Some(_) => return Err(i),
+            None => return Err(i - 1),
+        }
+    }
+    Ok(s.get(6..).unwrap_or_default())
+}
+
+/// The bytes that make a two-byte escape after `\` (RFC 8259 §7), by value.
+static SIMPLE_ESCAPES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    let simple = b"\"\\/bfnrt";
+    while i < simple.len() {
+        t[simple[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
+/// `s` after the UTF-8 encoded character it starts with (a byte ≥ 0x80), or None
+/// when the bytes there are not UTF-8: a continuation byte first, an overlong form
+/// (C0, C1, E0 then under A0, F0 then under 90), a surrogate (ED then A0..), past
+/// U+10FFFF (F4 then 90.., F5..FF), or a sequence cut short. The bytes
+/// `std::str::from_utf8` accepts (Unicode's table 3-7).
+///
+/// Reads the first four bytes as one word, checks the marker bits of the sequence
+/// its lead announces and the range of the code point it encodes: a form too long
+/// encodes a code point the shorter one could, a surrogate is D800..DFFF. Within
+/// four bytes of the end, byte by byte ([`utf8_len_bytewise`]).
+#[inline(always)]
+fn after_utf8(s: &[u8]) -> Option<&[u8]> {
+    let Some(four) = s.first_chunk::<4>() else {
+        return s.get(utf8_len_bytewise(s)?..);
+    };
+    let w = u32::from_le_bytes(*four);
+    let lead = w & 0xff;
+    let len = if lead < 0xe0 {
+        // 110xxxxx 10xxxxxx; C0 and C1 would encode below 0x80.
+        if w & 0xc0e0 != 0x80c0 || lead < 0xc2 {
+            return None;
+        }
+        2
+    } else if lead < 0xf0 {
+        // 1110xxxx 10xxxxxx 10xxxxxx. The code point's top five bits (the lead's
+        // four, the second byte's 0x20) tell both faults: 0 is below 0x800 (a form
+        // too long), 0x1b is D800..DFFF (a surrogate).
+        let top = (w & 0x0f) << 1 | (w >> 13 & 1);
+        if w & 0x00c0_c0f0 != 0x0080_80e0 || top == 0 || top == 0x1b {
+            return None;
+        }
+        3
+    } else {
+        // 11110xxx 10xxxxxx 10xxxxxx 10xxxxxx
+        let cp = (w & 0x07) << 18 | (w << 4 & 0x3f000) | (w >> 10 & 0xfc0) | (w >> 24 & 0x3f);
+        if w & 0xc0c0_c0f8 != 0x8080_80f0 || !(0x1_0000..=0x10_ffff).contains(&cp) {
+            return None;
+        }
+        4
+    };
+    s.get(len..)
+}
+
+/// The length of the UTF-8 character at the start of `s`, byte by byte, by the
+/// ranges of Unicode's table 3-7.
+fn utf8_len_bytewise(s: &[u8]) -> Option<usize> {
+    let within = |i: usize, lo: u8, hi: u8| s.get(i).is_some_and(|c| (lo..=hi).contains(c));
+    let (len, lo, hi) = match *s.first()? {
+        0xc2..=0xdf => return within(1, 0x80, 0xbf).then_some(2),
+        0xe0 => (3, 0xa0, 0xbf),
+        0xe1..=0xec | 0xee..=0xef => (3, 0x80, 0xbf),
+        0xed => (3, 0x80, 0x9f),
+        0xf0 => (4, 0x90, 0xbf),
+        0xf1..=0xf3 => (4, 0x80, 0xbf),
+        0xf4 => (4, 0x80, 0x8f),
+        _ => return None,
+    };
+    let ok = within(1, lo, hi) && within(2, 0x80, 0xbf) && (len == 3 || within(3, 0x80, 0xbf));
+    ok.then_some(len)
 }
 
 /// Decodes the escapes of an already-validated string body. Lone surrogates become
@@ -1086,5 +1337,285 @@ mod tests {
         let depth = 200_000;
         let body = format!("{{\"a\":{}{}}}", "[".repeat(depth), "]".repeat(depth));
         scan(body.as_bytes()).unwrap();
+    }
+
+    /// The string scan as it was, a byte at a time, on a body already known to be
+    /// UTF-8: the end of the string at 0 (past its closing quote), or the offset of
+    /// the first offending byte.
+    fn bytewise_string(b: &[u8]) -> Result<usize, At> {
+        let mut p = 1;
+        let mut next = || {
+            let c = b.get(p).copied();
+            if c.is_some() {
+                p += 1;
+            }
+            (c, p)
+        };
+        loop {
+            match next() {
+                (None, p) => return Err(p),
+                (Some(b'"'), p) => return Ok(p),
+                (Some(b'\\'), _) => match next() {
+                    (Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't'), _) => {}
+                    (Some(b'u'), _) => {
+                        for _ in 0..4 {
+                            match next() {
+                                (Some(c), _) if c.is_ascii_hexdigit() => {}
+                                (_, p) => return Err(p - 1),
+                            }
+                        }
+                    }
+                    (_, p) => return Err(p - 1),
+                },
+                (Some(0x00..=0x1f), p) => return Err(p - 1),
+                (Some(_), _) => {}
+            }
+        }
+    }
+
+    /// The scan of the string at the start of `b` (a `"`) as [`Scanner::string`]
+    /// does it: the end of the string, or the offset of the first offending byte.
+    fn string_at_start(b: &[u8]) -> Result<usize, At> {
+        let mut s = Scanner {
+            b,
+            p: 0,
+            counted: &[],
+            tally: Tally::default(),
+        };
+        s.string().map(|()| s.p)
+    }
+
+    /// Checks the string scan of `b` against the bytewise scan and
+    /// `std::str::from_utf8`: the same end or error, except that bytes that are not
+    /// UTF-8 before that point are the error, at the first of them.
+    fn check_string(b: &[u8]) {
+        let bytewise = bytewise_string(b);
+        let decided_at = match bytewise {
+            Ok(end) => end - 1,
+            Err(at) => at,
+        };
+        let expected = match std::str::from_utf8(b) {
+            Err(e) if e.valid_up_to() < decided_at => Err(e.valid_up_to()),
+            _ => bytewise,
+        };
+        assert_eq!(
+            string_at_start(b),
+            expected,
+            "{:?}",
+            String::from_utf8_lossy(b)
+        );
+        // The whole body decides like the string does, when the string is all of
+        // `b` or fails at a byte of it before its last (what follows a shorter
+        // string is the grammar's business, and the `}` after `b` would go on an
+        // unfinished string or escape).
+        let body = [br#"{"k":"#.as_slice(), b, b"}"].concat();
+        let expected = match (expected, std::str::from_utf8(&body)) {
+            (_, Err(_)) => Err(BodyError::InvalidUtf8),
+            (Ok(end), _) if end == b.len() => Ok(()),
+            (Err(at), _) if at + 1 < b.len() => Err(BodyError::Malformed(at + 5)),
+            _ => return,
+        };
+        assert_eq!(
+            scan(&body).map(|_| ()),
+            expected,
+            "{:?}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+
+    /// What may end a run of plain text, and what may not: each kind of byte the
+    /// scan handles, valid and not, cut short, and plain bytes next to the flagged
+    /// ones (`#` and `]` are what a borrow can flag, DEL and space the edges).
+    const SPECIALS: &[&[u8]] = &[
+        b"\"",
+        b"\\n",
+        b"\\\"",
+        b"\\\\",
+        b"\\/",
+        b"\\u00e9",
+        b"\\uD83E\\udd80",
+        b"\\x",
+        b"\\u12g4",
+        b"\\",
+        b"\\u12",
+        b"\x00",
+        b"\x01",
+        b"\n",
+        b"\x1f",
+        b" ",
+        b"!",
+        b"#",
+        b"]",
+        b"\"#",
+        b"\\]",
+        b"\x7f",
+        "\u{e9}".as_bytes(),
+        "\u{2603}".as_bytes(),
+        "\u{1f980}".as_bytes(),
+        "\u{7ff}\u{800}\u{ffff}\u{10000}\u{10ffff}".as_bytes(),
+        "\u{e9}\u{65e5}\u{672c}\u{8a9e}x".as_bytes(),
+        b"\x80",
+        b"\xbf",
+        b"\xc0\x80",
+        b"\xc1\xbf",
+        b"\xc3",
+        b"\xc3a",
+        b"\xe0\x80\x80",
+        b"\xe0\x9f\xbf",
+        b"\xed\xa0\x80",
+        b"\xed\xbf\xbf",
+        b"\xe2\x98",
+        b"\xe2\x98a",
+        b"\xf0\x8f\xbf\xbf",
+        b"\xf4\x90\x80\x80",
+        b"\xf5\x80\x80\x80",
+        b"\xf0\x9f\xa6",
+        b"\xff",
+        b"\xfe",
+    ];
+
+    #[test]
+    fn special_bytes_at_every_offset_of_a_run() {
+        for len in 0..40 {
+            for at in 0..=len {
+                for special in SPECIALS {
+                    let mut b = vec![b'"'];
+                    b.extend(std::iter::repeat(b'a').take(at));
+                    b.extend_from_slice(special);
+                    b.extend(std::iter::repeat(b'z').take(len - at));
+                    // The string ending at the end of the buffer, with its quote
+                    // and without, and with one more special after it.
+                    check_string(&b);
+                    b.push(b'"');
+                    check_string(&b);
+                    b.pop();
+                    for other in SPECIALS {
+                        let mut two = b.clone();
+                        two.extend_from_slice(other);
+                        two.push(b'"');
+                        check_string(&two);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_utf8_sequence_of_up_to_three_bytes_and_the_four_byte_leads() {
+        let mut seqs: Vec<Vec<u8>> = Vec::new();
+        for lead in 0x80..=0xffu8 {
+            for second in 0..=0xffu8 {
+                seqs.push(vec![lead, second]);
+                if (0xe0..=0xef).contains(&lead) {
+                    for third in 0..=0xffu8 {
+                        seqs.push(vec![lead, second, third]);
+                    }
+                }
+                if lead >= 0xf0 {
+                    for tail in [[0x80, 0x80], [0xbf, 0xbf], [0x80, b'a'], [0xc0, 0x80]] {
+                        seqs.push(vec![lead, second, tail[0], tail[1]]);
+                    }
+                }
+            }
+        }
+        for seq in seqs {
+            // The word-at-a-time decoding, and byte by byte at the end of the body.
+            let b = [b"\"".as_slice(), &seq, b"\"abc"].concat();
+            assert_eq!(
+                string_at_start(&b).is_ok(),
+                std::str::from_utf8(&seq).is_ok(),
+                "{seq:x?}"
+            );
+            let b = [b"\"".as_slice(), &seq].concat();
+            let expected = match std::str::from_utf8(&seq) {
+                Ok(_) => b.len(),
+                Err(e) => e.valid_up_to() + 1,
+            };
+            assert_eq!(string_at_start(&b), Err(expected), "{seq:x?} at the end");
+        }
+    }
+
+    #[test]
+    fn the_word_mask_flags_every_byte_to_handle_and_nothing_before_the_first() {
+        // Every byte value at every position of a plain word, and after each of
+        // the bytes that borrow.
+        for at in 0..8 {
+            for x in 0..=0xffu8 {
+                for before in [b'a', b'"', b'\\', b'\x00', b'\x1f', 0x80, b'#', b']'] {
+                    let mut w = [b'a'; 8];
+                    w[at] = x;
+                    if at > 0 {
+                        w[at - 1] = before;
+                    }
+                    let m = stops(u64::from_le_bytes(w));
+                    let first = w.iter().position(|&c| is_stop(c));
+                    assert_eq!(first.map(|_| first_flagged(m)), first, "{w:x?}");
+                    assert_eq!(m == 0, first.is_none(), "{w:x?}");
+                    for (i, &c) in w.iter().enumerate() {
+                        if is_stop(c) {
+                            assert_ne!(m >> (8 * i + 7) & 1, 0, "{w:x?} byte {i}");
+                        }
+                    }
+                    assert_eq!(m & !HIGH, 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_body_that_is_not_utf8_is_refused_as_such_wherever_the_fault() {
+        for bad in [
+            &b"{\"a\":01,\"b\":\"\xff\"}"[..],
+            b"{\"a\"}\xff",
+            b"{\"a\":1}\xff",
+            b"{\xff}",
+            b"\xff{}",
+            b"[\"\xc3\"]",
+            b"{\"a\":1,\"a\":\"\xed\xa0\x80\"}",
+            b"{\"a\":\"\\x\xe2\x98\"}",
+            b"{\"a\":\"\x01\xf4\x90\x80\x80\"}",
+            b"{\"a\":\"x\xc0\x80",
+        ] {
+            assert_eq!(scan(bad), Err(BodyError::InvalidUtf8), "{bad:x?}");
+        }
+        // And UTF-8 alone decides nothing else: these fail as they did.
+        assert_eq!(scan(b"{\"a\":01}"), Err(BodyError::Malformed(6)));
+        assert_eq!(
+            scan(b"{\"a\":1,\"a\":\"\xc3\xa9\"}"),
+            Err(BodyError::DuplicateKey("a".into()))
+        );
+    }
+
+    #[test]
+    fn many_keys_are_compared_one_by_one_then_hashed_alike() {
+        let body = |keys: &[String]| {
+            let members: Vec<String> = keys.iter().map(|k| format!("\"{k}\":0")).collect();
+            format!("{{{}}}", members.join(","))
+        };
+        for n in [1, 2, FEW_KEYS - 1, FEW_KEYS, FEW_KEYS + 1, FEW_KEYS + 2, 40] {
+            let keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+            let all = body(&keys);
+            assert_eq!(scan(all.as_bytes()).unwrap().members.len(), n);
+            // A duplicate of every earlier key, in every position, also folded.
+            for later in 0..=n {
+                for earlier in 0..n {
+                    for spelled in [keys[earlier].clone(), keys[earlier].to_uppercase()] {
+                        let mut dup = keys.clone();
+                        dup.insert(later, spelled.clone());
+                        let expected = if later <= earlier {
+                            // The copy comes first: the original is the duplicate.
+                            keys[earlier].clone()
+                        } else {
+                            spelled
+                        };
+                        assert_eq!(
+                            scan(body(&dup).as_bytes()),
+                            Err(BodyError::DuplicateKey(expected)),
+                            "{n} keys, k{earlier} again at {later}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
