@@ -15,7 +15,8 @@ benchmarks need on top, composed here so stack/ stays untouched.
     bench_noop  a proxy-wasm filter that does nothing (bench/noop-wasm, its own
                 vm_id): what any wasm filter made with the Rust SDK costs before
                 doing any work
-    bench_ibex_noaudit  bench_ibex with `audit.filter_state` false (same vm_id)
+    bench_ibex_noaudit  bench_ibex with `audit.filter_state` "off" (same vm_id)
+    bench_ibex_auditfields  bench_ibex with `audit.filter_state` "fields" (same vm_id)
     bench_floor the same without the SDK, exporting only what Envoy needs
                 (bench/floor-wasm): Envoy's own floor of a wasm filter
     bench_ibex_key  (only with api_key=True) bench_ibex with `agent.source`
@@ -171,14 +172,16 @@ class BenchEnvoy(Envoy):
             filters[:] = [{"name": "envoy.filters.http.lua", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
                 "default_source_code": {"inline_string": self.lua_code}}}] + router
-        elif name in ("ibex", "ibex_key", "ibex_webdis", "ibex_noaudit"):
+        elif name in ("ibex", "ibex_key", "ibex_webdis", "ibex_noaudit", "ibex_auditfields"):
             if not any(f["name"] == WASM_FILTER for f in filters):
                 raise KeyError("the data listener of envoy/local.yaml has no wasm filter")
             config = merge(filter_json(item), self.ibex_overrides)
             if name == "ibex_key":
                 config = merge(config, API_KEY_FILTER_CONFIG)
             if name == "ibex_noaudit":
-                config = merge(config, {"audit": {"filter_state": False}})
+                config = merge(config, {"audit": {"filter_state": "off"}})
+            if name == "ibex_auditfields":
+                config = merge(config, {"audit": {"filter_state": "fields"}})
             if name == "ibex_webdis":
                 config = merge(merge(config, redis_front_config("webdis")),
                                {"redis": {"cluster": WEBDIS_CLUSTER, "authority": WEBDIS_CLUSTER}})
@@ -215,7 +218,7 @@ class BenchStack(Stack):
                   (L2 through Webdis); off unless a selected variant needs it
     """
 
-    BENCH_LISTENERS = ("bare", "lua", "ibex", "noop", "floor", "ibex_noaudit")
+    BENCH_LISTENERS = ("bare", "lua", "ibex", "noop", "floor", "ibex_noaudit", "ibex_auditfields")
     OPTIONAL_LISTENERS = ("ibex_key", "ibex_webdis")
     PORT_NAMES = (PORT_NAMES + BENCH_LISTENERS + OPTIONAL_LISTENERS + ("sink", "sink_admin")
                   + tuple(VARIANTS[v].listener for v in PROBES))

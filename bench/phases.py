@@ -168,6 +168,7 @@ def sanity(bench):
                                            ("ibex", agent_id("l3", 10**9), None),
                                            ("floor", agent_id("l1", 0), False),
                                            ("ibex_noaudit", agent_id("l1", 0), True),
+                                           ("ibex_auditfields", agent_id("l1", 0), True),
                                            *((probe, agent_id("l1", 0), False) for probe in bench.probes)):
         s.upstream.clear()
         status, _ = post(s.url_of(listener_name), "/_echo" + CHAT_PATH, body, agent)

@@ -17,7 +17,7 @@ from bench.workload import CHAT_PATH, EXPECTED_TIER, VARIANTS, selected_variants
 from stack.process import die_with_parent
 
 PERF_VARIANTS = ("bare-1k", "wasm-noop-1k", "wasm-floor-1k", "wasm-pass-1k", "l1-none-1k", "l1-1k", "l1-64k")
-IBEX_LISTENERS = ("ibex", "ibex_key", "ibex_webdis", "ibex_noaudit")  # the listeners with our filter (its counters are read)
+IBEX_LISTENERS = ("ibex", "ibex_key", "ibex_webdis", "ibex_noaudit", "ibex_auditfields")  # the listeners with our filter (its counters are read)
 # Key lookups of an L1 hit: every request counted by key_l1_hit, and none of these
 # (a key answered by Redis or the store, missed, unknown, refused).
 KEY_NOT_L1 = ("key_l1_miss", "key_l2_hit", "key_l2_miss", "key_l3_hit", "key_l3_none", "rejected.invalid_api_key")

@@ -55,8 +55,11 @@ VARIANTS = {
                           "profile: L1 hit of an agent without directive (lookup only, body not buffered)"),
     "l1-1k": Variant("ibex", "1k", "fixed", "l1", "bare-1k", CHAT_PATH, "L1 hit, one agent"),
     "l1-no-audit-1k": Variant("ibex_noaudit", "1k", "fixed", "l1", "bare-1k", CHAT_PATH,
-                              "profile: l1-1k with `audit.filter_state: false` (no audit record in filter "
-                              "state): what the four audit properties cost"),
+                              "profile: l1-1k with `audit.filter_state: \"off\"` (no audit record in filter "
+                              "state): what the one audit property of l1-1k costs"),
+    "l1-audit-fields-1k": Variant("ibex_auditfields", "1k", "fixed", "l1", "bare-1k", CHAT_PATH,
+                                  "profile: l1-1k with `audit.filter_state: \"fields\"` (four filter-state "
+                                  "objects instead of one)"),
     "l1-api-key": Variant("ibex_key", "1k", "key", "key", "bare-1k", CHAT_PATH,
                           "L1 hit, one agent named by its gateway API key (`agent.source: api_key`, "
                           "`authorization: Bearer <key>`): the key's entry and the directive both in L1"),

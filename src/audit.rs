@@ -132,6 +132,29 @@ pub struct Fields {
     pub outcome: String,
 }
 
+impl Fields {
+    /// The four fields in one value, in this order, separated by one space (none of
+    /// them holds one): `agent_id directive_version tier outcome`.
+    pub fn combined(&self) -> String {
+        format!(
+            "{} {} {} {}",
+            self.agent_id, self.directive_version, self.tier, self.outcome
+        )
+    }
+}
+
+/// How a request's audit record goes into filter state (`audit.filter_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One property, `wasm.ibex.audit` = [`Fields::combined`]: one host call.
+    Combined,
+    /// Four properties, `wasm.ibex.agent_id`, `.directive_version`, `.tier`,
+    /// `.outcome`: four host calls (each a filter-state object Envoy makes).
+    Fields,
+    /// None.
+    Off,
+}
+
 impl Outcome {
     /// The outcome of a refusal.
     pub fn refused(refusal: &Refusal) -> Outcome {
@@ -148,6 +171,21 @@ pub fn valid_traceparent(value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_combined_value_is_the_four_fields_in_order() {
+        let f = Fields {
+            agent_id: "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc".into(),
+            directive_version: "none".into(),
+            tier: "local",
+            outcome: "refused:missing_agent_id".into(),
+        };
+        assert_eq!(
+            f.combined(),
+            "6f1c1a3e-5b7d-4c2a-9e0f-123456789abc none local refused:missing_agent_id"
+        );
+        assert_eq!(f.combined().split(' ').count(), 4);
+    }
 
     #[test]
     fn only_a_well_formed_traceparent_is_passed_on() {

@@ -438,7 +438,15 @@ impl Host for EnvoyHost<'_> {
         abi::property(path).map_err(host_error)
     }
 
-    fn record_audit(&self, fields: &crate::audit::Fields) -> Result<(), HostError> {
+    fn record_audit(
+        &self,
+        fields: &crate::audit::Fields,
+        layout: crate::audit::Layout,
+    ) -> Result<(), HostError> {
+        if layout == crate::audit::Layout::Combined {
+            return abi::set_property(AUDIT_COMBINED, fields.combined().as_bytes())
+                .map_err(host_error);
+        }
         for (name, value) in [
             (AUDIT_AGENT_ID, fields.agent_id.as_str()),
             (AUDIT_VERSION, fields.directive_version.as_str()),
@@ -451,9 +459,10 @@ impl Host for EnvoyHost<'_> {
     }
 }
 
-/// Filter-state names of the audit fields. Envoy keeps a wasm property `p` as filter
-/// state `wasm.p`, which access logs print with `%FILTER_STATE(wasm.ibex.tier:PLAIN)%`.
+/// Filter-state names of the audit record. Envoy keeps a wasm property `p` as filter
+/// state `wasm.p`, which access logs print with `%FILTER_STATE(wasm.ibex.audit:PLAIN)%`.
 /// (SPEC §7 says dynamic metadata; a wasm filter cannot write that in Envoy 1.40.)
+const AUDIT_COMBINED: &str = "ibex.audit";
 const AUDIT_AGENT_ID: &str = "ibex.agent_id";
 const AUDIT_VERSION: &str = "ibex.directive_version";
 const AUDIT_TIER: &str = "ibex.tier";

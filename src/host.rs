@@ -54,8 +54,13 @@ pub trait Host {
     /// raw bytes; anything else as the host serializes it.
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError>;
     /// Records the current request's audit fields where Envoy's access log reads
-    /// them (filter state `wasm.ibex.<field>`).
-    fn record_audit(&self, fields: &crate::audit::Fields) -> Result<(), HostError>;
+    /// them (filter state `wasm.ibex.audit`, or `wasm.ibex.<field>` each), laid
+    /// out as `layout` says (never `Off`).
+    fn record_audit(
+        &self,
+        fields: &crate::audit::Fields,
+        layout: crate::audit::Layout,
+    ) -> Result<(), HostError>;
 }
 
 #[cfg(test)]
@@ -100,8 +105,9 @@ pub mod fake {
         pub body: Vec<u8>,
         pub reply: Option<(u16, String)>,
         pub resumed: u32,
-        /// Every audit record written for this request (one is right).
+        /// Every audit record written for this request (one is right), with its layout.
         pub audits: Vec<crate::audit::Fields>,
+        pub audit_layouts: Vec<crate::audit::Layout>,
     }
 
     /// One fake worker: its request contexts, the one host calls act on, callouts
@@ -256,12 +262,17 @@ pub mod fake {
             self.properties_read.borrow_mut().push(key.clone());
             Ok(self.properties.borrow().get(&key).cloned())
         }
-        fn record_audit(&self, fields: &crate::audit::Fields) -> Result<(), HostError> {
+        fn record_audit(
+            &self,
+            fields: &crate::audit::Fields,
+            layout: crate::audit::Layout,
+        ) -> Result<(), HostError> {
             let mut requests = self.requests.borrow_mut();
             let req = requests
                 .get_mut(&self.current.get())
                 .ok_or(HostError::NotFound)?;
             req.audits.push(fields.clone());
+            req.audit_layouts.push(layout);
             Ok(())
         }
     }

@@ -73,8 +73,9 @@ def tier(received):
 # ---------------------------------------------------------------- the audit trail (access log)
 
 AUDIT_FIELDS = ("agent_id", "directive_version", "tier", "outcome")
-"""What the filter records per request (filter state wasm.ibex.*) and the committed configs log."""
-ACCESS_LOG_FIELDS = ("time", "request_id", "method", "path", "status", "duration_ms", *AUDIT_FIELDS)
+"""What the filter records per request: one filter-state string, wasm.ibex.audit, with these
+four separated by a space, which the committed configs log as `audit`."""
+ACCESS_LOG_FIELDS = ("time", "request_id", "method", "path", "status", "duration_ms", "audit")
 """Every field of a line of the committed configs' access log."""
 
 
@@ -120,8 +121,14 @@ def audit_line(stack, request_id, timeout=15):
 
 
 def audit_fields(line):
-    """(agent_id, directive_version, tier, outcome) of an access log line."""
-    return tuple(line[name] for name in AUDIT_FIELDS)
+    """(agent_id, directive_version, tier, outcome) of an access log line (all None
+    when the filter recorded nothing)."""
+    audit = line["audit"]
+    if audit is None:
+        return (None,) * len(AUDIT_FIELDS)
+    fields = tuple(audit.split(" "))
+    assert len(fields) == len(AUDIT_FIELDS), f"audit {audit!r} is not four fields"
+    return fields
 
 
 def error_code(response):

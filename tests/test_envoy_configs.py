@@ -40,10 +40,7 @@ ACCESS_LOG_FORMAT = {
     "path": "%PATH(NQ)%",
     "status": "%RESPONSE_CODE%",
     "duration_ms": "%DURATION%",
-    "agent_id": "%FILTER_STATE(wasm.ibex.agent_id:PLAIN)%",
-    "directive_version": "%FILTER_STATE(wasm.ibex.directive_version:PLAIN)%",
-    "tier": "%FILTER_STATE(wasm.ibex.tier:PLAIN)%",
-    "outcome": "%FILTER_STATE(wasm.ibex.outcome:PLAIN)%",
+    "audit": "%FILTER_STATE(wasm.ibex.audit:PLAIN)%",
 }
 """The audit trail's access log line (README, Audit trail): the filter's filter state
 printed PLAIN (the bare string; TYPED and no format print a BytesValue), the path without

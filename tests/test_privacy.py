@@ -28,7 +28,8 @@ import uuid
 
 import requests
 
-from helpers import CHAT, MESSAGES, RESPONSES, agent_with, bearer, chat_body, new_agent, new_request_id, send
+from helpers import (CHAT, MESSAGES, RESPONSES, agent_with, audit_fields, bearer, chat_body, new_agent, new_request_id,
+                     send)
 from stack import Stack, wait_until
 from stack.contract import (AGENT_HEADER, AGENT_KEY_FLUSH_MARKER_PATTERN, FLUSH_MARKER_PATTERN, INVALIDATE_KEY_PATH,
                             TIER_HEADER, TOMBSTONE, agent_key_redis_key, key_sha256, read_directive_value, redis_key)
@@ -118,9 +119,9 @@ def directive_goes_everywhere_and_no_log_holds_it(stack, upstream):
     lines = stack.access_log()
     logged = {line["request_id"]: line for line in lines}
     assert set(sent) <= set(logged), "a request is missing from the access log"
-    injected = [logged[rid] for rid in sent if logged[rid]["outcome"] == "injected"]
+    injected = [audit_fields(logged[rid]) for rid in sent if audit_fields(logged[rid])[3] == "injected"]
     assert len(injected) == 5, [logged[rid] for rid in sent]
-    assert {line["directive_version"] for line in injected} == {version, "unknown"}
+    assert {fields[1] for fields in injected} == {version, "unknown"}
 
 
 # -- gateway API keys (agent.source "api_key") ------------------------------------

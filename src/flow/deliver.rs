@@ -239,7 +239,8 @@ fn go_on<H: Host>(done: Delivered, ctx: &Ctx<'_, H>) -> (Delivered, Action) {
 /// Writes the request's audit record with its outcome: once per request, at the
 /// point its fate is decided, in its own context (the host acts on the current one).
 pub(super) fn record<H: Host>(outcome: audit::Outcome, ctx: &Ctx<'_, H>) {
-    if !ctx.config.audit_filter_state && !ctx.config.audit_response_header {
+    let layout = ctx.config.audit_filter_state;
+    if layout == audit::Layout::Off && !ctx.config.audit_response_header {
         return;
     }
     let fields = {
@@ -252,7 +253,7 @@ pub(super) fn record<H: Host>(outcome: audit::Outcome, ctx: &Ctx<'_, H>) {
         }
         fields
     };
-    if ctx.config.audit_filter_state && ctx.host.record_audit(&fields).is_err() {
+    if layout != audit::Layout::Off && ctx.host.record_audit(&fields, layout).is_err() {
         log::debug!("ibex_directive: could not record the audit fields");
     }
 }

@@ -2161,7 +2161,18 @@ fn no_audit_record_is_written_when_filter_state_is_off() {
     let on = W::new(&shared, config(""));
     on.run(1, vec![redis_hit("D")]);
     assert_eq!(on.host.req(1).audits.len(), 1);
-    let off = W::new(&shared, config(r#","audit":{"filter_state":false}"#));
+    assert_eq!(
+        on.host.req(1).audit_layouts,
+        vec![crate::audit::Layout::Combined],
+        "one property by default"
+    );
+    let fields = W::new(&shared, config(r#","audit":{"filter_state":"fields"}"#));
+    fields.run(1, vec![]);
+    assert_eq!(
+        fields.host.req(1).audit_layouts,
+        vec![crate::audit::Layout::Fields]
+    );
+    let off = W::new(&shared, config(r#","audit":{"filter_state":"off"}"#));
     off.run(1, vec![]);
     assert!(off.body(1).contains("\"D\""));
     assert!(off.host.req(1).audits.is_empty());
