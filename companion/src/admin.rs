@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::db::PgEndpoint;
 use crate::keys::{ApiKey, KeySha256};
 use crate::redis_conn::RedisEndpoint;
 use crate::{db, DbFailure, DirectiveText, Error, Result};
@@ -57,7 +58,7 @@ pub struct SetOutcome {
 /// Makes `content` the active directive of `agent_id` in one transaction,
 /// creating the agent (in `org_id`) and the directive row when missing.
 pub async fn write_directive(
-    database_url: &str,
+    database: impl Into<PgEndpoint>,
     agent_id: Uuid,
     org_id: Uuid,
     content: &DirectiveText,
@@ -69,7 +70,7 @@ pub async fn write_directive(
             "directive content is empty; use clear-directive to remove a directive".into(),
         ));
     }
-    let mut client = db::connect(database_url, ADMIN_TIMEOUT).await?;
+    let mut client = db::connect(database, ADMIN_TIMEOUT).await?;
     let tx = client.transaction().await.map_err(DbFailure::from)?;
     tx.execute(
         "INSERT INTO ibex_core.agents (id, org_id) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
@@ -130,8 +131,8 @@ pub async fn write_directive(
 }
 
 /// Deactivates the agent's directive; returns how many rows changed (0 or 1).
-pub async fn deactivate_directive(database_url: &str, agent_id: Uuid) -> Result<u64> {
-    let client = db::connect(database_url, ADMIN_TIMEOUT).await?;
+pub async fn deactivate_directive(database: impl Into<PgEndpoint>, agent_id: Uuid) -> Result<u64> {
+    let client = db::connect(database, ADMIN_TIMEOUT).await?;
     let n = client
         .execute(
             "UPDATE ibex_core.directives SET is_active = false, updated_at = now() \
@@ -174,13 +175,13 @@ pub async fn publish(redis: &RedisEndpoint, channel: &str) -> Result<i64> {
 /// `set-directive`: write, then publish the agent's update unless `redis` is
 /// `None`.
 pub async fn set_directive(
-    database_url: &str,
+    database: impl Into<PgEndpoint>,
     redis: Option<&RedisEndpoint>,
     agent_id: Uuid,
     org_id: Uuid,
     content: &DirectiveText,
 ) -> Result<SetOutcome, AdminError> {
-    let outcome = write_directive(database_url, agent_id, org_id, content).await?;
+    let outcome = write_directive(database, agent_id, org_id, content).await?;
     publish_if(redis, &ibex_wire::updates_channel(agent_id))
         .await
         .map_err(AdminError::Publish)?;
@@ -190,11 +191,11 @@ pub async fn set_directive(
 /// `clear-directive`: deactivate, then publish the agent's update unless
 /// `redis` is `None`.
 pub async fn clear_directive(
-    database_url: &str,
+    database: impl Into<PgEndpoint>,
     redis: Option<&RedisEndpoint>,
     agent_id: Uuid,
 ) -> Result<u64, AdminError> {
-    let n = deactivate_directive(database_url, agent_id).await?;
+    let n = deactivate_directive(database, agent_id).await?;
     publish_if(redis, &ibex_wire::updates_channel(agent_id))
         .await
         .map_err(AdminError::Publish)?;
@@ -256,11 +257,11 @@ pub fn history_header(with_content: bool) -> &'static str {
 /// `with_content`, otherwise it is not even read. An agent without directives
 /// has no rows. Runs in a read-only transaction: it cannot change anything.
 pub async fn history(
-    database_url: &str,
+    database: impl Into<PgEndpoint>,
     agent_id: Uuid,
     with_content: bool,
 ) -> Result<Vec<VersionRow>> {
-    let mut client = db::connect(database_url, ADMIN_TIMEOUT).await?;
+    let mut client = db::connect(database, ADMIN_TIMEOUT).await?;
     let tx = client
         .build_transaction()
         .read_only(true)
@@ -325,8 +326,11 @@ pub struct ActivateOutcome {
 /// version: a rollback; a newer one: a roll forward) and on a cleared
 /// directive (it is reactivated). An unknown version is an error and changes
 /// nothing; the version already active is a success that writes nothing.
-pub async fn activate_version(database_url: &str, version_id: Uuid) -> Result<ActivateOutcome> {
-    let mut client = db::connect(database_url, ADMIN_TIMEOUT).await?;
+pub async fn activate_version(
+    database: impl Into<PgEndpoint>,
+    version_id: Uuid,
+) -> Result<ActivateOutcome> {
+    let mut client = db::connect(database, ADMIN_TIMEOUT).await?;
     let tx = client.transaction().await.map_err(DbFailure::from)?;
     // A version never moves to another directive, nor a directive to another
     // agent, so this read needs no lock.
@@ -403,11 +407,11 @@ pub async fn activate_version(database_url: &str, version_id: Uuid) -> Result<Ac
 /// change whose publish failed (exit 3), and an extra update costs one refill
 /// of one agent's entries.
 pub async fn activate(
-    database_url: &str,
+    database: impl Into<PgEndpoint>,
     redis: Option<&RedisEndpoint>,
     version_id: Uuid,
 ) -> Result<ActivateOutcome, AdminError> {
-    let outcome = activate_version(database_url, version_id).await?;
+    let outcome = activate_version(database, version_id).await?;
     publish_if(redis, &ibex_wire::updates_channel(outcome.agent_id))
         .await
         .map_err(AdminError::Publish)?;
@@ -430,7 +434,7 @@ pub struct IssuedKey {
 /// when missing, like `set-directive`) and stores only its SHA-256. Nothing to
 /// publish: no cache can hold an entry for a key that did not exist.
 pub async fn issue_key(
-    database_url: &str,
+    database: impl Into<PgEndpoint>,
     agent_id: Uuid,
     org_id: Uuid,
     label: Option<&str>,
@@ -444,7 +448,7 @@ pub async fn issue_key(
     }
     let key = ApiKey::generate()?;
     let key_sha256 = key.sha256();
-    let mut client = db::connect(database_url, ADMIN_TIMEOUT).await?;
+    let mut client = db::connect(database, ADMIN_TIMEOUT).await?;
     let tx = client.transaction().await.map_err(DbFailure::from)?;
     tx.execute(
         "INSERT INTO ibex_core.agents (id, org_id) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
@@ -476,8 +480,11 @@ pub struct RevokeOutcome {
 
 /// Sets the key's `revoked_at` (kept when already set: idempotent). An
 /// unknown hash is an error.
-pub async fn deactivate_key(database_url: &str, key: KeySha256) -> Result<RevokeOutcome> {
-    let client = db::connect(database_url, ADMIN_TIMEOUT).await?;
+pub async fn deactivate_key(
+    database: impl Into<PgEndpoint>,
+    key: KeySha256,
+) -> Result<RevokeOutcome> {
+    let client = db::connect(database, ADMIN_TIMEOUT).await?;
     let digest: &[u8] = &key.0;
     let row = client
         .query_opt(
@@ -506,11 +513,11 @@ pub async fn deactivate_key(database_url: &str, key: KeySha256) -> Result<Revoke
 /// unless `redis` is `None` (also for a key already revoked: publishing
 /// again is harmless and repairs an earlier failed publish).
 pub async fn revoke_key(
-    database_url: &str,
+    database: impl Into<PgEndpoint>,
     redis: Option<&RedisEndpoint>,
     key: KeySha256,
 ) -> Result<RevokeOutcome, AdminError> {
-    let outcome = deactivate_key(database_url, key).await?;
+    let outcome = deactivate_key(database, key).await?;
     publish_if(redis, &ibex_wire::key_updates_channel(&key.hex()))
         .await
         .map_err(AdminError::KeyPublish)?;
@@ -531,9 +538,9 @@ pub struct KeyRow {
 }
 
 /// `list-keys`: the agent's keys, oldest first.
-pub async fn list_keys(database_url: &str, agent_id: Uuid) -> Result<Vec<KeyRow>> {
+pub async fn list_keys(database: impl Into<PgEndpoint>, agent_id: Uuid) -> Result<Vec<KeyRow>> {
     const UTC: &str = "YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"";
-    let client = db::connect(database_url, ADMIN_TIMEOUT).await?;
+    let client = db::connect(database, ADMIN_TIMEOUT).await?;
     let rows = client
         .query(
             &format!(

@@ -12,6 +12,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use ibex_wire::Redacted;
 use uuid::Uuid;
 
+use crate::db::PgEndpoint;
 use crate::keys::{ApiKey, KeySha256};
 use crate::redis_conn::RedisEndpoint;
 
@@ -61,8 +62,30 @@ pub enum Command {
 #[derive(Args, Clone)]
 pub struct DatabaseArgs {
     /// Postgres connection URL, e.g. postgres://user:pass@127.0.0.1:5432/db.
+    /// Its sslmode asks for TLS: verify-full (chain and host name checked),
+    /// verify-ca or require (chain checked), prefer (TLS if offered); none, or
+    /// disable, is plaintext.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// PEM file of the CA(s) that sign the Postgres server's certificate (a
+    /// private CA such as the RDS bundle); then only these are trusted, else
+    /// the webpki roots. Needs an sslmode that uses TLS.
+    #[arg(long, env = "IBEX_PG_CA_FILE")]
+    pub pg_ca_file: Option<PathBuf>,
+}
+
+impl DatabaseArgs {
+    /// The endpoint these flags name; reads the CA file and checks the URL's
+    /// sslmode now, not at the first connection. Errors never show the URL.
+    pub fn endpoint(&self) -> crate::Result<PgEndpoint> {
+        let e = PgEndpoint::new(self.database_url.clone());
+        let e = match &self.pg_ca_file {
+            Some(path) => e.with_ca_file(path)?,
+            None => e,
+        };
+        e.config()?;
+        Ok(e)
+    }
 }
 
 /// Redis connection.

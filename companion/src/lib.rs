@@ -12,6 +12,8 @@
 //!   for gateway API keys ([`keys`]: only their SHA-256 is ever stored,
 //!   published or logged).
 //! - [`migrate`]: the embedded schema migrations.
+//! - [`db`], [`pg_tls`]: Postgres connections, plaintext or TLS by the URL's
+//!   `sslmode`, against the webpki roots or a private CA.
 //! - [`redis_conn`]: every Redis client's endpoint: `redis://`, or TLS
 //!   `rediss://` against the webpki roots or a private CA.
 //! - [`rest`]: an Upstash-compatible REST front of Redis (bearer token,
@@ -34,6 +36,7 @@ pub mod error;
 pub mod keys;
 pub mod metrics;
 pub mod migrate;
+pub mod pg_tls;
 pub mod redis_conn;
 pub mod rest;
 pub mod shutdown;

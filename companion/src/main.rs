@@ -48,7 +48,7 @@ async fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), AdminError> {
     match command {
         Command::Migrate(args) => {
-            let mut client = db::connect(&args.db.database_url, admin::ADMIN_TIMEOUT).await?;
+            let mut client = db::connect(&args.db.endpoint()?, admin::ADMIN_TIMEOUT).await?;
             let applied = migrate::run(&mut client).await?;
             println!("applied {} migration(s)", applied.len());
         }
@@ -58,7 +58,7 @@ async fn run(command: Command) -> Result<(), AdminError> {
                 acquire_timeout: Duration::from_millis(args.acquire_timeout_ms),
                 statement_timeout: Duration::from_millis(args.statement_timeout_ms),
             };
-            let pool = db::read_only_pool(&args.db.database_url, &settings)?;
+            let pool = db::read_only_pool(&args.db.endpoint()?, &settings)?;
             let options = store::StoreOptions {
                 lookup_timeout: Duration::from_millis(args.lookup_timeout_ms),
                 single_flight: !args.no_single_flight,
@@ -90,7 +90,7 @@ async fn run(command: Command) -> Result<(), AdminError> {
             let content = args.source.read()?;
             let redis = args.change.publish_endpoint()?;
             let outcome = admin::set_directive(
-                &args.change.db.database_url,
+                &args.change.db.endpoint()?,
                 redis.as_ref(),
                 args.agent_id,
                 args.org_id.unwrap_or(admin::DEMO_ORG_ID),
@@ -102,13 +102,13 @@ async fn run(command: Command) -> Result<(), AdminError> {
         Command::ClearDirective(args) => {
             let redis = args.change.publish_endpoint()?;
             let n =
-                admin::clear_directive(&args.change.db.database_url, redis.as_ref(), args.agent_id)
+                admin::clear_directive(&args.change.db.endpoint()?, redis.as_ref(), args.agent_id)
                     .await?;
             println!("{n}");
         }
         Command::History(args) => {
             let rows =
-                admin::history(&args.db.database_url, args.agent_id, args.show_content).await?;
+                admin::history(&args.db.endpoint()?, args.agent_id, args.show_content).await?;
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}", admin::history_header(args.show_content)).map_err(Error::from)?;
             for row in rows {
@@ -120,12 +120,9 @@ async fn run(command: Command) -> Result<(), AdminError> {
         }
         Command::Activate(args) => {
             let redis = args.change.publish_endpoint()?;
-            let outcome = admin::activate(
-                &args.change.db.database_url,
-                redis.as_ref(),
-                args.version_id,
-            )
-            .await?;
+            let outcome =
+                admin::activate(&args.change.db.endpoint()?, redis.as_ref(), args.version_id)
+                    .await?;
             println!("{}\t{}", outcome.agent_id, outcome.version_id);
             if outcome.already_active {
                 let published = if redis.is_some() {
@@ -212,7 +209,7 @@ async fn run(command: Command) -> Result<(), AdminError> {
         }
         Command::IssueKey(args) => {
             let issued = admin::issue_key(
-                &args.db.database_url,
+                &args.db.endpoint()?,
                 args.agent_id,
                 args.org_id.unwrap_or(admin::DEMO_ORG_ID),
                 args.label.as_deref(),
@@ -230,14 +227,14 @@ async fn run(command: Command) -> Result<(), AdminError> {
             let key = args.key.resolve()?;
             let redis = args.change.publish_endpoint()?;
             let outcome =
-                admin::revoke_key(&args.change.db.database_url, redis.as_ref(), key).await?;
+                admin::revoke_key(&args.change.db.endpoint()?, redis.as_ref(), key).await?;
             println!("{key}");
             if !outcome.newly_revoked {
                 eprintln!("note: the key was already revoked");
             }
         }
         Command::ListKeys(args) => {
-            let rows = admin::list_keys(&args.db.database_url, args.agent_id).await?;
+            let rows = admin::list_keys(&args.db.endpoint()?, args.agent_id).await?;
             println!("key_sha256\tcreated_at\trevoked_at\tlabel");
             for row in rows {
                 println!(

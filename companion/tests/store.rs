@@ -271,7 +271,7 @@ async fn answers_503_when_postgres_is_slow() {
 async fn pool_is_read_only_even_for_a_superuser() {
     let pg = Pg::start();
     migrate(&pg.url()).await;
-    let pool = db::read_only_pool(&pg.url(), &PoolSettings::default()).unwrap();
+    let pool = db::read_only_pool(pg.url(), &PoolSettings::default()).unwrap();
     let client = pool.get().await.unwrap();
     let ro: String = client
         .query_one("SHOW default_transaction_read_only", &[])

@@ -39,7 +39,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
@@ -79,11 +79,13 @@ impl Pg {
     /// initdb + start, ready to accept connections.
     pub fn start() -> Pg {
         // As root the server runs as `postgres`, which must be able to reach
-        // the data dir: a TMPDIR under /root would not do, /tmp always does.
-        let parent = if is_root() {
+        // the data dir: a TMPDIR under /root would not do, /tmp always does
+        // (another TMPDIR, such as /dev/shm, is kept).
+        let tmp = std::env::temp_dir();
+        let parent = if is_root() && tmp.starts_with("/root") {
             PathBuf::from("/tmp")
         } else {
-            std::env::temp_dir()
+            tmp
         };
         let dir = tempfile::Builder::new()
             .prefix("ibex-pg-")
@@ -117,7 +119,8 @@ impl Pg {
         pg
     }
 
-    fn data(&self) -> PathBuf {
+    /// The data directory (postgresql.conf, pg_hba.conf).
+    pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
