@@ -549,3 +549,96 @@ pub fn exchange(s: &mut std::net::TcpStream, raw: &[u8]) -> (u16, String, Vec<u8
     s.write_all(raw).unwrap();
     read_response(s, raw.starts_with(b"HEAD "))
 }
+
+/// Runs the `openssl` CLI in `dir` (test certificates); fails the test on error.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA (`{name}.crt`, `{name}.key`) in `dir`; returns the certificate's path.
+pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=ibex test {name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    dir.join(format!("{name}.crt"))
+}
+
+/// A server certificate (`server.crt`, `server.key`) in `dir` for common name `cn`
+/// and `subjectAltName` `san` (`IP:…` or `DNS:…`), signed by `ca.crt` there.
+pub fn server_cert(dir: &Path, cn: &str, san: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        format!(
+            "subjectAltName={san}\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        ),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+}
