@@ -15,7 +15,6 @@
 //! through: `directive_unavailable` for a request's headers.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::abi::{self, Buffer, Map, Metric};
@@ -23,6 +22,7 @@ use crate::config::{Config, Role, TTL_ENV};
 use crate::control;
 use crate::flow::{self, Action, Ctx, Event, Flow, HeadFields};
 use crate::host::{Host, HostError, Shared};
+use crate::idmap::IdMap;
 use crate::metrics::Counter;
 use crate::reply::Refusal;
 use crate::tiers::{Callout, Response};
@@ -43,13 +43,13 @@ static LOGGER: abi::Logger = abi::Logger;
 
 thread_local! {
     /// Root contexts (one per plugin in this VM) by context id.
-    static ROOTS: RefCell<HashMap<u32, Root>> = RefCell::new(HashMap::new());
+    static ROOTS: RefCell<IdMap<u32, Root>> = RefCell::new(IdMap::default());
     /// Request contexts by context id.
-    static STREAMS: RefCell<HashMap<u32, Stream>> = RefCell::new(HashMap::new());
+    static STREAMS: RefCell<IdMap<u32, Stream>> = RefCell::new(IdMap::default());
     /// The context each callout in flight was dispatched from, by token: the host
     /// answers every callout on the root context, and its answer belongs to the
     /// context that asked, when that still exists.
-    static CALLOUTS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
+    static CALLOUTS: RefCell<IdMap<u32, u32>> = RefCell::new(IdMap::default());
     /// The context whose callback is running.
     static ACTIVE: Cell<u32> = const { Cell::new(0) };
 }

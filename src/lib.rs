@@ -23,6 +23,7 @@ pub mod escape;
 pub mod flow;
 pub mod host;
 pub mod hot;
+pub mod idmap;
 pub mod inject;
 pub mod json;
 pub mod metrics;

@@ -12,7 +12,7 @@
 //!
 //! This module knows nothing of the flow's states and makes no host calls.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::agent::AgentId;
@@ -20,6 +20,7 @@ use crate::apikey::KeyHash;
 use crate::breaker::Breaker;
 use crate::config::{Config, Route};
 use crate::entry::Known;
+use crate::idmap::{IdMap, IdSet};
 use crate::inject::Format;
 use crate::reply::Refusal;
 use crate::tiers::Callout;
@@ -221,18 +222,18 @@ pub struct Worker {
     /// a handful of paths): bounded by [`ROUTES_KEPT`] paths of at most
     /// [`ROUTE_PATH_MAX`] bytes, since anyone can send any path.
     routes: HashMap<String, Route>,
-    fills: HashMap<FillId, Slot>,
+    fills: IdMap<FillId, Slot>,
     /// The fill of each L1 key that new requests may still join.
     joinable: HashMap<String, FillId>,
     /// Which fill a callout token belongs to.
-    tokens: HashMap<u32, FillId>,
+    tokens: IdMap<u32, FillId>,
     next_fill: u64,
     /// L2 write-backs waiting for the root context, which sends them on its tick so
     /// that their answers come back to a context that lives as long as the VM.
     queued_writes: Vec<Callout>,
     /// Tokens of L2 write-backs in flight, to count how they end.
-    writes: HashSet<u32>,
-    delivered: HashMap<u32, Delivered>,
+    writes: IdSet<u32>,
+    delivered: IdMap<u32, Delivered>,
     /// Gateway keys known to be unknown or revoked: until when, and the global
     /// generation of the answer. Kept per worker, in the VM, and bounded, because
     /// anyone can present any number of made-up keys; shared data would keep every
@@ -241,7 +242,7 @@ pub struct Worker {
     redis: Breaker,
     store: Breaker,
     /// Per request context: its audit record so far, until the request ends.
-    audits: HashMap<u32, Audit>,
+    audits: IdMap<u32, Audit>,
 }
 
 /// What one request's audit trail holds while it runs.

@@ -109,18 +109,15 @@ impl HeadFields {
         let mut out = HeadFields::default();
         let mut key: Option<String> = None;
         for (name, value) in headers {
-            // Envoy's header names are ASCII tokens; a name that is not UTF-8 is
-            // none of ours.
-            let Ok(name) = std::str::from_utf8(name) else {
-                continue;
-            };
+            // Compared as bytes: a name that is not UTF-8 equals none of ours, and
+            // the other headers are not validated for nothing.
             let slot = match name {
-                ":path" => &mut out.path,
-                "content-length" => &mut out.content_length,
-                "content-encoding" => &mut out.content_encoding,
-                "traceparent" => &mut out.traceparent,
-                n if n == agent_header => &mut out.agent,
-                n if Some(n) == key_header => &mut key,
+                b":path" => &mut out.path,
+                b"content-length" => &mut out.content_length,
+                b"content-encoding" => &mut out.content_encoding,
+                b"traceparent" => &mut out.traceparent,
+                n if n == agent_header.as_bytes() => &mut out.agent,
+                n if Some(n) == key_header.map(str::as_bytes) => &mut key,
                 _ => continue,
             };
             let value = String::from_utf8_lossy(value).into_owned();
