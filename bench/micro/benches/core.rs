@@ -46,7 +46,9 @@ fn bench_entry(c: &mut Criterion) {
     };
     let raw = entry.encode();
     let mut group = c.benchmark_group("entry");
-    group.bench_function("encode", |b| b.iter(|| std::hint::black_box(&entry).encode()));
+    group.bench_function("encode", |b| {
+        b.iter(|| std::hint::black_box(&entry).encode())
+    });
     group.bench_function("decode", |b| {
         b.iter(|| Entry::decode(std::hint::black_box(&raw)))
     });

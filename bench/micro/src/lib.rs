@@ -19,7 +19,8 @@ pub const CHAT_PREFIX: &str = "{\"role\":\"system\",\"content\":\"";
 /// Splice options of the default configuration (`inject.role` system, no cache_control).
 pub const OPTIONS: Options<'static> = Options {
     message_prefix: CHAT_PREFIX,
-    cache_control: false, max_output: usize::MAX,
+    cache_control: false,
+    max_output: usize::MAX,
 };
 
 const FILLER: &str = "The quick brown fox \\\"jumps\\\" over the lazy dog; caf\u{e9} \u{2603} \
@@ -70,7 +71,10 @@ pub fn body(format: Format, size: usize) -> Vec<u8> {
     let mut i = 0;
     loop {
         let role = if i % 2 == 0 { "user" } else { "assistant" };
-        let open = format!("{}{{\"role\":\"{role}\",\"content\":\"", if i > 0 { "," } else { "" });
+        let open = format!(
+            "{}{{\"role\":\"{role}\",\"content\":\"",
+            if i > 0 { "," } else { "" }
+        );
         let close = "\"}";
         let room = size
             .checked_sub(out.len() + open.len() + close.len() + tail.len())
