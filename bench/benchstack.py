@@ -115,8 +115,12 @@ class BenchEnvoy(Envoy):
         return envoy
 
     def init_bench(self, *, bench_ports, sink_port, lua_code, ibex_overrides, noop_wasm, cpus=None,
-                   webdis_port=None, probe_wasm=None, probes=None, floor_wasm=None):
+                   webdis_port=None, probe_wasm=None, probes=None, floor_wasm=None, under=None):
         self.noop_wasm = noop_wasm
+        # argv prefix the gateway runs under (bench/instructions.py: valgrind)
+        self.under = list(under or ())
+        if self.under:
+            self.ready_timeout = 600.0
         self.floor_wasm = floor_wasm
         self.probe_wasm = probe_wasm
         self.probes = dict(probes or {})
@@ -204,7 +208,7 @@ class BenchEnvoy(Envoy):
         return item
 
     def command(self):
-        argv = super().command()
+        argv = [*self.under, *super().command()]
         return ["taskset", "-c", self.cpus, *argv] if self.cpus else argv
 
 
@@ -224,11 +228,16 @@ class BenchStack(Stack):
                   + tuple(VARIANTS[v].listener for v in PROBES))
 
     def __init__(self, directory, *, lua_code, ibex_overrides, noop_wasm, gateway_cpus=None, api_key=False,
-                 webdis=False, probe_wasm=None, probes=None, floor_wasm=None, **kwargs):
+                 webdis=False, probe_wasm=None, probes=None, floor_wasm=None, gateway_under=None, listeners=None, **kwargs):
         self._bench = {"lua_code": lua_code, "ibex_overrides": ibex_overrides, "noop_wasm": noop_wasm,
-                       "cpus": gateway_cpus, "probe_wasm": probe_wasm, "probes": probes, "floor_wasm": floor_wasm}
+                       "cpus": gateway_cpus, "probe_wasm": probe_wasm, "probes": probes, "floor_wasm": floor_wasm,
+                       "under": gateway_under}
         self.listeners = (self.BENCH_LISTENERS + (("ibex_key",) if api_key else ())
                           + (("ibex_webdis",) if webdis else ()) + tuple(probes or ()))
+        if listeners is not None:
+            # only these (under valgrind every wasm VM reserves gigabytes of address
+            # space, and valgrind's runs out past a handful)
+            self.listeners = tuple(name for name in self.listeners if name in listeners)
         super().__init__(directory, **kwargs)
         if webdis:  # the second L2 front, on the same Redis, started in order with the others
             self.parts = [name for name in ORDER if name in self.parts or name == "webdis"]

@@ -396,3 +396,21 @@ OPTIONAL_SECTIONS = (
     ("profile", profile_section),
     ("notes", notes_section),
 )
+
+
+def instructions_section(result):
+    """`--instructions`: user-space instructions per request of the gateway (callgrind)."""
+    if not result:
+        return []
+    lines = ["## Instructions per request (callgrind, gateway Envoy)", "",
+             f"{result['requests']} requests per batch, {result['batches']} batches per variant interleaved, "
+             f"after a warm-up; Envoy's idle rate ({result['idle_per_s']:,} instructions/s: timers, root ticks) "
+             "subtracted. User space only (V8's JIT code included, the kernel not).", "",
+             "| variant | instructions / request | added | × bare | batches | spread |",
+             "|---|---:|---:|---:|---|---:|"]
+    for name, r in result["variants"].items():
+        added = f"{r['added']:,}" if "added" in r else "–"
+        ratio = f"{r['x_bare']:.3f}" if "x_bare" in r else "–"
+        batches = ", ".join(f"{b:,}" for b in r["batches"])
+        lines.append(f"| {name} | {r['per_request']:,} | {added} | {ratio} | {batches} | {r['spread']:.1%} |")
+    return lines

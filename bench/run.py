@@ -40,10 +40,10 @@ REPO = BENCH.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import native, phases, variants  # noqa: E402
+from bench import instructions, native, phases, variants  # noqa: E402
 from bench.benchstack import BenchStack  # noqa: E402
 from bench.measure import Wrk, log, machine_note, our_processes  # noqa: E402
-from bench.report import fleet_section, render_markdown, report_data  # noqa: E402
+from bench.report import fleet_section, instructions_section, render_markdown, report_data  # noqa: E402
 from bench.workload import ESCAPED, VARIANTS, probe_listeners, selected_variants, write_bodies  # noqa: E402
 
 LUA_FILTER = BENCH / "envoy" / "lua_static.lua"
@@ -106,6 +106,8 @@ class Bench:
         self.bodies = write_bodies(self.dir / "bodies")
         noop_wasm = self.phase("build-noop", lambda: (native.build_noop(), native.build_floor()))
         probe_wasm = self.phase("build-probe", native.build_probe) if self.probes else None
+        if a.instructions:
+            return self.instructions_only(noop_wasm, probe_wasm)
         self.stack = self.make_stack(noop_wasm, probe_wasm)
         try:
             self.phase("stack", self.stack.start)
@@ -132,6 +134,40 @@ class Bench:
             self.phase("profile", lambda: native.profile(self.dir, self.notes), "profile")
         self.write_report()
 
+    def instructions_only(self, noop_wasm, probe_wasm):
+        """--instructions: the gateway under callgrind, instructions per request of every
+        variant that sends one request again and again (bench/instructions.py), a few
+        listeners per stack (valgrind's address space holds a handful of wasm VMs), bare
+        in each; prints its section and writes instructions.json under --out."""
+        if not instructions.available():
+            sys.exit("--instructions needs valgrind (make deps installs it)")
+        selected = [v for v in selected_variants(self.args.only, self.args.probes) if v in instructions.COUNTED]
+        merged = None
+        for n, group in enumerate(instructions.groups(selected)):
+            self.order = group
+            out = self.dir / f"callgrind-{n}"
+            out.mkdir()
+            listeners = {VARIANTS[v].listener for v in group}
+            self.stack = self.make_stack(noop_wasm, probe_wasm, under=instructions.valgrind_argv(out),
+                                         listeners=listeners)
+            try:
+                self.phase(f"stack-{n}", self.stack.start)
+                instructions.check_vms(self.stack)
+                self.phase(f"populate-{n}", lambda: phases.populate(self), "populated")
+                self.phase(f"sanity-{n}", lambda: phases.sanity(self))
+                result = self.phase(f"instructions-{n}", lambda: instructions.count(self, out))
+            finally:
+                log("stopping the stack")
+                self.stack.stop()
+                shutil.rmtree(self.dir / "stack" / "postgres" / "data", ignore_errors=True)
+                shutil.rmtree(self.dir / "stack", ignore_errors=True)
+            merged = instructions.merge(merged, result)
+        out_dir = Path(self.args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(merged, indent=2) + "\n"
+        (out_dir / "instructions.json").write_text(text)
+        print("\n".join(instructions_section(merged)))
+
     def fleet_only(self):
         """--only-fleet: the fleet phase alone (its own fleet, unpinned); prints its section
         and its JSON, writes no latest.md/json (a full run's report needs every phase)."""
@@ -141,15 +177,19 @@ class Bench:
         print("\n".join(fleet_section(result, {})))
         print(json.dumps(result, indent=2))
 
-    def make_stack(self, noop_wasm, probe_wasm):
+    def make_stack(self, noop_wasm, probe_wasm, under=None, listeners=None):
         """The benchmarks' stack (not started): the committed filter configuration's
         timeouts, plus the ibex listener's overrides."""
         escaped = ESCAPED.replace("\\", "\\\\").replace("'", "\\'")
+        overrides = {"cache": {"ttl_seconds": 3600}, "debug_headers": False}
+        if under:
+            # under valgrind a fill's callouts take a hundred times longer than the defaults allow
+            overrides.update(redis={"timeout_ms": 30000}, store={"timeout_ms": 30000})
         return BenchStack(
             self.dir / "stack", lua_code=LUA_FILTER.read_text().replace("@MESSAGE@", escaped),
-            ibex_overrides={"cache": {"ttl_seconds": 3600}, "debug_headers": False}, noop_wasm=noop_wasm[0],
+            ibex_overrides=overrides, noop_wasm=noop_wasm[0],
             floor_wasm=noop_wasm[1],
-            probe_wasm=probe_wasm, probes=self.probes,
+            probe_wasm=probe_wasm, probes=self.probes, gateway_under=under, listeners=listeners,
             gateway_cpus=self.gateway_cpus, concurrency=self.args.workers, api_key=self.uses_api_key,
             webdis=self.uses_webdis, log_levels={"envoy": "warning", "companion": "warn", "webdis": 0})
 
@@ -228,6 +268,9 @@ def parse_args(argv=None):
                    help="run only these variants (and their baselines): " + ", ".join(VARIANTS))
     p.add_argument("--probes", action="store_true",
                    help="also run the host-call probes (probe-*: wasm-noop plus given host calls, bench/probe-wasm)")
+    p.add_argument("--instructions", action="store_true",
+                   help="instead of wrk: the gateway under callgrind, user-space instructions per request of each "
+                        "fixed-request variant (bench/instructions.py), written to instructions.json")
     p.add_argument("--variants-only", action="store_true",
                    help="after the variants (and perf), skip the stampede, invalidation and memory phases")
     p.add_argument("--no-pin", action="store_true", help="do not pin the gateway Envoy to its own CPU")
