@@ -140,7 +140,7 @@ class Bench:
         listeners per stack (valgrind's address space holds a handful of wasm VMs), bare
         in each; prints its section and writes instructions.json under --out."""
         if not instructions.available():
-            sys.exit("--instructions needs valgrind (make deps installs it)")
+            sys.exit("--instructions needs valgrind (apt-get install valgrind; make bench runs without it)")
         selected = [v for v in selected_variants(self.args.only, self.args.probes) if v in instructions.COUNTED]
         merged = None
         for n, group in enumerate(instructions.groups(selected)):
