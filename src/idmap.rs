@@ -1,5 +1,5 @@
 //! Hash maps keyed by ids this filter or Envoy assigns (context ids, callout
-//! tokens, fill ids): hashed by one multiplication instead of SipHash.
+//! tokens, fill ids): hashed by two multiplications instead of SipHash.
 //!
 //! SipHash is there to stop a client from choosing keys that collide; nobody
 //! outside picks these ids (Envoy numbers contexts and callouts in sequence, the
