@@ -160,7 +160,8 @@ class Bench:
                 log("stopping the stack")
                 self.stack.stop()
                 shutil.rmtree(self.dir / "stack" / "postgres" / "data", ignore_errors=True)
-                shutil.rmtree(self.dir / "stack", ignore_errors=True)
+                # the next group's stack starts in `stack/` again; this one's logs stay
+                (self.dir / "stack").rename(self.dir / f"stack-{n}")
             merged = instructions.merge(merged, result)
         out_dir = Path(self.args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
